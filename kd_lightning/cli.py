@@ -1,0 +1,85 @@
+"""``kd-lightning fit|validate|test|predict``: the LightningCLI of kd_lightning.
+
+Examples::
+
+    kd-lightning fit --config configs/mnist1d/teacher.yaml
+    kd-lightning fit --config configs/mnist1d/response.yaml --trainer.precision bf16-mixed
+    kd-lightning fit --config configs/mnist1d/response.yaml \\
+        --trainer.accelerator cpu --trainer.devices 2 --trainer.strategy ddp
+    kd-lightning test --config configs/mnist1d/response.yaml --ckpt_path runs/.../last.ckpt
+"""
+
+from __future__ import annotations
+
+import sys
+
+from pytorch_lightning.cli import LightningCLI
+
+from kd_lightning import KDConfigError
+from kd_lightning.data import DistillDataModule
+from kd_lightning.methods import DistillationModule
+
+
+class KDLightningCLI(LightningCLI):
+    """LightningCLI with the data -> model links and the defaults of this package."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--test_after_fit", type=bool, default=True,
+            help="after `fit`, test the best checkpoint (by val/acc) on the test split")
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes",
+                              apply_on="instantiate")
+        parser.set_defaults({
+            "trainer.logger": {
+                "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": "runs", "name": "default"},
+            },
+            "trainer.callbacks": [
+                {"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
+                 "init_args": {"monitor": "val/acc", "mode": "max", "save_last": True,
+                               "filename": "best-{epoch}"}},
+                {"class_path": "pytorch_lightning.callbacks.LearningRateMonitor",
+                 "init_args": {"logging_interval": "epoch"}},
+            ],
+        })
+
+    def after_fit(self) -> None:
+        if self.config.get(self.subcommand, {}).get("test_after_fit", False) and not self.trainer.interrupted:
+            ckpt = "best" if self.trainer.checkpoint_callback is not None and \
+                self.trainer.checkpoint_callback.best_model_path else None
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> KDLightningCLI | None:
+    """Entry point of ``kd-lightning``; ``args`` lets tests and notebooks drive it in-process."""
+    try:
+        return KDLightningCLI(
+            DistillationModule, DistillDataModule, subclass_mode_model=True,
+            save_config_kwargs={"overwrite": True}, args=args, run=run,
+        )
+    except Exception as err:  # noqa: BLE001 - only configuration errors are reported briefly
+        config_error = find_config_error(err)
+        if config_error is None:
+            raise
+        print(f"kd-lightning: error: {config_error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def find_config_error(err: BaseException | None) -> KDConfigError | None:
+    """The :class:`KDConfigError` behind ``err`` (jsonargparse and Lightning wrap exceptions)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, KDConfigError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def main() -> None:
+    """Console script ``kd-lightning``."""
+    cli_main()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

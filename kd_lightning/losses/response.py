@@ -1,0 +1,66 @@
+"""Response-based (logit) distillation losses.
+
+Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", arXiv:1503.02531, 2015.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0,
+            reduction: str = "batchmean") -> Tensor:
+    r"""Soft-target term of Hinton et al. (2015).
+
+    .. math::
+        L_{KD} = T^2 \; \mathrm{KL}\big(\mathrm{softmax}(z_t / T) \,\|\, \mathrm{softmax}(z_s / T)\big)
+
+    The KL divergence is summed over classes and averaged over the batch (``batchmean``), and
+    scaled by :math:`T^2` so that its gradient magnitude does not shrink as ``T`` grows
+    (the gradient w.r.t. ``z_s`` is :math:`T (q_s - p_t)`, see Hinton et al., section 2).
+
+    Args:
+        student_logits: ``[B, K]`` student logits :math:`z_s`.
+        teacher_logits: ``[B, K]`` teacher logits :math:`z_t` (treated as a constant target).
+        temperature: ``T > 0``.
+        reduction: ``"batchmean"`` (scalar) or ``"none"`` (per-example ``[B]``, used by
+            the Wasserstein objective which needs a loss per example).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    # KL(p_t || p_s) = sum_k p_t (log p_t - log p_s)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1)
+    if reduction == "none":
+        return kl * temperature**2
+    if reduction == "batchmean":
+        return kl.mean() * temperature**2
+    raise ValueError(f"reduction must be 'batchmean' or 'none', got {reduction!r}")
+
+
+def response_kd_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor,
+                     temperature: float = 4.0, alpha: float = 0.9) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Hinton et al. (2015) objective: :math:`(1-\alpha)\,CE(y, z_s) + \alpha\,L_{KD}`.
+
+    Returns ``(total, ce, kd)`` so a caller can log each term.
+    """
+    ce = F.cross_entropy(student_logits.float(), targets)
+    kd = kd_loss(student_logits, teacher_logits, temperature)
+    return (1.0 - alpha) * ce + alpha * kd, ce, kd
+
+
+def soft_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:
+    r"""Cross-entropy against a soft target distribution, averaged over the batch.
+
+    .. math:: \ell(q, p) = -\frac{1}{B} \sum_b \sum_k q_{bk} \log p_{bk}, \quad p = \mathrm{softmax}(z)
+
+    Used by the student update of mutual distillation (Hu et al., 2016) where ``q`` is the
+    rule-regularised teacher.
+    """
+    return -(target_probs.detach().float() * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+
+
+__all__ = ["kd_loss", "response_kd_loss", "soft_cross_entropy"]

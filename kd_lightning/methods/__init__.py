@@ -1,0 +1,7 @@
+"""One LightningModule per distillation method, all on :class:`DistillationModule`."""
+
+from kd_lightning.methods.base import DistillationModule
+from kd_lightning.methods.response import ResponseKD
+from kd_lightning.methods.supervised import Supervised
+
+__all__ = ["DistillationModule", "ResponseKD", "Supervised"]

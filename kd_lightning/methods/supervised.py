@@ -1,0 +1,22 @@
+"""Plain supervised training: teachers and the no-distillation (student alone) baseline."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from kd_lightning.methods.base import DistillationModule
+
+
+class Supervised(DistillationModule):
+    """Cross-entropy training of ``student`` alone: :math:`L = CE(y, p_s)`.
+
+    Used to train teachers (whose checkpoints other methods load as ``teacher_checkpoint``) and
+    as the student-alone baseline every method is compared with.
+    """
+
+    def training_step(self, batch, batch_idx: int):
+        x, y, _ = batch
+        logits = self.student(x)
+        loss = F.cross_entropy(logits.float(), y)
+        self.log_terms(logits, y, loss=loss, loss_ce=loss)
+        return loss

@@ -1,0 +1,49 @@
+"""Model zoo: MNIST-1D MLP/CNN, LeNet-5, CIFAR ResNets and Wide ResNets.
+
+Every model takes ``num_classes`` (and ``in_channels``) as keyword arguments, returns
+logits ``[B, num_classes]``, exposes ``feature_dim`` and ``forward_features(x)`` with
+``forward(x) == fc(forward_features(x))``.
+"""
+
+from kd_lightning.models.cnn1d import ConvNet1D
+from kd_lightning.models.lenet import LeNet5, LeNet5Half, lenet5_half
+from kd_lightning.models.mlp import MLP
+from kd_lightning.models.resnet_cifar import (
+    BasicBlock,
+    CifarResNet,
+    resnet8,
+    resnet8x4,
+    resnet14,
+    resnet20,
+    resnet32,
+    resnet32x4,
+    resnet44,
+    resnet56,
+    resnet110,
+)
+from kd_lightning.models.wrn import WideBasicBlock, WideResNet, wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2
+
+__all__ = [
+    "MLP",
+    "ConvNet1D",
+    "LeNet5",
+    "LeNet5Half",
+    "lenet5_half",
+    "BasicBlock",
+    "CifarResNet",
+    "resnet8",
+    "resnet14",
+    "resnet20",
+    "resnet32",
+    "resnet44",
+    "resnet56",
+    "resnet110",
+    "resnet8x4",
+    "resnet32x4",
+    "WideBasicBlock",
+    "WideResNet",
+    "wrn_16_1",
+    "wrn_16_2",
+    "wrn_40_1",
+    "wrn_40_2",
+]

@@ -1,0 +1,89 @@
+"""Shared helpers: small data files in the genuine on-disk formats, CLI drivers."""
+
+from __future__ import annotations
+
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+# fast, quiet trainer settings for end-to-end CLI tests
+TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+        "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def write_mnist_idx(root: Path, folder: str = "MNIST", n_train: int = 60, n_test: int = 20,
+                    seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Write MNIST-format idx files (big-endian headers, uint8 payload) as torchvision reads them."""
+    rng = np.random.default_rng(seed)
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        (raw / f"{split}-images-idx3-ubyte").write_bytes(
+            struct.pack(">IIII", 0x00000803, n, 28, 28) + images.tobytes())
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes(
+            struct.pack(">II", 0x00000801, n) + labels.tobytes())
+        out[split] = (images, labels)
+    return out["train"][0], out["train"][1]
+
+
+def write_cifar(root: Path, num_classes: int = 10, n_train: int = 50, n_test: int = 20,
+                seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Write CIFAR python-pickle batches (``data`` uint8 [N, 3072] in CHW order, labels list)."""
+    rng = np.random.default_rng(seed)
+
+    def dump(path: Path, obj) -> None:
+        with open(path, "wb") as f:
+            pickle.dump(obj, f)
+
+    train = rng.integers(0, 256, size=(n_train, 3072), dtype=np.uint8)
+    test = rng.integers(0, 256, size=(n_test, 3072), dtype=np.uint8)
+    y_train = [i % num_classes for i in range(n_train)]
+    y_test = [i % num_classes for i in range(n_test)]
+    if num_classes == 10:
+        base = root / "cifar-10-batches-py"
+        base.mkdir(parents=True, exist_ok=True)
+        chunks = np.array_split(np.arange(n_train), 5)
+        for i, idx in enumerate(chunks, 1):
+            dump(base / f"data_batch_{i}", {"data": train[idx], "labels": [y_train[j] for j in idx],
+                                            "batch_label": f"training batch {i} of 5"})
+        dump(base / "test_batch", {"data": test, "labels": y_test})
+        dump(base / "batches.meta", {"label_names": [f"class{i}" for i in range(10)]})
+    else:
+        base = root / "cifar-100-python"
+        base.mkdir(parents=True, exist_ok=True)
+        dump(base / "train", {"data": train, "fine_labels": y_train, "coarse_labels": [0] * n_train})
+        dump(base / "test", {"data": test, "fine_labels": y_test, "coarse_labels": [0] * n_test})
+        dump(base / "meta", {"fine_label_names": [f"class{i}" for i in range(100)]})
+    return train, np.asarray(y_train)
+
+
+def run_cli(args: list[str]):
+    """Run ``kd-lightning`` in-process; returns the LightningCLI object."""
+    from kd_lightning.cli import cli_main
+
+    return cli_main([str(a) for a in args])
+
+
+def run_cli_error(args: list[str], capsys) -> str:
+    """Run ``kd-lightning`` expecting a configuration error (exit 2); returns stderr."""
+    with pytest.raises(SystemExit) as exc:
+        run_cli(args)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.fixture(autouse=True)
+def _quiet_and_seeded():
+    torch.manual_seed(0)
+    yield
