@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import sys
+from unittest import mock
 import struct
 from pathlib import Path
 
@@ -72,7 +74,8 @@ def run_cli(args: list[str]):
     """Run ``kd-lightning`` in-process; returns the LightningCLI object."""
     from kd_lightning.cli import cli_main
 
-    return cli_main([str(a) for a in args])
+    with mock.patch.object(sys, "argv", ["kd-lightning"]):
+        return cli_main([str(a) for a in args])
 
 
 def run_cli_error(args: list[str], capsys) -> str:
@@ -80,7 +83,11 @@ def run_cli_error(args: list[str], capsys) -> str:
     with pytest.raises(SystemExit) as exc:
         run_cli(args)
     assert exc.value.code == 2
-    return capsys.readouterr().err
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("kd-lightning: error:")]
+    assert len(lines) == 1, err  # one paragraph, on one line
+    assert "Traceback" not in err
+    return lines[0]
 
 
 @pytest.fixture(autouse=True)

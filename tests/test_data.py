@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,7 +39,10 @@ def test_stratified_subset_identical_in_another_process():
     np.random.seed(123)
     torch.manual_seed(123)
     here = stratified_subset(y, 50, seed=4).tolist()
-    code = ("import numpy as np; from kd_lightning.data import stratified_subset;"
+    path = Path(__file__).resolve().parents[1] / "kd_lightning" / "data" / "subset.py"
+    code = ("import importlib.util as u, numpy as np;"
+            f"s=u.spec_from_file_location('subset', r'{path}'); m=u.module_from_spec(s);"
+            "s.loader.exec_module(m); stratified_subset=m.stratified_subset;"
             "y=np.random.default_rng(0).integers(0,10,500); np.random.seed(999);"
             "print(stratified_subset(y,50,seed=4).tolist())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -9,6 +9,7 @@ of every loss term by name. A method subclass holds its hyperparameters and a
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 import pytorch_lightning as pl
@@ -20,6 +21,9 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from kd_lightning import KDConfigError
 from kd_lightning.models.weights import load_teacher_weights
+
+# the frozen teacher is deliberately in eval mode while the student trains
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
 class DistillationModule(pl.LightningModule):
@@ -245,7 +249,7 @@ class DistillationModule(pl.LightningModule):
             stats = strategy.reduce(stats, reduce_op="sum")
             out["train/acc"] = stats[0] / stats[1]
         if out:
-            self.log_dict(out, on_step=False, on_epoch=True)
+            self.log_dict(out, on_step=False, on_epoch=True, sync_dist=True)
         self._term_sums, self._term_steps = {}, 0
         self._train_correct, self._train_seen = None, 0
 
@@ -270,7 +274,7 @@ class DistillationModule(pl.LightningModule):
         if self.top5:
             metrics["val/acc_top5"] = self.val_acc5.compute()
             self.val_acc5.reset()
-        self.log_dict(metrics, on_step=False, on_epoch=True)
+        self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)
 
     def test_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, "test")
@@ -286,7 +290,7 @@ class DistillationModule(pl.LightningModule):
         if self.teacher is not None:
             metrics["test/teacher_acc"] = self.test_teacher_acc.compute()
             self.test_teacher_acc.reset()
-        self.log_dict(metrics, on_step=False, on_epoch=True)
+        self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)
 
     def predict_step(self, batch, batch_idx: int) -> dict[str, Tensor]:
         x, _, idx = batch

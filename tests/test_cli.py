@@ -1,0 +1,207 @@
+"""End-to-end tests that drive the real ``kd-lightning`` CLI on tiny configurations."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import CONFIGS, REPO, TINY, run_cli, run_cli_error, write_cifar
+
+ALL_CONFIGS = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.glob("*/*.yaml")
+                     if p.parent.name != "studies")
+
+
+def tb_scalars(log_dir: Path) -> dict[str, list[float]]:
+    """Every scalar series TensorBoard would show for a run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def _build(spec: dict) -> torch.nn.Module:
+    module, name = spec["class_path"].rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)(**spec.get("init_args", {}))
+
+
+def _prepare(config: Path, workdir: Path) -> dict:
+    """Write what a config needs into ``workdir``: fake CIFAR files and a teacher state_dict."""
+    cfg = yaml.safe_load(config.read_text())
+    dataset = cfg.get("data", {}).get("dataset", "mnist1d")
+    if dataset.startswith("cifar"):
+        write_cifar(workdir / "data", 100 if dataset == "cifar100" else 10, n_train=200, n_test=40)
+    init = cfg["model"]["init_args"]
+    if init.get("teacher_checkpoint"):
+        path = workdir / init["teacher_checkpoint"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(_build(init["teacher"]).state_dict(), path)  # plain state_dict path
+    return cfg
+
+
+@pytest.mark.parametrize("config", ALL_CONFIGS)
+def test_every_config_fits_end_to_end(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _prepare(CONFIGS / config, tmp_path)
+    cli = run_cli(["fit", "--config", CONFIGS / config, *TINY, "--data.batch_size", "8",
+                   "--data.eval_batch_size", "16"])
+    metrics = cli.trainer.callback_metrics
+    assert 0.0 <= float(metrics["test/acc"]) <= 1.0
+    log_dir = Path(cli.trainer.log_dir)
+    scalars = tb_scalars(log_dir)
+    assert "train/loss" in scalars and all(map(math.isfinite, scalars["train/loss"]))
+    assert "val/acc" in scalars
+    assert (log_dir / "config.yaml").is_file()
+    saved = json.loads((log_dir / "train_subset.json").read_text())
+    assert saved["num_examples"] == len(cli.datamodule.train_indices)
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory) -> Path:
+    """A real (briefly trained) MNIST-1D teacher checkpoint written by `kd-lightning fit`."""
+    work = tmp_path_factory.mktemp("teacher")
+    old = os.getcwd()
+    os.chdir(work)
+    try:
+        run_cli(["fit", "--config", CONFIGS / "mnist1d/teacher.yaml", *TINY,
+                 "--trainer.limit_train_batches", "5"])
+    finally:
+        os.chdir(old)
+    ckpt = work / "runs/mnist1d_teacher/checkpoints/best.ckpt"
+    assert ckpt.is_file()
+    return ckpt
+
+
+def _response_args(ckpt: Path, *extra: str) -> list:
+    return ["fit", "--config", CONFIGS / "mnist1d/response.yaml", *TINY,
+            "--model.init_args.teacher_checkpoint", ckpt, *extra]
+
+
+def test_response_kd_loads_lightning_teacher_and_keeps_it_frozen(teacher_ckpt, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    state = torch.load(teacher_ckpt, weights_only=True)["state_dict"]
+    cli = run_cli(_response_args(teacher_ckpt, "--trainer.limit_train_batches", "4"))
+    model = cli.model
+    for key, value in model.teacher.state_dict().items():
+        assert torch.equal(value, state[f"student.{key}"]), key  # loaded and unchanged by training
+    assert not model.teacher.training
+    assert all(not p.requires_grad for p in model.teacher.parameters())
+    opt_params = {id(p) for g in cli.trainer.optimizers[0].param_groups for p in g["params"]}
+    assert opt_params == {id(p) for p in model.student.parameters()}
+    assert "test/teacher_acc" in cli.trainer.callback_metrics
+    scalars = tb_scalars(Path(cli.trainer.log_dir))
+    for key in ("train/loss_ce", "train/loss_kd", "train/acc", "val/acc", "lr-Adam"):
+        assert key in scalars, key
+
+
+def test_hparams_tab_shows_final_validation_accuracy(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = run_cli(["fit", "--config", CONFIGS / "mnist1d/student.yaml", *TINY,
+                   "--trainer.max_epochs", "2", "--test_after_fit", "false"])
+    hp = tb_scalars(Path(cli.trainer.log_dir))["hp_metric"]
+    assert hp[-1] == pytest.approx(float(cli.trainer.callback_metrics["val/acc"]))
+    assert hp[-1] >= 0  # not the -1 placeholder
+
+
+def test_resume_continues_from_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", CONFIGS / "mnist1d/student.yaml", *TINY, "--test_after_fit", "false"]
+    cli = run_cli(args)
+    last = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    assert cli.trainer.current_epoch == 1
+    cli2 = run_cli(args + ["--trainer.max_epochs", "3", "--ckpt_path", last])
+    assert cli2.trainer.current_epoch == 3
+    assert cli2.trainer.global_step == 6  # 2 steps per epoch, 3 epochs in all
+
+
+def test_test_and_predict_subcommands(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = run_cli(["fit", "--config", CONFIGS / "mnist1d/student.yaml", *TINY, "--test_after_fit", "false"])
+    last = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    tcli = run_cli(["test", "--config", CONFIGS / "mnist1d/student.yaml", "--ckpt_path", last,
+                    "--trainer.enable_progress_bar", "false"])
+    assert 0 <= float(tcli.trainer.callback_metrics["test/acc"]) <= 1
+    from kd_lightning.cli import cli_main
+
+    pcli = cli_main(["predict", "--config", str(CONFIGS / "mnist1d/student.yaml"), "--ckpt_path",
+                     str(last), "--trainer.limit_predict_batches", "1",
+                     "--trainer.enable_progress_bar", "false"])
+    assert pcli is not None
+
+
+# ---- bad input: one clear paragraph, exit status 2 ------------------------------------------
+BAD = [
+    (["--data.dataset", "imagenet"], "unknown dataset 'imagenet'. Valid names: cifar10"),
+    (["--data.train_subset", "5000"], "larger than the training set"),
+    (["--data.train_subset", "3590"], "has only"),
+    (["--data.train_subset", "5"], "smaller than the number of classes"),
+    (["--model.init_args.temperature", "0"], "temperature must be > 0"),
+    (["--model.init_args.alpha", "1.5"], "alpha must be in [0, 1]"),
+    (["--model.init_args.teacher_checkpoint", "missing/teacher.ckpt"],
+     "teacher checkpoint 'missing/teacher.ckpt' does not exist"),
+    (["--model.init_args.teacher.init_args.width", "32"],
+     "first mismatching key 'conv1.weight' has shape (64, 1, 5) in the checkpoint but (32, 1, 5)"),
+    (["--model.init_args.student.init_args.num_classes", "7"], "class counts disagree"),
+    (["--data.dataset", "cifar10", "--data.root", "nowhere"], "cifar-10-batches-py"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD, ids=[m[:30] for _, m in BAD])
+def test_bad_input_gives_one_paragraph_error(extra, message, teacher_ckpt, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = _response_args(teacher_ckpt)
+    err = run_cli_error(args + extra, capsys)
+    assert message in err
+    # nothing was trained or written before the error
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+# ---- precision and multi-process, through the console script in a subprocess ----------------
+def _subprocess(args: list, cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{cwd}", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "kd_lightning.cli", *map(str, args)], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_bf16_mixed_runs_response_kd(teacher_ckpt, tmp_path):
+    out = _subprocess(_response_args(teacher_ckpt, "--trainer.precision", "bf16-mixed"), tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "test/acc" in out.stdout
+
+
+DUMP_CALLBACK = '''
+import json, os
+from pytorch_lightning import Callback
+
+class DumpSubset(Callback):
+    def on_train_start(self, trainer, pl_module):
+        dm = trainer.datamodule
+        path = os.path.join(os.getcwd(), f"rank{trainer.global_rank}.json")
+        with open(path, "w") as f:
+            json.dump({"world": trainer.world_size, "indices": dm.train_indices.tolist(),
+                       "cache": pl_module._cache is not None}, f)
+'''
+
+
+@pytest.mark.ddp
+def test_ddp_two_cpu_processes_train_on_the_same_subset(teacher_ckpt, tmp_path):
+    (tmp_path / "dump_subset.py").write_text(DUMP_CALLBACK)
+    out = _subprocess(_response_args(
+        teacher_ckpt, "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+        "--trainer.strategy", "ddp", "--data.train_subset", "200", "--data.subset_seed", "3",
+        "--trainer.callbacks+=dump_subset.DumpSubset"), tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert r0["world"] == r1["world"] == 2
+    assert r0["indices"] == r1["indices"] and len(r0["indices"]) == 200
+    assert "test/acc" in out.stdout
