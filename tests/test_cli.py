@@ -138,6 +138,28 @@ def test_test_and_predict_subcommands(tmp_path, monkeypatch):
     assert pcli is not None
 
 
+@pytest.mark.parametrize("student", [
+    ["--model.init_args.student", "kd_lightning.models.TorchvisionModel",
+     "--model.init_args.student.init_args.name", "resnet18"],
+    ["--model.init_args.student", "torchvision.models.MobileNetV2"],
+])
+def test_torchvision_classifier_as_student_and_teacher(student, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_cifar(tmp_path / "data", 10, n_train=60, n_test=20)
+    from torchvision.models import resnet18
+
+    torch.save(resnet18(num_classes=10).state_dict(), tmp_path / "tv_teacher.pt")
+    cli = run_cli(["fit", "--config", CONFIGS / "cifar10/response_resnet56_resnet20.yaml", *TINY,
+                   *student, "--model.init_args.student.init_args.num_classes", "10",
+                   "--model.init_args.teacher", "torchvision.models.ResNet",
+                   "--model.init_args.teacher.init_args.block", "torchvision.models.resnet.BasicBlock",
+                   "--model.init_args.teacher.init_args.layers", "[2, 2, 2, 2]",
+                   "--model.init_args.teacher.init_args.num_classes", "10",
+                   "--model.init_args.teacher_checkpoint", tmp_path / "tv_teacher.pt",
+                   "--data.batch_size", "8", "--data.val_split", "20"])
+    assert 0 <= float(cli.trainer.callback_metrics["test/acc"]) <= 1
+
+
 # ---- bad input: one clear paragraph, exit status 2 ------------------------------------------
 BAD = [
     (["--data.dataset", "imagenet"], "unknown dataset 'imagenet'. Valid names: cifar10"),

@@ -84,6 +84,7 @@ class DistillationModule(pl.LightningModule):
         self.teacher_cache = teacher_cache
         self.log_step_terms = log_step_terms
         self._cache: Tensor | None = None  # [num_source_examples, K] teacher logits
+        self._cache_used: bool | None = None  # set at the start of training
         self._term_sums: dict[str, Tensor] = {}
         self._term_steps = 0
         self._train_correct: Tensor | None = None
@@ -137,7 +138,8 @@ class DistillationModule(pl.LightningModule):
 
     def on_train_start(self) -> None:
         self._cache = None
-        if self._resolve_cache():
+        self._cache_used = self._resolve_cache()
+        if self._cache_used:
             self.build_teacher_cache()
 
     def on_train_end(self) -> None:

@@ -21,6 +21,7 @@ from kd_lightning.models.resnet_cifar import (
     resnet56,
     resnet110,
 )
+from kd_lightning.models.torchvision_model import TorchvisionModel
 from kd_lightning.models.wrn import WideBasicBlock, WideResNet, wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2
 
 __all__ = [
@@ -46,4 +47,5 @@ __all__ = [
     "wrn_16_2",
     "wrn_40_1",
     "wrn_40_2",
+    "TorchvisionModel",
 ]

@@ -1,0 +1,117 @@
+"""Behaviour of the base class and methods outside the CLI."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from kd_lightning import KDConfigError
+from kd_lightning.data import DistillDataModule
+from kd_lightning.methods import ResponseKD, Supervised
+from kd_lightning.models import MLP, ConvNet1D
+from kd_lightning.models.weights import load_teacher_weights
+from kd_lightning.schedulers import LinearWarmupCosineAnnealingLR
+
+
+def _trainer(**kw) -> pl.Trainer:
+    defaults = dict(max_epochs=1, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                    devices=1, limit_val_batches=0)
+    return pl.Trainer(**{**defaults, **kw})
+
+
+def test_teacher_is_frozen_and_stays_in_eval_mode():
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(40, 10), nn.Dropout(0.5))
+    m = ResponseKD(student=MLP(), teacher=teacher)
+    m.train()
+    assert m.student.training and not m.teacher.training
+    assert all(not p.requires_grad for p in m.teacher.parameters())
+    learnable = {id(p) for p in m.learnable_parameters()}
+    assert learnable == {id(p) for p in m.student.parameters()}
+
+
+def test_training_step_gradients_reach_student_only():
+    teacher = ConvNet1D(width=8)
+    m = ResponseKD(student=MLP(), teacher=teacher, num_classes=10)
+    x, y, idx = torch.randn(6, 1, 40), torch.randint(0, 10, (6,)), torch.arange(6)
+    loss = m.training_step((x, y, idx), 0)
+    loss.backward()
+    assert all(p.grad is not None for p in m.student.parameters())
+    assert all(p.grad is None for p in m.teacher.parameters())
+
+
+def test_response_kd_requires_teacher():
+    with pytest.raises(KDConfigError, match="no teacher was given"):
+        ResponseKD(student=MLP())
+
+
+def test_checkpoint_mismatch_names_key_and_shapes(tmp_path):
+    path = tmp_path / "t.pt"
+    torch.save(ConvNet1D(width=16).state_dict(), path)
+    with pytest.raises(KDConfigError, match=r"'conv1.weight' has shape \(16, 1, 5\) .* \(25, 1, 5\)"):
+        load_teacher_weights(ConvNet1D(width=25), path)
+    # a prefixed plain state_dict (as saved from a wrapper module) loads
+    net = ConvNet1D(width=16)
+    torch.save({f"module.{k}": v for k, v in net.state_dict().items()}, path)
+    other = ConvNet1D(width=16)
+    load_teacher_weights(other, path)
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), other.state_dict().values()))
+
+
+def test_teacher_cache_gives_the_same_student_as_no_cache():
+    students = {}
+    for cache in (True, False):
+        pl.seed_everything(3)
+        teacher = ConvNet1D(width=16)
+        pl.seed_everything(5)
+        model = ResponseKD(student=MLP(), teacher=teacher, teacher_cache=cache,
+                           optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+        dm = DistillDataModule("mnist1d", batch_size=50, train_subset=200)
+        trainer = _trainer(max_epochs=2)
+        trainer.fit(model, dm)
+        students[cache] = model.student.state_dict()
+        assert (model._cache_used is True) == cache
+    for k in students[True]:
+        assert torch.allclose(students[True][k], students[False][k], atol=1e-5), k
+
+
+def test_teacher_cache_turns_off_under_augmentation(tmp_path):
+    from tests.conftest import write_cifar
+    from kd_lightning.models import resnet8
+
+    write_cifar(tmp_path, 10, n_train=60, n_test=20)
+    model = ResponseKD(student=resnet8(), teacher=resnet8())
+    dm = DistillDataModule("cifar10", root=str(tmp_path), batch_size=20, augment=True, val_split=10)
+    _trainer(limit_train_batches=1).fit(model, dm)
+    assert model._cache_used is False
+    forced = ResponseKD(student=resnet8(), teacher=resnet8(), teacher_cache=True)
+    with pytest.raises(KDConfigError, match="teacher_cache=true needs deterministic"):
+        _trainer(limit_train_batches=1).fit(forced, dm)
+
+
+def test_warmup_cosine_schedule():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = LinearWarmupCosineAnnealingLR(opt, warmup_epochs=5, max_epochs=15, warmup_start_factor=0.1)
+    lrs = []
+    for _ in range(15):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1)
+    assert lrs[5] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(lrs[:5], lrs[1:6]))  # warm-up rises
+    assert lrs[10] == pytest.approx(0.5 * (1 + math.cos(math.pi * 5 / 10)))
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_supervised_learns_digits():
+    pl.seed_everything(0)
+    model = Supervised(student=MLP(input_dim=64), optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
+    dm = DistillDataModule("digits", batch_size=64)
+    trainer = _trainer(max_epochs=15, limit_val_batches=None)
+    trainer.fit(model, dm)
+    assert float(trainer.callback_metrics["val/acc"]) > 0.9
