@@ -21,6 +21,7 @@ from kd_lightning.models.resnet_cifar import (
     resnet56,
     resnet110,
 )
+from kd_lightning.models.taps import FeatureTaps, resolve_module
 from kd_lightning.models.torchvision_model import TorchvisionModel
 from kd_lightning.models.wrn import WideBasicBlock, WideResNet, wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2
 
@@ -48,4 +49,6 @@ __all__ = [
     "wrn_40_1",
     "wrn_40_2",
     "TorchvisionModel",
+    "FeatureTaps",
+    "resolve_module",
 ]
