@@ -115,3 +115,42 @@ def test_supervised_learns_digits():
     trainer = _trainer(max_epochs=15, limit_val_batches=None)
     trainer.fit(model, dm)
     assert float(trainer.callback_metrics["val/acc"]) > 0.9
+
+
+def test_fused_optimizer_is_used_by_default_and_matches_the_loop_version():
+    from kd_lightning.methods.base import use_fused_kernel
+
+    net = MLP()
+    assert use_fused_kernel(torch.optim.Adam(net.parameters(), lr=1e-2)).defaults["fused"] is True
+    assert use_fused_kernel(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)).defaults["fused"]
+    explicit = torch.optim.Adam(net.parameters(), foreach=True)
+    assert use_fused_kernel(explicit) is explicit  # what the user set explicitly is kept
+    rms = torch.optim.RMSprop(net.parameters())
+    assert use_fused_kernel(rms) is rms  # no fused kernel: unchanged
+
+    students = {}
+    for fused in (True, False):
+        pl.seed_everything(1)
+        model = Supervised(student=MLP(), fused_optimizer=fused,
+                           optimizer=lambda p: torch.optim.Adam(p, lr=1e-3, weight_decay=1e-4))
+        trainer = _trainer(max_steps=20)
+        trainer.fit(model, DistillDataModule("mnist1d", train_subset=500))
+        assert trainer.optimizers[0].defaults["fused"] is (True if fused else None)
+        students[fused] = model.student.state_dict()
+    for k in students[True]:  # same update rule: equal up to float rounding
+        assert torch.allclose(students[True][k], students[False][k], atol=1e-5), k
+
+
+def test_train_terms_logged_per_window_and_at_the_last_epoch(tmp_path):
+    from pytorch_lightning.loggers import TensorBoardLogger
+    from tests.test_cli import tb_scalars
+
+    pl.seed_everything(0)
+    model = Supervised(student=MLP())
+    logger = TensorBoardLogger(str(tmp_path), name="t")
+    # 1 step per epoch (M=10, batch 100), 7 epochs, a window of 3 steps -> logs after steps 3, 6, 7
+    trainer = _trainer(max_epochs=7, logger=logger, log_every_n_steps=3)
+    trainer.fit(model, DistillDataModule("mnist1d", train_subset=10))
+    scalars = tb_scalars(tmp_path / "t" / "version_0")
+    assert len(scalars["train/loss"]) == 3
+    assert len(scalars["train/acc"]) == 3 and all(0 <= a <= 1 for a in scalars["train/acc"])

@@ -9,6 +9,7 @@ of every loss term by name. A method subclass holds its hyperparameters and a
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator
 
@@ -24,6 +25,42 @@ from kd_lightning.models.weights import load_teacher_weights
 
 # the frozen teacher is deliberately in eval mode while the student trains
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+
+# Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1 (fork safety), which makes every
+# torch.cuda.is_available() call -- Adam calls it on every step -- load NVML anew (about 30 us)
+# on machines with a CUDA build of torch and no GPU. With no GPU there is nothing to protect.
+if os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") == "1" and torch.cuda.device_count() == 0:
+    del os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"]
+
+
+def use_fused_kernel(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The same optimizer rebuilt with ``fused=True`` when that is possible and was left unset.
+
+    Eligible: a fresh optimizer (no state) whose class accepts ``fused``, with ``fused`` and
+    ``foreach`` both left at ``None``, not ``differentiable``, and every parameter a floating
+    tensor on a device with fused kernels. Anything else is returned unchanged.
+    """
+    import inspect
+
+    defaults = optimizer.defaults
+    if optimizer.state or "fused" not in inspect.signature(type(optimizer).__init__).parameters:
+        return optimizer
+    if defaults.get("fused") is not None or defaults.get("foreach") is not None:
+        return optimizer
+    if defaults.get("differentiable") or defaults.get("capturable"):
+        return optimizer
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    devices = set(_get_fused_kernels_supported_devices())
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if not params or not all(p.device.type in devices and torch.is_floating_point(p) for p in params):
+        return optimizer
+    groups = [{k: v for k, v in g.items() if k not in ("fused", "foreach")} for g in optimizer.param_groups]
+    kwargs = {k: v for k, v in defaults.items() if k not in ("fused", "foreach")}
+    try:
+        return type(optimizer)(groups, **{**kwargs, "fused": True})
+    except (RuntimeError, ValueError, TypeError):
+        return optimizer
 
 
 class DistillationModule(pl.LightningModule):
@@ -44,6 +81,10 @@ class DistillationModule(pl.LightningModule):
         teacher_cache: cache the teacher's outputs per training example (keyed by the batch's
             ``index``). ``None`` (default) turns it on when the training inputs are deterministic
             (no augmentation) and off otherwise; ``False`` forces it off.
+        fused_optimizer: when the optimizer has a fused implementation (Adam, AdamW, SGD, ...)
+            and neither ``fused`` nor ``foreach`` was set, use the fused kernel: the same update
+            in one kernel call instead of a Python loop over parameters (on CPU, PyTorch's
+            default is that loop). Set ``False`` to keep the optimizer exactly as configured.
         log_step_terms: also log every loss term at every ``log_every_n_steps`` (costs time per
             step; epoch means are always logged).
     """
@@ -56,7 +97,7 @@ class DistillationModule(pl.LightningModule):
                  optimizer: OptimizerCallable = torch.optim.Adam,
                  lr_scheduler: LRSchedulerCallable | None = None,
                  lr_scheduler_interval: str = "epoch", teacher_cache: bool | None = None,
-                 log_step_terms: bool = False) -> None:
+                 fused_optimizer: bool = True, log_step_terms: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["student", "teacher", "optimizer", "lr_scheduler"])
         if self.requires_teacher and teacher is None:
@@ -82,16 +123,34 @@ class DistillationModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.teacher_cache = teacher_cache
+        self.fused_optimizer = fused_optimizer
         self.log_step_terms = log_step_terms
         self._cache: Tensor | None = None  # [num_source_examples, K] teacher logits
         self._cache_used: bool | None = None  # set at the start of training
-        self._term_sums: dict[str, Tensor] = {}
-        self._term_steps = 0
-        self._train_correct: Tensor | None = None
+        self._term_sums: dict[tuple[str, ...], Tensor] = {}
+        self._term_steps: dict[tuple[str, ...], int] = {}
         self._train_seen = 0
+        self._last_logged_step = 0
         self._metrics_built = False
         if num_classes is not None:
             self._build_metrics(num_classes)
+
+    # ---- lean per-step plumbing -------------------------------------------------------------
+    def __setattr__(self, name: str, value) -> None:
+        # Lightning sets this bookkeeping string around every hook call (about 40 times per
+        # step); it is never a Parameter, Module or buffer, so nn.Module's slow path is skipped.
+        if name == "_current_fx_name":
+            self.__dict__[name] = value
+        else:
+            super().__setattr__(name, value)
+
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        """``(x, y, index)`` batches: nothing to do when already on ``device``, else ``.to()``."""
+        if isinstance(batch, (tuple, list)) and all(isinstance(t, Tensor) for t in batch):
+            if all(t.device == device for t in batch):
+                return batch
+            return type(batch)(t.to(device, non_blocking=True) for t in batch)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     # ---- teacher ---------------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -137,6 +196,7 @@ class DistillationModule(pl.LightningModule):
         self._cache = cache
 
     def on_train_start(self) -> None:
+        self.on_train_start_logging()
         self._cache = None
         self._cache_used = self._resolve_cache()
         if self._cache_used:
@@ -155,6 +215,8 @@ class DistillationModule(pl.LightningModule):
     def configure_optimizers(self):
         params = list(self.learnable_parameters())
         optimizer = self.optimizer_factory(params)
+        if self.fused_optimizer:
+            optimizer = use_fused_kernel(optimizer)
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
@@ -222,38 +284,55 @@ class DistillationModule(pl.LightningModule):
                   **terms: Tensor) -> None:
         """Accumulate loss terms (and training accuracy) for per-epoch logging.
 
-        Costs one tensor addition per term per step and no host-device synchronisation. Each
-        term appears in TensorBoard as ``train/<name>`` (epoch mean over steps, averaged over
-        DDP ranks).
+        All terms of a step are stacked into one vector and added to a running sum: two tensor
+        operations per step whatever the number of terms, and no host-device synchronisation.
+        Each term appears in TensorBoard as ``train/<name>`` (mean over the epoch's steps,
+        averaged over DDP ranks); ``train/acc`` is the accuracy over the epoch's examples.
         """
-        for name, value in terms.items():
-            v = value.detach().float()
-            prev = self._term_sums.get(name)
-            self._term_sums[name] = v if prev is None else prev + v
-        self._term_steps += 1
+        names = tuple(terms)
+        values = [v.detach().float() for v in terms.values()]
         if logits is not None and targets is not None:
-            correct = (logits.detach().argmax(-1) == targets).sum()
-            self._train_correct = correct if self._train_correct is None else self._train_correct + correct
+            values.append((logits.detach().argmax(-1) == targets).sum().float())
             self._train_seen += targets.numel()
+            names = names + ("__correct__",)
+        stacked = torch.stack(values)
+        acc = self._term_sums.get(names)
+        self._term_sums[names] = stacked if acc is None else acc + stacked
+        self._term_steps[names] = self._term_steps.get(names, 0) + 1
         if self.log_step_terms:
             self.log_dict({f"train_step/{k}": v.detach() for k, v in terms.items()},
                           on_step=True, on_epoch=False)
 
     def on_train_epoch_end(self) -> None:
-        strategy = self.trainer.strategy
-        out = {}
-        if self._term_steps:
-            for name, total in self._term_sums.items():
-                out[f"train/{name}"] = strategy.reduce(total / self._term_steps, reduce_op="mean")
-        if self._train_seen:
-            stats = torch.stack([self._train_correct.float(),
-                                 torch.tensor(float(self._train_seen), device=self._train_correct.device)])
-            stats = strategy.reduce(stats, reduce_op="sum")
-            out["train/acc"] = stats[0] / stats[1]
+        # Lightning's self.log costs far more than a training step of a small model, and in
+        # few-data runs an epoch can be a single step: log the running means once at least
+        # `log_every_n_steps` optimizer steps have passed (and at the last epoch).
+        trainer = self.trainer
+        steps_since = trainer.global_step - self._last_logged_step
+        last_epoch = (trainer.max_epochs is not None and trainer.max_epochs > 0
+                      and self.current_epoch >= trainer.max_epochs - 1) or (
+            trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps)
+        if steps_since < trainer.log_every_n_steps and not last_epoch and not trainer.should_stop:
+            return
+        sums: dict[str, Tensor] = {}
+        steps: dict[str, int] = {}
+        for names, total in self._term_sums.items():  # a method may change terms between stages
+            for i, name in enumerate(names):
+                sums[name] = total[i] + sums[name] if name in sums else total[i]
+                steps[name] = steps.get(name, 0) + self._term_steps[names]
+        out = {f"train/{name}": total / steps[name] for name, total in sums.items()
+               if name != "__correct__"}
+        if "__correct__" in sums:
+            # DDP shards are padded to equal size, so the mean over ranks is the global accuracy
+            out["train/acc"] = sums["__correct__"] / self._train_seen
         if out:
             self.log_dict(out, on_step=False, on_epoch=True, sync_dist=True)
-        self._term_sums, self._term_steps = {}, 0
-        self._train_correct, self._train_seen = None, 0
+        self._term_sums, self._term_steps, self._train_seen = {}, {}, 0
+        self._last_logged_step = trainer.global_step
+
+    def on_train_start_logging(self) -> None:
+        self._term_sums, self._term_steps, self._train_seen = {}, {}, 0
+        self._last_logged_step = self.trainer.global_step
 
     def _eval_step(self, batch, prefix: str) -> Tensor:
         x, y, _ = batch

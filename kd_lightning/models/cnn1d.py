@@ -25,8 +25,8 @@ class ConvNet1D(nn.Module):
     Layout (module paths for forward hooks)::
 
         conv1 = Conv1d(in_channels, width, 5, stride=2, padding=1) -> relu1
-        conv2 = Conv1d(width, width, 3, stride=2, padding=1)       -> relu2
-        conv3 = Conv1d(width, width, 3, stride=2, padding=1)       -> relu3
+        conv2 = Conv1d(width, width, 3, stride=2, padding=1, groups=groups) -> relu2
+        conv3 = Conv1d(width, width, 3, stride=2, padding=1, groups=groups) -> relu3
         flatten -> fc = Linear(width * final_length, num_classes)
 
     The ReLUs are separate, non in-place modules, so hooks on ``conv1``/``conv2``/
@@ -38,6 +38,10 @@ class ConvNet1D(nn.Module):
             ``in_channels == 1`` (the channel dimension is added).
         input_length: Sequence length ``L`` of the input (fixes the size of ``fc``).
         width: Number of channels of every conv layer.
+        groups: Channel groups of ``conv2`` and ``conv3`` (default 1, the reference CNN). With
+            ``groups=g`` those convs have ``g`` times fewer weights while every layer keeps
+            ``width`` channels: a smaller student whose feature maps have the teacher's channel
+            count, as FSP distillation needs (FSP matrices are ``C1 x C2``).
     """
 
     def __init__(
@@ -46,12 +50,18 @@ class ConvNet1D(nn.Module):
         in_channels: int = 1,
         input_length: int = 40,
         width: int = 25,
+        groups: int = 1,
     ) -> None:
         super().__init__()
         if num_classes < 1 or in_channels < 1 or width < 1:
             raise KDConfigError(
                 f"ConvNet1D: num_classes, in_channels and width must be >= 1, got "
                 f"num_classes={num_classes}, in_channels={in_channels}, width={width}."
+            )
+        if groups < 1 or width % groups != 0:
+            raise KDConfigError(
+                f"ConvNet1D: groups must be >= 1 and divide width, got groups={groups}, "
+                f"width={width}."
             )
         length = int(input_length)
         for kernel in (5, 3, 3):
@@ -65,14 +75,17 @@ class ConvNet1D(nn.Module):
         self.in_channels = int(in_channels)
         self.input_length = int(input_length)
         self.width = int(width)
+        self.groups = int(groups)
         self.final_length: int = length
         self.feature_dim: int = self.width * length
 
         self.conv1 = nn.Conv1d(self.in_channels, self.width, kernel_size=5, stride=2, padding=1)
         self.relu1 = nn.ReLU(inplace=False)
-        self.conv2 = nn.Conv1d(self.width, self.width, kernel_size=3, stride=2, padding=1)
+        self.conv2 = nn.Conv1d(self.width, self.width, kernel_size=3, stride=2, padding=1,
+                               groups=self.groups)
         self.relu2 = nn.ReLU(inplace=False)
-        self.conv3 = nn.Conv1d(self.width, self.width, kernel_size=3, stride=2, padding=1)
+        self.conv3 = nn.Conv1d(self.width, self.width, kernel_size=3, stride=2, padding=1,
+                               groups=self.groups)
         self.relu3 = nn.ReLU(inplace=False)
         self.fc = nn.Linear(self.feature_dim, self.num_classes)
 

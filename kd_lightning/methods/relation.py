@@ -1,0 +1,87 @@
+"""Relational KD: Park, Kim, Lu & Cho, "Relational Knowledge Distillation", CVPR 2019."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kd_lightning import KDConfigError
+from kd_lightning.losses import kd_loss, rkd_loss
+from kd_lightning.methods.base import DistillationModule
+from kd_lightning.models.taps import FeatureTaps
+
+
+class RelationKD(DistillationModule):
+    r"""RKD on the penultimate embedding, plus cross-entropy and an optional Hinton KD term:
+
+    .. math::
+        L = w_{ce}\, CE(y, z_s) + w_{kd}\, T^2 \mathrm{KL}(\sigma(z_t/T) \| \sigma(z_s/T))
+            + w_d L_{RKD-D}(s, t) + w_a L_{RKD-A}(s, t)
+
+    where ``s``, ``t`` are the student's and teacher's embeddings of the batch (see
+    :func:`~kd_lightning.losses.rkd_loss`). The student matches the distances and angles between
+    the examples of a batch, so the two embeddings may have different widths and no connector
+    is needed. Relations are those within each process's batch (under DDP, within each rank's
+    share). The teacher runs once per step, without gradient, with feature taps (its embedding
+    cannot come from the logits cache).
+
+    Logged terms: ``loss`` (total), ``loss_ce``, ``loss_rkd_d``, ``loss_rkd_a`` (unweighted) and
+    ``loss_kd`` when ``kd_weight > 0``.
+
+    Args:
+        w_d: weight of the distance-wise term (Park et al.: 25).
+        w_a: weight of the angle-wise term (Park et al.: 50).
+        student_layer, teacher_layer: module paths of the embeddings (forward hooks, see
+            :class:`~kd_lightning.models.FeatureTaps`). Default ``"fc"`` with ``layer_input=True``:
+            the input of the classifier, i.e. the pooled penultimate embedding of every zoo model
+            and of torchvision ResNets. Any module path works; its feature is flattened per example.
+        layer_input: take each tapped module's input (``True``) or output (``False``).
+        ce_weight: weight of the cross-entropy on the labels (default 1).
+        kd_weight: weight of the Hinton soft-target term (default 0: RKD + CE, as in Park et al.'s
+            classification experiments).
+        temperature: temperature of that term (default 4).
+        **kwargs: see :class:`~kd_lightning.methods.base.DistillationModule`.
+    """
+
+    requires_teacher = True
+
+    def __init__(self, w_d: float = 25.0, w_a: float = 50.0, student_layer: str = "fc",
+                 teacher_layer: str = "fc", layer_input: bool = True, ce_weight: float = 1.0,
+                 kd_weight: float = 0.0, temperature: float = 4.0, **kwargs) -> None:
+        for name, value in (("w_d", w_d), ("w_a", w_a), ("ce_weight", ce_weight),
+                            ("kd_weight", kd_weight)):
+            if not value >= 0:
+                raise KDConfigError(f"RelationKD: {name} must be >= 0, got {value}; Park et al. use "
+                                    f"w_d=25, w_a=50 with ce_weight=1 and kd_weight=0.")
+        if w_d == 0 and w_a == 0:
+            raise KDConfigError("RelationKD: w_d and w_a are both 0, so nothing relational is "
+                                "distilled; set w_d=25, w_a=50 (Park et al.), or use ResponseKD / "
+                                "Supervised for a logit-only or label-only baseline.")
+        if temperature <= 0:
+            raise KDConfigError(f"RelationKD: temperature must be > 0, got {temperature} (default 4).")
+        if kwargs.get("teacher_cache") is None:
+            # the teacher runs every step anyway (for its embedding), so a logits cache is unused
+            kwargs["teacher_cache"] = False
+        super().__init__(**kwargs)
+        self.w_d, self.w_a = w_d, w_a
+        self.ce_weight, self.kd_weight, self.temperature = ce_weight, kd_weight, temperature
+        self.student_taps = FeatureTaps(self.student, [student_layer], pre_activation=layer_input)
+        self.teacher_taps = FeatureTaps(self.teacher, [teacher_layer], pre_activation=layer_input)
+
+    def training_step(self, batch, batch_idx: int):
+        x, y, _ = batch
+        logits = self.student(x)
+        (s_emb,) = self.student_taps.pop()
+        with torch.no_grad():
+            t_logits = self.teacher(x)
+            (t_emb,) = self.teacher_taps.pop()
+        rkd, dist, angle = rkd_loss(s_emb, t_emb, self.w_d, self.w_a)
+        ce = F.cross_entropy(logits.float(), y)
+        loss = self.ce_weight * ce + rkd
+        terms = {"loss_ce": ce, "loss_rkd_d": dist, "loss_rkd_a": angle}
+        if self.kd_weight > 0:
+            kd = kd_loss(logits, t_logits, self.temperature)
+            loss = loss + self.kd_weight * kd
+            terms["loss_kd"] = kd
+        self.log_terms(logits, y, loss=loss, **terms)
+        return loss
