@@ -154,3 +154,26 @@ def test_train_terms_logged_per_window_and_at_the_last_epoch(tmp_path):
     scalars = tb_scalars(tmp_path / "t" / "version_0")
     assert len(scalars["train/loss"]) == 3
     assert len(scalars["train/acc"]) == 3 and all(0 <= a <= 1 for a in scalars["train/acc"])
+
+
+@pytest.mark.parametrize("budget_mb, features_cached", [(512.0, True), (0.001, False)])
+def test_teacher_feature_cache_matches_a_fresh_forward(budget_mb, features_cached):
+    class Probe(ResponseKD):
+        def on_train_end(self):  # inspect the cache before it is released
+            dm = self.trainer.datamodule
+            x, _, idx = dm.train_dataset.get_batch(torch.arange(7))
+            self.cached = self.teacher_forward(x, idx)
+            self.feature_cache_used = self._feature_cache is not None
+            self.eval()
+            self.fresh = self.teacher_forward(x, idx)  # eval mode: never from the cache
+            super().on_train_end()
+
+    model = Probe(student=MLP(), teacher=ConvNet1D(width=8), teacher_cache_mb=budget_mb)
+    model.tap_teacher(["conv2", "relu3"], pre_activation=[False, True])
+    _trainer(max_steps=2).fit(model, DistillDataModule("mnist1d", train_subset=100))
+    assert model.feature_cache_used is features_cached
+    (lc, fc), (lf, ff) = model.cached, model.fresh
+    assert torch.allclose(lc, lf, atol=1e-6)
+    assert len(fc) == len(ff) == 2
+    for a, b in zip(fc, ff):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-6)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from kd_lightning import KDConfigError
+from kd_lightning.models.taps import FeatureTaps
 from kd_lightning.models.weights import load_teacher_weights
 
 # the frozen teacher is deliberately in eval mode while the student trains
@@ -80,7 +81,10 @@ class DistillationModule(pl.LightningModule):
         lr_scheduler_interval: ``"epoch"`` or ``"step"``.
         teacher_cache: cache the teacher's outputs per training example (keyed by the batch's
             ``index``). ``None`` (default) turns it on when the training inputs are deterministic
-            (no augmentation) and off otherwise; ``False`` forces it off.
+            (no augmentation) and off otherwise; ``False`` forces it off. Logits are always
+            cached when it is on; tapped teacher features (:meth:`tap_teacher`) too when they
+            fit in ``teacher_cache_mb``.
+        teacher_cache_mb: memory budget (MiB, on the training device) for cached features.
         fused_optimizer: when the optimizer has a fused implementation (Adam, AdamW, SGD, ...)
             and neither ``fused`` nor ``foreach`` was set, use the fused kernel: the same update
             in one kernel call instead of a Python loop over parameters (on CPU, PyTorch's
@@ -97,7 +101,7 @@ class DistillationModule(pl.LightningModule):
                  optimizer: OptimizerCallable = torch.optim.Adam,
                  lr_scheduler: LRSchedulerCallable | None = None,
                  lr_scheduler_interval: str = "epoch", teacher_cache: bool | None = None,
-                 fused_optimizer: bool = True, log_step_terms: bool = False) -> None:
+                 teacher_cache_mb: float = 512.0, fused_optimizer: bool = True, log_step_terms: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["student", "teacher", "optimizer", "lr_scheduler"])
         if self.requires_teacher and teacher is None:
@@ -123,10 +127,13 @@ class DistillationModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.teacher_cache = teacher_cache
+        self.teacher_cache_mb = teacher_cache_mb
         self.fused_optimizer = fused_optimizer
         self.log_step_terms = log_step_terms
         self._cache: Tensor | None = None  # [num_source_examples, K] teacher logits
+        self._feature_cache: list[Tensor] | None = None  # tapped teacher features, same keys
         self._cache_used: bool | None = None  # set at the start of training
+        self._teacher_taps: FeatureTaps | None = None
         self._term_sums: dict[tuple[str, ...], Tensor] = {}
         self._term_steps: dict[tuple[str, ...], int] = {}
         self._train_seen = 0
@@ -160,12 +167,42 @@ class DistillationModule(pl.LightningModule):
             self.teacher.eval()
         return self
 
+    def tap_teacher(self, layers: list[str], pre_activation: bool | list[bool] = False) -> FeatureTaps:
+        """Record teacher features at ``layers`` (module paths) for :meth:`teacher_forward`.
+
+        Call once in a method's ``__init__``. The tapped features are cached with the logits when
+        the teacher cache is on and they fit in ``teacher_cache_mb``.
+        """
+        if self.teacher is None:
+            raise KDConfigError("tap_teacher() needs a teacher network.")
+        self._teacher_taps = FeatureTaps(self.teacher, layers, pre_activation)
+        return self._teacher_taps
+
+    @torch.no_grad()
+    def teacher_forward(self, x: Tensor, index: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
+        """Teacher logits and tapped features (see :meth:`tap_teacher`) for a batch.
+
+        From the per-example cache when it is active (training, deterministic inputs), else a
+        no-grad forward of the frozen teacher.
+        """
+        if self._cache is not None and index is not None and self.training:
+            if self._feature_cache is not None:
+                return self._cache[index], [f[index] for f in self._feature_cache]
+            if self._teacher_taps is None:
+                return self._cache[index], []
+        logits = self.teacher(x)
+        feats = self._teacher_taps.pop() if self._teacher_taps is not None else []
+        return logits, feats
+
     @torch.no_grad()
     def teacher_logits(self, x: Tensor, index: Tensor | None = None) -> Tensor:
         """Teacher logits for a batch: from the cache when it is active, else a no-grad forward."""
         if self._cache is not None and index is not None and self.training:
             return self._cache[index]
-        return self.teacher(x)
+        logits = self.teacher(x)
+        if self._teacher_taps is not None:
+            self._teacher_taps.pop()  # keep the taps' buffer empty
+        return logits
 
     def _resolve_cache(self) -> bool:
         dm = getattr(self.trainer, "datamodule", None)
@@ -181,29 +218,40 @@ class DistillationModule(pl.LightningModule):
 
     @torch.no_grad()
     def build_teacher_cache(self) -> None:
-        """Run the teacher once over the training examples and keep its logits per index."""
+        """Run the teacher once over the training examples; keep its logits (and tapped features,
+        if they fit in ``teacher_cache_mb``) per example index."""
         ds = self.trainer.datamodule.train_dataset
         n_source = int(ds.indices.max()) + 1 if len(ds) else 0
-        cache = None
+        budget = self.teacher_cache_mb * 2**20
+        logits_cache, feat_cache = None, None
         chunk = 1024
         with self.trainer.precision_plugin.forward_context():
             for start in range(0, len(ds), chunk):
                 x, _, idx = ds.get_batch(torch.arange(start, min(start + chunk, len(ds))))
-                out = self.teacher(x.to(self.device)).float()
-                if cache is None:
-                    cache = torch.zeros(n_source, out.shape[-1], device=self.device)
-                cache[idx.to(self.device)] = out
-        self._cache = cache
+                idx = idx.to(self.device)
+                out = self.teacher(x.to(self.device))
+                feats = self._teacher_taps.pop() if self._teacher_taps is not None else []
+                if logits_cache is None:
+                    logits_cache = torch.zeros(n_source, out.shape[-1], dtype=out.dtype, device=self.device)
+                    per_example = sum(f[0].numel() * f.element_size() for f in feats)
+                    if feats and per_example * n_source <= budget:
+                        feat_cache = [torch.zeros(n_source, *f.shape[1:], dtype=f.dtype, device=self.device)
+                                      for f in feats]
+                logits_cache[idx] = out
+                if feat_cache is not None:
+                    for store, f in zip(feat_cache, feats):
+                        store[idx] = f
+        self._cache, self._feature_cache = logits_cache, feat_cache
 
     def on_train_start(self) -> None:
         self.on_train_start_logging()
-        self._cache = None
+        self._cache, self._feature_cache = None, None
         self._cache_used = self._resolve_cache()
         if self._cache_used:
             self.build_teacher_cache()
 
     def on_train_end(self) -> None:
-        self._cache = None
+        self._cache, self._feature_cache = None, None
 
     # ---- learnable parameters and optimisation -------------------------------------------
     def learnable_parameters(self) -> Iterator[nn.Parameter]:

@@ -1,0 +1,258 @@
+"""Shared machinery of the feature-based methods (FitNet, FSP, ActivationBoundary, AttentionTransfer).
+
+What the four methods have in common lives here, so each method file holds only its
+hyperparameters and its ``training_step``:
+
+- tapping intermediate features of the student (with gradient) and of the frozen teacher (under
+  ``torch.no_grad()``, eval mode) with :class:`~kd_lightning.models.FeatureTaps`, for one forward
+  pass at a time (the hooks exist only during that pass, so validation, test and prediction run
+  the bare networks);
+- learning the feature shapes with one dummy forward pass of both networks, to check the tapped
+  layers and to build connectors (:mod:`kd_lightning.models.connectors`);
+- the task loss of the task stage: cross-entropy, or Hinton KD;
+- for two-stage methods, the stage, derived from ``current_epoch`` and ``stage1_epochs`` and
+  never stored, so a run resumed from a checkpoint lands in the stage it was in.
+
+Where the shapes come from (and why connectors work with the optimizer and with resuming):
+connectors must exist before ``configure_optimizers`` and before a checkpoint's ``state_dict`` is
+loaded. With ``input_shape`` set (e.g. ``[1, 40]`` for MNIST-1D, ``[3, 32, 32]`` for CIFAR) they
+are built in ``__init__``; without it they are built in ``setup()`` from the data module's
+``input_shape``, which Lightning calls before it restores a checkpoint and before it creates the
+optimizer. Either way the shape is then stored in ``hparams.input_shape``, so
+``Method.load_from_checkpoint(path)`` rebuilds the connectors in ``__init__`` and loads them.
+
+Under DDP, the layers a stage does not use get no gradient (the student's head in a transfer-only
+stage 1, the connectors in stage 2): use ``--trainer.strategy ddp_find_unused_parameters_true``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kd_lightning import KDConfigError
+from kd_lightning.losses import response_kd_loss
+from kd_lightning.methods.base import DistillationModule
+from kd_lightning.models.taps import FeatureTaps
+
+Shape = tuple[int, ...]
+
+TASK_LOSSES = ("ce", "kd")
+
+
+def describe(shape: Sequence[int]) -> str:
+    """``(64, 19)`` -> ``'[B, 64, 19]'``: a feature's shape as the user sees it."""
+    return "[" + ", ".join(["B", *map(str, shape)]) + "]"
+
+
+def is_map(shape: Sequence[int]) -> bool:
+    """True for a per-example shape ``(C, L)`` or ``(C, H, W)``."""
+    return len(shape) in (2, 3)
+
+
+class FeatureDistillation(DistillationModule):
+    """Base class of methods that distil intermediate features of the teacher.
+
+    Args:
+        task_loss: the loss on the task: ``"ce"`` (cross-entropy with the labels) or ``"kd"``
+            (Hinton KD, :math:`(1-\\alpha)\\,CE + \\alpha\\,T^2\\,KL`).
+        temperature: KD temperature ``T`` (used when ``task_loss="kd"``; default 4).
+        alpha: KD soft-target weight (used when ``task_loss="kd"``; default 0.9).
+        input_shape: per-example input shape, e.g. ``[1, 40]`` or ``[3, 32, 32]``. Optional: by
+            default it is taken from the data module at ``setup``.
+        **kwargs: see :class:`~kd_lightning.methods.base.DistillationModule`.
+    """
+
+    requires_teacher = True
+
+    def __init__(self, task_loss: str = "ce", temperature: float = 4.0, alpha: float = 0.9,
+                 input_shape: list[int] | None = None, **kwargs) -> None:
+        if task_loss not in TASK_LOSSES:
+            raise KDConfigError(f"task_loss must be 'ce' (cross-entropy) or 'kd' (Hinton KD), got "
+                                f"{task_loss!r}.")
+        if temperature <= 0:
+            raise KDConfigError(f"temperature must be > 0, got {temperature}; Hinton et al. use "
+                                f"1-20 (default 4).")
+        if not 0.0 <= alpha <= 1.0:
+            raise KDConfigError(f"alpha must be in [0, 1], got {alpha}: it weighs the soft-target "
+                                f"term against cross-entropy (default 0.9).")
+        if input_shape is not None and (len(input_shape) == 0 or any(int(d) < 1 for d in input_shape)):
+            raise KDConfigError(f"input_shape must list the positive sizes of one example, e.g. "
+                                f"[1, 40] or [3, 32, 32], got {input_shape}.")
+        super().__init__(**kwargs)
+        self.task_loss, self.temperature, self.alpha = task_loss, temperature, alpha
+        self.input_shape: Shape | None = tuple(int(d) for d in input_shape) if input_shape else None
+        self.student_layers: list[str] = []
+        self.teacher_layers: list[str] = []
+        self.pre_activation = False
+        self._features_built = False
+
+    # ---- layers, shapes, connectors -------------------------------------------------------
+    def init_features(self, student_layers: Sequence[str], teacher_layers: Sequence[str],
+                      pre_activation: bool = False) -> None:
+        """Register the tapped layers (called by a subclass's ``__init__``).
+
+        Unknown module paths fail here, with the nearest module names. If ``input_shape`` is
+        known, the shapes are checked and connectors built now, else in ``setup``.
+        """
+        self.student_layers, self.teacher_layers = list(student_layers), list(teacher_layers)
+        self.pre_activation = pre_activation
+        FeatureTaps(self.student, self.student_layers, pre_activation).remove()
+        FeatureTaps(self.teacher, self.teacher_layers, pre_activation).remove()
+        if self.input_shape is not None:
+            self._build_features(self.input_shape)
+
+    def build_features(self, student_shapes: list[Shape], teacher_shapes: list[Shape]) -> None:
+        """Check the per-example shapes of the tapped features and build connectors.
+
+        Called once, with the shapes (no batch dimension) of ``student_layers`` and
+        ``teacher_layers``. Subclasses raise :class:`KDConfigError` for unusable layers.
+        """
+
+    @torch.no_grad()
+    def probe_shapes(self, input_shape: Sequence[int]) -> tuple[list[Shape], list[Shape]]:
+        """Per-example shapes of the tapped features, from one forward pass of two zero inputs."""
+        x = torch.zeros(2, *input_shape, device=self.device)
+        shapes = []
+        for net, layers in ((self.student, self.student_layers), (self.teacher, self.teacher_layers)):
+            was_training = net.training
+            net.eval()
+            try:
+                with FeatureTaps(net, layers, self.pre_activation) as taps:
+                    net(x)
+                    shapes.append([tuple(f.shape[1:]) for f in taps.pop()])
+            except KDConfigError:
+                raise
+            except Exception as err:  # noqa: BLE001 - re-raised with context
+                raise KDConfigError(
+                    f"the {'student' if net is self.student else 'teacher'} ({type(net).__name__}) "
+                    f"cannot process inputs of shape {describe(input_shape)}: {err}. Set "
+                    f"model.init_args.input_shape to the data's example shape, e.g. [1, 40] for "
+                    f"MNIST-1D or [3, 32, 32] for CIFAR.") from None
+            finally:
+                net.train(was_training)
+        return shapes[0], shapes[1]
+
+    def _build_features(self, input_shape: Sequence[int]) -> None:
+        student_shapes, teacher_shapes = self.probe_shapes(input_shape)
+        self.build_features(student_shapes, teacher_shapes)
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.hparams["input_shape"] = list(self.input_shape)  # so load_from_checkpoint rebuilds
+        self._features_built = True
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        dm = getattr(self.trainer, "datamodule", None)
+        data_shape = getattr(dm, "input_shape", None)
+        if data_shape is not None and self.input_shape is not None and \
+                tuple(data_shape) != self.input_shape:
+            raise KDConfigError(
+                f"model.init_args.input_shape is {list(self.input_shape)} but the data module "
+                f"gives examples of shape {list(data_shape)}. Remove input_shape (it is then taken "
+                f"from the data) or set it to {list(data_shape)}.")
+        if not self._features_built:
+            if data_shape is None:
+                raise KDConfigError(
+                    f"{type(self).__name__} needs the input shape to learn the tapped features' "
+                    f"shapes: set model.init_args.input_shape (e.g. [1, 40] for MNIST-1D, "
+                    f"[3, 32, 32] for CIFAR) or train with a DistillDataModule.")
+            self._build_features(data_shape)
+
+    # ---- forward passes with taps ---------------------------------------------------------
+    def student_forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Student logits and its tapped features (with gradient)."""
+        with FeatureTaps(self.student, self.student_layers, self.pre_activation) as taps:
+            logits = self.student(x)
+            return logits, taps.pop()
+
+    @torch.no_grad()
+    def teacher_forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Teacher logits and its tapped features (frozen teacher, eval mode, no gradient)."""
+        with FeatureTaps(self.teacher, self.teacher_layers, self.pre_activation) as taps:
+            logits = self.teacher(x)
+            return logits, taps.pop()
+
+    def task_terms(self, logits: Tensor, y: Tensor, x: Tensor, index: Tensor | None,
+                   teacher_logits: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """The task loss (CE or KD) and its named terms for :meth:`log_terms`."""
+        if self.task_loss == "ce":
+            ce = F.cross_entropy(logits.float(), y)
+            return ce, {"loss_ce": ce}
+        if teacher_logits is None:
+            teacher_logits = self.teacher_logits(x, index)
+        total, ce, kd = response_kd_loss(logits, teacher_logits, y, self.temperature, self.alpha)
+        return total, {"loss_ce": ce, "loss_kd": kd}
+
+
+class TwoStageFeatureDistillation(FeatureDistillation):
+    """A feature method trained in two stages (Romero et al. 2015; Yim et al. 2017; Heo et al. 2019).
+
+    Stage 1 (epochs ``0 .. stage1_epochs - 1``): the transfer loss only. Stage 2 (the remaining
+    epochs): the task loss only. With ``stage1_epochs = 0`` the method is single-stage: the task
+    loss plus the weighted transfer loss in every epoch. The stage is a function of
+    ``current_epoch`` (so resuming from a checkpoint continues in the right stage) and is logged
+    as ``stage`` once per epoch.
+
+    Args:
+        stage1_epochs: the length of stage 1, an ``int`` number of epochs, or a ``float`` in
+            ``[0, 1)``: that fraction of ``trainer.max_epochs``, rounded (so a config keeps its
+            proportions when ``--trainer.max_epochs`` changes; a fraction that rounds to 0 gives a
+            single-stage run). Must leave at least one epoch for stage 2.
+    """
+
+    def __init__(self, stage1_epochs: int | float = 0, **kwargs) -> None:
+        if isinstance(stage1_epochs, bool) or not isinstance(stage1_epochs, (int, float)):
+            raise KDConfigError(f"stage1_epochs must be an int (epochs) or a float in [0, 1) "
+                                f"(fraction of max_epochs), got {stage1_epochs!r}.")
+        if isinstance(stage1_epochs, int) and stage1_epochs < 0:
+            raise KDConfigError(f"stage1_epochs must be >= 0, got {stage1_epochs}.")
+        if isinstance(stage1_epochs, float) and not 0.0 <= stage1_epochs < 1.0:
+            raise KDConfigError(
+                f"stage1_epochs={stage1_epochs} is a float, which means a fraction of max_epochs "
+                f"and must be in [0, 1). Give a number of epochs as an integer (e.g. "
+                f"{int(stage1_epochs)}).")
+        super().__init__(**kwargs)
+        self.stage1_epochs = stage1_epochs
+
+    def resolved_stage1_epochs(self) -> int:
+        """``stage1_epochs`` in epochs (a fraction is resolved against ``trainer.max_epochs``)."""
+        if isinstance(self.stage1_epochs, int):
+            return self.stage1_epochs
+        trainer = self._trainer
+        max_epochs = getattr(trainer, "max_epochs", None)
+        if max_epochs is None or max_epochs < 0:
+            if trainer is None:  # used outside a Trainer: epoch 0 is in stage 1 if there is one
+                return 1 if self.stage1_epochs > 0 else 0
+            raise KDConfigError(
+                f"stage1_epochs={self.stage1_epochs} is a fraction of trainer.max_epochs, which is "
+                f"not set; set trainer.max_epochs or give stage1_epochs in epochs (an integer).")
+        return int(math.floor(self.stage1_epochs * max_epochs + 0.5))
+
+    @property
+    def stage(self) -> int:
+        """1 while ``current_epoch < stage1_epochs`` (transfer), else 2 (task)."""
+        return 1 if self.current_epoch < self.resolved_stage1_epochs() else 2
+
+    @property
+    def single_stage(self) -> bool:
+        """True when there is no transfer-only stage: task + weighted transfer loss throughout."""
+        return self.resolved_stage1_epochs() == 0
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit":
+            max_epochs = self.trainer.max_epochs
+            n = self.resolved_stage1_epochs()
+            if max_epochs is not None and max_epochs >= 0 and n >= max_epochs:
+                raise KDConfigError(
+                    f"stage1_epochs={self.stage1_epochs} ({n} epochs) >= trainer.max_epochs="
+                    f"{max_epochs}: stage 2 (training on the task) would never run. Set "
+                    f"stage1_epochs below max_epochs (e.g. a fraction such as 0.2), or 0 for a "
+                    f"single-stage run.")
+
+    def on_train_epoch_start(self) -> None:
+        self.log("stage", float(self.stage), on_step=False, on_epoch=True, batch_size=1)
