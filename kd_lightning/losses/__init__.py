@@ -12,3 +12,27 @@ from kd_lightning.losses.wasserstein import input_gradient_norm, wasserstein_kd_
 
 __all__ += ["pairwise_distances", "rkd_angle_loss", "rkd_distance_loss", "rkd_loss",
             "input_gradient_norm", "wasserstein_kd_loss"]
+
+from kd_lightning.losses.feature import (
+    ab_loss,
+    at_loss,
+    attention_map,
+    fsp_loss,
+    fsp_matrix,
+    hint_loss,
+    pool_to_smaller,
+)
+
+__all__ += ["ab_loss", "at_loss", "attention_map", "fsp_loss", "fsp_matrix", "hint_loss",
+            "pool_to_smaller"]
+
+from kd_lightning.losses.mutual import (
+    imitation_weight,
+    knowledge_loss,
+    mutual_student_loss,
+    rule_regularized_teacher,
+    rule_weight_loss,
+)
+
+__all__ += ["imitation_weight", "knowledge_loss", "mutual_student_loss", "rule_regularized_teacher",
+            "rule_weight_loss"]

@@ -10,3 +10,16 @@ from kd_lightning.methods.relation import RelationKD
 from kd_lightning.methods.wasserstein import NonFiniteGradientError, WassersteinKD
 
 __all__ += ["RelationKD", "WassersteinKD", "NonFiniteGradientError"]
+
+from kd_lightning.methods.activation_boundary import ActivationBoundary
+from kd_lightning.methods.attention import AttentionTransfer
+from kd_lightning.methods.feature import FeatureDistillation, TwoStageFeatureDistillation
+from kd_lightning.methods.fitnet import FitNet
+from kd_lightning.methods.fsp import FSP
+
+__all__ += ["FitNet", "FSP", "ActivationBoundary", "AttentionTransfer", "FeatureDistillation",
+            "TwoStageFeatureDistillation"]
+
+from kd_lightning.methods.mutual import MutualDistillation
+
+__all__ += ["MutualDistillation"]

@@ -3,10 +3,12 @@
 What the four methods have in common lives here, so each method file holds only its
 hyperparameters and its ``training_step``:
 
-- tapping intermediate features of the student (with gradient) and of the frozen teacher (under
-  ``torch.no_grad()``, eval mode) with :class:`~kd_lightning.models.FeatureTaps`, for one forward
-  pass at a time (the hooks exist only during that pass, so validation, test and prediction run
-  the bare networks);
+- tapping intermediate features of the student (with gradient) with
+  :class:`~kd_lightning.models.FeatureTaps` for one forward pass at a time (the student's hooks
+  exist only during that pass, so validation, test and prediction run the bare student), and of
+  the frozen teacher through the base class (:meth:`~DistillationModule.tap_teacher`,
+  :meth:`~DistillationModule.teacher_forward`: no gradient, eval mode, and per-example caching of
+  the teacher's features when the training inputs are deterministic);
 - learning the feature shapes with one dummy forward pass of both networks, to check the tapped
   layers and to build connectors (:mod:`kd_lightning.models.connectors`);
 - the task loss of the task stage: cross-entropy, or Hinton KD;
@@ -32,7 +34,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from kd_lightning import KDConfigError
 from kd_lightning.losses import response_kd_loss
@@ -101,8 +103,10 @@ class FeatureDistillation(DistillationModule):
         """
         self.student_layers, self.teacher_layers = list(student_layers), list(teacher_layers)
         self.pre_activation = pre_activation
-        FeatureTaps(self.student, self.student_layers, pre_activation).remove()
-        FeatureTaps(self.teacher, self.teacher_layers, pre_activation).remove()
+        FeatureTaps(self.student, self.student_layers, pre_activation).remove()  # paths exist?
+        # the teacher's taps stay on (they cost a reference per forward); the base class caches
+        # the tapped teacher features with its logits when the inputs are deterministic
+        self._teacher_feature_taps = self.tap_teacher(self.teacher_layers, pre_activation)
         if self.input_shape is not None:
             self._build_features(self.input_shape)
 
@@ -118,13 +122,18 @@ class FeatureDistillation(DistillationModule):
         """Per-example shapes of the tapped features, from one forward pass of two zero inputs."""
         x = torch.zeros(2, *input_shape, device=self.device)
         shapes = []
-        for net, layers in ((self.student, self.student_layers), (self.teacher, self.teacher_layers)):
+        for net in (self.student, self.teacher):
             was_training = net.training
             net.eval()
             try:
-                with FeatureTaps(net, layers, self.pre_activation) as taps:
+                if net is self.student:
+                    with FeatureTaps(net, self.student_layers, self.pre_activation) as taps:
+                        net(x)
+                        feats = taps.pop()
+                else:
                     net(x)
-                    shapes.append([tuple(f.shape[1:]) for f in taps.pop()])
+                    feats = self._teacher_feature_taps.pop()
+                shapes.append([tuple(f.shape[1:]) for f in feats])
             except KDConfigError:
                 raise
             except Exception as err:  # noqa: BLE001 - re-raised with context
@@ -167,13 +176,6 @@ class FeatureDistillation(DistillationModule):
         """Student logits and its tapped features (with gradient)."""
         with FeatureTaps(self.student, self.student_layers, self.pre_activation) as taps:
             logits = self.student(x)
-            return logits, taps.pop()
-
-    @torch.no_grad()
-    def teacher_forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """Teacher logits and its tapped features (frozen teacher, eval mode, no gradient)."""
-        with FeatureTaps(self.teacher, self.teacher_layers, self.pre_activation) as taps:
-            logits = self.teacher(x)
             return logits, taps.pop()
 
     def task_terms(self, logits: Tensor, y: Tensor, x: Tensor, index: Tensor | None,
@@ -254,5 +256,14 @@ class TwoStageFeatureDistillation(FeatureDistillation):
                     f"stage1_epochs below max_epochs (e.g. a fraction such as 0.2), or 0 for a "
                     f"single-stage run.")
 
+    def on_train_epoch_end(self) -> None:
+        # The base class logs the running means of the loss terms over windows of
+        # `log_every_n_steps` steps; close the window at the end of stage 1 so that no logged
+        # `train/loss` averages a stage-1 loss with a stage-2 loss.
+        if self.current_epoch + 1 == self.resolved_stage1_epochs() and hasattr(self, "_last_logged_step"):
+            self._last_logged_step = -(2**62)
+        super().on_train_epoch_end()
+
     def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
         self.log("stage", float(self.stage), on_step=False, on_epoch=True, batch_size=1)

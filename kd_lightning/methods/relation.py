@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from kd_lightning import KDConfigError
 from kd_lightning.losses import kd_loss, rkd_loss
@@ -32,10 +33,13 @@ class RelationKD(DistillationModule):
         w_d: weight of the distance-wise term (Park et al.: 25).
         w_a: weight of the angle-wise term (Park et al.: 50).
         student_layer, teacher_layer: module paths of the embeddings (forward hooks, see
-            :class:`~kd_lightning.models.FeatureTaps`). Default ``"fc"`` with ``layer_input=True``:
-            the input of the classifier, i.e. the pooled penultimate embedding of every zoo model
-            and of torchvision ResNets. Any module path works; its feature is flattened per example.
-        layer_input: take each tapped module's input (``True``) or output (``False``).
+            :class:`~kd_lightning.models.FeatureTaps`); the tapped feature is flattened per
+            example. Default ``None``: the *input* of the network's last ``nn.Linear`` (its
+            classifier), i.e. the pooled penultimate embedding -- ``fc`` in every zoo model and in
+            torchvision ResNets, ``model.fc`` inside :class:`~kd_lightning.models.TorchvisionModel`,
+            ``classifier.1`` in MobileNetV2.
+        layer_input: for explicit layer paths, tap each module's input instead of its output
+            (e.g. ``student_layer: fc, layer_input: true`` is the default embedding).
         ce_weight: weight of the cross-entropy on the labels (default 1).
         kd_weight: weight of the Hinton soft-target term (default 0: RKD + CE, as in Park et al.'s
             classification experiments).
@@ -45,8 +49,8 @@ class RelationKD(DistillationModule):
 
     requires_teacher = True
 
-    def __init__(self, w_d: float = 25.0, w_a: float = 50.0, student_layer: str = "fc",
-                 teacher_layer: str = "fc", layer_input: bool = True, ce_weight: float = 1.0,
+    def __init__(self, w_d: float = 25.0, w_a: float = 50.0, student_layer: str | None = None,
+                 teacher_layer: str | None = None, layer_input: bool = False, ce_weight: float = 1.0,
                  kd_weight: float = 0.0, temperature: float = 4.0, **kwargs) -> None:
         for name, value in (("w_d", w_d), ("w_a", w_a), ("ce_weight", ce_weight),
                             ("kd_weight", kd_weight)):
@@ -65,8 +69,8 @@ class RelationKD(DistillationModule):
         super().__init__(**kwargs)
         self.w_d, self.w_a = w_d, w_a
         self.ce_weight, self.kd_weight, self.temperature = ce_weight, kd_weight, temperature
-        self.student_taps = FeatureTaps(self.student, [student_layer], pre_activation=layer_input)
-        self.teacher_taps = FeatureTaps(self.teacher, [teacher_layer], pre_activation=layer_input)
+        self.student_taps = _embedding_taps(self.student, "student", student_layer, layer_input)
+        self.teacher_taps = _embedding_taps(self.teacher, "teacher", teacher_layer, layer_input)
 
     def training_step(self, batch, batch_idx: int):
         x, y, _ = batch
@@ -85,3 +89,18 @@ class RelationKD(DistillationModule):
             terms["loss_kd"] = kd
         self.log_terms(logits, y, loss=loss, **terms)
         return loss
+
+
+def _embedding_taps(net: nn.Module, role: str, layer: str | None, layer_input: bool) -> FeatureTaps:
+    """Taps on ``layer`` (its output, or its input with ``layer_input``); by default on the input
+    of the last ``nn.Linear`` (the classifier), which is the penultimate embedding."""
+    if layer is not None:
+        return FeatureTaps(net, [layer], pre_activation=layer_input)
+    linears = [name for name, m in net.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise KDConfigError(
+            f"RelationKD: the {role} ({type(net).__name__}) has no nn.Linear classifier whose input "
+            f"could serve as its penultimate embedding; set model.init_args.{role}_layer to the "
+            f"module path of its embedding (its output is tapped; set model.init_args.layer_input "
+            f"true to tap the module's input instead).")
+    return FeatureTaps(net, [linears[-1]], pre_activation=True)

@@ -52,3 +52,7 @@ __all__ = [
     "FeatureTaps",
     "resolve_module",
 ]
+
+from kd_lightning.models.connectors import ConvConnector, LinearConnector, build_connector
+
+__all__ += ["ConvConnector", "LinearConnector", "build_connector"]

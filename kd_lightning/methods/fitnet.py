@@ -1,0 +1,80 @@
+"""FitNets: Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015 (arXiv:1412.6550)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from kd_lightning import KDConfigError
+from kd_lightning.losses.feature import hint_loss
+from kd_lightning.methods.feature import Shape, TwoStageFeatureDistillation
+from kd_lightning.models.connectors import build_connector
+
+
+class FitNet(TwoStageFeatureDistillation):
+    r"""Hint-based training (Romero et al., 2015).
+
+    Stage 1 (hint training): the student's guided layer ``v_g`` is regressed onto the teacher's
+    hint layer ``u_h`` through a learnable regressor ``r`` (a connector: 1x1 conv + BN for maps,
+    linear for vectors), :math:`L = L_{HT} = \mathrm{MSE}(r(v_g(x)), u_h(x))` summed over the
+    layer pairs. Stage 2: the task loss, KD (``task_loss="kd"``, the paper's stage 2) or
+    cross-entropy (``task_loss="ce"``). With ``stage1_epochs=0`` (single stage, as in the CRD
+    benchmark): :math:`L = L_{task} + \beta\, L_{HT}` with :math:`\beta` = ``hint_weight``.
+
+    Logged terms: ``loss``, ``loss_hint`` (stage 1 / single stage), ``loss_ce`` and ``loss_kd``
+    (stage 2 / single stage), and ``stage``.
+
+    Args:
+        student_layers: module paths of the guided layer(s) in the student, e.g. ``["relu2"]``.
+        teacher_layers: module paths of the hint layer(s) in the teacher, one per student layer;
+            default: the same paths as ``student_layers``.
+        hint_weight: :math:`\beta`, the weight of the hint loss in a single-stage run (default
+            100, as in the CRD benchmark; stage 1 of a two-stage run minimises the hint loss alone).
+        stage1_epochs: length of the hint stage: epochs (int) or a fraction of ``max_epochs``
+            (float in [0, 1)); 0 = single stage (default 0.2).
+        task_loss: ``"kd"`` (default) or ``"ce"``.
+        **kwargs: ``temperature`` (4), ``alpha`` (0.9), ``input_shape``, and
+            :class:`~kd_lightning.methods.base.DistillationModule`'s arguments (student, teacher,
+            teacher_checkpoint, optimizer, ...).
+    """
+
+    def __init__(self, student_layers: list[str], teacher_layers: list[str] | None = None,
+                 hint_weight: float = 100.0, stage1_epochs: int | float = 0.2,
+                 task_loss: str = "kd", **kwargs) -> None:
+        teacher_layers = list(student_layers) if teacher_layers is None else list(teacher_layers)
+        if not student_layers or len(teacher_layers) != len(student_layers):
+            raise KDConfigError(
+                f"FitNet needs one teacher hint layer per student guided layer, got student_layers="
+                f"{list(student_layers)} and teacher_layers={teacher_layers}.")
+        if hint_weight < 0:
+            raise KDConfigError(f"hint_weight must be >= 0, got {hint_weight} (default 100).")
+        super().__init__(stage1_epochs=stage1_epochs, task_loss=task_loss, **kwargs)
+        self.hint_weight = hint_weight
+        self.connectors = nn.ModuleList()
+        self.init_features(student_layers, teacher_layers)
+
+    def build_features(self, student_shapes: list[Shape], teacher_shapes: list[Shape]) -> None:
+        for s_path, t_path, s, t in zip(self.student_layers, self.teacher_layers, student_shapes,
+                                        teacher_shapes):
+            try:
+                self.connectors.append(build_connector(s, t))
+            except KDConfigError as err:
+                raise KDConfigError(f"FitNet layer pair student '{s_path}' -> teacher '{t_path}': "
+                                    f"{err}") from None
+
+    def training_step(self, batch, batch_idx: int):
+        x, y, idx = batch
+        if self.stage == 2 and not self.single_stage:
+            logits = self.student(x)
+            loss, terms = self.task_terms(logits, y, x, idx)
+            self.log_terms(logits, y, loss=loss, **terms)
+            return loss
+        logits, feats = self.student_forward(x)
+        t_logits, t_feats = self.teacher_forward(x, idx)
+        hint = sum(hint_loss(r(f), t) for r, f, t in zip(self.connectors, feats, t_feats))
+        if not self.single_stage:  # stage 1: hint training only
+            self.log_terms(logits, y, loss=hint, loss_hint=hint)
+            return hint
+        task, terms = self.task_terms(logits, y, x, idx, t_logits)
+        loss = task + self.hint_weight * hint
+        self.log_terms(logits, y, loss=loss, **terms, loss_hint=hint)
+        return loss

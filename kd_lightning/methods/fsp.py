@@ -1,0 +1,114 @@
+"""FSP: Yim et al., "A Gift from Knowledge Distillation: Fast Optimization, Network Minimization and
+Transfer Learning", CVPR 2017."""
+
+from __future__ import annotations
+
+from kd_lightning import KDConfigError
+from kd_lightning.losses.feature import fsp_loss, fsp_matrix
+from kd_lightning.methods.feature import Shape, TwoStageFeatureDistillation, describe, is_map
+
+
+def _unique(paths: list[str]) -> list[str]:
+    return list(dict.fromkeys(paths))
+
+
+class FSP(TwoStageFeatureDistillation):
+    r"""Flow-of-solution-procedure transfer (Yim et al., 2017).
+
+    For each pair of layers ``(a, b)`` the FSP matrix
+    :math:`G_{ij} = \sum_{s,t} F^a_{s,t,i} F^b_{s,t,j} / (h w)` (:func:`~kd_lightning.losses.fsp_matrix`;
+    a map of larger spatial size is average-pooled to the smaller one) is computed in both
+    networks. Stage 1: :math:`L_{FSP} = \frac1N \sum_x \sum_i \lambda_i \|G_i^T - G_i^S\|_2^2`
+    only (:func:`~kd_lightning.losses.fsp_loss`). Stage 2: the original task, cross-entropy
+    (``task_loss="ce"``, the paper) or KD. With ``stage1_epochs=0``: task loss + FSP loss.
+
+    The student's FSP matrix must have the teacher's size, so each tapped student layer needs the
+    channel count of its teacher layer (Yim et al. pair ResNets with equal stage widths; on CIFAR
+    ResNets the stage outputs ``relu`` (stem), ``layer1``, ``layer2``, ``layer3``).
+
+    Logged terms: ``loss``, ``loss_fsp`` (stage 1 / single stage), ``loss_ce`` (and ``loss_kd``)
+    in stage 2, and ``stage``.
+
+    Args:
+        student_pairs: pairs of student module paths ``[[a, b], ...]`` (e.g. consecutive stage
+            outputs ``[[relu1, relu2], [relu2, relu3]]``).
+        teacher_pairs: the matching teacher pairs; default: the same paths as ``student_pairs``.
+        lambdas: :math:`\lambda_i` per pair; default equal weights (1 each), as in the paper.
+        stage1_epochs: length of the FSP stage: epochs (int) or a fraction of ``max_epochs``
+            (float in [0, 1)); 0 = single stage (default 0.2).
+        task_loss: ``"ce"`` (default) or ``"kd"``.
+        **kwargs: ``temperature``, ``alpha``, ``input_shape`` and
+            :class:`~kd_lightning.methods.base.DistillationModule`'s arguments.
+    """
+
+    def __init__(self, student_pairs: list[list[str]], teacher_pairs: list[list[str]] | None = None,
+                 lambdas: list[float] | None = None, stage1_epochs: int | float = 0.2,
+                 task_loss: str = "ce", **kwargs) -> None:
+        student_pairs = [list(p) for p in student_pairs]
+        teacher_pairs = student_pairs if teacher_pairs is None else [list(p) for p in teacher_pairs]
+        bad = [p for p in student_pairs + teacher_pairs if len(p) != 2]
+        if not student_pairs or bad or len(teacher_pairs) != len(student_pairs):
+            raise KDConfigError(
+                f"FSP needs pairs of module paths, one teacher pair per student pair, e.g. "
+                f"student_pairs: [[relu1, relu2], [relu2, relu3]]; got student_pairs={student_pairs}, "
+                f"teacher_pairs={teacher_pairs}.")
+        if lambdas is not None and (len(lambdas) != len(student_pairs) or any(v < 0 for v in lambdas)):
+            raise KDConfigError(f"lambdas must give one weight >= 0 per FSP pair ({len(student_pairs)}), "
+                                f"got {lambdas}; leave it unset for equal weights.")
+        super().__init__(stage1_epochs=stage1_epochs, task_loss=task_loss, **kwargs)
+        self.student_pairs, self.teacher_pairs = student_pairs, teacher_pairs
+        self.lambdas = list(lambdas) if lambdas is not None else [1.0] * len(student_pairs)
+        s_layers = _unique([p for pair in student_pairs for p in pair])
+        t_layers = _unique([p for pair in teacher_pairs for p in pair])
+        # positions of each pair's layers in the tapped-feature lists
+        self._s_idx = [(s_layers.index(a), s_layers.index(b)) for a, b in student_pairs]
+        self._t_idx = [(t_layers.index(a), t_layers.index(b)) for a, b in teacher_pairs]
+        self.init_features(s_layers, t_layers)
+
+    def build_features(self, student_shapes: list[Shape], teacher_shapes: list[Shape]) -> None:
+        for k, (sp, tp, si, ti) in enumerate(zip(self.student_pairs, self.teacher_pairs,
+                                                 self._s_idx, self._t_idx)):
+            s_shapes = [student_shapes[i] for i in si]
+            t_shapes = [teacher_shapes[i] for i in ti]
+            desc = (f"student layers '{sp[0]}' {describe(s_shapes[0])} and '{sp[1]}' "
+                    f"{describe(s_shapes[1])}, teacher layers '{tp[0]}' {describe(t_shapes[0])} and "
+                    f"'{tp[1]}' {describe(t_shapes[1])}")
+            if not all(is_map(s) for s in s_shapes + t_shapes):
+                raise KDConfigError(
+                    f"FSP pair {k} ({desc}): FSP matrices need feature maps [B, C, L] or "
+                    f"[B, C, H, W] in both networks. Tap convolutional layers or blocks (e.g. "
+                    f"relu1/relu2/relu3 of ConvNet1D, relu/layer1/layer2/layer3 of a CIFAR ResNet), "
+                    f"not flattened or linear layers.")
+            dims = {len(s) for s in s_shapes + t_shapes}
+            if len(dims) != 1:
+                raise KDConfigError(f"FSP pair {k} ({desc}): all four maps must be 1D or all 2D.")
+            g_s = (s_shapes[0][0], s_shapes[1][0])
+            g_t = (t_shapes[0][0], t_shapes[1][0])
+            if g_s != g_t:
+                raise KDConfigError(
+                    f"FSP pair {k} ({desc}): the student's FSP matrix is {g_s[0]}x{g_s[1]} but the "
+                    f"teacher's is {g_t[0]}x{g_t[1]}; FSP compares them entry by entry, so each "
+                    f"student layer needs its teacher layer's channel count. Pair layers with equal "
+                    f"channels (e.g. the same stage of two CIFAR ResNets of the same width), or use "
+                    f"a student of the teacher's width (e.g. ConvNet1D width=64 groups=4 for the "
+                    f"width-64 MNIST-1D teacher).")
+
+    def training_step(self, batch, batch_idx: int):
+        x, y, idx = batch
+        if self.stage == 2 and not self.single_stage:
+            logits = self.student(x)
+            loss, terms = self.task_terms(logits, y, x, idx)
+            self.log_terms(logits, y, loss=loss, **terms)
+            return loss
+        logits, feats = self.student_forward(x)
+        t_logits, t_feats = self.teacher_forward(x, idx)
+        g_s = [fsp_matrix(feats[a], feats[b]) for a, b in self._s_idx]
+        g_t = [fsp_matrix(t_feats[a], t_feats[b]) for a, b in self._t_idx]
+        fsp = fsp_loss(g_s, g_t, self.lambdas)
+        if not self.single_stage:  # stage 1: FSP only
+            self.log_terms(logits, y, loss=fsp, loss_fsp=fsp)
+            return fsp
+        task, terms = self.task_terms(logits, y, x, idx, t_logits)
+        loss = task + fsp
+        self.log_terms(logits, y, loss=loss, **terms, loss_fsp=fsp)
+        return loss

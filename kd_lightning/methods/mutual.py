@@ -1,0 +1,394 @@
+r"""Mutual distillation: knowledge (rules) as the teacher, with learned rules and rule weights.
+
+Hu et al., "Harnessing Deep Neural Networks with Logic Rules", ACL 2016, and "Deep Neural Networks
+with Massive Learned Knowledge", EMNLP 2016 (seed 000).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from kd_lightning import KDConfigError
+from kd_lightning.losses import (
+    imitation_weight,
+    knowledge_loss,
+    mutual_student_loss,
+    response_kd_loss,
+    rule_regularized_teacher,
+    rule_weight_loss,
+)
+from kd_lightning.methods.base import DistillationModule, use_fused_kernel
+from kd_lightning.rules.base import Rule, evaluate_rules, rule_label
+
+
+class MutualDistillation(DistillationModule):
+    r"""Rule knowledge as the teacher (Hu et al. 2016, seed 000), with learnable rules and weights.
+
+    Each training batch runs Algorithm 1 of seed 000, with three optimisers stepped in its order:
+
+    1. **Build the teacher** (line 5, "with Eq. (2) and Eq. (6)"): first the rule weights
+       ``lambda >= 0`` take one step on the negative log-likelihood of the true labels under
+       :math:`q_\lambda` (Eq. 6, :func:`~kd_lightning.losses.rule_weight_loss`), then the teacher
+       is built with the updated weights (Eq. 2,
+       :func:`~kd_lightning.losses.rule_regularized_teacher`):
+       :math:`\log q = \log p_\theta + C \sum_l \lambda_l (r_l - 1) - \log Z`.
+    2. **Update the student** (line 6, Eq. 3):
+       :math:`(1 - \pi)\,CE(y, p_\theta) + \pi\,\mathrm{softCE}(q, p_\theta)` with
+       :math:`\pi_t = \min(\pi_0, 1 - \alpha^t)`, ``t`` in epochs (fractional within an epoch).
+    3. **Update the knowledge** (line 7, Eq. 5): the rules' parameters ``phi`` maximise
+       :math:`(1 - \pi')\,h_\phi(x, y) + \pi'\,E_q[h_\phi(x, y)]`
+       (:func:`~kd_lightning.losses.knowledge_loss`), ``q`` a constant.
+
+    ``q`` is always detached where it is a target; ``p`` and ``r`` are constants in the
+    ``lambda`` step. ``lambda`` is a plain parameter projected onto ``lambda >= 0`` (clamped)
+    after each of its steps, so a useless or harmful rule can be switched off exactly
+    (``lambda = 0``); ``softplus`` would only approach 0.
+
+    **Optimisers.** ``theta`` (the student) uses the injected ``optimizer`` (and
+    ``lr_scheduler``, stepped by this class per epoch or per step as ``lr_scheduler_interval``
+    says); ``phi`` and ``lambda`` use Adam with ``phi_lr`` / ``lambda_lr``. An optimiser with
+    nothing to learn is left out: ``self.optimizers()`` is ``[theta, phi, lambda]`` with learnable
+    rules, ``[theta, lambda]`` with fixed rules (or ``learn_phi=False``), and ``lambda`` is absent
+    with ``learn_lambda=False``. All of them (and ``lambda``, ``phi``) are saved in checkpoints and
+    restored on resume.
+
+    **Step counting.** In manual optimisation Lightning's ``global_step`` counts every
+    ``LightningOptimizer.step()``; here only the student's step is counted (``phi`` and ``lambda``
+    are stepped through the strategy, with the same precision handling, but not counted), so
+    ``global_step`` = number of batches trained, and ``max_steps``, ``log_every_n_steps``,
+    ``val_check_interval`` and ``lr_scheduler_interval: step`` mean what they mean for every other
+    method. Trainer-level gradient clipping is not available in manual optimisation.
+
+    **Caching.** When no rule has trainable parameters (fixed rules, or ``learn_phi=False``) and
+    the training inputs are deterministic, the rules are evaluated once per training example at
+    the start of training and read from that cache (``rule_cache``).
+
+    **Network teacher (optional).** Seed 000 calls ``q`` a joint teacher; a frozen network
+    ``teacher`` (``teacher``/``teacher_checkpoint`` of the base class) can join it as in
+    :class:`~kd_lightning.methods.ResponseKD`: the label term becomes
+    :math:`(1-\pi)[(1-\alpha)\,CE(y, p) + \alpha T^2 KL(\sigma(z_t/T) \| \sigma(z_s/T))]`.
+
+    **Logged.** ``train/loss`` (student objective), ``train/loss_ce``, ``train/loss_q``
+    (softCE(q, p)), ``train/loss_kd`` (network teacher), ``train/loss_lambda`` (Eq. 6 NLL),
+    ``train/loss_phi`` (Eq. 5, negated), ``train/acc`` and ``train/acc_q``; once per logging
+    epoch ``train/lambda_<l>`` for each rule (in the order of ``rules``), ``train/pi`` and
+    ``train/pi_prime``. Validation/test: ``val/acc`` / ``test/acc`` (student ``p``),
+    ``val/acc_q`` / ``test/acc_q`` (teacher ``q``, which needs the rules at test time) and
+    ``val/acc_rule`` / ``test/acc_rule`` (the rules alone: ``argmax_y sum_l lambda_l r_l(x, y)``,
+    or equal weights while every ``lambda`` is 0; an example no rule applies to counts as class 0).
+
+    Args:
+        rules: the knowledge, a list of :class:`~kd_lightning.rules.Rule` modules (``class_path``
+            entries in YAML). Each returns ``r`` of shape ``[batch, num_classes]`` in [0, 1].
+        C: regularisation strength ``C >= 0`` of the projection (default 6). ``C = 0`` gives
+            ``q = p``.
+        lambdas: initial rule weights ``lambda_l >= 0``: one number for every rule, or a list with
+            one entry per rule (default 1).
+        learn_lambda: learn ``lambda`` with Eq. 6 (default true); false keeps the hand-set
+            weights (ACL 2016 setting).
+        lambda_lr: Adam learning rate of ``lambda`` (default 0.01).
+        learn_phi: learn the rules' parameters with Eq. 5 (default true); false freezes them
+            (fixed knowledge, ACL 2016 setting).
+        phi_lr: Adam learning rate of ``phi`` (default 0.001).
+        pi_0: upper bound of the imitation weight ``pi``, in [0, 1] (default 0.9).
+        pi_alpha: speed ``alpha`` of ``pi_t = min(pi_0, 1 - alpha^t)``, in [0, 1] (default 0.95 per
+            epoch; 0 jumps to ``pi_0`` at once, 1 keeps ``pi = 0``).
+        pi_prime: ``pi'`` of Eq. 5, the weight of the teacher against the true labels in the
+            knowledge update, in [0, 1] (default 0.5).
+        phi_objective: ``h`` of Eq. 5: ``"r"`` (the paper's ``f = r - 1`` up to a constant) or
+            ``"log_r"`` (log-likelihood form); see :func:`~kd_lightning.losses.knowledge_loss`.
+        teacher_alpha: with a network teacher, the weight ``alpha`` of its KD term in the label
+            part, as in ResponseKD (default 0.9).
+        temperature: with a network teacher, its softmax temperature ``T`` (default 4).
+        check_rules: verify every rule output (shape ``[B, K]``, values in [0, 1]; costs one
+            device read per step).
+        rule_cache: cache the rules' outputs per training example (``None``: automatic, see above;
+            ``False``: never).
+        **kwargs: see :class:`~kd_lightning.methods.base.DistillationModule` (student, teacher,
+            teacher_checkpoint, optimizer, lr_scheduler, ...).
+    """
+
+    requires_teacher = False
+
+    def __init__(self, rules: list[Rule], C: float = 6.0, lambdas: float | list[float] = 1.0,
+                 learn_lambda: bool = True, lambda_lr: float = 0.01, learn_phi: bool = True,
+                 phi_lr: float = 1e-3, pi_0: float = 0.9, pi_alpha: float = 0.95,
+                 pi_prime: float = 0.5, phi_objective: str = "log_r", teacher_alpha: float = 0.9,
+                 temperature: float = 4.0, check_rules: bool = True,
+                 rule_cache: bool | None = None, **kwargs) -> None:
+        rules = list(rules) if rules is not None else []
+        if not rules:
+            raise KDConfigError("MutualDistillation needs at least one rule: set model.init_args.rules "
+                                "to a list of class_path entries (e.g. kd_lightning.rules.MNIST1DTemplateRule).")
+        for i, rule in enumerate(rules):
+            if not isinstance(rule, nn.Module):
+                raise KDConfigError(f"MutualDistillation: rule {i} is a {type(rule).__name__}, not an "
+                                    f"nn.Module (subclass kd_lightning.rules.Rule).")
+        if not (isinstance(C, (int, float)) and C >= 0 and math.isfinite(C)):
+            raise KDConfigError(f"MutualDistillation: C must be a finite number >= 0, got {C}. It is the "
+                                f"strength of the rule constraints (0 makes the teacher q equal to "
+                                f"the student p; default 6).")
+        for name, value in (("pi_0", pi_0), ("pi_alpha", pi_alpha), ("pi_prime", pi_prime),
+                            ("teacher_alpha", teacher_alpha)):
+            if not 0.0 <= value <= 1.0:
+                raise KDConfigError(f"MutualDistillation: {name} must be in [0, 1], got {value}.")
+        weights = [float(lambdas)] * len(rules) if isinstance(lambdas, (int, float)) else \
+            [float(v) for v in lambdas]
+        if len(weights) != len(rules):
+            raise KDConfigError(
+                f"MutualDistillation: lambdas has {len(weights)} entries ({weights}) but there are "
+                f"{len(rules)} rules ({', '.join(rule_label(r, i) for i, r in enumerate(rules))}); "
+                f"give one number for all rules or one per rule.")
+        if any(not (w >= 0 and math.isfinite(w)) for w in weights):
+            raise KDConfigError(f"MutualDistillation: every lambda must be a finite number >= 0, got {weights}.")
+        if phi_objective not in ("r", "log_r"):
+            raise KDConfigError(f"MutualDistillation: phi_objective must be 'r' or 'log_r', got {phi_objective!r}.")
+        if temperature <= 0:
+            raise KDConfigError(f"MutualDistillation: temperature must be > 0, got {temperature}.")
+        if not (lambda_lr > 0 and phi_lr > 0):
+            raise KDConfigError(f"MutualDistillation: lambda_lr and phi_lr must be > 0, got {lambda_lr} "
+                                f"and {phi_lr} (set learn_lambda / learn_phi to false to freeze).")
+        super().__init__(**kwargs)
+        # the rule modules live in the state_dict (phi) and the config; keep them out of hparams
+        self.remove_ignored_hparams(["rules"])
+        if hasattr(self, "_hparams_initial"):
+            self._hparams_initial.pop("rules", None)
+        self.automatic_optimization = False
+        self.rules = nn.ModuleList(rules)
+        self.rule_weights = nn.Parameter(torch.tensor(weights, dtype=torch.float32),
+                                         requires_grad=learn_lambda)
+        self.C, self.learn_lambda, self.lambda_lr = float(C), learn_lambda, lambda_lr
+        self.learn_phi, self.phi_lr, self.phi_objective = learn_phi, phi_lr, phi_objective
+        self.pi_0, self.pi_alpha, self.pi_prime = pi_0, pi_alpha, pi_prime
+        self.teacher_alpha, self.temperature = teacher_alpha, temperature
+        self.check_rules, self.rule_cache = check_rules, rule_cache
+        has_phi = [i for i, r in enumerate(rules) if any(p.requires_grad for p in r.parameters())]
+        if not learn_phi:
+            for rule in rules:
+                rule.requires_grad_(False)
+            if has_phi:
+                warnings.warn(
+                    f"MutualDistillation: learn_phi is false, so the parameters (phi) of "
+                    f"{', '.join(rule_label(rules[i], i) for i in has_phi)} stay frozen at their "
+                    f"initial values.", UserWarning, stacklevel=2)
+        elif not has_phi:
+            warnings.warn(
+                "MutualDistillation: learn_phi is true but no rule has trainable parameters (phi), so "
+                "there is no knowledge update (Eq. 5); the rules stay fixed. Use a learnable rule "
+                "(e.g. kd_lightning.rules.MNIST1DLearnableTemplateRule) or set learn_phi: false.",
+                UserWarning, stacklevel=2)
+        self._rule_cache: Tensor | None = None  # [L, num_source_examples, K]
+        self._last_pi = 0.0
+
+    # ---- metrics ------------------------------------------------------------------------------
+    def _build_metrics(self, k: int) -> None:
+        super()._build_metrics(k)
+        for prefix in ("val", "test"):
+            setattr(self, f"{prefix}_acc_q", MulticlassAccuracy(num_classes=k, average="micro"))
+            setattr(self, f"{prefix}_acc_rule", MulticlassAccuracy(num_classes=k, average="micro"))
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        dm = getattr(self.trainer, "datamodule", None)
+        shape = getattr(dm, "input_shape", None)
+        if shape is not None and self.check_rules:
+            # report a broken rule before anything is trained or written
+            x = torch.zeros(2, *shape, device=self.device)
+            with torch.no_grad():
+                self.rule_values(x)
+
+    # ---- rules and teacher -----------------------------------------------------------------------
+    def rule_values(self, x: Tensor) -> Tensor:
+        """``[L, B, K]`` outputs of every rule (mask applied), float32, outside autocast."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return evaluate_rules(self.rules, x, self.num_classes, check=self.check_rules)
+
+    def teacher_log_probs(self, student_logits: Tensor, rule_values: Tensor) -> Tensor:
+        """``log q`` (Eq. 2) with the current weights, everything detached."""
+        return rule_regularized_teacher(student_logits.detach(), rule_values.detach(),
+                                        self.rule_weights.detach(), self.C)
+
+    def rule_predictions(self, rule_values: Tensor) -> Tensor:
+        """Class predicted by the rules alone: ``argmax_y sum_l lambda_l r_l(x, y)`` (equal weights
+        while every ``lambda`` is 0)."""
+        lam = self.rule_weights.detach().clamp_min(0)
+        if not bool((lam > 0).any()):
+            lam = torch.ones_like(lam)
+        return (lam.view(-1, 1, 1) * rule_values).sum(0).argmax(-1)
+
+    def current_pi(self, batch_idx: int) -> float:
+        """``pi_t = min(pi_0, 1 - alpha^t)`` with ``t = epoch + batch_idx / batches_per_epoch``."""
+        n = self.trainer.num_training_batches if self._trainer is not None else float("inf")
+        frac = batch_idx / n if isinstance(n, (int, float)) and math.isfinite(n) and n > 0 else 0.0
+        return imitation_weight(self.current_epoch + frac, self.pi_0, self.pi_alpha)
+
+    def _rules_are_fixed(self) -> bool:
+        return not any(p.requires_grad for p in self.rules.parameters())
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self._rule_cache = None
+        dm = getattr(self.trainer, "datamodule", None)
+        ds = getattr(dm, "train_dataset", None)
+        use = (self.rule_cache is not False and self._rules_are_fixed() and ds is not None
+               and bool(getattr(dm, "deterministic_train", False)) and len(ds) > 0
+               and hasattr(ds, "get_batch"))
+        if use:
+            self._rule_cache = self._build_rule_cache(ds)
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        self._rule_cache = None
+
+    @torch.no_grad()
+    def _build_rule_cache(self, ds) -> Tensor:
+        n_source = int(ds.indices.max()) + 1
+        cache = torch.ones(len(self.rules), n_source, self.num_classes, device=self.device)
+        for start in range(0, len(ds), 1024):
+            x, _, idx = ds.get_batch(torch.arange(start, min(start + 1024, len(ds))))
+            cache[:, idx.to(self.device)] = self.rule_values(x.to(self.device))
+        return cache
+
+    def _train_rule_values(self, x: Tensor, idx: Tensor | None) -> Tensor:
+        if self._rule_cache is not None and idx is not None:
+            return self._rule_cache[:, idx]
+        return self.rule_values(x)
+
+    # ---- optimisation ---------------------------------------------------------------------------
+    def optimizer_roles(self) -> list[str]:
+        """Which optimisers exist, in the order of ``self.optimizers()``: ``theta`` always, then
+        ``phi`` when a rule has parameters to learn, then ``lambda`` when it is learned."""
+        roles = ["theta"]
+        if self.learn_phi and not self._rules_are_fixed():
+            roles.append("phi")
+        if self.learn_lambda:
+            roles.append("lambda")
+        return roles
+
+    def configure_optimizers(self):
+        theta = [p for p in self.student.parameters() if p.requires_grad]
+        opt_theta = self.optimizer_factory(theta)
+        if self.fused_optimizer:
+            opt_theta = use_fused_kernel(opt_theta)
+        optimizers = [opt_theta]
+        roles = self.optimizer_roles()
+        if "phi" in roles:
+            phi = [p for p in self.rules.parameters() if p.requires_grad]
+            optimizers.append(torch.optim.Adam(phi, lr=self.phi_lr))
+        if "lambda" in roles:
+            optimizers.append(torch.optim.Adam([self.rule_weights], lr=self.lambda_lr))
+        if self.lr_scheduler_factory is None:
+            return optimizers
+        scheduler = self.lr_scheduler_factory(opt_theta)
+        return optimizers, [{"scheduler": scheduler, "interval": self.hparams.lr_scheduler_interval}]
+
+    def _step(self, optimizer, loss: Tensor, counted: bool) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if counted:
+            optimizer.step()  # LightningOptimizer: counted in global_step
+        else:  # same strategy/precision path, not counted as a training step
+            self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=_no_closure)
+
+    def training_step(self, batch, batch_idx: int):
+        x, y, idx = batch
+        opts = self.optimizers()
+        opts = dict(zip(self.optimizer_roles(), opts if isinstance(opts, list) else [opts]))
+        pi = self.current_pi(batch_idx)
+        self._last_pi = pi
+        logits = self.student(x)
+        r = self._train_rule_values(x, idx)  # [L, B, K]; carries phi's graph when phi is learned
+        terms: dict[str, Tensor] = {}
+
+        # Algorithm 1, line 5: the teacher, with the rule weights of Eq. (6) ...
+        if "lambda" in opts:
+            loss_lambda = rule_weight_loss(logits.detach(), r.detach(), self.rule_weights, y, self.C)
+            self._step(opts["lambda"], loss_lambda, counted=False)
+            with torch.no_grad():
+                self.rule_weights.clamp_(min=0.0)  # projection onto lambda >= 0
+            terms["loss_lambda"] = loss_lambda
+        # ... and Eq. (2)
+        with torch.no_grad():
+            log_q = self.teacher_log_probs(logits, r)
+            q = log_q.exp()
+
+        # line 6: the student, Eq. (3)
+        label_loss = None
+        if self.teacher is not None:
+            label_loss, _, kd = response_kd_loss(logits, self.teacher_logits(x, idx), y,
+                                                 self.temperature, self.teacher_alpha)
+            terms["loss_kd"] = kd
+        loss, ce, soft = mutual_student_loss(logits, y, q, pi, label_loss=label_loss)
+        self._step(opts["theta"], loss, counted=True)
+        if self.hparams.lr_scheduler_interval == "step":
+            self._step_scheduler()
+
+        # line 7: the knowledge, Eq. (5)
+        if "phi" in opts:
+            loss_phi = knowledge_loss(r, y, q, self.pi_prime, self.phi_objective)
+            self._step(opts["phi"], loss_phi, counted=False)
+            terms["loss_phi"] = loss_phi
+
+        acc_q = (log_q.argmax(-1) == y).float().mean()
+        self.log_terms(logits, y, loss=loss, loss_ce=ce, loss_q=soft, acc_q=acc_q, **terms)
+        return loss.detach()
+
+    def _step_scheduler(self) -> None:
+        scheduler = self.lr_schedulers()
+        if scheduler is None:
+            return
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            value = self.trainer.callback_metrics.get("val/loss")
+            if value is not None:
+                scheduler.step(value)
+        else:
+            scheduler.step()
+
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        if not self._term_sums:  # the base class has just written the epoch's training logs
+            values = {f"train/lambda_{i}": w for i, w in enumerate(self.rule_weights.detach())}
+            values["train/pi"] = torch.tensor(self._last_pi)
+            values["train/pi_prime"] = torch.tensor(self.pi_prime)
+            self.log_dict(values, on_step=False, on_epoch=True)
+        if self.hparams.lr_scheduler_interval == "epoch":
+            self._step_scheduler()
+
+    # ---- evaluation: student p (base), teacher q and the rules alone ---------------------------
+    def _eval_rules(self, batch, logits: Tensor, prefix: str) -> None:
+        x, y, _ = batch
+        r = self.rule_values(x)
+        getattr(self, f"{prefix}_acc_q").update(self.teacher_log_probs(logits.float(), r), y)
+        getattr(self, f"{prefix}_acc_rule").update(self.rule_predictions(r), y)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_rules(batch, self._eval_step(batch, "val"), "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_rules(batch, self._eval_step(batch, "test"), "test")
+        if self.teacher is not None:
+            self.test_teacher_acc.update(self.teacher(batch[0]), batch[1])
+
+    def _log_rule_metrics(self, prefix: str) -> None:
+        q_metric, rule_metric = getattr(self, f"{prefix}_acc_q"), getattr(self, f"{prefix}_acc_rule")
+        self.log_dict({f"{prefix}/acc_q": q_metric.compute(), f"{prefix}/acc_rule": rule_metric.compute()},
+                      on_step=False, on_epoch=True, sync_dist=True)
+        q_metric.reset()
+        rule_metric.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        self._log_rule_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
+        self._log_rule_metrics("test")
+
+
+def _no_closure() -> None:
+    return None
