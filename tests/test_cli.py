@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import CONFIGS, REPO, TINY, run_cli, run_cli_error, write_cifar
+from tests.conftest import CONFIGS, REPO, TINY, run_cli, run_cli_error, write_cifar, write_mnist_idx
 
 ALL_CONFIGS = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.glob("*/*.yaml")
                      if p.parent.name != "studies")
@@ -40,6 +40,9 @@ def _prepare(config: Path, workdir: Path) -> dict:
     dataset = cfg.get("data", {}).get("dataset", "mnist1d")
     if dataset.startswith("cifar"):
         write_cifar(workdir / "data", 100 if dataset == "cifar100" else 10, n_train=200, n_test=40)
+    if dataset in ("mnist", "fashion_mnist"):
+        write_mnist_idx(workdir / "data", "MNIST" if dataset == "mnist" else "FashionMNIST",
+                        n_train=200, n_test=40)
     init = cfg["model"]["init_args"]
     if init.get("teacher_checkpoint"):
         path = workdir / init["teacher_checkpoint"]

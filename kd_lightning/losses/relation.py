@@ -70,8 +70,8 @@ def _normalised_distances(e: Tensor) -> Tensor:
 
 
 def _angles(e: Tensor) -> Tensor:
-    r""":math:`\psi_A(e_i, e_j, e_k) = \langle \frac{e_i - e_j}{\|e_i - e_j\|}, \frac{e_k - e_j}{\|e_k - e_j\|} \rangle`
-    for all triplets, as ``[N, N, N]`` indexed ``[j, i, k]`` (``j`` is the vertex)."""
+    r"""Cosines :math:`\psi_A(e_i, e_j, e_k)` of the angle at :math:`e_j` for all triplets, as
+    ``[N, N, N]`` indexed ``[j, i, k]`` (``j`` is the vertex)."""
     diff = F.normalize(e.unsqueeze(0) - e.unsqueeze(1), p=2, dim=2)  # [j, i] = e_i - e_j, unit
     return torch.bmm(diff, diff.transpose(1, 2))
 
@@ -103,7 +103,8 @@ def rkd_angle_loss(student: Tensor, teacher: Tensor) -> Tensor:
     .. math::
         \psi_A(e_i, e_j, e_k) = \cos\angle e_i e_j e_k
             = \Big\langle \frac{e_i - e_j}{\|e_i - e_j\|_2}, \frac{e_k - e_j}{\|e_k - e_j\|_2} \Big\rangle \\
-        L_{RKD-A} = \frac{1}{N^3} \sum_{i,j,k} \ell_\delta\big(\psi_A(t_i, t_j, t_k), \psi_A(s_i, s_j, s_k)\big)
+        L_{RKD-A} = \frac{1}{N^3} \sum_{i,j,k}
+            \ell_\delta\big(\psi_A(t_i, t_j, t_k), \psi_A(s_i, s_j, s_k)\big)
 
     A zero difference vector (``i == j``) normalises to zero, so degenerate triplets give 0 on
     both sides.

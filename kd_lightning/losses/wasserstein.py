@@ -1,6 +1,6 @@
 """Wasserstein-ball (distributionally robust) distillation for students that see few examples.
 
-Kong, "Learning Student Network with Few Data" (seed 004; Kong, Guo, Xu & Wang, IJCAI 2020).
+Kong et al. 2020, "Learning Student Network with Few Data" (seed 004, the authors' slides).
 With only ``N`` training examples, the empirical distribution :math:`\\mathbb{P}_N` is a poor
 stand-in for the data-generating :math:`\\mathbb{P}`. Kong et al. minimise the worst-case
 distillation risk over a Wasserstein ball :math:`\\mathcal{B}_\\epsilon(\\mathbb{P}_N)` around it,
@@ -13,7 +13,8 @@ whose upper bound (for a convex, lower-semicontinuous, Lipschitz loss) is
 and whose tractable proxy (their eq. 2) replaces the supremum by the mean over training examples:
 
 .. math::
-    L_W = \\frac{1}{N} \\sum_i l(o_i^S, o_i^T) + \\epsilon \\frac{1}{N} \\sum_i \\|\\nabla_{x_i} l(o_i^S, o_i^T)\\|.
+    L_W = \\frac{1}{N} \\sum_i l(o_i^S, o_i^T)
+          + \\epsilon \\frac{1}{N} \\sum_i \\|\\nabla_{x_i} l(o_i^S, o_i^T)\\|.
 
 The input-gradient term is built with ``create_graph=True``: its derivative w.r.t. the student
 parameters goes through the gradient itself (double backpropagation), so the penalty trains the
@@ -77,7 +78,8 @@ def wasserstein_kd_loss(loss_per_example: Tensor, inputs: Tensor, eps: float,
     r"""Kong et al.'s Wasserstein objective (seed 004, eq. 2).
 
     .. math::
-        L_W = \frac{1}{N} \sum_i l(o_i^S, o_i^T) + \epsilon \frac{1}{N} \sum_i \|\nabla_{x_i} l(o_i^S, o_i^T)\|_p
+        L_W = \frac{1}{N} \sum_i l(o_i^S, o_i^T)
+              + \epsilon \frac{1}{N} \sum_i \|\nabla_{x_i} l(o_i^S, o_i^T)\|_p
 
     ``l`` is any per-example distillation loss; :class:`~kd_lightning.methods.WassersteinKD` uses
     the response-KD loss :math:`T^2 \mathrm{KL}(\sigma(z_t/T) \| \sigma(z_s/T))`

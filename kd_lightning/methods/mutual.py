@@ -64,9 +64,15 @@ class MutualDistillation(DistillationModule):
     ``val_check_interval`` and ``lr_scheduler_interval: step`` mean what they mean for every other
     method. Trainer-level gradient clipping is not available in manual optimisation.
 
+    **DDP.** Each backward pass reaches only some parameters, so DDP needs
+    ``--trainer.strategy ddp_find_unused_parameters_true``; gradients of all three updates are
+    then averaged over processes and every process keeps the same ``theta``, ``phi`` and
+    ``lambda`` (plain ``ddp`` is refused with a message saying so).
+
     **Caching.** When no rule has trainable parameters (fixed rules, or ``learn_phi=False``) and
     the training inputs are deterministic, the rules are evaluated once per training example at
-    the start of training and read from that cache (``rule_cache``).
+    the start of training and read from that cache (``rule_cache``; a rule without parameters is
+    assumed to be a deterministic function of ``x`` -- set ``rule_cache: false`` if it is not).
 
     **Network teacher (optional).** Seed 000 calls ``q`` a joint teacher; a frozen network
     ``teacher`` (``teacher``/``teacher_checkpoint`` of the base class) can join it as in
@@ -155,8 +161,8 @@ class MutualDistillation(DistillationModule):
                                 f"and {phi_lr} (set learn_lambda / learn_phi to false to freeze).")
         super().__init__(**kwargs)
         # the rule modules live in the state_dict (phi) and the config; keep them out of hparams
-        self.remove_ignored_hparams(["rules"])
-        if hasattr(self, "_hparams_initial"):
+        self.hparams.pop("rules", None)
+        if hasattr(self, "_hparams_initial"):  # what the logger records
             self._hparams_initial.pop("rules", None)
         self.automatic_optimization = False
         self.rules = nn.ModuleList(rules)
@@ -194,6 +200,13 @@ class MutualDistillation(DistillationModule):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
+        strategy = getattr(self.trainer, "strategy", None)
+        ddp_kwargs = getattr(strategy, "_ddp_kwargs", None)
+        if stage == "fit" and isinstance(ddp_kwargs, dict) and not ddp_kwargs.get("find_unused_parameters"):
+            raise KDConfigError(
+                "MutualDistillation makes three backward passes per batch (lambda, the student, phi), "
+                "each reaching only some parameters, so DDP must look for unused parameters: use "
+                "--trainer.strategy ddp_find_unused_parameters_true (or ddp_spawn_find_unused_parameters_true).")
         dm = getattr(self.trainer, "datamodule", None)
         shape = getattr(dm, "input_shape", None)
         if shape is not None and self.check_rules:
@@ -353,8 +366,8 @@ class MutualDistillation(DistillationModule):
         super().on_train_epoch_end()
         if not self._term_sums:  # the base class has just written the epoch's training logs
             values = {f"train/lambda_{i}": w for i, w in enumerate(self.rule_weights.detach())}
-            values["train/pi"] = torch.tensor(self._last_pi)
-            values["train/pi_prime"] = torch.tensor(self.pi_prime)
+            values["train/pi"] = float(self._last_pi)
+            values["train/pi_prime"] = float(self.pi_prime)
             self.log_dict(values, on_step=False, on_epoch=True)
         if self.hparams.lr_scheduler_interval == "epoch":
             self._step_scheduler()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -23,8 +22,9 @@ class RelationKD(DistillationModule):
     :func:`~kd_lightning.losses.rkd_loss`). The student matches the distances and angles between
     the examples of a batch, so the two embeddings may have different widths and no connector
     is needed. Relations are those within each process's batch (under DDP, within each rank's
-    share). The teacher runs once per step, without gradient, with feature taps (its embedding
-    cannot come from the logits cache).
+    share). The teacher's logits and embedding come from the per-example teacher cache when the
+    training inputs are deterministic (see ``teacher_cache`` / ``teacher_cache_mb``), else from a
+    no-grad forward with feature taps; either way they are constants.
 
     Logged terms: ``loss`` (total), ``loss_ce``, ``loss_rkd_d``, ``loss_rkd_a`` (unweighted) and
     ``loss_kd`` when ``kd_weight > 0``.
@@ -63,22 +63,19 @@ class RelationKD(DistillationModule):
                                 "Supervised for a logit-only or label-only baseline.")
         if temperature <= 0:
             raise KDConfigError(f"RelationKD: temperature must be > 0, got {temperature} (default 4).")
-        if kwargs.get("teacher_cache") is None:
-            # the teacher runs every step anyway (for its embedding), so a logits cache is unused
-            kwargs["teacher_cache"] = False
         super().__init__(**kwargs)
         self.w_d, self.w_a = w_d, w_a
         self.ce_weight, self.kd_weight, self.temperature = ce_weight, kd_weight, temperature
-        self.student_taps = _embedding_taps(self.student, "student", student_layer, layer_input)
-        self.teacher_taps = _embedding_taps(self.teacher, "teacher", teacher_layer, layer_input)
+        self.student_taps = FeatureTaps(self.student, *_embedding_layer(
+            self.student, "student", student_layer, layer_input))
+        self.teacher_taps = self.tap_teacher(*_embedding_layer(
+            self.teacher, "teacher", teacher_layer, layer_input))
 
     def training_step(self, batch, batch_idx: int):
-        x, y, _ = batch
+        x, y, idx = batch
         logits = self.student(x)
         (s_emb,) = self.student_taps.pop()
-        with torch.no_grad():
-            t_logits = self.teacher(x)
-            (t_emb,) = self.teacher_taps.pop()
+        t_logits, (t_emb,) = self.teacher_forward(x, idx)
         rkd, dist, angle = rkd_loss(s_emb, t_emb, self.w_d, self.w_a)
         ce = F.cross_entropy(logits.float(), y)
         loss = self.ce_weight * ce + rkd
@@ -91,11 +88,13 @@ class RelationKD(DistillationModule):
         return loss
 
 
-def _embedding_taps(net: nn.Module, role: str, layer: str | None, layer_input: bool) -> FeatureTaps:
-    """Taps on ``layer`` (its output, or its input with ``layer_input``); by default on the input
-    of the last ``nn.Linear`` (the classifier), which is the penultimate embedding."""
+def _embedding_layer(net: nn.Module, role: str, layer: str | None,
+                     layer_input: bool) -> tuple[list[str], bool]:
+    """``(layers, pre_activation)`` for the taps: ``layer`` (its output, or its input with
+    ``layer_input``); by default the input of the last ``nn.Linear`` (the classifier), which is
+    the penultimate embedding."""
     if layer is not None:
-        return FeatureTaps(net, [layer], pre_activation=layer_input)
+        return [layer], layer_input
     linears = [name for name, m in net.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise KDConfigError(
@@ -103,4 +102,4 @@ def _embedding_taps(net: nn.Module, role: str, layer: str | None, layer_input: b
             f"could serve as its penultimate embedding; set model.init_args.{role}_layer to the "
             f"module path of its embedding (its output is tapped; set model.init_args.layer_input "
             f"true to tap the module's input instead).")
-    return FeatureTaps(net, [linears[-1]], pre_activation=True)
+    return [linears[-1]], True

@@ -190,12 +190,12 @@ class MNIST1DTemplateRule(Rule):
     def scores(self, x: Tensor) -> Tensor:
         """``s_c(x)``: ``[B, K]`` best detrended normalised cross-correlation per class, in [-1, 1]."""
         b = x.shape[0]
-        x = x.reshape(b, -1)
-        if x.shape[1] != self.signal_len:
+        if x[0].numel() != self.signal_len or (x.dim() == 3 and x.shape[1] != 1) or x.dim() > 3:
             raise KDConfigError(
                 f"{self.rule_name} expects MNIST-1D signals of length {self.signal_len} ([batch, 1, "
                 f"{self.signal_len}] or [batch, {self.signal_len}]), got input of shape "
-                f"{(b, *x.shape[1:])}.")
+                f"{tuple(x.shape)}.")
+        x = x.reshape(b, -1)
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.float()
             g = self.placed_templates()  # [K, N, L]

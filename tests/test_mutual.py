@@ -1,0 +1,414 @@
+"""MutualDistillation (Hu et al. 2016, seed 000): the loss functions, the three updates, the CLI."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from kd_lightning import KDConfigError
+from kd_lightning.data import DistillDataModule
+from kd_lightning.data.dataset import IndexedTensorDataset, batch_collate
+from kd_lightning.data.sources import load_mnist1d
+from kd_lightning.losses import (
+    imitation_weight,
+    knowledge_loss,
+    mutual_student_loss,
+    response_kd_loss,
+    rule_regularized_teacher,
+    rule_weight_loss,
+)
+from kd_lightning.methods import MutualDistillation
+from kd_lightning.models import MLP, ConvNet1D
+from kd_lightning.rules import MNIST1DLearnableTemplateRule, MNIST1DTemplateRule, Rule
+from tests.conftest import CONFIGS, TINY, run_cli, run_cli_error
+
+K = 4  # classes of the synthetic problems
+
+
+# ---- closed-form teacher -------------------------------------------------------------------
+def test_teacher_matches_hand_computed_projection():
+    # p = (1/2, 1/4, 1/4), r = (1, 0, 1/2), lambda = 1, C = 2 ln 2:
+    # q ∝ p * exp(C (r - 1)) = (1/2, 1/4 * 1/4, 1/4 * 1/2) = (8, 1, 2) / 11
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.25]])) + 3.0  # logits are defined up to a shift
+    r = torch.tensor([[[1.0, 0.0, 0.5]]])
+    log_q = rule_regularized_teacher(logits, r, torch.tensor([1.0]), C=2 * math.log(2))
+    assert torch.allclose(log_q.exp(), torch.tensor([[8.0, 1.0, 2.0]]) / 11, atol=1e-6)
+    # two rules with their own weights: exponents add
+    # p uniform over 2 classes, r1 = (1, 0), r2 = (0, 1), lambda = (1, 0.5), C = ln 4:
+    # q ∝ (exp(0) * exp(-0.5 ln 4), exp(-ln 4) * exp(0)) = (1/2, 1/4) -> (2/3, 1/3)
+    r2 = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])
+    q2 = rule_regularized_teacher(torch.zeros(1, 2), r2, torch.tensor([1.0, 0.5]), C=math.log(4)).exp()
+    assert torch.allclose(q2, torch.tensor([[2 / 3, 1 / 3]]), atol=1e-6)
+
+
+def test_teacher_with_no_rule_strength_is_the_student():
+    logits = torch.randn(8, 5)
+    r = torch.rand(2, 8, 5)
+    p = F.log_softmax(logits, -1)
+    assert torch.allclose(rule_regularized_teacher(logits, r, torch.tensor([0.7, 2.0]), C=0.0), p, atol=1e-6)
+    assert torch.allclose(rule_regularized_teacher(logits, r, torch.zeros(2), C=6.0), p, atol=1e-6)
+    assert torch.allclose(rule_regularized_teacher(logits, torch.ones(2, 8, 5), torch.ones(2), C=6.0), p, atol=1e-6)
+    with pytest.raises(ValueError, match="C must be >= 0"):
+        rule_regularized_teacher(logits, r, torch.ones(2), C=-1.0)
+
+
+def test_teacher_is_stable_for_huge_rule_weights():
+    logits = torch.tensor([[30.0, 0.0, -30.0]])
+    r = torch.tensor([[[0.0, 0.0, 1.0]]])
+    log_q = rule_regularized_teacher(logits, r, torch.tensor([1e6]), C=1e3)
+    assert torch.isfinite(log_q).all()
+    assert torch.allclose(log_q.exp(), torch.tensor([[0.0, 0.0, 1.0]]))
+
+
+def test_student_loss_mixes_labels_and_teacher():
+    logits, y = torch.randn(6, K), torch.randint(0, K, (6,))
+    q = F.softmax(torch.randn(6, K), -1)
+    ce = F.cross_entropy(logits, y)
+    soft = -(q * F.log_softmax(logits, -1)).sum(-1).mean()
+    for pi in (0.0, 0.3, 1.0):
+        total, ce_t, soft_t = mutual_student_loss(logits, y, q, pi)
+        assert torch.allclose(total, (1 - pi) * ce + pi * soft)
+        assert torch.allclose(ce_t, ce) and torch.allclose(soft_t, soft)
+    # a network teacher replaces the label term by Hinton's objective
+    z_t = torch.randn(6, K)
+    hinton, _, _ = response_kd_loss(logits, z_t, y, 4.0, 0.9)
+    total, _, _ = mutual_student_loss(logits, y, q, 0.25, label_loss=hinton)
+    assert torch.allclose(total, 0.75 * hinton + 0.25 * soft)
+
+
+def test_rule_weight_gradient_is_the_rule_expectation_gap():
+    """dL/dlambda_l = -C mean_n (r_l(x_n, y_n) - E_q[r_l(x_n, .)]) for the NLL of Eq. 6."""
+    torch.manual_seed(1)
+    logits, y, r = torch.randn(10, K), torch.randint(0, K, (10,)), torch.rand(2, 10, K)
+    lam = torch.tensor([0.5, 1.5], requires_grad=True)
+    C = 3.0
+    loss = rule_weight_loss(logits, r, lam, y, C)
+    loss.backward()
+    q = rule_regularized_teacher(logits, r, lam.detach(), C).exp()
+    r_true = r[:, torch.arange(10), y]
+    expected = -C * (r_true - (q[None] * r).sum(-1)).mean(-1)
+    assert torch.allclose(lam.grad, expected, atol=1e-5)
+    assert torch.allclose(loss, F.nll_loss(q.log(), y), atol=1e-5)
+
+
+def test_knowledge_objective_mixes_true_labels_and_teacher():
+    torch.manual_seed(2)
+    r = torch.rand(1, 5, K).softmax(-1)
+    y, q = torch.randint(0, K, (5,)), F.softmax(torch.randn(5, K), -1)
+    onehot = F.one_hot(y, K).float()
+    for pi_prime in (0.0, 0.4, 1.0):
+        target = (1 - pi_prime) * onehot + pi_prime * q
+        assert torch.allclose(knowledge_loss(r, y, q, pi_prime, "r"), -(target * r[0]).sum(-1).mean())
+        assert torch.allclose(knowledge_loss(r, y, q, pi_prime, "log_r"),
+                              -(target * r[0].log()).sum(-1).mean(), atol=1e-6)
+
+
+def test_imitation_schedule():
+    assert imitation_weight(0, 0.9, 0.95) == 0.0
+    assert imitation_weight(1, 0.9, 0.95) == pytest.approx(0.05)
+    assert imitation_weight(10.5, 0.9, 0.95) == pytest.approx(1 - 0.95**10.5)
+    assert imitation_weight(200, 0.9, 0.95) == 0.9
+
+
+# ---- synthetic problems for the updates ---------------------------------------------------
+class CodeRule(Rule):
+    """Reads the class code hidden in the last input feature: r = onehot(code + shift)."""
+
+    def __init__(self, shift: int = 0, num_classes: int = K) -> None:
+        super().__init__()
+        self.shift, self.k = shift, num_classes
+
+    def forward(self, x):
+        code = x[:, -1].round().long().clamp(0, self.k - 1)
+        return F.one_hot((code + self.shift) % self.k, self.k).float()
+
+
+class BlindStudent(nn.Module):
+    """A linear classifier that does not see the code feature."""
+
+    def __init__(self, d: int = 2, k: int = K) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d, k)
+
+    def forward(self, x):
+        return self.fc(x[:, :-1])
+
+
+def synthetic(n: int, seed: int = 0):
+    """Overlapping Gaussian classes in 2-D (a linear model gets about 60%), plus the exact code."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % K
+    centers = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+    x = centers[y] + 0.9 * torch.randn(n, 2, generator=g)
+    return torch.cat([x, y[:, None].float()], 1), y
+
+
+def _loader(x, y, batch_size=50, shuffle=True):
+    return DataLoader(IndexedTensorDataset(x, y), batch_size=batch_size, shuffle=shuffle,
+                      collate_fn=batch_collate)
+
+
+def _trainer(**kw) -> pl.Trainer:
+    defaults = dict(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, accelerator="cpu", devices=1, limit_val_batches=0)
+    return pl.Trainer(**{**defaults, **kw})
+
+
+def _fit_synthetic(rule: Rule, epochs: int = 6, **kw) -> MutualDistillation:
+    pl.seed_everything(0)
+    x, y = synthetic(600)
+    model = MutualDistillation(rules=[rule], student=BlindStudent(), num_classes=K, lambdas=0.5,
+                               lambda_lr=0.05, optimizer=lambda p: torch.optim.Adam(p, lr=0.05), **kw)
+    _trainer(max_epochs=epochs).fit(model, _loader(x, y))
+    return model
+
+
+def test_lambda_grows_for_an_always_right_rule():
+    model = _fit_synthetic(CodeRule(shift=0))
+    assert float(model.rule_weights) > 1.0  # from 0.5, still growing (q(y) < 1 for this student)
+
+
+def test_lambda_falls_to_zero_for_a_wrong_rule():
+    model = _fit_synthetic(CodeRule(shift=1))
+    assert float(model.rule_weights) < 0.05  # from 0.5, projected onto lambda >= 0
+    assert float(model.rule_weights) >= 0.0
+
+
+def test_hand_set_lambda_stays_and_student_learns_the_rule_through_q():
+    right = _fit_synthetic(CodeRule(shift=0), learn_lambda=False)
+    assert float(right.rule_weights) == 0.5
+    assert right.optimizer_roles() == ["theta"]
+
+
+def test_phi_update_improves_rule_agreement_on_held_out_data():
+    """Eq. 5 with pi' = 0 on MNIST-1D: templates learned from random noise agree more with the
+    labels of examples they were never trained on."""
+    splits = load_mnist1d("data")
+    x_held, y_held = splits.x_test, splits.y_test
+    pl.seed_everything(0)
+    rule = MNIST1DLearnableTemplateRule(templates="random", seed=0, dilation_step=2, shift_step=2)
+
+    def held_out_acc():
+        with torch.no_grad():
+            return float((rule(x_held).argmax(-1) == y_held).float().mean())
+
+    before = held_out_acc()
+    model = MutualDistillation(rules=[rule], student=MLP(), num_classes=10, pi_prime=0.0,
+                               phi_lr=0.02, learn_lambda=False, lambdas=0.0)
+    dm = DistillDataModule("mnist1d", batch_size=100, train_subset=2000)
+    _trainer(max_steps=100, max_epochs=-1).fit(model, dm)
+    after = held_out_acc()
+    assert after > before + 0.08, (before, after)
+
+
+def test_no_phi_optimizer_for_fixed_rules_and_warnings():
+    with pytest.warns(UserWarning, match="no rule has trainable parameters"):
+        m = MutualDistillation(rules=[CodeRule()], student=BlindStudent(), num_classes=K)
+    assert m.optimizer_roles() == ["theta", "lambda"]
+    with pytest.warns(UserWarning, match=r"learn_phi is false, so the parameters \(phi\) of rule 0 "
+                                         r"\(MNIST1DLearnableTemplateRule\) stay frozen"):
+        m = MutualDistillation(rules=[MNIST1DLearnableTemplateRule()], student=MLP(), num_classes=10,
+                               learn_phi=False)
+    assert all(not p.requires_grad for p in m.rules.parameters())
+    assert m.optimizer_roles() == ["theta", "lambda"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(C=-1.0), "C must be a finite number >= 0"),
+    (dict(pi_0=1.5), "pi_0 must be in [0, 1]"),
+    (dict(pi_prime=-0.1), "pi_prime must be in [0, 1]"),
+    (dict(lambdas=[1.0, 2.0]), "lambdas has 2 entries ([1.0, 2.0]) but there are 1 rules (rule 0 (CodeRule))"),
+    (dict(lambdas=-1.0), "every lambda must be a finite number >= 0"),
+    (dict(rules=[]), "needs at least one rule"),
+    (dict(phi_objective="f"), "phi_objective must be"),
+])
+def test_bad_arguments_are_reported(kwargs, message):
+    args = dict(rules=[CodeRule()], student=BlindStudent(), num_classes=K, learn_phi=False)
+    with pytest.raises(KDConfigError) as err:
+        MutualDistillation(**{**args, **kwargs})
+    assert message in str(err.value)
+
+
+def test_rule_cache_gives_the_same_student_as_no_cache():
+    states = {}
+    for cache in (None, False):
+        pl.seed_everything(4)
+        model = MutualDistillation(rules=[MNIST1DTemplateRule(dilation_step=3)], student=MLP(),
+                                   num_classes=10, rule_cache=cache, learn_phi=False)
+        _trainer(max_epochs=2).fit(model, DistillDataModule("mnist1d", batch_size=50, train_subset=200))
+        assert float(model.rule_weights) != 1.0
+        states[cache] = {**model.student.state_dict(), "lambda": model.rule_weights.detach().clone()}
+    for key, value in states[None].items():
+        assert torch.allclose(value, states[False][key], atol=1e-5), key
+
+
+def test_rule_cache_is_used_for_fixed_rules_only():
+    seen = {}
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, trainer, module, *args):
+            seen.setdefault("cache", module._rule_cache is not None)
+
+    for rule, cached in ((MNIST1DTemplateRule(dilation_step=3), True),
+                         (MNIST1DLearnableTemplateRule(dilation_step=3), False)):
+        seen.clear()
+        model = MutualDistillation(rules=[rule], student=MLP(), num_classes=10)
+        _trainer(max_steps=1, callbacks=[Spy()]).fit(model, DistillDataModule("mnist1d", train_subset=100))
+        assert seen["cache"] is cached
+
+
+def test_network_teacher_joins_as_in_response_kd():
+    pl.seed_everything(0)
+    model = MutualDistillation(rules=[MNIST1DTemplateRule(dilation_step=3)], student=MLP(),
+                               teacher=ConvNet1D(width=8), num_classes=10, teacher_alpha=0.5)
+    trainer = _trainer(max_steps=3, max_epochs=-1, limit_val_batches=1)
+    trainer.fit(model, DistillDataModule("mnist1d", train_subset=100, batch_size=50))
+    assert math.isfinite(float(trainer.callback_metrics["train/loss_kd"]))
+    assert all(not p.requires_grad for p in model.teacher.parameters())
+    assert {id(p) for p in trainer.optimizers[0].param_groups[0]["params"]} == \
+        {id(p) for p in model.student.parameters()}
+
+
+# ---- through the CLI ---------------------------------------------------------------------
+def _mutual_args(config: str, *extra) -> list:
+    return ["fit", "--config", CONFIGS / f"mnist1d/{config}.yaml", *TINY, "--data.batch_size", "50",
+            "--data.train_subset", "100", "--test_after_fit", "false", *extra]
+
+
+def test_fit_logs_lambda_pi_and_q_and_rule_accuracy(tmp_path, monkeypatch):
+    from tests.test_cli import tb_scalars
+
+    monkeypatch.chdir(tmp_path)
+    cli = run_cli(_mutual_args("mutual_learnable", "--test_after_fit", "true"))
+    scalars = tb_scalars(Path(cli.trainer.log_dir))
+    for key in ("train/lambda_0", "train/pi", "train/pi_prime", "train/loss_phi", "train/loss_lambda",
+                "train/loss_q", "train/acc_q", "val/acc", "val/acc_q", "val/acc_rule", "test/acc",
+                "test/acc_q", "test/acc_rule"):
+        assert key in scalars, key
+    assert len(scalars["train/lambda_0"]) == 1  # once per epoch, not per step
+    assert scalars["train/pi"][-1] == pytest.approx(1 - 0.95 ** 0.5)  # last batch: t = 1/2 epoch
+    assert len(cli.trainer.optimizers) == 3
+    assert cli.trainer.global_step == 2  # only the student's steps are counted
+    assert "rules" not in cli.model.hparams
+
+
+def test_checkpoint_and_resume_restore_all_three_optimisers_lambda_and_phi(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = run_cli(_mutual_args("mutual_learnable", "--model.init_args.phi_lr", "0.05"))
+    last = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    assert len(ckpt["optimizer_states"]) == 3
+    assert [len(s["state"]) for s in ckpt["optimizer_states"]] == [6, 2, 1]  # MLP, phi, lambda
+    saved_lambda = ckpt["state_dict"]["rule_weights"]
+    saved_phi = ckpt["state_dict"]["rules.0.templates"]
+    assert not torch.equal(saved_phi, MNIST1DLearnableTemplateRule().templates)  # phi was learned
+    assert float(saved_lambda) != 1.0  # and lambda
+
+    # restore without training further: everything equals the checkpoint
+    cli2 = run_cli(_mutual_args("mutual_learnable", "--ckpt_path", last))
+    model = cli2.model
+    assert torch.equal(model.rule_weights.detach(), saved_lambda)
+    assert torch.equal(model.rules[0].templates.detach(), saved_phi)
+    for opt, state in zip(cli2.trainer.optimizers, ckpt["optimizer_states"]):
+        restored = opt.state_dict()["state"]
+        assert restored.keys() == state["state"].keys()
+        for key in state["state"]:
+            for name, value in state["state"][key].items():
+                assert torch.equal(restored[key][name], value), (key, name)
+
+    # and training continues from there: 2 more epochs of 2 student steps each
+    cli3 = run_cli(_mutual_args("mutual_learnable", "--ckpt_path", last, "--trainer.max_epochs", "3"))
+    assert cli3.trainer.current_epoch == 3 and cli3.trainer.global_step == 6
+    lam_state = cli3.trainer.optimizers[2].state_dict()["state"][0]
+    assert int(lam_state["step"]) == 6  # lambda took one step per batch, across the resume
+    lr = cli3.trainer.optimizers[0].param_groups[0]["lr"]
+    assert lr == pytest.approx(0.01 * (1 + math.cos(math.pi * 3 / 150)) / 2)  # cosine, per epoch
+
+
+BAD = [
+    (["--model.init_args.C", "-1"], "C must be a finite number >= 0"),
+    (["--model.init_args.pi_0", "1.2"], "pi_0 must be in [0, 1]"),
+    (["--model.init_args.lambdas", "[1.0, 0.5]"], "lambdas has 2 entries"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD, ids=[m[:20] for _, m in BAD])
+def test_bad_cli_input_gives_one_paragraph_error(extra, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    err = run_cli_error(_mutual_args("mutual_fixed", *extra), capsys)
+    assert message in err
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+class WrongShapeRule(Rule):
+    def forward(self, x):
+        return torch.full((x.shape[0], 3), 1 / 3)
+
+
+class OutOfRangeRule(Rule):
+    def forward(self, x):
+        return torch.full((x.shape[0], 10), 2.0)
+
+
+@pytest.mark.parametrize("rule, message", [
+    (WrongShapeRule, r"rule 0 (WrongShapeRule) returned r of shape (2, 3); expected [batch, num_classes] = (2, 10)"),
+    (OutOfRangeRule, r"rule 0 (OutOfRangeRule) returned r of shape (2, 10) with values outside [0, 1]"),
+])
+def test_broken_rule_is_reported_before_training(rule, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", CONFIGS / "mnist1d/mutual_fixed.yaml", *TINY,
+            "--model.init_args.rules", f"[{{class_path: {rule.__module__}.{rule.__name__}}}]"]
+    err = run_cli_error(args, capsys)
+    assert message in err
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_bf16_mixed_short_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = run_cli(_mutual_args("mutual_learnable", "--trainer.precision", "bf16-mixed",
+                               "--test_after_fit", "true"))
+    from tests.test_cli import tb_scalars
+
+    metrics = cli.trainer.callback_metrics
+    for key in ("test/acc", "test/acc_q", "test/acc_rule"):
+        assert 0.0 <= float(metrics[key]) <= 1.0
+    scalars = tb_scalars(Path(cli.trainer.log_dir))
+    assert all(map(math.isfinite, scalars["train/loss"] + scalars["train/loss_phi"] + scalars["train/lambda_0"]))
+    assert cli.model.rule_weights.dtype == torch.float32
+
+
+DUMP_STATE = '''
+import json
+from pytorch_lightning import Callback
+
+class DumpState(Callback):
+    def on_train_end(self, trainer, m):
+        with open(f"rank{trainer.global_rank}.json", "w") as f:
+            json.dump({"lambda": m.rule_weights.tolist(), "phi": m.rules[0].templates.tolist(),
+                       "theta": m.student.fc.weight.tolist(), "step": trainer.global_step}, f)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_ddp_keeps_theta_phi_and_lambda_identical_on_every_process(tmp_path):
+    import json
+
+    from tests.test_cli import _subprocess
+
+    (tmp_path / "dump_state.py").write_text(DUMP_STATE)
+    out = _subprocess(["fit", "--config", CONFIGS / "mnist1d/mutual_learnable.yaml", *TINY,
+                       "--trainer.limit_train_batches", "3", "--trainer.accelerator", "cpu",
+                       "--trainer.devices", "2", "--trainer.strategy", "ddp_find_unused_parameters_true",
+                       "--test_after_fit", "false", "--trainer.callbacks+=dump_state.DumpState"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert r0 == r1 and r0["step"] == 3 and r0["lambda"] != [1.0]

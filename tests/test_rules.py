@@ -1,0 +1,179 @@
+"""Knowledge (rule) modules: the interface checks and the MNIST-1D template rules."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from kd_lightning import KDConfigError
+from kd_lightning.data.sources import load_mnist1d
+from kd_lightning.rules import (
+    MNIST1DLearnableTemplateRule,
+    MNIST1DPermutedTemplateRule,
+    MNIST1DTemplateRule,
+    Rule,
+    RuleOutputError,
+    evaluate_rule,
+    evaluate_rules,
+    mnist1d_templates,
+)
+
+
+@pytest.fixture(scope="module")
+def mnist1d():
+    return load_mnist1d("data")
+
+
+@pytest.fixture(scope="module")
+def fixed_rule():
+    return MNIST1DTemplateRule()
+
+
+class _Const(Rule):
+    def __init__(self, value: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        super().__init__(name="const")
+        self.value, self.mask = value, mask
+
+    def forward(self, x):
+        return self.value if self.mask is None else (self.value, self.mask)
+
+
+# ---- the interface -------------------------------------------------------------------------
+def test_evaluate_rule_rejects_wrong_shape_naming_rule_and_shape():
+    rule = _Const(torch.full((4, 3), 0.5))
+    with pytest.raises(RuleOutputError, match=r"rule 2 \(const\) returned r of shape \(4, 3\); expected .* \(4, 10\)"):
+        evaluate_rule(rule, torch.zeros(4, 40), num_classes=10, index=2)
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.2, float("nan")])
+def test_evaluate_rule_rejects_values_outside_unit_interval(bad):
+    value = torch.full((4, 10), 0.5)
+    value[1, 3] = bad
+    with pytest.raises(RuleOutputError, match=r"rule 0 \(const\) returned r of shape \(4, 10\) with values outside \[0, 1\]"):
+        evaluate_rule(_Const(value), torch.zeros(4, 40), num_classes=10)
+
+
+def test_mask_means_no_claim_and_hides_bad_values():
+    value = torch.rand(4, 10)
+    value[0] = 7.0  # outside [0, 1], but the rule does not apply to example 0
+    mask = torch.tensor([False, True, True, False])
+    r = evaluate_rule(_Const(value, mask), torch.zeros(4, 40), num_classes=10)
+    assert torch.equal(r[0], torch.ones(10)) and torch.equal(r[3], torch.ones(10))
+    assert torch.equal(r[1:3], value[1:3])
+    # a per-class mask works the same way
+    cmask = torch.zeros(4, 10, dtype=torch.bool)
+    cmask[:, :2] = True
+    r = evaluate_rule(_Const(torch.rand(4, 10), cmask), torch.zeros(4, 40), num_classes=10)
+    assert torch.equal(r[:, 2:], torch.ones(4, 8))
+    with pytest.raises(RuleOutputError, match="mask of shape"):
+        evaluate_rule(_Const(torch.rand(4, 10), torch.ones(3, dtype=torch.bool)), torch.zeros(4, 40), 10)
+
+
+def test_tiny_rounding_overshoot_is_clamped_and_rules_stack():
+    value = torch.full((2, 10), 1.0 + 1e-7)
+    r = evaluate_rules([_Const(value), _Const(torch.zeros(2, 10))], torch.zeros(2, 40), 10)
+    assert r.shape == (2, 2, 10) and float(r.max()) == 1.0
+
+
+# ---- MNIST-1D template rules ------------------------------------------------------------------
+def test_fixed_rule_has_no_parameters_and_learnable_rule_has_phi():
+    fixed, learn = MNIST1DTemplateRule(), MNIST1DLearnableTemplateRule()
+    assert list(fixed.parameters()) == [] and not fixed.learnable
+    names = {n for n, _ in learn.named_parameters()}
+    assert names == {"templates", "log_sharpness"} and learn.learnable
+    assert torch.allclose(learn.templates, mnist1d_templates())
+    rnd = MNIST1DLearnableTemplateRule(templates="random", seed=3)
+    assert not torch.allclose(rnd.templates, mnist1d_templates())
+    assert torch.equal(rnd.templates, MNIST1DLearnableTemplateRule(templates="random", seed=3).templates)
+    # the buffers that describe the placements are not saved in checkpoints
+    assert set(learn.state_dict()) == {"templates", "log_sharpness"}
+    assert set(fixed.state_dict()) == {"templates", "log_sharpness"}
+
+
+def test_output_is_a_distribution_over_classes(mnist1d, fixed_rule):
+    x = mnist1d.x_test[:64]
+    r = fixed_rule(x)
+    assert r.shape == (64, 10)
+    assert float(r.min()) >= 0 and float(r.max()) <= 1
+    assert torch.allclose(r.sum(-1), torch.ones(64), atol=1e-5)
+    assert torch.allclose(fixed_rule(x[:, 0]), r)  # [B, 40] works as well as [B, 1, 40]
+
+
+def test_a_clean_generated_template_matches_its_own_class_perfectly(fixed_rule):
+    """The placement model follows mnist1d's generator: without noise or shear, the generated
+    signal is found exactly (correlation 1) whatever the padding, scale and translation."""
+    from mnist1d.data import get_dataset_args, get_templates
+    from mnist1d.transform import transform
+
+    args = get_dataset_args()
+    args.corr_noise_scale, args.iid_noise_scale, args.shear_scale = 0.0, 0.0, 0.0
+    t = get_templates()
+    np.random.seed(0)
+    xs, ys = [], []
+    for _ in range(3):
+        for c in range(10):
+            x, _ = transform(t["x"][c], t["t"], args)
+            xs.append(x)
+            ys.append(c)
+    x = torch.tensor(np.stack(xs), dtype=torch.float32)
+    s = fixed_rule.scores(x)
+    own = s[torch.arange(len(ys)), torch.tensor(ys)]
+    assert float(own.min()) > 0.97
+    assert (s.argmax(-1) == torch.tensor(ys)).float().mean() >= 0.95
+
+
+def test_scores_ignore_offset_scale_and_linear_trend(mnist1d, fixed_rule):
+    x = mnist1d.x_test[:32, 0]
+    trend = torch.linspace(-1, 1, 40)
+    y = 2.5 * x - 0.7 + 0.8 * trend
+    assert torch.allclose(fixed_rule.scores(x), fixed_rule.scores(y), atol=1e-3)
+
+
+def test_rule_alone_accuracy_on_mnist1d(mnist1d, fixed_rule):
+    """The demonstration knowledge is honest: 82.1% on the 1,000 test examples (the reference MLP
+    gets about 68%), and the permuted rule is almost always wrong."""
+    with torch.no_grad():
+        acc = (fixed_rule(mnist1d.x_test).argmax(-1) == mnist1d.y_test).float().mean()
+        wrong = MNIST1DPermutedTemplateRule()
+        acc_wrong = (wrong(mnist1d.x_test).argmax(-1) == mnist1d.y_test).float().mean()
+    assert float(acc) == pytest.approx(0.821, abs=0.005)
+    assert float(acc_wrong) < 0.05
+    # the wrong rule predicts exactly the class before the right one
+    with torch.no_grad():
+        shifted = (fixed_rule(mnist1d.x_test[:100]).argmax(-1) - 1) % 10
+    assert torch.equal(wrong(mnist1d.x_test[:100]).argmax(-1), shifted)
+
+
+def test_learnable_rule_is_differentiable_in_phi_and_runs_in_float32_under_autocast(mnist1d):
+    rule = MNIST1DLearnableTemplateRule()
+    x = mnist1d.x_test[:16]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = rule(x)
+    assert r.dtype == torch.float32
+    r[torch.arange(16), mnist1d.y_test[:16]].sum().backward()
+    assert rule.templates.grad is not None and float(rule.templates.grad.abs().sum()) > 0
+    assert rule.log_sharpness.grad is not None
+
+
+def test_bad_template_rule_arguments():
+    with pytest.raises(KDConfigError, match="permutation must be a permutation"):
+        MNIST1DTemplateRule(permutation=[0, 0, 1, 2, 3, 4, 5, 6, 7, 8])
+    with pytest.raises(KDConfigError, match="sharpness must be > 0"):
+        MNIST1DTemplateRule(sharpness=0)
+    with pytest.raises(KDConfigError, match="templates must be"):
+        MNIST1DLearnableTemplateRule(templates="zeros")
+    with pytest.raises(KDConfigError, match=r"expects MNIST-1D signals of length 40 .* shape \(2, 3, 28, 28\)"):
+        MNIST1DTemplateRule()(torch.zeros(2, 3, 28, 28))
+
+
+def test_rule_subclass_interface():
+    class Half(Rule):
+        def forward(self, x):
+            return torch.full((x.shape[0], 3), 0.5)
+
+    rule = Half()
+    assert rule.rule_name == "Half" and not rule.learnable
+    assert isinstance(rule, nn.Module)
+    assert evaluate_rule(rule, torch.zeros(5, 2), 3).shape == (5, 3)
