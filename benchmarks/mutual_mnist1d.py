@@ -11,9 +11,12 @@ For every training budget M (100, 500, full) and seed, trains through the ``kd-l
 * ``wrong``     -- configs/mnist1d/mutual_wrong.yaml (templates permuted among classes);
 
 and prints a markdown table of test accuracy (mean ± std over seeds) of the student ``p``, the
-teacher ``q`` and the rules alone, plus the final ``lambda``. Every run tests the checkpoint with
-the best validation accuracy of the student (the CLI's ``test_after_fit``); ``q`` and the rule are
-read from that same checkpoint.
+teacher ``q`` and the rules alone, plus ``lambda`` at the end of training. Every run tests the
+checkpoint with the best validation accuracy of the student (the CLI's ``test_after_fit``); ``p``,
+``q`` and the rule columns come from that checkpoint. Because ``q`` is a model of its own (it needs
+the rules at test time), each MutualDistillation run also keeps the checkpoint with the best
+``val/acc_q`` and tests it (``kd-lightning test --ckpt_path ...``): column "q, own best
+checkpoint".
 
 Budgets and steps: batch 100 everywhere; the full set runs ``--full-epochs`` epochs (36 steps
 each), the subsets run ``--subset-steps`` optimizer steps in all (M = 100: one step per epoch;
@@ -55,9 +58,10 @@ EXTRA = {"fixed_handset": ["--model.init_args.learn_lambda", "false"]}
 TAGS = ["test/acc", "test/acc_q", "test/acc_rule", "train/lambda_0"]
 
 
-def run_args(variant: str, budget: str, seed: int, epochs: int, out: Path, check_every: int) -> list[str]:
-    name = f"{variant}_m{budget}_s{seed}"
-    args = ["fit", "--config", str(REPO / CONFIGS[variant]), "--seed_everything", str(seed),
+def run_args(variant: str, budget: str, seed: int, epochs: int, out: Path, check_every: int,
+             command: str = "fit", name: str | None = None) -> list[str]:
+    name = name or f"{variant}_m{budget}_s{seed}"
+    args = [command, "--config", str(REPO / CONFIGS[variant]), "--seed_everything", str(seed),
             "--trainer.max_epochs", str(epochs),
             "--model.init_args.lr_scheduler.init_args.T_max", str(epochs),
             "--trainer.check_val_every_n_epoch", str(check_every),
@@ -67,7 +71,18 @@ def run_args(variant: str, budget: str, seed: int, epochs: int, out: Path, check
             "--data.root", str(REPO / "data")]
     if budget != "full":
         args += ["--data.train_subset", budget, "--data.subset_seed", str(seed)]
+    if command == "fit" and variant != "student":  # also keep the checkpoint where q is best
+        args += ["--trainer.callbacks+=pytorch_lightning.callbacks.ModelCheckpoint",
+                 "--trainer.callbacks.monitor", "val/acc_q", "--trainer.callbacks.mode", "max",
+                 "--trainer.callbacks.filename", "best_q-{epoch}"]
     return args + EXTRA.get(variant, [])
+
+
+def run(cmd_args: list[str], env: dict) -> None:
+    cmd = [sys.executable, "-m", "kd_lightning.cli", *cmd_args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"run failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
 
 
 def read_scalars(log_dir: Path) -> dict[str, float]:
@@ -100,7 +115,8 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench_mutual")
     args = ap.parse_args()
     out = Path(args.out).resolve()
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore",
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     results: dict[tuple[str, str], list[dict[str, float]]] = {}
     started = time.time()
     for budget in args.budgets:
@@ -111,33 +127,40 @@ def main() -> None:
             check_every = max(1, epochs // 150)  # about 150 validations per run
         for variant in args.variants:
             for seed in args.seeds:
-                log_dir = out / f"{variant}_m{budget}_s{seed}" / "version_0"
+                name = f"{variant}_m{budget}_s{seed}"
+                log_dir = out / name / "version_0"
+                q_dir = out / f"{name}_qbest" / "version_0"
                 scalars = read_scalars(log_dir)
-                if "test/acc" not in scalars:
+                q_scalars = read_scalars(q_dir) if variant != "student" else {}
+                if "test/acc" not in scalars or (variant != "student" and "test/acc_q" not in q_scalars):
                     t0 = time.time()
-                    cmd = [sys.executable, "-m", "kd_lightning.cli",
-                           *run_args(variant, budget, seed, epochs, out, check_every)]
-                    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-                    if proc.returncode != 0:
-                        sys.exit(f"run failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+                    run(run_args(variant, budget, seed, epochs, out, check_every), env)
                     scalars = read_scalars(log_dir)
-                    print(f"[{time.time() - started:6.0f}s] M={budget:>4} {variant:<9} seed {seed}: "
+                    if variant != "student":  # test the checkpoint with the best val/acc_q as well
+                        best_q = next((log_dir / "checkpoints").glob("best_q-*.ckpt"))
+                        run(run_args(variant, budget, seed, epochs, out, check_every, "test",
+                                     f"{name}_qbest") + ["--ckpt_path", str(best_q)], env)
+                        q_scalars = read_scalars(q_dir)
+                    print(f"[{time.time() - started:6.0f}s] M={budget:>4} {variant:<13} seed {seed}: "
                           + ", ".join(f"{k}={v:.4f}" for k, v in scalars.items())
+                          + (f", q at its best ckpt={q_scalars['test/acc_q']:.4f}" if q_scalars else "")
                           + f" ({time.time() - t0:.0f}s)", flush=True)
+                if q_scalars:
+                    scalars["q_best"] = q_scalars["test/acc_q"]
                 results.setdefault((budget, variant), []).append(scalars)
 
     print(f"\nMNIST-1D test accuracy (%), MLP 40-100-100-10 student, mean ± std over seeds "
           f"{args.seeds}; full set {args.full_epochs} epochs, subsets {args.subset_steps} steps.\n")
-    print("| M | method | student p | teacher q | rule alone | final lambda |")
-    print("|---|---|---|---|---|---|")
+    print("| M | method | student p | teacher q | q, own best checkpoint | rule alone | lambda at end |")
+    print("|---|---|---|---|---|---|---|")
     for budget in args.budgets:
         for variant in args.variants:
             runs = results.get((budget, variant), [])
             get = lambda tag: [r[tag] for r in runs if tag in r]  # noqa: E731
             row = [budget if budget == "full" else f"{budget}", LABELS[variant], mean_std(get("test/acc"))]
-            row += [mean_std(get("test/acc_q")), mean_std(get("test/acc_rule")),
+            row += [mean_std(get("test/acc_q")), mean_std(get("q_best")), mean_std(get("test/acc_rule")),
                     mean_std(get("train/lambda_0"), scale=1.0, digits=2)] if variant != "student" \
-                else ["–", "–", "–"]
+                else ["–", "–", "–", "–"]
             print("| " + " | ".join(row) + " |")
     print(f"\ntotal time {time.time() - started:.0f}s")
 

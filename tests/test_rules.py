@@ -43,7 +43,8 @@ class _Const(Rule):
 # ---- the interface -------------------------------------------------------------------------
 def test_evaluate_rule_rejects_wrong_shape_naming_rule_and_shape():
     rule = _Const(torch.full((4, 3), 0.5))
-    with pytest.raises(RuleOutputError, match=r"rule 2 \(const\) returned r of shape \(4, 3\); expected .* \(4, 10\)"):
+    with pytest.raises(RuleOutputError,
+                       match=r"rule 2 \(const\) returned r of shape \(4, 3\); expected .* \(4, 10\)"):
         evaluate_rule(rule, torch.zeros(4, 40), num_classes=10, index=2)
 
 
@@ -51,7 +52,8 @@ def test_evaluate_rule_rejects_wrong_shape_naming_rule_and_shape():
 def test_evaluate_rule_rejects_values_outside_unit_interval(bad):
     value = torch.full((4, 10), 0.5)
     value[1, 3] = bad
-    with pytest.raises(RuleOutputError, match=r"rule 0 \(const\) returned r of shape \(4, 10\) with values outside \[0, 1\]"):
+    with pytest.raises(RuleOutputError,
+                       match=r"rule 0 \(const\) returned r of shape \(4, 10\) with values outside \[0, 1\]"):
         evaluate_rule(_Const(value), torch.zeros(4, 40), num_classes=10)
 
 
@@ -164,7 +166,8 @@ def test_bad_template_rule_arguments():
         MNIST1DTemplateRule(sharpness=0)
     with pytest.raises(KDConfigError, match="templates must be"):
         MNIST1DLearnableTemplateRule(templates="zeros")
-    with pytest.raises(KDConfigError, match=r"expects MNIST-1D signals of length 40 .* shape \(2, 3, 28, 28\)"):
+    with pytest.raises(KDConfigError,
+                       match=r"expects MNIST-1D signals of length 40 .* shape \(2, 3, 28, 28\)"):
         MNIST1DTemplateRule()(torch.zeros(2, 3, 28, 28))
 
 

@@ -86,7 +86,7 @@ def mutual_student_loss(student_logits: Tensor, targets: Tensor, teacher_probs: 
 
 def rule_weight_loss(student_logits: Tensor, rule_values: Tensor, rule_weights: Tensor,
                      targets: Tensor, C: float) -> Tensor:
-    r"""Rule-weight objective (Hu et al., EMNLP 2016, Eq. 6 of seed 000), as a loss to minimise over ``lambda``:
+    r"""Rule-weight objective (Hu et al., EMNLP 2016, Eq. 6 of seed 000), a loss over ``lambda``:
 
     .. math::
         L(\lambda) = -\frac{1}{N} \sum_n \log q_\lambda(y_n | x_n), \qquad \lambda \ge 0
@@ -106,7 +106,7 @@ def rule_weight_loss(student_logits: Tensor, rule_values: Tensor, rule_weights: 
 
 def knowledge_loss(rule_values: Tensor, targets: Tensor, teacher_probs: Tensor, pi_prime: float,
                    objective: str = "r") -> Tensor:
-    r"""Knowledge-module objective (Hu et al., EMNLP 2016, Eq. 5 of seed 000), as a loss to minimise over ``phi``:
+    r"""Knowledge-module objective (Hu et al., EMNLP 2016, Eq. 5 of seed 000), a loss over ``phi``:
 
     .. math::
         L(\phi) = -\frac{1}{N} \sum_n \sum_l \Big[(1 - \pi')\, h_{\phi,l}(x_n, y_n)

@@ -130,7 +130,8 @@ class MutualDistillation(DistillationModule):
         rules = list(rules) if rules is not None else []
         if not rules:
             raise KDConfigError("MutualDistillation needs at least one rule: set model.init_args.rules "
-                                "to a list of class_path entries (e.g. kd_lightning.rules.MNIST1DTemplateRule).")
+                                "to a list of class_path entries (e.g. "
+                                "kd_lightning.rules.MNIST1DTemplateRule).")
         for i, rule in enumerate(rules):
             if not isinstance(rule, nn.Module):
                 raise KDConfigError(f"MutualDistillation: rule {i} is a {type(rule).__name__}, not an "
@@ -151,9 +152,11 @@ class MutualDistillation(DistillationModule):
                 f"{len(rules)} rules ({', '.join(rule_label(r, i) for i, r in enumerate(rules))}); "
                 f"give one number for all rules or one per rule.")
         if any(not (w >= 0 and math.isfinite(w)) for w in weights):
-            raise KDConfigError(f"MutualDistillation: every lambda must be a finite number >= 0, got {weights}.")
+            raise KDConfigError(f"MutualDistillation: every lambda must be a finite number >= 0, "
+                                f"got {weights}.")
         if phi_objective not in ("r", "log_r"):
-            raise KDConfigError(f"MutualDistillation: phi_objective must be 'r' or 'log_r', got {phi_objective!r}.")
+            raise KDConfigError(f"MutualDistillation: phi_objective must be 'r' or 'log_r', "
+                                f"got {phi_objective!r}.")
         if temperature <= 0:
             raise KDConfigError(f"MutualDistillation: temperature must be > 0, got {temperature}.")
         if not (lambda_lr > 0 and phi_lr > 0):
@@ -206,7 +209,8 @@ class MutualDistillation(DistillationModule):
             raise KDConfigError(
                 "MutualDistillation makes three backward passes per batch (lambda, the student, phi), "
                 "each reaching only some parameters, so DDP must look for unused parameters: use "
-                "--trainer.strategy ddp_find_unused_parameters_true (or ddp_spawn_find_unused_parameters_true).")
+                "--trainer.strategy ddp_find_unused_parameters_true (or "
+                "ddp_spawn_find_unused_parameters_true).")
         dm = getattr(self.trainer, "datamodule", None)
         shape = getattr(dm, "input_shape", None)
         if shape is not None and self.check_rules:

@@ -100,7 +100,8 @@ def evaluate_rule(rule: nn.Module, x: Tensor, num_classes: int, index: int = 0,
                 f"[batch] = ({batch},) or [batch, num_classes] = {expected}.")
     if check:
         r_detached = out.detach()
-        bad = ~torch.isfinite(r_detached) | (r_detached < -RANGE_TOLERANCE) | (r_detached > 1 + RANGE_TOLERANCE)
+        bad = (~torch.isfinite(r_detached) | (r_detached < -RANGE_TOLERANCE)
+               | (r_detached > 1 + RANGE_TOLERANCE))
         if mask is not None:
             bad = bad & mask
         if bool(bad.any()):
