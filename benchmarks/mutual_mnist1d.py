@@ -23,7 +23,7 @@ each), the subsets run ``--subset-steps`` optimizer steps in all (M = 100: one s
 M = 500: five), with the cosine schedule over the whole run. The subset and the initialisation
 both follow the seed (``--data.subset_seed`` and ``--seed_everything``).
 
-Run (one thread, about 25 minutes for the default table)::
+Run (one thread; the default table took 19 minutes on a shared 2-core CPU)::
 
     OMP_NUM_THREADS=1 python benchmarks/mutual_mnist1d.py
     python benchmarks/mutual_mnist1d.py --budgets 100 --seeds 0 --variants student fixed  # a slice

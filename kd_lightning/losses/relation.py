@@ -40,7 +40,7 @@ def _check_pair(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
             f"examples and its angle term triplets, and a batch of {student.shape[0]} has none "
             f"(the loss would be 0/0). Use data.batch_size >= 2, and data.drop_last: true when "
             f"the training set size leaves a last batch of one example (under DDP, per process).")
-    return _upcast(student.flatten(1)), _upcast(teacher.flatten(1))
+    return _upcast(student.reshape(len(student), -1)), _upcast(teacher.reshape(len(teacher), -1))
 
 
 def _upcast(e: Tensor) -> Tensor:
