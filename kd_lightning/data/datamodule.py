@@ -1,0 +1,207 @@
+"""``DistillDataModule``: one LightningDataModule for every method and data set."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader
+
+from kd_lightning import KDConfigError
+from kd_lightning.data.dataset import IndexedTensorDataset, PerSampleDataset, batch_collate
+from kd_lightning.data.sources import SOURCES, Splits, load_source
+from kd_lightning.data.subset import stratified_subset, train_val_split
+
+#: static facts about each data set, so the CLI can link them into models before loading data
+DATASET_INFO: dict[str, tuple[int, tuple[int, ...]]] = {
+    "mnist1d": (10, (1, 40)),
+    "digits": (10, (1, 8, 8)),
+    "mnist": (10, (1, 28, 28)),
+    "fashion_mnist": (10, (1, 28, 28)),
+    "cifar10": (10, (3, 32, 32)),
+    "cifar100": (100, (3, 32, 32)),
+}
+assert set(DATASET_INFO) == set(SOURCES)
+
+
+class DistillDataModule(pl.LightningDataModule):
+    """Serves ``(x, y, index)`` batches of one data set, with few-data training subsets.
+
+    Args:
+        dataset: one of ``mnist1d``, ``digits``, ``mnist``, ``fashion_mnist``, ``cifar10``,
+            ``cifar100``. The first two are generated/bundled offline; the torchvision sets read
+            their original files under ``root``.
+        root: folder holding (or receiving) the data files.
+        download: let torchvision download missing files (needs a network).
+        batch_size: training batch size (per device under DDP).
+        eval_batch_size: validation/test batch size (default: ``max(batch_size, 500)``).
+        train_subset: ``M``, the number of labelled training examples the model sees, drawn
+            stratified per class (``M / num_classes`` each) from the training split by a pure
+            function of ``(labels, M, subset_seed)``; ``None`` uses the whole training split. The
+            chosen indices are written to ``train_subset.json`` in the run's log directory.
+        subset_seed: seed of the subset draw.
+        val_split: fraction (or count) of the source training set held out for validation.
+        split_seed: seed of the validation split (kept fixed across few-data runs so every run is
+            validated on the same examples).
+        augment: random crop (pad 4) + horizontal flip, for CIFAR-style images.
+        batched: build each batch by indexing in-memory tensors (fast). ``False`` uses the regular
+            per-sample ``__getitem__`` + collate path; both give the same examples in the same order.
+        num_workers: DataLoader worker processes (0 is fastest for in-memory data).
+        drop_last: drop the last incomplete training batch.
+    """
+
+    def __init__(self, dataset: str = "mnist1d", root: str = "data", download: bool = False,
+                 batch_size: int = 100, eval_batch_size: int | None = None,
+                 train_subset: int | None = None, subset_seed: int = 0,
+                 val_split: int | float = 0.1, split_seed: int = 0, augment: bool = False,
+                 batched: bool = True, num_workers: int = 0, drop_last: bool = False) -> None:
+        super().__init__()
+        if dataset not in DATASET_INFO:
+            raise KDConfigError(
+                f"unknown dataset '{dataset}'. Valid names: {', '.join(sorted(DATASET_INFO))}.")
+        if batch_size < 1:
+            raise KDConfigError(f"batch_size must be >= 1, got {batch_size}.")
+        k = DATASET_INFO[dataset][0]
+        if train_subset is not None and train_subset < k:
+            raise KDConfigError(
+                f"train_subset={train_subset} is smaller than the number of classes of {dataset} "
+                f"({k}): a stratified subset needs at least one example per class. Use "
+                f"train_subset >= {k}, or null for the full training set.")
+        if augment and len(DATASET_INFO[dataset][1]) != 3:
+            raise KDConfigError(f"augment=true is for image data sets; {dataset} is 1-D.")
+        self.save_hyperparameters()
+        self.dataset, self.root, self.download = dataset, root, download
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or max(batch_size, 500)
+        self.train_subset, self.subset_seed = train_subset, subset_seed
+        self.val_split, self.split_seed = val_split, split_seed
+        self.augment, self.batched = augment, batched
+        self.num_workers, self.drop_last = num_workers, drop_last
+        self._splits: Splits | None = None
+        self.train_dataset: IndexedTensorDataset | None = None
+        self.val_dataset: IndexedTensorDataset | None = None
+        self.test_dataset: IndexedTensorDataset | None = None
+        self.train_indices: np.ndarray | None = None
+        self.val_indices: np.ndarray | None = None
+        if not download:
+            # load now (all sets are in memory anyway) so that missing files or an impossible
+            # subset are reported before a Trainer, a logger or a run directory exists
+            self._draw_indices()
+
+    # ---- facts for linking ---------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return DATASET_INFO[self.dataset][0]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return DATASET_INFO[self.dataset][1]
+
+    @property
+    def deterministic_train(self) -> bool:
+        """True when a training example always maps to the same input tensor (no augmentation),
+        so per-example teacher outputs can be cached."""
+        return not self.augment
+
+    # ---- data ------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        if self.download:  # fetch once on rank 0; setup() then reads the files on every rank
+            load_source(self.dataset, self.root, download=True)
+
+    def splits(self) -> Splits:
+        if self._splits is None:
+            self._splits = load_source(self.dataset, self.root, download=False)
+        return self._splits
+
+    def _dataset(self, x, y, indices, augment=False) -> IndexedTensorDataset:
+        s = self.splits()
+        return IndexedTensorDataset(x, y, indices, s.mean, s.std, augment=augment)
+
+    def _draw_indices(self) -> None:
+        """Validation split and (stratified) training subset: pure functions of the config."""
+        s = self.splits()
+        pool, val = train_val_split(len(s.y_train), self.val_split, self.split_seed)
+        if self.train_subset is not None:
+            chosen = stratified_subset(s.y_train[pool].numpy(), self.train_subset,
+                                       self.subset_seed, s.num_classes)
+            pool = pool[chosen]
+        self.train_indices, self.val_indices = pool, val
+
+    def setup(self, stage: str | None = None) -> None:
+        s = self.splits()
+        if stage in (None, "fit", "validate") and self.train_dataset is None:
+            if self.train_indices is None:
+                self._draw_indices()
+            self.train_dataset = self._dataset(s.x_train, s.y_train, self.train_indices,
+                                               augment=self.augment)
+            self.val_dataset = self._dataset(s.x_train, s.y_train, self.val_indices)
+            self._check_ranks_agree()
+            self._write_subset_indices()
+        if stage in (None, "test", "predict") and self.test_dataset is None:
+            self.test_dataset = self._dataset(s.x_test, s.y_test, None)
+
+    def _check_ranks_agree(self) -> None:
+        """Under DDP, every rank must train on the same subset (it is a pure function of the
+        config, so this only fails if the ranks were configured differently)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.world_size < 2:
+            return
+        digest = hashlib.sha1(np.ascontiguousarray(self.train_indices).tobytes()).hexdigest()
+        if trainer.strategy.broadcast(digest, src=0) != digest:
+            raise KDConfigError(
+                f"rank {trainer.global_rank} drew a different training subset than rank 0; give "
+                f"every process the same data.train_subset / data.subset_seed / data.val_split.")
+
+    def _write_subset_indices(self) -> None:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.logger is None or self.train_indices is None:
+            return
+        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
+        if not trainer.is_global_zero or log_dir is None:
+            return
+        path = Path(log_dir) / "train_subset.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({
+            "dataset": self.dataset, "train_subset": self.train_subset,
+            "subset_seed": self.subset_seed, "val_split": self.val_split,
+            "split_seed": self.split_seed, "num_examples": int(len(self.train_indices)),
+            "indices": [int(i) for i in self.train_indices]}))
+
+    def _loader(self, ds: IndexedTensorDataset, batch_size: int, shuffle: bool,
+                drop_last: bool = False) -> DataLoader:
+        if self.batched:
+            return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                              collate_fn=batch_collate, num_workers=self.num_workers,
+                              persistent_workers=self.num_workers > 0)
+        return DataLoader(PerSampleDataset(ds), batch_size=batch_size, shuffle=shuffle,
+                          drop_last=drop_last, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, self.batch_size, True, self.drop_last)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, self.eval_batch_size, False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, self.eval_batch_size, False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    def state_dict(self) -> dict:
+        return {"train_subset": self.train_subset, "subset_seed": self.subset_seed,
+                "dataset": self.dataset}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # the subset is a pure function of the configuration; refuse to silently change it
+        for key in ("dataset", "train_subset", "subset_seed"):
+            if key in state_dict and state_dict[key] != getattr(self, key):
+                raise KDConfigError(
+                    f"the checkpoint was trained with data.{key}={state_dict[key]!r} but this run "
+                    f"has data.{key}={getattr(self, key)!r}; resume with the same data settings.")
+
+

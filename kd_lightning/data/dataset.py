@@ -1,0 +1,109 @@
+"""In-memory datasets yielding ``(x, y, index)`` with a fast whole-batch path.
+
+``IndexedTensorDataset`` implements both ``__getitem__`` (one example) and ``__getitems__``
+(a list of indices -> one batch). PyTorch's ``DataLoader`` calls ``__getitems__`` when it is
+defined, so with :func:`batch_collate` a batch is a few tensor-indexing operations instead of
+``batch_size`` Python calls plus a collation. Shuffling, ``drop_last`` and DDP sharding stay
+the ``DataLoader``'s own (``RandomSampler``/``DistributedSampler``), so the order of examples is
+exactly that of a regular per-sample loader with the same seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+
+
+def random_crop_flip(x: Tensor, padding: int = 4, flip: bool = True,
+                     generator: torch.Generator | None = None) -> Tensor:
+    """Batched CIFAR augmentation: zero-pad by ``padding``, random crop back, random h-flip.
+
+    Each example gets its own crop offset and flip, as torchvision's ``RandomCrop(32, 4)`` +
+    ``RandomHorizontalFlip()`` would give, but for a whole ``[B, C, H, W]`` batch at once.
+    """
+    b, _, h, w = x.shape
+    dev = x.device
+    padded = F.pad(x, (padding, padding, padding, padding))
+    oy = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(dev)
+    ox = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(dev)
+    rows = (oy[:, None] + torch.arange(h, device=dev))[:, :, None]  # [B, H, 1]
+    cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, :]  # [B, 1, W]
+    bidx = torch.arange(b, device=dev)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[bidx, rows, cols].permute(0, 3, 1, 2)  # [B, C, H, W]
+    if flip:
+        do_flip = (torch.rand(b, generator=generator) < 0.5).to(dev)
+        out = torch.where(do_flip[:, None, None, None], out.flip(-1), out)
+    return out.contiguous()
+
+
+class IndexedTensorDataset(Dataset):
+    """Examples ``x[indices[i]], y[indices[i]]`` returned as ``(x, y, index)``.
+
+    ``index`` is the position in the *source* training (or test) array, not in the subset, so
+    per-example caches (e.g. teacher outputs) can be keyed by it across subsets and splits.
+
+    Args:
+        x, y: the whole split in memory. ``uint8`` inputs are scaled by 1/255 and normalised with
+            ``mean``/``std`` per channel; float inputs are used as they are.
+        indices: which examples of the split this dataset exposes.
+        augment: apply :func:`random_crop_flip` (images only).
+    """
+
+    def __init__(self, x: Tensor, y: Tensor, indices: Sequence[int] | Tensor | None = None,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 augment: bool = False) -> None:
+        self.x, self.y = x, y
+        self.indices = (torch.arange(len(y)) if indices is None
+                        else torch.as_tensor(indices, dtype=torch.int64))
+        self.augment = augment
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        self._mean = torch.tensor(mean, dtype=torch.float32).view(shape) if mean is not None else None
+        self._std = torch.tensor(std, dtype=torch.float32).view(shape) if std is not None else None
+        if augment and x.ndim != 4:
+            raise ValueError("augment=True needs image inputs [N, C, H, W]")
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _prepare(self, xb: Tensor) -> Tensor:
+        if xb.dtype == torch.uint8:
+            xb = xb.float().div_(255.0)
+            if self._mean is not None:
+                xb = xb.sub_(self._mean).div_(self._std)
+        if self.augment:
+            xb = random_crop_flip(xb)
+        return xb
+
+    def get_batch(self, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Batch for ``positions`` (positions into this dataset, not source indices)."""
+        idx = self.indices[positions]
+        return self._prepare(self.x[idx]), self.y[idx], idx
+
+    def __getitems__(self, positions: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+        return self.get_batch(torch.as_tensor(positions, dtype=torch.int64))
+
+    def __getitem__(self, position: int) -> tuple[Tensor, Tensor, Tensor]:
+        x, y, idx = self.get_batch(torch.tensor([int(position)]))
+        return x[0], y[0], idx[0]
+
+
+class PerSampleDataset(Dataset):
+    """The same examples without ``__getitems__``: the regular per-sample loading path."""
+
+    def __init__(self, base: IndexedTensorDataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, position: int):
+        return self.base[position]
+
+
+def batch_collate(batch):
+    """Collate for :meth:`IndexedTensorDataset.__getitems__`: the batch is already built."""
+    return batch

@@ -1,0 +1,75 @@
+"""Stratified few-data subsets and seeded validation splits.
+
+Both are pure functions of their arguments (no global RNG), so every DDP rank, every rerun and
+every machine draws the same indices for the same ``(labels, m, seed)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from kd_lightning import KDConfigError
+
+
+def _as_labels(labels: Sequence[int] | np.ndarray) -> np.ndarray:
+    arr = np.asarray(labels)
+    if arr.ndim != 1:
+        raise ValueError(f"labels must be 1-D, got shape {arr.shape}")
+    return arr.astype(np.int64, copy=False)
+
+
+def stratified_subset(labels: Sequence[int] | np.ndarray, m: int, seed: int = 0,
+                      num_classes: int | None = None) -> np.ndarray:
+    """Return ``m`` positions into ``labels``, stratified per class, as a sorted int64 array.
+
+    Each class gets ``m // K`` examples (``K`` = number of classes); the ``m % K`` left over go
+    one each to classes picked at random (seeded). Within a class the examples are a seeded
+    random choice without replacement. The result depends only on ``(labels, m, seed)``.
+
+    Raises :class:`KDConfigError` if ``m`` is smaller than the number of classes, larger than the
+    number of labels, or asks a class for more examples than it has.
+    """
+    y = _as_labels(labels)
+    k = int(num_classes) if num_classes is not None else int(y.max()) + 1
+    m = int(m)
+    if m < k:
+        raise KDConfigError(
+            f"train_subset={m} is smaller than the number of classes ({k}): a stratified subset "
+            f"needs at least one example per class. Use train_subset >= {k}, or null for the full set.")
+    if m > len(y):
+        raise KDConfigError(
+            f"train_subset={m} is larger than the training set ({len(y)} examples after the "
+            f"validation split). Use train_subset <= {len(y)}, or null for the full set.")
+    rng = np.random.Generator(np.random.PCG64(seed))
+    per_class = np.full(k, m // k, dtype=np.int64)
+    extra = rng.permutation(k)[: m % k]
+    per_class[extra] += 1
+    counts = np.bincount(y, minlength=k)
+    short = np.nonzero(per_class > counts)[0]
+    if len(short):
+        c = int(short[0])
+        raise KDConfigError(
+            f"train_subset={m} asks for {per_class[c]} examples of class {c}, but the training set "
+            f"(after the validation split) has only {counts[c]}. Use a smaller train_subset "
+            f"(at most {int(counts.min()) * k} keeps every class feasible) or a smaller val_split.")
+    chosen = []
+    for c in range(k):
+        pos = np.nonzero(y == c)[0]
+        chosen.append(rng.choice(pos, size=per_class[c], replace=False))
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def train_val_split(n: int, val_split: float | int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``range(n)`` into sorted (train, val) positions with a seeded permutation.
+
+    ``val_split`` is a fraction in [0, 1) or an absolute count (>= 1).
+    """
+    if val_split < 0 or (val_split >= 1 and float(val_split) != int(val_split)):
+        raise KDConfigError(f"val_split={val_split} must be a fraction in [0, 1) or an integer count.")
+    n_val = int(round(val_split * n)) if val_split < 1 else int(val_split)
+    if not 0 <= n_val < n:
+        raise KDConfigError(f"val_split={val_split} leaves no training data out of {n} examples.")
+    perm = np.random.Generator(np.random.PCG64(seed)).permutation(n)
+    return np.sort(perm[n_val:]).astype(np.int64), np.sort(perm[:n_val]).astype(np.int64)
