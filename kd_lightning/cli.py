@@ -35,9 +35,15 @@ class KDLightningCLI(LightningCLI):
                 "init_args": {"save_dir": "runs", "name": "default"},
             },
             "trainer.callbacks": [
+                # best.ckpt by validation accuracy (tested after fit) ...
                 {"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
-                 "init_args": {"monitor": "val/acc", "mode": "max", "save_last": True,
-                               "filename": "best-{epoch}"}},
+                 "init_args": {"monitor": "val/acc", "mode": "max", "filename": "best",
+                               "enable_version_counter": False}},
+                # ... and last.ckpt, the latest weights, rewritten every epoch (for resuming).
+                # (ModelCheckpoint(save_last=True) only rewrites last.ckpt when a new best is saved.)
+                {"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
+                 "init_args": {"filename": "last", "save_top_k": 1, "monitor": None,
+                               "enable_version_counter": False}},
                 {"class_path": "pytorch_lightning.callbacks.LearningRateMonitor",
                  "init_args": {"logging_interval": "epoch"}},
             ],

@@ -124,6 +124,8 @@ def test_resume_continues_from_checkpoint(tmp_path, monkeypatch):
     cli2 = run_cli(args + ["--trainer.max_epochs", "3", "--ckpt_path", last])
     assert cli2.trainer.current_epoch == 3
     assert cli2.trainer.global_step == 6  # 2 steps per epoch, 3 epochs in all
+    last2 = Path(cli2.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    assert torch.load(last2, weights_only=True)["epoch"] == 2  # the latest epoch, not the best
 
 
 def test_test_and_predict_subcommands(tmp_path, monkeypatch):
