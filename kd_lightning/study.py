@@ -490,6 +490,7 @@ def plot_results(rows: list[dict], spec: StudySpec, path: Path, teacher_acc: flo
     full_x = (max(numeric) * 2) if numeric else 1
     xs = {(FULL if b is None else str(b)): (full_x if b is None else b) for b in spec.budgets}
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.set_prop_cycle(color=plt.get_cmap("tab20").colors[::2] + plt.get_cmap("tab20").colors[1::2])
     for m in spec.methods:
         pts = []
         for label, x in xs.items():
@@ -500,12 +501,15 @@ def plot_results(rows: list[dict], spec: StudySpec, path: Path, teacher_acc: flo
             continue
         pts.sort()
         x, mean, std = zip(*pts)
-        style = dict(linestyle="--", color="gray") if m.reference else {}
-        line, = ax.plot(x, mean, marker="o", label=m.name, **style)
+        style = dict(linestyle="--", color="black", marker="s") if m.reference else {"marker": "o"}
+        line, = ax.plot(x, mean, label=m.name, **style)
         ax.fill_between(x, [a - s for a, s in zip(mean, std)], [a + s for a, s in zip(mean, std)],
                         alpha=0.15, color=line.get_color())
     if teacher_acc is not None:
-        ax.axhline(teacher_acc, color="black", linestyle=":", label=f"teacher ({teacher_acc:.1f}%)")
+        ax.axhline(teacher_acc, color="firebrick", linestyle=":", linewidth=2,
+                   label=f"teacher ({teacher_acc:.1f}%)")
+        bottom, top = ax.get_ylim()
+        ax.set_ylim(bottom, max(top, teacher_acc + 2))
     ax.set_xscale("log")
     ax.set_xticks(list(xs.values()))
     ax.set_xticklabels(list(xs.keys()))

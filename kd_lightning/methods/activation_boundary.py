@@ -8,7 +8,6 @@ from torch import nn
 from kd_lightning import KDConfigError
 from kd_lightning.losses.feature import ab_loss
 from kd_lightning.methods.feature import Shape, TwoStageFeatureDistillation
-from kd_lightning.models.connectors import build_connector
 
 
 class ActivationBoundary(TwoStageFeatureDistillation):
@@ -66,21 +65,12 @@ class ActivationBoundary(TwoStageFeatureDistillation):
         self.init_features(student_layers, teacher_layers, pre_activation=pre_activation)
 
     def build_features(self, student_shapes: list[Shape], teacher_shapes: list[Shape]) -> None:
-        for s_path, t_path, s, t in zip(self.student_layers, self.teacher_layers, student_shapes,
-                                        teacher_shapes):
-            try:
-                self.connectors.append(build_connector(s, t))
-            except KDConfigError as err:
-                raise KDConfigError(f"ActivationBoundary layer pair student '{s_path}' -> teacher "
-                                    f"'{t_path}': {err}") from None
+        self.build_connectors(student_shapes, teacher_shapes, "ActivationBoundary")
 
     def training_step(self, batch, batch_idx: int):
         x, y, idx = batch
         if self.stage == 2 and not self.single_stage:
-            logits = self.student(x)
-            loss, terms = self.task_terms(logits, y, x, idx)
-            self.log_terms(logits, y, loss=loss, **terms)
-            return loss
+            return self.task_stage_step(x, y, idx)
         logits, feats = self.student_forward(x)
         t_logits, t_feats = self.teacher_forward(x, idx)
         ab = sum(w * ab_loss(c(f), t, self.margin)

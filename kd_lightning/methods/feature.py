@@ -39,6 +39,7 @@ from torch import Tensor
 from kd_lightning import KDConfigError
 from kd_lightning.losses import response_kd_loss
 from kd_lightning.methods.base import DistillationModule
+from kd_lightning.models.connectors import build_connector
 from kd_lightning.models.taps import FeatureTaps
 
 Shape = tuple[int, ...]
@@ -177,6 +178,24 @@ class FeatureDistillation(DistillationModule):
         with FeatureTaps(self.student, self.student_layers, self.pre_activation) as taps:
             logits = self.student(x)
             return logits, taps.pop()
+
+    def build_connectors(self, student_shapes: list[Shape], teacher_shapes: list[Shape],
+                         method: str) -> None:
+        """One connector per tapped layer pair into ``self.connectors`` (student -> teacher shape)."""
+        for s_path, t_path, s, t in zip(self.student_layers, self.teacher_layers, student_shapes,
+                                        teacher_shapes):
+            try:
+                self.connectors.append(build_connector(s, t))
+            except KDConfigError as err:
+                raise KDConfigError(f"{method} layer pair student '{s_path}' -> teacher "
+                                    f"'{t_path}': {err}") from None
+
+    def task_stage_step(self, x: Tensor, y: Tensor, index: Tensor | None) -> Tensor:
+        """The task stage of a two-stage method: the task loss on the bare student."""
+        logits = self.student(x)
+        loss, terms = self.task_terms(logits, y, x, index)
+        self.log_terms(logits, y, loss=loss, **terms)
+        return loss
 
     def task_terms(self, logits: Tensor, y: Tensor, x: Tensor, index: Tensor | None,
                    teacher_logits: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:

@@ -7,7 +7,6 @@ from torch import nn
 from kd_lightning import KDConfigError
 from kd_lightning.losses.feature import hint_loss
 from kd_lightning.methods.feature import Shape, TwoStageFeatureDistillation
-from kd_lightning.models.connectors import build_connector
 
 
 class FitNet(TwoStageFeatureDistillation):
@@ -53,21 +52,12 @@ class FitNet(TwoStageFeatureDistillation):
         self.init_features(student_layers, teacher_layers)
 
     def build_features(self, student_shapes: list[Shape], teacher_shapes: list[Shape]) -> None:
-        for s_path, t_path, s, t in zip(self.student_layers, self.teacher_layers, student_shapes,
-                                        teacher_shapes):
-            try:
-                self.connectors.append(build_connector(s, t))
-            except KDConfigError as err:
-                raise KDConfigError(f"FitNet layer pair student '{s_path}' -> teacher '{t_path}': "
-                                    f"{err}") from None
+        self.build_connectors(student_shapes, teacher_shapes, "FitNet")
 
     def training_step(self, batch, batch_idx: int):
         x, y, idx = batch
         if self.stage == 2 and not self.single_stage:
-            logits = self.student(x)
-            loss, terms = self.task_terms(logits, y, x, idx)
-            self.log_terms(logits, y, loss=loss, **terms)
-            return loss
+            return self.task_stage_step(x, y, idx)
         logits, feats = self.student_forward(x)
         t_logits, t_feats = self.teacher_forward(x, idx)
         hint = sum(hint_loss(r(f), t) for r, f, t in zip(self.connectors, feats, t_feats))

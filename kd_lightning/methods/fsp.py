@@ -96,10 +96,7 @@ class FSP(TwoStageFeatureDistillation):
     def training_step(self, batch, batch_idx: int):
         x, y, idx = batch
         if self.stage == 2 and not self.single_stage:
-            logits = self.student(x)
-            loss, terms = self.task_terms(logits, y, x, idx)
-            self.log_terms(logits, y, loss=loss, **terms)
-            return loss
+            return self.task_stage_step(x, y, idx)
         logits, feats = self.student_forward(x)
         t_logits, t_feats = self.teacher_forward(x, idx)
         g_s = [fsp_matrix(feats[a], feats[b]) for a, b in self._s_idx]
