@@ -67,18 +67,6 @@ class ActivationBoundary(TwoStageFeatureDistillation):
     def build_features(self, student_shapes: list[Shape], teacher_shapes: list[Shape]) -> None:
         self.build_connectors(student_shapes, teacher_shapes, "ActivationBoundary")
 
-    def training_step(self, batch, batch_idx: int):
-        x, y, idx = batch
-        if self.stage == 2 and not self.single_stage:
-            return self.task_stage_step(x, y, idx)
-        logits, feats = self.student_forward(x)
-        t_logits, t_feats = self.teacher_forward(x, idx)
-        ab = sum(w * ab_loss(c(f), t, self.margin)
-                 for w, c, f, t in zip(self.layer_weights, self.connectors, feats, t_feats))
-        if not self.single_stage:  # stage 1: boundary transfer only
-            self.log_terms(logits, y, loss=ab, loss_ab=ab)
-            return ab
-        task, terms = self.task_terms(logits, y, x, idx, t_logits)
-        loss = task + ab
-        self.log_terms(logits, y, loss=loss, **terms, loss_ab=ab)
-        return loss
+    def transfer_loss(self, feats, t_feats):
+        return "loss_ab", sum(w * ab_loss(c(f), t, self.margin) for w, c, f, t in
+                              zip(self.layer_weights, self.connectors, feats, t_feats))

@@ -34,6 +34,16 @@ if os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") == "1" and torch.cuda.device_
     del os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"]
 
 
+def check_kd_hyperparameters(method: str, temperature: float, alpha: float | None = None) -> None:
+    """Validate the temperature (and soft-target weight) every KD-style method takes."""
+    if temperature <= 0:
+        raise KDConfigError(f"{method}: temperature must be > 0, got {temperature}; Hinton et al. "
+                            f"use 1-20 (default 4).")
+    if alpha is not None and not 0.0 <= alpha <= 1.0:
+        raise KDConfigError(f"{method}: alpha must be in [0, 1], got {alpha}: it weighs the "
+                            f"soft-target term against cross-entropy (default 0.9).")
+
+
 def use_fused_kernel(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """The same optimizer rebuilt with ``fused=True`` when that is possible and was left unset.
 
@@ -138,6 +148,7 @@ class DistillationModule(pl.LightningModule):
         self._term_steps: dict[tuple[str, ...], int] = {}
         self._train_seen = 0
         self._last_logged_step = 0
+        self._close_log_window = False
         self._metrics_built = False
         if num_classes is not None:
             self._build_metrics(num_classes)
@@ -244,7 +255,7 @@ class DistillationModule(pl.LightningModule):
         self._cache, self._feature_cache = logits_cache, feat_cache
 
     def on_train_start(self) -> None:
-        self.on_train_start_logging()
+        self._reset_term_logs()
         self._cache, self._feature_cache = None, None
         self._cache_used = self._resolve_cache()
         if self._cache_used:
@@ -360,7 +371,8 @@ class DistillationModule(pl.LightningModule):
         last_epoch = (trainer.max_epochs is not None and trainer.max_epochs > 0
                       and self.current_epoch >= trainer.max_epochs - 1) or (
             trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps)
-        if steps_since < trainer.log_every_n_steps and not last_epoch and not trainer.should_stop:
+        if (steps_since < trainer.log_every_n_steps and not last_epoch and not trainer.should_stop
+                and not self._close_log_window):
             return
         sums: dict[str, Tensor] = {}
         steps: dict[str, int] = {}
@@ -375,12 +387,21 @@ class DistillationModule(pl.LightningModule):
             out["train/acc"] = sums["__correct__"] / self._train_seen
         if out:
             self.log_dict(out, on_step=False, on_epoch=True, sync_dist=True)
-        self._term_sums, self._term_steps, self._train_seen = {}, {}, 0
-        self._last_logged_step = trainer.global_step
+        self._reset_term_logs()
+        self.on_train_terms_logged()
 
-    def on_train_start_logging(self) -> None:
+    def close_log_window(self) -> None:
+        """Make this epoch's end log the running term means even if the window is not full (e.g.
+        at a stage boundary, so no logged mean mixes two different objectives)."""
+        self._close_log_window = True
+
+    def on_train_terms_logged(self) -> None:
+        """Hook: called right after the running means of the loss terms were logged."""
+
+    def _reset_term_logs(self) -> None:
         self._term_sums, self._term_steps, self._train_seen = {}, {}, 0
         self._last_logged_step = self.trainer.global_step
+        self._close_log_window = False
 
     def _eval_step(self, batch, prefix: str) -> Tensor:
         x, y, _ = batch

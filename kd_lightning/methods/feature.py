@@ -38,7 +38,7 @@ from torch import Tensor
 
 from kd_lightning import KDConfigError
 from kd_lightning.losses import response_kd_loss
-from kd_lightning.methods.base import DistillationModule
+from kd_lightning.methods.base import DistillationModule, check_kd_hyperparameters
 from kd_lightning.models.connectors import build_connector
 from kd_lightning.models.taps import FeatureTaps
 
@@ -77,12 +77,7 @@ class FeatureDistillation(DistillationModule):
         if task_loss not in TASK_LOSSES:
             raise KDConfigError(f"task_loss must be 'ce' (cross-entropy) or 'kd' (Hinton KD), got "
                                 f"{task_loss!r}.")
-        if temperature <= 0:
-            raise KDConfigError(f"temperature must be > 0, got {temperature}; Hinton et al. use "
-                                f"1-20 (default 4).")
-        if not 0.0 <= alpha <= 1.0:
-            raise KDConfigError(f"alpha must be in [0, 1], got {alpha}: it weighs the soft-target "
-                                f"term against cross-entropy (default 0.9).")
+        check_kd_hyperparameters(type(self).__name__, temperature, alpha)
         if input_shape is not None and (len(input_shape) == 0 or any(int(d) < 1 for d in input_shape)):
             raise KDConfigError(f"input_shape must list the positive sizes of one example, e.g. "
                                 f"[1, 40] or [3, 32, 32], got {input_shape}.")
@@ -253,6 +248,28 @@ class TwoStageFeatureDistillation(FeatureDistillation):
                 f"not set; set trainer.max_epochs or give stage1_epochs in epochs (an integer).")
         return int(math.floor(self.stage1_epochs * max_epochs + 0.5))
 
+    #: weight of the transfer loss in a single-stage run (task + weight * transfer)
+    transfer_weight: float = 1.0
+
+    def transfer_loss(self, feats: list[Tensor], t_feats: list[Tensor]) -> tuple[str, Tensor]:
+        """The method's transfer term from student and teacher features: ``(name, value)``."""
+        raise NotImplementedError
+
+    def training_step(self, batch, batch_idx: int):
+        x, y, idx = batch
+        if self.stage == 2 and not self.single_stage:
+            return self.task_stage_step(x, y, idx)
+        logits, feats = self.student_forward(x)
+        t_logits, t_feats = self.teacher_forward(x, idx)
+        name, transfer = self.transfer_loss(feats, t_feats)
+        if not self.single_stage:  # stage 1: the transfer loss only
+            self.log_terms(logits, y, loss=transfer, **{name: transfer})
+            return transfer
+        task, terms = self.task_terms(logits, y, x, idx, t_logits)
+        loss = task + self.transfer_weight * transfer
+        self.log_terms(logits, y, loss=loss, **terms, **{name: transfer})
+        return loss
+
     @property
     def stage(self) -> int:
         """1 while ``current_epoch < stage1_epochs`` (transfer), else 2 (task)."""
@@ -276,11 +293,9 @@ class TwoStageFeatureDistillation(FeatureDistillation):
                     f"single-stage run.")
 
     def on_train_epoch_end(self) -> None:
-        # The base class logs the running means of the loss terms over windows of
-        # `log_every_n_steps` steps; close the window at the end of stage 1 so that no logged
-        # `train/loss` averages a stage-1 loss with a stage-2 loss.
-        if self.current_epoch + 1 == self.resolved_stage1_epochs() and hasattr(self, "_last_logged_step"):
-            self._last_logged_step = -(2**62)
+        # no logged `train/loss` may average a stage-1 loss with a stage-2 loss
+        if self.current_epoch + 1 == self.resolved_stage1_epochs():
+            self.close_log_window()
         super().on_train_epoch_end()
 
     def on_train_epoch_start(self) -> None:

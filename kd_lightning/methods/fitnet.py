@@ -48,23 +48,12 @@ class FitNet(TwoStageFeatureDistillation):
             raise KDConfigError(f"hint_weight must be >= 0, got {hint_weight} (default 100).")
         super().__init__(stage1_epochs=stage1_epochs, task_loss=task_loss, **kwargs)
         self.hint_weight = hint_weight
+        self.transfer_weight = hint_weight
         self.connectors = nn.ModuleList()
         self.init_features(student_layers, teacher_layers)
 
     def build_features(self, student_shapes: list[Shape], teacher_shapes: list[Shape]) -> None:
         self.build_connectors(student_shapes, teacher_shapes, "FitNet")
 
-    def training_step(self, batch, batch_idx: int):
-        x, y, idx = batch
-        if self.stage == 2 and not self.single_stage:
-            return self.task_stage_step(x, y, idx)
-        logits, feats = self.student_forward(x)
-        t_logits, t_feats = self.teacher_forward(x, idx)
-        hint = sum(hint_loss(r(f), t) for r, f, t in zip(self.connectors, feats, t_feats))
-        if not self.single_stage:  # stage 1: hint training only
-            self.log_terms(logits, y, loss=hint, loss_hint=hint)
-            return hint
-        task, terms = self.task_terms(logits, y, x, idx, t_logits)
-        loss = task + self.hint_weight * hint
-        self.log_terms(logits, y, loss=loss, **terms, loss_hint=hint)
-        return loss
+    def transfer_loss(self, feats, t_feats):
+        return "loss_hint", sum(hint_loss(r(f), t) for r, f, t in zip(self.connectors, feats, t_feats))

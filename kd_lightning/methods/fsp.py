@@ -93,19 +93,7 @@ class FSP(TwoStageFeatureDistillation):
                     f"a student of the teacher's width (e.g. ConvNet1D width=64 groups=4 for the "
                     f"width-64 MNIST-1D teacher).")
 
-    def training_step(self, batch, batch_idx: int):
-        x, y, idx = batch
-        if self.stage == 2 and not self.single_stage:
-            return self.task_stage_step(x, y, idx)
-        logits, feats = self.student_forward(x)
-        t_logits, t_feats = self.teacher_forward(x, idx)
+    def transfer_loss(self, feats, t_feats):
         g_s = [fsp_matrix(feats[a], feats[b]) for a, b in self._s_idx]
         g_t = [fsp_matrix(t_feats[a], t_feats[b]) for a, b in self._t_idx]
-        fsp = fsp_loss(g_s, g_t, self.lambdas)
-        if not self.single_stage:  # stage 1: FSP only
-            self.log_terms(logits, y, loss=fsp, loss_fsp=fsp)
-            return fsp
-        task, terms = self.task_terms(logits, y, x, idx, t_logits)
-        loss = task + fsp
-        self.log_terms(logits, y, loss=loss, **terms, loss_fsp=fsp)
-        return loss
+        return "loss_fsp", fsp_loss(g_s, g_t, self.lambdas)

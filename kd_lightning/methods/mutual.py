@@ -22,7 +22,7 @@ from kd_lightning.losses import (
     rule_regularized_teacher,
     rule_weight_loss,
 )
-from kd_lightning.methods.base import DistillationModule, use_fused_kernel
+from kd_lightning.methods.base import DistillationModule, check_kd_hyperparameters, use_fused_kernel
 from kd_lightning.rules.base import Rule, evaluate_rules, rule_label
 
 
@@ -157,8 +157,7 @@ class MutualDistillation(DistillationModule):
         if phi_objective not in ("r", "log_r"):
             raise KDConfigError(f"MutualDistillation: phi_objective must be 'r' or 'log_r', "
                                 f"got {phi_objective!r}.")
-        if temperature <= 0:
-            raise KDConfigError(f"MutualDistillation: temperature must be > 0, got {temperature}.")
+        check_kd_hyperparameters("MutualDistillation", temperature)
         if not (lambda_lr > 0 and phi_lr > 0):
             raise KDConfigError(f"MutualDistillation: lambda_lr and phi_lr must be > 0, got {lambda_lr} "
                                 f"and {phi_lr} (set learn_lambda / learn_phi to false to freeze).")
@@ -366,13 +365,14 @@ class MutualDistillation(DistillationModule):
         else:
             scheduler.step()
 
+    def on_train_terms_logged(self) -> None:
+        values = {f"train/lambda_{i}": w for i, w in enumerate(self.rule_weights.detach())}
+        values["train/pi"] = float(self._last_pi)
+        values["train/pi_prime"] = float(self.pi_prime)
+        self.log_dict(values, on_step=False, on_epoch=True)
+
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()
-        if not self._term_sums:  # the base class has just written the epoch's training logs
-            values = {f"train/lambda_{i}": w for i, w in enumerate(self.rule_weights.detach())}
-            values["train/pi"] = float(self._last_pi)
-            values["train/pi_prime"] = float(self.pi_prime)
-            self.log_dict(values, on_step=False, on_epoch=True)
         if self.hparams.lr_scheduler_interval == "epoch":
             self._step_scheduler()
 

@@ -7,7 +7,7 @@ from torch import nn
 
 from kd_lightning import KDConfigError
 from kd_lightning.losses import kd_loss, rkd_loss
-from kd_lightning.methods.base import DistillationModule
+from kd_lightning.methods.base import DistillationModule, check_kd_hyperparameters
 from kd_lightning.models.taps import FeatureTaps
 
 
@@ -61,8 +61,7 @@ class RelationKD(DistillationModule):
             raise KDConfigError("RelationKD: w_d and w_a are both 0, so nothing relational is "
                                 "distilled; set w_d=25, w_a=50 (Park et al.), or use ResponseKD / "
                                 "Supervised for a logit-only or label-only baseline.")
-        if temperature <= 0:
-            raise KDConfigError(f"RelationKD: temperature must be > 0, got {temperature} (default 4).")
+        check_kd_hyperparameters("RelationKD", temperature)
         super().__init__(**kwargs)
         self.w_d, self.w_a = w_d, w_a
         self.ce_weight, self.kd_weight, self.temperature = ce_weight, kd_weight, temperature

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from kd_lightning import KDConfigError
 from kd_lightning.losses import response_kd_loss
-from kd_lightning.methods.base import DistillationModule
+from kd_lightning.methods.base import DistillationModule, check_kd_hyperparameters
 
 
 class ResponseKD(DistillationModule):
@@ -20,12 +19,7 @@ class ResponseKD(DistillationModule):
     requires_teacher = True
 
     def __init__(self, temperature: float = 4.0, alpha: float = 0.9, **kwargs) -> None:
-        if temperature <= 0:
-            raise KDConfigError(f"temperature must be > 0, got {temperature}; Hinton et al. use "
-                                f"1-20 (default 4).")
-        if not 0.0 <= alpha <= 1.0:
-            raise KDConfigError(f"alpha must be in [0, 1], got {alpha}: it weighs the soft-target "
-                                f"term against cross-entropy (default 0.9).")
+        check_kd_hyperparameters("ResponseKD", temperature, alpha)
         super().__init__(**kwargs)
         self.temperature, self.alpha = temperature, alpha
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from kd_lightning import KDConfigError
 from kd_lightning.losses import kd_loss, wasserstein_kd_loss
-from kd_lightning.methods.base import DistillationModule
+from kd_lightning.methods.base import DistillationModule, check_kd_hyperparameters
 
 
 class NonFiniteGradientError(KDConfigError):
@@ -70,8 +70,7 @@ class WassersteinKD(DistillationModule):
                 f"WassersteinKD: eps must be >= 0, got {eps}. It is the radius of the Wasserstein "
                 f"ball around the training examples (the weight of the input-gradient penalty); "
                 f"0 gives plain response KD; the MNIST-1D configs use 0.3 (full data) and 2 (few data).")
-        if temperature <= 0:
-            raise KDConfigError(f"WassersteinKD: temperature must be > 0, got {temperature} (default 4).")
+        check_kd_hyperparameters("WassersteinKD", temperature)
         if not (ce_weight >= 0 and kd_weight >= 0):
             raise KDConfigError(f"WassersteinKD: ce_weight and kd_weight must be >= 0, got "
                                 f"{ce_weight} and {kd_weight} (defaults 0.1 and 0.9).")
