@@ -5,7 +5,8 @@ Times, in one process and alternating several times:
       same Hinton KD math, teacher logits precomputed once;
   (b) the same training through kd_lightning (``ResponseKD`` + ``DistillDataModule`` +
       ``pl.Trainer``), as a user gets it by default (teacher cache on, per-epoch logging to
-      TensorBoard), without validation.
+      TensorBoard, the optimizer exactly as configured, and ``data.batches_per_step`` as the
+      shipped ``configs/mnist1d/response.yaml`` sets it), without validation.
 
 Setting 1: MNIST-1D, MLP student, CNN teacher (width 64), batch 100, 8000 optimizer steps.
 Setting 2: CIFAR resnet56 -> resnet20 on synthetic 32x32 input with augmentation (so the teacher
@@ -42,7 +43,17 @@ logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
 logging.getLogger("lightning_fabric").setLevel(logging.ERROR)
 
 T, ALPHA, LR = 4.0, 0.9, 1e-2
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLOCK = time.perf_counter  # --cpu-time switches to process CPU time (robust on a busy machine)
+
+
+def shipped_batches_per_step() -> int:
+    """``data.batches_per_step`` of the shipped MNIST-1D ResponseKD config."""
+    import yaml
+
+    with open(os.path.join(REPO, "configs", "mnist1d", "response.yaml")) as f:
+        data = yaml.safe_load(f)["data"]
+    return int(data.get("init_args", data).get("batches_per_step", 1))
 
 
 def make_teacher(steps: int = 1500) -> ConvNet1D:
@@ -108,10 +119,13 @@ def lightning_run(teacher, dm: DistillDataModule, steps: int, seed: int, student
     return CLOCK() - start, student
 
 
-def mnist1d_setting(steps: int, repeats: int) -> dict:
+def mnist1d_setting(steps: int, repeats: int, batches_per_step: int) -> dict:
     teacher = make_teacher()
     dm = DistillDataModule("mnist1d", batch_size=100)
     dm.setup("fit")
+    # the same examples in the same order, k minibatches per Lightning step
+    dm_kd = DistillDataModule("mnist1d", batch_size=100, batches_per_step=batches_per_step)
+    dm_kd.setup("fit")
     times = {"plain": [], "kd_lightning": []}
     accs = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,16 +134,18 @@ def mnist1d_setting(steps: int, repeats: int) -> dict:
                 if name == "plain":
                     t, student = plain_loop(teacher, dm, steps, seed=r, student_fn=MLP)
                 else:
-                    t, student = lightning_run(teacher, dm, steps, seed=r, student_fn=MLP, log_dir=tmp)
+                    t, student = lightning_run(teacher, dm_kd, steps, seed=r, student_fn=MLP, log_dir=tmp)
                 times[name].append(t)
                 accs.setdefault(name, []).append(accuracy(student, DistillDataModule("mnist1d")))
     a, b = statistics.median(times["plain"]), statistics.median(times["kd_lightning"])
-    return {"steps": steps, "plain_s": round(a, 3), "kd_lightning_s": round(b, 3),
+    return {"steps": steps, "batches_per_step": batches_per_step,
+            "plain_s": round(a, 3), "kd_lightning_s": round(b, 3),
             "ratio": round(b / a, 3),
             "plain_ms_per_step": round(1000 * a / steps, 4),
             "kd_lightning_ms_per_step": round(1000 * b / steps, 4),
             "plain_test_acc": round(statistics.mean(accs["plain"]), 2),
             "kd_lightning_test_acc": round(statistics.mean(accs["kd_lightning"]), 2),
+            "test_acc_per_seed": {k: [round(v, 2) for v in accs[k]] for k in accs},
             "teacher_test_acc": round(accuracy(teacher, DistillDataModule("mnist1d")), 2),
             "times_plain": [round(t, 3) for t in times["plain"]],
             "times_kd_lightning": [round(t, 3) for t in times["kd_lightning"]]}
@@ -210,6 +226,8 @@ def main() -> None:
     parser.add_argument("--cifar-steps", type=int, default=200)
     parser.add_argument("--cifar-repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="1000 MNIST-1D steps, 30 CIFAR steps")
+    parser.add_argument("--batches-per-step", type=int, default=None,
+                        help="data.batches_per_step for (b) (default: the shipped MNIST-1D config's)")
     parser.add_argument("--cpu-time", action="store_true",
                         help="time with process CPU time instead of wall time (busy machines)")
     args = parser.parse_args()
@@ -220,7 +238,8 @@ def main() -> None:
         args.steps, args.cifar_steps, args.repeats, args.cifar_repeats = 1000, 30, 2, 1
     out = {"clock": "process_cpu_time" if args.cpu_time else "wall", "torch": torch.__version__, "pytorch_lightning": pl.__version__,
            "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-           "mnist1d_mlp_from_cnn": mnist1d_setting(args.steps, args.repeats)}
+           "mnist1d_mlp_from_cnn": mnist1d_setting(args.steps, args.repeats,
+                                                   args.batches_per_step or shipped_batches_per_step())}
     if args.cifar_steps > 0:
         out["cifar_resnet56_to_resnet20"] = cifar_setting(args.cifar_steps, args.cifar_repeats)
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -15,8 +15,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 
-# fast, quiet trainer settings for end-to-end CLI tests
-TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+# fast, quiet trainer settings for end-to-end CLI tests (one minibatch per Lightning step, so
+# limit_train_batches counts minibatches; grouped steps have their own tests)
+TINY = ["--data.batches_per_step", "1", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
         "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1",
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 

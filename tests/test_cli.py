@@ -232,3 +232,33 @@ def test_ddp_two_cpu_processes_train_on_the_same_subset(teacher_ckpt, tmp_path):
     assert r0["world"] == r1["world"] == 2
     assert r0["indices"] == r1["indices"] and len(r0["indices"]) == 200
     assert "test/acc" in out.stdout
+
+
+DUMP_WEIGHTS = '''
+import json, os
+from pytorch_lightning import Callback
+
+class DumpWeights(Callback):
+    def on_train_end(self, trainer, pl_module):
+        path = os.path.join(os.getcwd(), f"weights{trainer.global_rank}.json")
+        with open(path, "w") as f:
+            json.dump({"step": trainer.global_step,
+                       "weights": [float(p.double().sum()) for p in pl_module.student.parameters()]}, f)
+'''
+
+
+@pytest.mark.ddp
+def test_ddp_with_several_minibatches_per_step_keeps_ranks_in_sync(teacher_ckpt, tmp_path):
+    """batches_per_step > 1 under DDP: every minibatch's gradient is all-reduced, so both ranks
+    (which see different shards) end with the same student and count the same optimizer steps."""
+    (tmp_path / "dump_weights.py").write_text(DUMP_WEIGHTS)
+    out = _subprocess(_response_args(
+        teacher_ckpt, "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+        "--trainer.strategy", "ddp", "--data.train_subset", "600", "--data.batch_size", "50",
+        "--data.batches_per_step", "3", "--trainer.limit_train_batches", "2",
+        "--trainer.callbacks+=dump_weights.DumpWeights"), tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r0 = json.loads((tmp_path / "weights0.json").read_text())
+    r1 = json.loads((tmp_path / "weights1.json").read_text())
+    assert r0["step"] == r1["step"] == 6  # 2 groups of 3 minibatches
+    assert r0["weights"] == r1["weights"]

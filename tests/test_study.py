@@ -17,7 +17,7 @@ from kd_lightning import study
 from kd_lightning.study import format_table, load_study, main
 from tests.conftest import CONFIGS, REPO
 
-TEACHER_ARGS = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
+TEACHER_ARGS = ["--data.batches_per_step", "1", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
                 "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1",
                 "--trainer.enable_model_summary", "false"]
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 
 def random_crop_flip(x: Tensor, padding: int = 4, flip: bool = True,
@@ -99,6 +99,33 @@ class PerSampleDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.base)
+
+    def __getitem__(self, position: int):
+        return self.base[position]
+
+
+class MinibatchGroups(Dataset):
+    """Serves a group of consecutive minibatches per loader item (``batches_per_step``).
+
+    A loader over this dataset with ``batch_size = k * minibatch_size`` yields lists of ``k``
+    ``(x, y, index)`` minibatches, the last group shorter (and its last minibatch smaller, or
+    dropped with ``drop_last``): exactly the batches of a loader with ``minibatch_size``.
+    """
+
+    def __init__(self, base: Dataset, minibatch_size: int, drop_last: bool = False) -> None:
+        self.base, self.minibatch_size, self.drop_last = base, minibatch_size, drop_last
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitems__(self, positions: list[int]) -> list:
+        b = self.minibatch_size
+        chunks = [positions[i:i + b] for i in range(0, len(positions), b)]
+        if self.drop_last and chunks and len(chunks[-1]) < b:
+            chunks.pop()
+        if hasattr(self.base, "get_batch"):
+            return [self.base.get_batch(torch.as_tensor(c, dtype=torch.int64)) for c in chunks]
+        return [default_collate([self.base[i] for i in c]) for c in chunks]
 
     def __getitem__(self, position: int):
         return self.base[position]

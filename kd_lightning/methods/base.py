@@ -9,6 +9,7 @@ of every loss term by name. A method subclass holds its hyperparameters and a
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Iterator
@@ -111,7 +112,7 @@ class DistillationModule(pl.LightningModule):
                  optimizer: OptimizerCallable = torch.optim.Adam,
                  lr_scheduler: LRSchedulerCallable | None = None,
                  lr_scheduler_interval: str = "epoch", teacher_cache: bool | None = None,
-                 teacher_cache_mb: float = 512.0, fused_optimizer: bool = True, log_step_terms: bool = False) -> None:
+                 teacher_cache_mb: float = 512.0, fused_optimizer: bool = False, log_step_terms: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["student", "teacher", "optimizer", "lr_scheduler"])
         if self.requires_teacher and teacher is None:
@@ -150,6 +151,8 @@ class DistillationModule(pl.LightningModule):
         self._last_logged_step = 0
         self._close_log_window = False
         self._metrics_built = False
+        self._batches_per_step = 1  # data.batches_per_step of the current fit
+        self._grouped_auto = False  # automatic optimisation carried out by the group driver
         if num_classes is not None:
             self._build_metrics(num_classes)
 
@@ -163,12 +166,108 @@ class DistillationModule(pl.LightningModule):
             super().__setattr__(name, value)
 
     def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
-        """``(x, y, index)`` batches: nothing to do when already on ``device``, else ``.to()``."""
+        """``(x, y, index)`` batches (or groups of them): nothing to do when already on
+        ``device``, else ``.to()``."""
         if isinstance(batch, (tuple, list)) and all(isinstance(t, Tensor) for t in batch):
             if all(t.device == device for t in batch):
                 return batch
             return type(batch)(t.to(device, non_blocking=True) for t in batch)
+        if isinstance(batch, list) and all(isinstance(b, (tuple, list)) for b in batch):
+            return [self.transfer_batch_to_device(b, device, dataloader_idx) for b in batch]
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    # ---- several minibatches per Lightning step (data.batches_per_step) -------------------
+    def _setup_minibatch_groups(self) -> None:
+        """With ``data.batches_per_step = k > 1`` each training batch is a list of ``k``
+        minibatches. The method's own ``training_step`` still sees one minibatch at a time (with
+        the ``batch_idx`` it would have had with ``k = 1``), and the optimizer steps once per
+        minibatch: what Lightning's automatic optimisation does (zero_grad, backward, gradient
+        clipping, step, step-interval schedulers; epoch-interval ones at the epoch's end) is
+        done here through Lightning's manual-optimisation API, so precision plugins, DDP
+        gradient sync, callbacks' optimizer hooks and ``global_step`` behave as usual."""
+        # (the module stays in this mode after fit, so trainer.global_step keeps counting the
+        # optimizer steps; a later fit sets it up again from its own data module)
+        self.__dict__.pop("training_step", None)
+        if self._grouped_auto:
+            self.automatic_optimization, self._grouped_auto = True, False
+        dm = getattr(self.trainer, "datamodule", None)
+        k = int(getattr(dm, "batches_per_step", 1) or 1)
+        self._batches_per_step = k
+        if k == 1:
+            return
+        if self.trainer.accumulate_grad_batches != 1:
+            raise KDConfigError(
+                f"data.batches_per_step={k} cannot be combined with trainer.accumulate_grad_batches="
+                f"{self.trainer.accumulate_grad_batches}: set data.batches_per_step to 1 (or "
+                f"raise data.batch_size instead of accumulating).")
+        if self.automatic_optimization:
+            self.automatic_optimization, self._grouped_auto = False, True
+        method_step = type(self).training_step.__get__(self, type(self))
+
+        def training_step(batch, batch_idx: int):
+            return self._grouped_training_step(method_step, batch, batch_idx)
+
+        self.__dict__["training_step"] = training_step  # shadows the class's method for this fit
+
+    def _grouped_training_step(self, method_step, group: list, batch_idx: int) -> None:
+        trainer = self.trainer
+        k = self._batches_per_step
+        opt = self.optimizers() if self._grouped_auto else None
+        for j, minibatch in enumerate(group):
+            if 0 < trainer.max_steps <= trainer.global_step:
+                break  # max_steps counts optimizer steps, not groups
+            out = method_step(minibatch, batch_idx * k + j)
+            if opt is None:  # the method optimises manually itself
+                continue
+            loss = out["loss"] if isinstance(out, dict) else out
+            if loss is None:
+                continue
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()  # gradient clipping happens in on_before_optimizer_step
+            self._step_lr_schedulers("step", batch_idx * k + j + 1)
+        if self._grouped_auto and batch_idx + 1 == trainer.num_training_batches:
+            self._step_lr_schedulers("epoch", self.current_epoch + 1)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        trainer = self.trainer
+        if self._grouped_auto and trainer.gradient_clip_val:
+            # where Lightning clips in automatic mode: after unscaling (AMP), before the step
+            self.configure_gradient_clipping(optimizer, trainer.gradient_clip_val,
+                                             trainer.gradient_clip_algorithm)
+
+    def _step_lr_schedulers(self, interval: str, count: int, plateau: bool = False) -> None:
+        """Lightning's scheduler stepping for automatic optimisation (interval, frequency,
+        ReduceLROnPlateau's monitor), for the group driver."""
+        for config in self.trainer.lr_scheduler_configs:
+            if config.interval != interval or config.reduce_on_plateau != plateau or count % config.frequency:
+                continue
+            if not plateau:
+                config.scheduler.step()
+                continue
+            value = self.trainer.callback_metrics.get(config.monitor)
+            if value is None:
+                if config.strict:
+                    raise KDConfigError(
+                        f"ReduceLROnPlateau monitors {config.monitor!r}, which was not logged "
+                        f"(available: {sorted(self.trainer.callback_metrics)}); run validation "
+                        f"every epoch or use another scheduler.")
+                continue
+            config.scheduler.step(value)
+
+    @property
+    def train_minibatches_per_epoch(self) -> float:
+        """Optimizer-step minibatches per training epoch (per device), whatever
+        ``data.batches_per_step`` is; ``inf`` when unknown."""
+        n = self.trainer.num_training_batches
+        k = self._batches_per_step
+        if k == 1 or not math.isfinite(n):
+            return n
+        dm = self.trainer.datamodule
+        loader = self.trainer.train_dataloader
+        per_rank = len(loader.sampler) if loader is not None and hasattr(loader.sampler, "__len__") else n * k * dm.batch_size
+        full = per_rank // dm.batch_size if dm.drop_last else math.ceil(per_rank / dm.batch_size)
+        return min(n * k, full)
 
     # ---- teacher ---------------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -297,6 +396,8 @@ class DistillationModule(pl.LightningModule):
             self._build_metrics(self.num_classes)
         if shape is not None:
             self._check_class_counts(shape, k_data)
+        if stage == "fit":
+            self._setup_minibatch_groups()
 
     @torch.no_grad()
     def _check_class_counts(self, input_shape: tuple[int, ...], k_data: int | None) -> None:
@@ -367,6 +468,8 @@ class DistillationModule(pl.LightningModule):
         # few-data runs an epoch can be a single step: log the running means once at least
         # `log_every_n_steps` optimizer steps have passed (and at the last epoch).
         trainer = self.trainer
+        if self._grouped_auto:  # after validation, as Lightning does for automatic optimisation
+            self._step_lr_schedulers("epoch", self.current_epoch + 1, plateau=True)
         steps_since = trainer.global_step - self._last_logged_step
         last_epoch = (trainer.max_epochs is not None and trainer.max_epochs > 0
                       and self.current_epoch >= trainer.max_epochs - 1) or (

@@ -239,7 +239,7 @@ class MutualDistillation(DistillationModule):
 
     def current_pi(self, batch_idx: int) -> float:
         """``pi_t = min(pi_0, 1 - alpha^t)`` with ``t = epoch + batch_idx / batches_per_epoch``."""
-        n = self.trainer.num_training_batches if self._trainer is not None else float("inf")
+        n = self.train_minibatches_per_epoch if self._trainer is not None else float("inf")
         frac = batch_idx / n if isinstance(n, (int, float)) and math.isfinite(n) and n > 0 else 0.0
         return imitation_weight(self.current_epoch + frac, self.pi_0, self.pi_alpha)
 
