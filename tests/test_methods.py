@@ -117,7 +117,7 @@ def test_supervised_learns_digits():
     assert float(trainer.callback_metrics["val/acc"]) > 0.9
 
 
-def test_fused_optimizer_is_used_by_default_and_matches_the_loop_version():
+def test_fused_optimizer_is_opt_in_and_matches_the_loop_version():
     from kd_lightning.methods.base import use_fused_kernel
 
     net = MLP()
@@ -128,6 +128,7 @@ def test_fused_optimizer_is_used_by_default_and_matches_the_loop_version():
     rms = torch.optim.RMSprop(net.parameters())
     assert use_fused_kernel(rms) is rms  # no fused kernel: unchanged
 
+    assert Supervised(student=MLP()).fused_optimizer is False  # the optimizer as configured by default
     students = {}
     for fused in (True, False):
         pl.seed_everything(1)

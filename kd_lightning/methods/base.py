@@ -99,7 +99,8 @@ class DistillationModule(pl.LightningModule):
         fused_optimizer: when the optimizer has a fused implementation (Adam, AdamW, SGD, ...)
             and neither ``fused`` nor ``foreach`` was set, use the fused kernel: the same update
             in one kernel call instead of a Python loop over parameters (on CPU, PyTorch's
-            default is that loop). Set ``False`` to keep the optimizer exactly as configured.
+            default is that loop). Off by default: the fused kernel rounds differently, so a
+            run would no longer match the same optimizer in a hand-written loop bit for bit.
         log_step_terms: also log every loss term at every ``log_every_n_steps`` (costs time per
             step; epoch means are always logged).
     """
