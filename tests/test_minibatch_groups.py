@@ -82,6 +82,15 @@ def test_grouped_training_gives_the_same_student_as_one_batch_per_step(case):
     assert results[4][2] == results[1][2]  # same learning rate at the end
 
 
+def test_module_pickles_after_a_grouped_fit_and_fits_again(tmp_path):
+    trainer, model = _fit(3, epochs=1)
+    assert trainer.global_step == 10
+    torch.save(model, tmp_path / "model.pt")  # no per-fit closure left on the module
+    again = _trainer(max_epochs=1)
+    again.fit(model, DistillDataModule("mnist1d", batch_size=100, train_subset=1000))
+    assert again.global_step == 10 and model.automatic_optimization  # back to one batch per step
+
+
 def test_gradient_clipping_is_applied_in_grouped_mode():
     _, clipped = _fit(4, gradient_clip_val=1e-3)
     _, free = _fit(4)

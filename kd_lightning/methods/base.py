@@ -186,7 +186,7 @@ class DistillationModule(pl.LightningModule):
         clipping, step, step-interval schedulers; epoch-interval ones at the epoch's end) is
         done here through Lightning's manual-optimisation API, so precision plugins, DDP
         gradient sync, callbacks' optimizer hooks and ``global_step`` behave as usual."""
-        # (the module stays in this mode after fit, so trainer.global_step keeps counting the
+        # (the module stays in manual mode after fit, so trainer.global_step keeps counting the
         # optimizer steps; a later fit sets it up again from its own data module)
         self.__dict__.pop("training_step", None)
         if self._grouped_auto:
@@ -255,6 +255,12 @@ class DistillationModule(pl.LightningModule):
                         f"every epoch or use another scheduler.")
                 continue
             config.scheduler.step(value)
+
+    def teardown(self, stage: str) -> None:
+        # drop the per-fit driver so the module pickles (torch.save(model), spawn launchers); the
+        # optimisation mode stays, so trainer.global_step still counts this fit's optimizer steps
+        if stage == "fit":
+            self.__dict__.pop("training_step", None)
 
     @property
     def train_minibatches_per_epoch(self) -> float:
