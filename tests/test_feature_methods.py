@@ -110,7 +110,7 @@ class _Recorder(pl.Callback):
         self.seen: list[tuple[int, int, tuple[str, ...]]] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        names = tuple(n for key in pl_module._term_sums for n in key)
+        names = tuple(n for key in pl_module._term_records for n in key)
         self.seen.append((trainer.current_epoch, pl_module.stage, names))
 
 

@@ -178,3 +178,19 @@ def test_teacher_feature_cache_matches_a_fresh_forward(budget_mb, features_cache
     assert len(fc) == len(ff) == 2
     for a, b in zip(fc, ff):
         assert a.shape == b.shape and torch.allclose(a, b, atol=1e-6)
+
+
+def test_logged_train_loss_is_the_mean_of_the_step_losses():
+    class Record(pl.Callback):
+        losses: list[float] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.losses.append(float(outputs["loss"]))
+
+    pl.seed_everything(0)
+    rec = Record()
+    trainer = _trainer(max_epochs=1, callbacks=[rec])
+    trainer.fit(Supervised(student=MLP()), DistillDataModule("mnist1d", train_subset=300))
+    assert len(rec.losses) == 3
+    assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(sum(rec.losses) / 3, rel=1e-6)
+    assert 0.0 <= float(trainer.callback_metrics["train/acc"]) <= 1.0

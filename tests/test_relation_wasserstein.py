@@ -330,8 +330,8 @@ def test_relation_kd_step_composes_its_terms_and_trains_the_student_only():
     loss.backward()
     assert all(p.grad is not None for p in m.student.parameters())
     assert all(p.grad is None for p in m.teacher.parameters())
-    assert set(next(iter(m._term_sums))) == {"loss", "loss_ce", "loss_rkd_d", "loss_rkd_a",
-                                             "loss_kd", "__correct__"}
+    assert set(next(iter(m._term_records))) == {"loss", "loss_ce", "loss_rkd_d", "loss_rkd_a", "loss_kd"}
+    assert len(m._pred_records) == 1  # training accuracy is logged too
 
 
 def test_relation_kd_bad_arguments_and_batches():

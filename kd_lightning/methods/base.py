@@ -146,9 +146,8 @@ class DistillationModule(pl.LightningModule):
         self._feature_cache: list[Tensor] | None = None  # tapped teacher features, same keys
         self._cache_used: bool | None = None  # set at the start of training
         self._teacher_taps: FeatureTaps | None = None
-        self._term_sums: dict[tuple[str, ...], Tensor] = {}
-        self._term_steps: dict[tuple[str, ...], int] = {}
-        self._train_seen = 0
+        self._term_records: dict[tuple[str, ...], list[list[Tensor]]] = {}
+        self._pred_records: list[tuple[Tensor, Tensor]] = []
         self._last_logged_step = 0
         self._close_log_window = False
         self._metrics_built = False
@@ -451,21 +450,18 @@ class DistillationModule(pl.LightningModule):
                   **terms: Tensor) -> None:
         """Accumulate loss terms (and training accuracy) for per-epoch logging.
 
-        All terms of a step are stacked into one vector and added to a running sum: two tensor
-        operations per step whatever the number of terms, and no host-device synchronisation.
+        A step only keeps references to its detached terms and its predicted classes (one
+        ``argmax``, no host-device synchronisation); they are reduced with a few tensor
+        operations per logging window, not per step.
         Each term appears in TensorBoard as ``train/<name>`` (mean over the epoch's steps,
         averaged over DDP ranks); ``train/acc`` is the accuracy over the epoch's examples.
         """
-        names = tuple(terms)
-        values = [v.detach().float() for v in terms.values()]
+        records = self._term_records.get(tuple(terms))
+        if records is None:
+            records = self._term_records[tuple(terms)] = []
+        records.append([v.detach() for v in terms.values()])
         if logits is not None and targets is not None:
-            values.append((logits.detach().argmax(-1) == targets).sum().float())
-            self._train_seen += targets.numel()
-            names = names + ("__correct__",)
-        stacked = torch.stack(values)
-        acc = self._term_sums.get(names)
-        self._term_sums[names] = stacked if acc is None else acc + stacked
-        self._term_steps[names] = self._term_steps.get(names, 0) + 1
+            self._pred_records.append((logits.detach().argmax(-1), targets))
         if self.log_step_terms:
             self.log_dict({f"train_step/{k}": v.detach() for k, v in terms.items()},
                           on_step=True, on_epoch=False)
@@ -486,15 +482,17 @@ class DistillationModule(pl.LightningModule):
             return
         sums: dict[str, Tensor] = {}
         steps: dict[str, int] = {}
-        for names, total in self._term_sums.items():  # a method may change terms between stages
+        for names, records in self._term_records.items():  # terms may change between stages
             for i, name in enumerate(names):
-                sums[name] = total[i] + sums[name] if name in sums else total[i]
-                steps[name] = steps.get(name, 0) + self._term_steps[names]
-        out = {f"train/{name}": total / steps[name] for name, total in sums.items()
-               if name != "__correct__"}
-        if "__correct__" in sums:
+                total = torch.stack([r[i] for r in records]).float().sum()
+                sums[name] = total + sums[name] if name in sums else total
+                steps[name] = steps.get(name, 0) + len(records)
+        out = {f"train/{name}": total / steps[name] for name, total in sums.items()}
+        if self._pred_records:
+            preds = torch.cat([p for p, _ in self._pred_records])
+            targets = torch.cat([t for _, t in self._pred_records])
             # DDP shards are padded to equal size, so the mean over ranks is the global accuracy
-            out["train/acc"] = sums["__correct__"] / self._train_seen
+            out["train/acc"] = (preds == targets).float().mean()
         if out:
             self.log_dict(out, on_step=False, on_epoch=True, sync_dist=True)
         self._reset_term_logs()
@@ -509,7 +507,7 @@ class DistillationModule(pl.LightningModule):
         """Hook: called right after the running means of the loss terms were logged."""
 
     def _reset_term_logs(self) -> None:
-        self._term_sums, self._term_steps, self._train_seen = {}, {}, 0
+        self._term_records, self._pred_records = {}, []
         self._last_logged_step = self.trainer.global_step
         self._close_log_window = False
 
