@@ -106,6 +106,24 @@ def test_response_kd_loads_lightning_teacher_and_keeps_it_frozen(teacher_ckpt, t
         assert key in scalars, key
 
 
+
+def test_shipped_config_trains_with_several_minibatches_per_step(teacher_ckpt, tmp_path, monkeypatch):
+    """configs/mnist1d/response.yaml as shipped (batches_per_step 10): counts optimizer steps,
+    logs, checkpoints and tests like a one-minibatch-per-step run."""
+    monkeypatch.chdir(tmp_path)
+    cli = run_cli(["fit", "--config", CONFIGS / "mnist1d/response.yaml", "--trainer.max_epochs", "2",
+                   "--data.train_subset", "300", "--data.batch_size", "50",
+                   "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+                   "--model.init_args.teacher_checkpoint", teacher_ckpt])
+    assert cli.datamodule.batches_per_step == 10
+    assert cli.trainer.global_step == 12  # 6 minibatches (one group) per epoch, 2 epochs
+    assert "test/acc" in cli.trainer.callback_metrics
+    ckpt_dir = Path(cli.trainer.log_dir) / "checkpoints"
+    assert (ckpt_dir / "best.ckpt").is_file() and (ckpt_dir / "last.ckpt").is_file()
+    assert torch.load(ckpt_dir / "last.ckpt", weights_only=False)["global_step"] == 12
+    scalars = tb_scalars(Path(cli.trainer.log_dir))
+    assert len(scalars["train/loss_kd"]) == 1 and len(scalars["val/acc"]) == 2
+
 def test_hparams_tab_shows_final_validation_accuracy(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli = run_cli(["fit", "--config", CONFIGS / "mnist1d/student.yaml", *TINY,
