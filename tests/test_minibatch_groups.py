@@ -68,7 +68,10 @@ def _fit(k: int, method=Supervised, epochs: int = 2, steps: int = -1, **trainer_
     dict(model_kw=dict(lr_scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=3, gamma=0.5),
                        lr_scheduler_interval="step")),
     dict(steps=13),
-], ids=["ce", "response_kd", "clip_norm", "clip_value", "epoch_scheduler", "step_scheduler", "max_steps"])
+    dict(steps=10, model_kw=dict(lr_scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5))),
+    dict(steps=13, model_kw=dict(lr_scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5))),
+], ids=["ce", "response_kd", "clip_norm", "clip_value", "epoch_scheduler", "step_scheduler", "max_steps",
+        "max_steps_at_epoch_end", "max_steps_mid_epoch"])
 def test_grouped_training_gives_the_same_student_as_one_batch_per_step(case):
     case = dict(case)
     method = case.pop("method", Supervised)
@@ -77,7 +80,7 @@ def test_grouped_training_gives_the_same_student_as_one_batch_per_step(case):
     for k in (1, 4):
         trainer, model = _fit(k, method=method, steps=steps, **dict(case))
         results[k] = (trainer.global_step, _flat(model.student), trainer.optimizers[0].param_groups[0]["lr"])
-    assert results[4][0] == results[1][0] == (13 if steps > 0 else 20)  # optimizer steps
+    assert results[4][0] == results[1][0] == (steps if steps > 0 else 20)  # optimizer steps
     assert torch.equal(results[4][1], results[1][1])  # bit-identical student
     assert results[4][2] == results[1][2]  # same learning rate at the end
 

@@ -215,7 +215,7 @@ class DistillationModule(pl.LightningModule):
         opt = self.optimizers() if self._grouped_auto else None
         for j, minibatch in enumerate(group):
             if 0 < trainer.max_steps <= trainer.global_step:
-                break  # max_steps counts optimizer steps, not groups
+                return None  # max_steps counts optimizer steps, not groups
             out = method_step(minibatch, batch_idx * k + j)
             if opt is None:  # the method optimises manually itself
                 continue
