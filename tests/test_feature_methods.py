@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -246,3 +247,25 @@ def test_bf16_mixed_runs_each_method_in_both_stages(cls, teacher_ckpt, tmp_path,
     assert all(math.isfinite(v) for v in scalars["train/loss"])
     if stages:
         assert scalars["stage"] == [1.0, 2.0]
+
+
+@pytest.mark.ddp
+def test_two_stage_fitnet_under_ddp_keeps_ranks_identical(teacher_ckpt, tmp_path):
+    """Stage 1 trains student + connector, stage 2 the student alone: under DDP (with the
+    documented ddp_find_unused_parameters_true) both processes end with the same weights."""
+    from tests.test_cli import DUMP_WEIGHTS, _subprocess
+
+    (tmp_path / "dump_weights.py").write_text(DUMP_WEIGHTS)
+    out = _subprocess(["fit", "--config", CONFIGS / "mnist1d/fitnet.yaml", *TINY,
+                       "--trainer.max_epochs", "2", "--model.init_args.stage1_epochs", "1",
+                       "--model.init_args.teacher_checkpoint", teacher_ckpt,
+                       "--data.train_subset", "400", "--data.batch_size", "50",
+                       "--data.batches_per_step", "2", "--trainer.accelerator", "cpu",
+                       "--trainer.devices", "2", "--trainer.strategy", "ddp_find_unused_parameters_true",
+                       "--test_after_fit", "false", "--trainer.callbacks+=dump_weights.DumpWeights"],
+                      tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r0 = json.loads((tmp_path / "weights0.json").read_text())
+    r1 = json.loads((tmp_path / "weights1.json").read_text())
+    assert r0["step"] == r1["step"] == 8  # 2 epochs x 2 groups x 2 minibatches per rank
+    assert r0["weights"] == r1["weights"]
