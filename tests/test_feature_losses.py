@@ -212,3 +212,13 @@ def test_build_connector_picks_conv_for_maps_and_linear_for_vectors():
     assert isinstance(c3, LinearConnector) and c3(torch.randn(2, 100)).shape == (2, 320)
     with pytest.raises(KDConfigError, match=r"\(16, 10\).*\(32, 8, 8\)"):
         build_connector((16, 10), (32, 8, 8))
+
+
+def test_fsp_matrix_is_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    a, b = torch.randn(3, 8, 10), torch.randn(3, 6, 10)
+    ref = fsp_matrix(a, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fsp_matrix(a, b)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, ref, atol=1e-6)

@@ -503,3 +503,28 @@ def test_ddp_two_cpu_processes_wasserstein(mnist1d_teacher, tmp_path):
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_relation(mnist1d_teacher, tmp_path):
     _ddp_run("mnist1d/relation.yaml", mnist1d_teacher, tmp_path)
+
+
+def test_rkd_angles_from_the_gram_matrix_equal_the_normalised_difference_form():
+    from kd_lightning.losses.relation import _angles
+
+    torch.manual_seed(0)
+    e = torch.randn(12, 7) * 3 + 5  # offset: the Gram identities cancel large terms
+    e[5] = e[2]  # a duplicate example: zero differences give cosine 0
+    diff = torch.nn.functional.normalize(e.unsqueeze(0) - e.unsqueeze(1), p=2, dim=2)
+    explicit = torch.bmm(diff, diff.transpose(1, 2))
+    assert torch.allclose(_angles(e), explicit, atol=2e-6)
+    assert _angles(e).dtype == torch.float32
+
+
+def test_rkd_is_computed_in_float32_under_bf16_autocast():
+    from kd_lightning.losses import pairwise_distances
+
+    torch.manual_seed(0)
+    s, t = torch.randn(16, 32) * 2 + 10, torch.randn(16, 20) + 3
+    ref_total, ref_d, ref_a = rkd_loss(s, t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total, d, a = rkd_loss(s, t)
+        dist = pairwise_distances(s)
+    assert dist.dtype == torch.float32 and torch.allclose(dist, pairwise_distances(s), atol=1e-5)
+    assert torch.allclose(d, ref_d, rtol=1e-5) and torch.allclose(a, ref_a, rtol=1e-5)

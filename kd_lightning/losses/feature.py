@@ -121,7 +121,8 @@ def fsp_matrix(f1: Tensor, f2: Tensor) -> Tensor:
     _require_map(f2, "fsp_matrix: f2")
     a, b = pool_to_smaller(f1.float(), f2.float())
     a, b = a.flatten(2), b.flatten(2)  # [B, m, hw], [B, n, hw]
-    return torch.bmm(a, b.transpose(1, 2)) / a.shape[-1]
+    with torch.autocast(device_type=a.device.type, enabled=False):  # bmm would run in bf16/fp16
+        return torch.bmm(a, b.transpose(1, 2)) / a.shape[-1]
 
 
 def fsp_loss(g_student: Sequence[Tensor], g_teacher: Sequence[Tensor],

@@ -53,11 +53,13 @@ def pairwise_distances(e: Tensor, squared: bool = False, eps: float = 1e-12) -> 
 
     Computed from the Gram matrix, :math:`\|e_i\|^2 + \|e_j\|^2 - 2 e_i^\top e_j`, clamped at
     ``eps`` before the square root (so its gradient stays finite), with an exact zero diagonal.
+    Autocast is off inside (a bf16 Gram matrix would lose the small distances).
     """
-    sq = e.pow(2).sum(dim=1)
-    d2 = (sq.unsqueeze(1) + sq.unsqueeze(0) - 2.0 * e @ e.t()).clamp(min=eps)
-    d = d2 if squared else d2.sqrt()
-    return d * (1.0 - torch.eye(len(e), dtype=d.dtype, device=d.device))
+    with torch.autocast(device_type=e.device.type, enabled=False):
+        sq = e.pow(2).sum(dim=1)
+        d2 = (sq.unsqueeze(1) + sq.unsqueeze(0) - 2.0 * e @ e.t()).clamp(min=eps)
+        d = d2 if squared else d2.sqrt()
+        return d * (1.0 - torch.eye(len(e), dtype=d.dtype, device=d.device))
 
 
 def _normalised_distances(e: Tensor) -> Tensor:
@@ -71,9 +73,27 @@ def _normalised_distances(e: Tensor) -> Tensor:
 
 def _angles(e: Tensor) -> Tensor:
     r"""Cosines :math:`\psi_A(e_i, e_j, e_k)` of the angle at :math:`e_j` for all triplets, as
-    ``[N, N, N]`` indexed ``[j, i, k]`` (``j`` is the vertex)."""
-    diff = F.normalize(e.unsqueeze(0) - e.unsqueeze(1), p=2, dim=2)  # [j, i] = e_i - e_j, unit
-    return torch.bmm(diff, diff.transpose(1, 2))
+    ``[N, N, N]`` indexed ``[j, i, k]`` (``j`` is the vertex).
+
+    From the Gram matrix :math:`G = E E^\top` instead of the ``[N, N, D]`` difference vectors:
+    :math:`\langle e_i - e_j, e_k - e_j\rangle = G_{ik} - G_{ij} - G_{jk} + G_{jj}` and
+    :math:`\|e_i - e_j\|^2 = G_{ii} + G_{jj} - 2 G_{ij}`, so the cost is :math:`O(N^2 D + N^3)`
+    rather than :math:`O(N^3 D)` (4-5x faster for N = 100, D = 320). The identities cancel
+    large terms, so they are evaluated in float64 (float32 on MPS, which has no float64) with
+    autocast off; the result equals the explicit normalised-difference form to float32 rounding
+    (tested). A zero difference (``i == j``, or duplicate examples) gives cosine 0, like
+    normalising a zero vector.
+    """
+    wide = torch.float32 if e.device.type == "mps" else torch.float64
+    with torch.autocast(device_type=e.device.type, enabled=False):
+        ew = e.to(wide)
+        g = ew @ ew.t()
+        sq = g.diagonal()
+        d2 = sq.unsqueeze(1) + sq.unsqueeze(0) - 2.0 * g  # exactly 0 on the diagonal
+        eps = 1e-12 if wide == torch.float64 else 1e-8
+        inv = (d2 > eps) / d2.clamp(min=eps).sqrt()  # 1 / |e_i - e_j|, 0 where they coincide
+        dot = g.unsqueeze(0) - g.unsqueeze(2) - g.unsqueeze(1) + sq.view(-1, 1, 1)
+        return (dot * inv.unsqueeze(2) * inv.unsqueeze(1)).to(e.dtype)
 
 
 def rkd_distance_loss(student: Tensor, teacher: Tensor) -> Tensor:
