@@ -270,8 +270,8 @@ class DistillationModule(pl.LightningModule):
         if k == 1 or not math.isfinite(n):
             return n
         dm = self.trainer.datamodule
-        loader = self.trainer.train_dataloader
-        per_rank = len(loader.sampler) if loader is not None and hasattr(loader.sampler, "__len__") else n * k * dm.batch_size
+        sampler = getattr(self.trainer.train_dataloader, "sampler", None)  # per rank under DDP
+        per_rank = len(sampler) if hasattr(sampler, "__len__") else n * k * dm.batch_size
         full = per_rank // dm.batch_size if dm.drop_last else math.ceil(per_rank / dm.batch_size)
         return min(n * k, full)
 
