@@ -95,3 +95,15 @@ def run_cli_error(args: list[str], capsys) -> str:
 def _quiet_and_seeded():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def mnist1d_teacher(tmp_path_factory) -> Path:
+    """A plain state_dict of the MNIST-1D configs' teacher architecture (ConvNet1D width 64,
+    random weights): enough for runs that test plumbing, not accuracy."""
+    from kd_lightning.models import ConvNet1D
+
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    torch.manual_seed(0)
+    torch.save(ConvNet1D(num_classes=10, width=64).state_dict(), path)
+    return path

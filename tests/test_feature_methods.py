@@ -35,13 +35,6 @@ def tb_scalars(log_dir: Path) -> dict[str, list[float]]:
     return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory) -> Path:
-    """The MNIST-1D configs' teacher architecture as a plain state_dict (random weights)."""
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.manual_seed(0)
-    torch.save(ConvNet1D(num_classes=10, width=64).state_dict(), path)
-    return path
 
 
 def _method(cls, **kw):
@@ -146,7 +139,7 @@ def test_fractional_stage1_epochs_rounds_against_max_epochs():
 
 
 # ---- resuming through the CLI ---------------------------------------------------------------
-def test_resume_continues_in_the_stage_of_the_checkpoint(teacher_ckpt, tmp_path, monkeypatch):
+def test_resume_continues_in_the_stage_of_the_checkpoint(mnist1d_teacher, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "every_epoch.yaml").write_text(yaml.safe_dump({"trainer": {"callbacks": [
         {"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
@@ -155,7 +148,7 @@ def test_resume_continues_in_the_stage_of_the_checkpoint(teacher_ckpt, tmp_path,
     args = ["fit", "--config", CONFIGS / "mnist1d/fitnet.yaml", "--config", "every_epoch.yaml",
             *TINY, "--trainer.limit_train_batches", "1", "--trainer.max_epochs", "4",
             "--model.init_args.stage1_epochs", "2", "--model.init_args.teacher_checkpoint",
-            teacher_ckpt, "--data.train_subset", "100", "--test_after_fit", "false",
+            mnist1d_teacher, "--data.train_subset", "100", "--test_after_fit", "false",
             "--trainer.limit_val_batches", "0"]
     first = run_cli(args)
     assert tb_scalars(Path(first.trainer.log_dir))["stage"] == [1.0, 1.0, 2.0, 2.0]
@@ -206,11 +199,11 @@ BAD = [
 
 
 @pytest.mark.parametrize("config, extra, messages", BAD, ids=[m[0][:28] for *_, m in BAD])
-def test_bad_input_gives_one_paragraph_error(config, extra, messages, teacher_ckpt, tmp_path,
+def test_bad_input_gives_one_paragraph_error(config, extra, messages, mnist1d_teacher, tmp_path,
                                              monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     err = run_cli_error(["fit", "--config", CONFIGS / "mnist1d" / config, *TINY,
-                         "--model.init_args.teacher_checkpoint", teacher_ckpt, *extra], capsys)
+                         "--model.init_args.teacher_checkpoint", mnist1d_teacher, *extra], capsys)
     for message in messages:
         assert message in err
     assert not list(tmp_path.rglob("*.ckpt"))
@@ -234,12 +227,12 @@ def test_input_shape_disagreeing_with_the_data_is_an_error():
 
 # ---- bf16-mixed -----------------------------------------------------------------------------
 @pytest.mark.parametrize("cls", list(CONFIG), ids=lambda c: c.__name__)
-def test_bf16_mixed_runs_each_method_in_both_stages(cls, teacher_ckpt, tmp_path, monkeypatch):
+def test_bf16_mixed_runs_each_method_in_both_stages(cls, mnist1d_teacher, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     stages = [] if cls is AttentionTransfer else ["--model.init_args.stage1_epochs", "1"]
     cli = run_cli(["fit", "--config", CONFIGS / "mnist1d" / CONFIG[cls], *TINY,
                    "--trainer.max_epochs", "2", *stages, "--trainer.precision", "bf16-mixed",
-                   "--model.init_args.teacher_checkpoint", teacher_ckpt, "--data.train_subset", "100",
+                   "--model.init_args.teacher_checkpoint", mnist1d_teacher, "--data.train_subset", "100",
                    "--model.init_args.task_loss", "kd"])
     assert cli.trainer.precision == "bf16-mixed"
     assert 0.0 <= float(cli.trainer.callback_metrics["test/acc"]) <= 1.0
@@ -250,7 +243,7 @@ def test_bf16_mixed_runs_each_method_in_both_stages(cls, teacher_ckpt, tmp_path,
 
 
 @pytest.mark.ddp
-def test_two_stage_fitnet_under_ddp_keeps_ranks_identical(teacher_ckpt, tmp_path):
+def test_two_stage_fitnet_under_ddp_keeps_ranks_identical(mnist1d_teacher, tmp_path):
     """Stage 1 trains student + connector, stage 2 the student alone: under DDP (with the
     documented ddp_find_unused_parameters_true) both processes end with the same weights."""
     from tests.test_cli import DUMP_WEIGHTS, _subprocess
@@ -258,7 +251,7 @@ def test_two_stage_fitnet_under_ddp_keeps_ranks_identical(teacher_ckpt, tmp_path
     (tmp_path / "dump_weights.py").write_text(DUMP_WEIGHTS)
     out = _subprocess(["fit", "--config", CONFIGS / "mnist1d/fitnet.yaml", *TINY,
                        "--trainer.max_epochs", "2", "--model.init_args.stage1_epochs", "1",
-                       "--model.init_args.teacher_checkpoint", teacher_ckpt,
+                       "--model.init_args.teacher_checkpoint", mnist1d_teacher,
                        "--data.train_subset", "400", "--data.batch_size", "50",
                        "--data.batches_per_step", "2", "--trainer.accelerator", "cpu",
                        "--trainer.devices", "2", "--trainer.strategy", "ddp_find_unused_parameters_true",

@@ -349,13 +349,6 @@ def test_relation_kd_bad_arguments_and_batches():
 
 
 # ---- through the CLI -----------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def mnist1d_teacher(tmp_path_factory) -> Path:
-    """A plain state_dict of the configs' MNIST-1D teacher architecture (random weights)."""
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.manual_seed(0)
-    torch.save(ConvNet1D(num_classes=10, width=64).state_dict(), path)
-    return path
 
 
 def _args(config: str, teacher: Path, *extra) -> list:

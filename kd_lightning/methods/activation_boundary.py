@@ -7,7 +7,7 @@ from torch import nn
 
 from kd_lightning import KDConfigError
 from kd_lightning.losses.feature import ab_loss
-from kd_lightning.methods.feature import Shape, TwoStageFeatureDistillation
+from kd_lightning.methods.feature import Shape, TwoStageFeatureDistillation, paired_layers
 
 
 class ActivationBoundary(TwoStageFeatureDistillation):
@@ -47,11 +47,7 @@ class ActivationBoundary(TwoStageFeatureDistillation):
                  margin: float = 1.0, layer_weights: list[float] | None = None,
                  pre_activation: bool = True, stage1_epochs: int | float = 0.2,
                  task_loss: str = "ce", **kwargs) -> None:
-        teacher_layers = list(student_layers) if teacher_layers is None else list(teacher_layers)
-        if not student_layers or len(teacher_layers) != len(student_layers):
-            raise KDConfigError(
-                f"ActivationBoundary needs one teacher layer per student layer, got student_layers="
-                f"{list(student_layers)} and teacher_layers={teacher_layers}.")
+        student_layers, teacher_layers = paired_layers("ActivationBoundary", student_layers, teacher_layers)
         if margin <= 0:
             raise KDConfigError(f"margin must be > 0, got {margin} (default 1, as in Heo et al.).")
         if layer_weights is not None and (len(layer_weights) != len(student_layers)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from kd_lightning import KDConfigError
 from kd_lightning.losses.feature import at_loss
-from kd_lightning.methods.feature import FeatureDistillation, Shape, describe, is_map
+from kd_lightning.methods.feature import FeatureDistillation, Shape, describe, is_map, paired_layers
 
 
 class AttentionTransfer(FeatureDistillation):
@@ -32,11 +32,7 @@ class AttentionTransfer(FeatureDistillation):
 
     def __init__(self, student_layers: list[str], teacher_layers: list[str] | None = None,
                  beta: float = 1000.0, task_loss: str = "ce", **kwargs) -> None:
-        teacher_layers = list(student_layers) if teacher_layers is None else list(teacher_layers)
-        if not student_layers or len(teacher_layers) != len(student_layers):
-            raise KDConfigError(
-                f"AttentionTransfer needs one teacher layer per student layer, got student_layers="
-                f"{list(student_layers)} and teacher_layers={teacher_layers}.")
+        student_layers, teacher_layers = paired_layers("AttentionTransfer", student_layers, teacher_layers)
         if beta < 0:
             raise KDConfigError(f"beta must be >= 0, got {beta} (default 1000).")
         super().__init__(task_loss=task_loss, **kwargs)

@@ -52,6 +52,18 @@ def describe(shape: Sequence[int]) -> str:
     return "[" + ", ".join(["B", *map(str, shape)]) + "]"
 
 
+def paired_layers(method: str, student_layers: Sequence[str],
+                  teacher_layers: Sequence[str] | None) -> tuple[list[str], list[str]]:
+    """``(student_layers, teacher_layers)`` as lists, the teacher's defaulting to the student's
+    paths; an error unless there is exactly one teacher layer per (non-empty) student layer."""
+    teacher = list(student_layers) if teacher_layers is None else list(teacher_layers)
+    if not student_layers or len(teacher) != len(student_layers):
+        raise KDConfigError(
+            f"{method} needs one teacher layer per student layer, got student_layers="
+            f"{list(student_layers)} and teacher_layers={teacher}.")
+    return list(student_layers), teacher
+
+
 def is_map(shape: Sequence[int]) -> bool:
     """True for a per-example shape ``(C, L)`` or ``(C, H, W)``."""
     return len(shape) in (2, 3)

@@ -6,7 +6,7 @@ from torch import nn
 
 from kd_lightning import KDConfigError
 from kd_lightning.losses.feature import hint_loss
-from kd_lightning.methods.feature import Shape, TwoStageFeatureDistillation
+from kd_lightning.methods.feature import Shape, TwoStageFeatureDistillation, paired_layers
 
 
 class FitNet(TwoStageFeatureDistillation):
@@ -39,11 +39,7 @@ class FitNet(TwoStageFeatureDistillation):
     def __init__(self, student_layers: list[str], teacher_layers: list[str] | None = None,
                  hint_weight: float = 100.0, stage1_epochs: int | float = 0.2,
                  task_loss: str = "kd", **kwargs) -> None:
-        teacher_layers = list(student_layers) if teacher_layers is None else list(teacher_layers)
-        if not student_layers or len(teacher_layers) != len(student_layers):
-            raise KDConfigError(
-                f"FitNet needs one teacher hint layer per student guided layer, got student_layers="
-                f"{list(student_layers)} and teacher_layers={teacher_layers}.")
+        student_layers, teacher_layers = paired_layers("FitNet", student_layers, teacher_layers)
         if hint_weight < 0:
             raise KDConfigError(f"hint_weight must be >= 0, got {hint_weight} (default 100).")
         super().__init__(stage1_epochs=stage1_epochs, task_loss=task_loss, **kwargs)
