@@ -67,10 +67,12 @@ def _fit(k: int, method=Supervised, epochs: int = 2, steps: int = -1, **trainer_
     dict(model_kw=dict(lr_scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5))),
     dict(model_kw=dict(lr_scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=3, gamma=0.5),
                        lr_scheduler_interval="step")),
+    dict(limit_val_batches=1.0, model_kw=dict(lr_scheduler=partial(
+        torch.optim.lr_scheduler.ReduceLROnPlateau, mode="max", patience=0, factor=0.5))),
     dict(steps=13),
     dict(steps=10, model_kw=dict(lr_scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5))),
     dict(steps=13, model_kw=dict(lr_scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5))),
-], ids=["ce", "response_kd", "clip_norm", "clip_value", "epoch_scheduler", "step_scheduler", "max_steps",
+], ids=["ce", "response_kd", "clip_norm", "clip_value", "epoch_scheduler", "step_scheduler", "plateau", "max_steps",
         "max_steps_at_epoch_end", "max_steps_mid_epoch"])
 def test_grouped_training_gives_the_same_student_as_one_batch_per_step(case):
     case = dict(case)

@@ -107,6 +107,8 @@ class DistillationModule(pl.LightningModule):
 
     #: methods that distil from a network teacher set this to True
     requires_teacher: bool = False
+    #: the metric a ReduceLROnPlateau scheduler follows
+    plateau_monitor: str = "val/loss"
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None,
                  teacher_checkpoint: str | None = None, num_classes: int | None = None,
@@ -236,20 +238,25 @@ class DistillationModule(pl.LightningModule):
             self.configure_gradient_clipping(optimizer, trainer.gradient_clip_val,
                                              trainer.gradient_clip_algorithm)
 
-    def _step_lr_schedulers(self, interval: str, count: int, plateau: bool = False) -> None:
+    def _step_lr_schedulers(self, interval: str, count: int, plateau: bool = False,
+                            strict: bool = True) -> None:
         """Lightning's scheduler stepping for automatic optimisation (interval, frequency,
-        ReduceLROnPlateau's monitor), for the group driver."""
+        ReduceLROnPlateau's monitor), for optimisation the module does itself (the group driver,
+        MutualDistillation). ``strict=False`` skips a plateau scheduler whose metric is missing."""
         for config in self.trainer.lr_scheduler_configs:
-            if config.interval != interval or config.reduce_on_plateau != plateau or count % config.frequency:
+            # manual optimisation drops Lightning's reduce_on_plateau/monitor keys: ask the scheduler
+            is_plateau = isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+            if config.interval != interval or is_plateau != plateau or count % config.frequency:
                 continue
             if not plateau:
                 config.scheduler.step()
                 continue
-            value = self.trainer.callback_metrics.get(config.monitor)
+            monitor = config.monitor or self.plateau_monitor
+            value = self.trainer.callback_metrics.get(monitor)
             if value is None:
-                if config.strict:
+                if strict:
                     raise KDConfigError(
-                        f"ReduceLROnPlateau monitors {config.monitor!r}, which was not logged "
+                        f"ReduceLROnPlateau monitors {monitor!r}, which was not logged "
                         f"(available: {sorted(self.trainer.callback_metrics)}); run validation "
                         f"every epoch or use another scheduler.")
                 continue
@@ -376,18 +383,27 @@ class DistillationModule(pl.LightningModule):
             if not name.startswith("teacher.") and p.requires_grad:
                 yield p
 
-    def configure_optimizers(self):
-        params = list(self.learnable_parameters())
+    def build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        """The configured optimizer over ``params`` (its fused kernel with ``fused_optimizer``)."""
         optimizer = self.optimizer_factory(params)
-        if self.fused_optimizer:
-            optimizer = use_fused_kernel(optimizer)
+        return use_fused_kernel(optimizer) if self.fused_optimizer else optimizer
+
+    def lr_scheduler_config(self, optimizer: torch.optim.Optimizer) -> dict | None:
+        """Lightning's scheduler config for the configured LR scheduler (``None`` without one);
+        ReduceLROnPlateau monitors ``val/loss``."""
         if self.lr_scheduler_factory is None:
-            return optimizer
+            return None
         scheduler = self.lr_scheduler_factory(optimizer)
         config = {"scheduler": scheduler, "interval": self.hparams.lr_scheduler_interval}
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            config["monitor"] = "val/loss"
-        return {"optimizer": optimizer, "lr_scheduler": config}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and self.automatic_optimization:
+            # (under manual optimisation Lightning ignores the key; _step_lr_schedulers uses it)
+            config["monitor"] = self.plateau_monitor
+        return config
+
+    def configure_optimizers(self):
+        optimizer = self.build_optimizer(list(self.learnable_parameters()))
+        config = self.lr_scheduler_config(optimizer)
+        return optimizer if config is None else {"optimizer": optimizer, "lr_scheduler": config}
 
     # ---- checks ---------------------------------------------------------------------------
     def setup(self, stage: str) -> None:

@@ -22,7 +22,7 @@ from kd_lightning.losses import (
     rule_regularized_teacher,
     rule_weight_loss,
 )
-from kd_lightning.methods.base import DistillationModule, check_kd_hyperparameters, use_fused_kernel
+from kd_lightning.methods.base import DistillationModule, check_kd_hyperparameters
 from kd_lightning.rules.base import Rule, evaluate_rules, rule_label
 
 
@@ -287,10 +287,7 @@ class MutualDistillation(DistillationModule):
         return roles
 
     def configure_optimizers(self):
-        theta = [p for p in self.student.parameters() if p.requires_grad]
-        opt_theta = self.optimizer_factory(theta)
-        if self.fused_optimizer:
-            opt_theta = use_fused_kernel(opt_theta)
+        opt_theta = self.build_optimizer([p for p in self.student.parameters() if p.requires_grad])
         optimizers = [opt_theta]
         roles = self.optimizer_roles()
         if "phi" in roles:
@@ -298,10 +295,8 @@ class MutualDistillation(DistillationModule):
             optimizers.append(torch.optim.Adam(phi, lr=self.phi_lr))
         if "lambda" in roles:
             optimizers.append(torch.optim.Adam([self.rule_weights], lr=self.lambda_lr))
-        if self.lr_scheduler_factory is None:
-            return optimizers
-        scheduler = self.lr_scheduler_factory(opt_theta)
-        return optimizers, [{"scheduler": scheduler, "interval": self.hparams.lr_scheduler_interval}]
+        config = self.lr_scheduler_config(opt_theta)  # the student's schedule
+        return optimizers if config is None else (optimizers, [config])
 
     def _step(self, optimizer, loss: Tensor, counted: bool) -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -341,8 +336,7 @@ class MutualDistillation(DistillationModule):
             terms["loss_kd"] = kd
         loss, ce, soft = mutual_student_loss(logits, y, q, pi, label_loss=label_loss)
         self._step(opts["theta"], loss, counted=True)
-        if self.hparams.lr_scheduler_interval == "step":
-            self._step_scheduler()
+        self._step_all_lr_schedulers("step", batch_idx + 1)
 
         # line 7: the knowledge, Eq. (5)
         if "phi" in opts:
@@ -354,16 +348,11 @@ class MutualDistillation(DistillationModule):
         self.log_terms(logits, y, loss=loss, loss_ce=ce, loss_q=soft, acc_q=acc_q, **terms)
         return loss.detach()
 
-    def _step_scheduler(self) -> None:
-        scheduler = self.lr_schedulers()
-        if scheduler is None:
-            return
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            value = self.trainer.callback_metrics.get("val/loss")
-            if value is not None:
-                scheduler.step(value)
-        else:
-            scheduler.step()
+    def _step_all_lr_schedulers(self, interval: str, count: int) -> None:
+        """Manual optimisation: step this interval's schedulers; ReduceLROnPlateau only once
+        ``val/loss`` exists (skipped before, not an error)."""
+        self._step_lr_schedulers(interval, count)
+        self._step_lr_schedulers(interval, count, plateau=True, strict=False)
 
     def on_train_terms_logged(self) -> None:
         values = {f"train/lambda_{i}": w for i, w in enumerate(self.rule_weights.detach())}
@@ -373,8 +362,7 @@ class MutualDistillation(DistillationModule):
 
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()
-        if self.hparams.lr_scheduler_interval == "epoch":
-            self._step_scheduler()
+        self._step_all_lr_schedulers("epoch", self.current_epoch + 1)
 
     # ---- evaluation: student p (base), teacher q and the rules alone ---------------------------
     def _eval_rules(self, batch, logits: Tensor, prefix: str) -> None:
