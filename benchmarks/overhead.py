@@ -42,7 +42,7 @@ warnings.filterwarnings("ignore")
 logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
 logging.getLogger("lightning_fabric").setLevel(logging.ERROR)
 
-T, ALPHA, LR = 4.0, 0.9, 1e-2
+T, CE_WEIGHT, KD_WEIGHT, LR = 4.0, 0.1, 0.9, 1e-2
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLOCK = time.perf_counter  # --cpu-time switches to process CPU time (robust on a busy machine)
 
@@ -93,7 +93,7 @@ def plain_loop(teacher, dm: DistillDataModule, steps: int, seed: int, student_fn
     while step < steps:
         for x, y, idx in loader:
             logits = student(x)
-            loss, _, _ = response_kd_loss(logits, cache[idx], y, T, ALPHA)
+            loss, _, _ = response_kd_loss(logits, cache[idx], y, T, CE_WEIGHT, KD_WEIGHT)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -109,7 +109,7 @@ def lightning_run(teacher, dm: DistillDataModule, steps: int, seed: int, student
     pl.seed_everything(seed, verbose=False)
     student = student_fn()
     start = CLOCK()
-    model = ResponseKD(student=student, teacher=teacher, temperature=T, alpha=ALPHA,
+    model = ResponseKD(student=student, teacher=teacher, temperature=T, ce_weight=CE_WEIGHT, kd_weight=KD_WEIGHT,
                        optimizer=lambda p: torch.optim.Adam(p, lr=LR))
     trainer = pl.Trainer(max_steps=steps, limit_val_batches=0, accelerator="cpu", devices=1,
                          logger=TensorBoardLogger(log_dir, name="bench"),
@@ -180,7 +180,7 @@ def cifar_plain(teacher, dm, steps, seed):
         for x, y, _ in dm.train_dataloader():
             with torch.no_grad():
                 t_logits = teacher(x)
-            loss, _, _ = response_kd_loss(student(x), t_logits, y, T, ALPHA)
+            loss, _, _ = response_kd_loss(student(x), t_logits, y, T, CE_WEIGHT, KD_WEIGHT)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -194,7 +194,7 @@ def cifar_lightning(teacher, dm, steps, seed, log_dir):
     pl.seed_everything(seed, verbose=False)
     student = resnet20(num_classes=10)
     start = CLOCK()
-    model = ResponseKD(student=student, teacher=teacher, temperature=T, alpha=ALPHA,
+    model = ResponseKD(student=student, teacher=teacher, temperature=T, ce_weight=CE_WEIGHT, kd_weight=KD_WEIGHT,
                        optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=5e-4))
     pl.Trainer(max_steps=steps, limit_val_batches=0, accelerator="cpu", devices=1,
                logger=TensorBoardLogger(log_dir, name="bench_cifar"), enable_checkpointing=False,

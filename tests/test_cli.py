@@ -190,7 +190,7 @@ BAD = [
     (["--data.train_subset", "3590"], "has only"),
     (["--data.train_subset", "5"], "smaller than the number of classes"),
     (["--model.init_args.temperature", "0"], "temperature must be > 0"),
-    (["--model.init_args.alpha", "1.5"], "alpha must be in [0, 1]"),
+    (["--model.init_args.kd_weight", "-0.5"], "kd_weight must be >= 0"),
     (["--model.init_args.teacher_checkpoint", "missing/teacher.ckpt"],
      "teacher checkpoint 'missing/teacher.ckpt' does not exist"),
     (["--model.init_args.teacher.init_args.width", "32"],
@@ -233,7 +233,7 @@ class DumpSubset(Callback):
         path = os.path.join(os.getcwd(), f"rank{trainer.global_rank}.json")
         with open(path, "w") as f:
             json.dump({"world": trainer.world_size, "indices": dm.train_indices.tolist(),
-                       "cache": pl_module._cache is not None}, f)
+                       "cache": pl_module.frozen_teacher.cache.active}, f)
 '''
 
 

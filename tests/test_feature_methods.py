@@ -54,7 +54,7 @@ def _trainer(**kw) -> pl.Trainer:
     (FitNet, {"stage1_epochs": 2}), (FitNet, {"stage1_epochs": 0}),
     (FSP, {"stage1_epochs": 2}), (FSP, {"stage1_epochs": 0}),
     (ActivationBoundary, {"stage1_epochs": 2}), (ActivationBoundary, {"stage1_epochs": 0}),
-    (AttentionTransfer, {}), (AttentionTransfer, {"task_loss": "kd"}),
+    (AttentionTransfer, {}), (AttentionTransfer, {"ce_weight": 0.1, "kd_weight": 0.9}),
 ], ids=lambda v: v.__name__ if isinstance(v, type) else str(v))
 def test_gradients_reach_student_and_connectors_never_teacher(cls, kw):
     m = _method(cls, **kw).train()
@@ -104,7 +104,7 @@ class _Recorder(pl.Callback):
         self.seen: list[tuple[int, int, tuple[str, ...]]] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        names = tuple(n for key in pl_module._term_records for n in key)
+        names = tuple(pl_module.term_log.names)
         self.seen.append((trainer.current_epoch, pl_module.stage, names))
 
 
@@ -194,7 +194,7 @@ BAD = [
     ("ab.yaml", ["--trainer.max_epochs", "3", "--model.init_args.stage1_epochs", "5"],
      ["stage1_epochs=5 (5 epochs) >= trainer.max_epochs=3"]),
     ("fitnet.yaml", ["--model.init_args.stage1_epochs", "1.5"], ["fraction of max_epochs"]),
-    ("fitnet.yaml", ["--model.init_args.task_loss", "mse"], ["task_loss must be 'ce'"]),
+    ("fitnet.yaml", ["--model.init_args.transfer_weight", "-1"], ["transfer_weight must be >= 0"]),
 ]
 
 
@@ -233,7 +233,7 @@ def test_bf16_mixed_runs_each_method_in_both_stages(cls, mnist1d_teacher, tmp_pa
     cli = run_cli(["fit", "--config", CONFIGS / "mnist1d" / CONFIG[cls], *TINY,
                    "--trainer.max_epochs", "2", *stages, "--trainer.precision", "bf16-mixed",
                    "--model.init_args.teacher_checkpoint", mnist1d_teacher, "--data.train_subset", "100",
-                   "--model.init_args.task_loss", "kd"])
+                   "--model.init_args.ce_weight", "0.1", "--model.init_args.kd_weight", "0.9"])
     assert cli.trainer.precision == "bf16-mixed"
     assert 0.0 <= float(cli.trainer.callback_metrics["test/acc"]) <= 1.0
     scalars = tb_scalars(Path(cli.trainer.log_dir))

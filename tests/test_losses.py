@@ -46,10 +46,10 @@ def test_kd_gradient_is_T_times_prob_difference():
 
 def test_response_kd_combines_ce_and_kd_with_alpha():
     zs, zt, y = torch.randn(6, 4), torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 0, 1])
-    total, ce, kd = response_kd_loss(zs, zt, y, temperature=2.0, alpha=0.25)
+    total, ce, kd = response_kd_loss(zs, zt, y, temperature=2.0, ce_weight=0.75, kd_weight=0.25)
     assert ce.item() == pytest.approx(F.cross_entropy(zs, y).item(), rel=1e-6)
     assert total.item() == pytest.approx(0.75 * ce.item() + 0.25 * kd.item(), rel=1e-6)
-    total0, ce0, _ = response_kd_loss(zs, zt, y, alpha=0.0)
+    total0, ce0, _ = response_kd_loss(zs, zt, y, ce_weight=1.0, kd_weight=0.0)
     assert total0.item() == pytest.approx(ce0.item(), rel=1e-6)
 
 

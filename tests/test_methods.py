@@ -14,7 +14,7 @@ from kd_lightning.data import DistillDataModule
 from kd_lightning.methods import ResponseKD, Supervised
 from kd_lightning.models import MLP, ConvNet1D
 from kd_lightning.models.weights import load_teacher_weights
-from kd_lightning.schedulers import LinearWarmupCosineAnnealingLR
+from kd_lightning.training import LinearWarmupCosineAnnealingLR
 
 
 def _trainer(**kw) -> pl.Trainer:
@@ -74,7 +74,7 @@ def test_teacher_cache_gives_the_same_student_as_no_cache():
         trainer = _trainer(max_epochs=2)
         trainer.fit(model, dm)
         students[cache] = model.student.state_dict()
-        assert (model._cache_used is True) == cache
+        assert (model.teacher_cache_used is True) == cache
     for k in students[True]:
         assert torch.allclose(students[True][k], students[False][k], atol=1e-5), k
 
@@ -87,7 +87,7 @@ def test_teacher_cache_turns_off_under_augmentation(tmp_path):
     model = ResponseKD(student=resnet8(), teacher=resnet8())
     dm = DistillDataModule("cifar10", root=str(tmp_path), batch_size=20, augment=True, val_split=10)
     _trainer(limit_train_batches=1).fit(model, dm)
-    assert model._cache_used is False
+    assert model.teacher_cache_used is False
     forced = ResponseKD(student=resnet8(), teacher=resnet8(), teacher_cache=True)
     with pytest.raises(KDConfigError, match="teacher_cache=true needs deterministic"):
         _trainer(limit_train_batches=1).fit(forced, dm)
@@ -118,7 +118,7 @@ def test_supervised_learns_digits():
 
 
 def test_fused_optimizer_is_opt_in_and_matches_the_loop_version():
-    from kd_lightning.methods.base import use_fused_kernel
+    from kd_lightning.training import use_fused_kernel
 
     net = MLP()
     assert use_fused_kernel(torch.optim.Adam(net.parameters(), lr=1e-2)).defaults["fused"] is True
@@ -164,7 +164,7 @@ def test_teacher_feature_cache_matches_a_fresh_forward(budget_mb, features_cache
             dm = self.trainer.datamodule
             x, _, idx = dm.train_dataset.get_batch(torch.arange(7))
             self.cached = self.teacher_forward(x, idx)
-            self.feature_cache_used = self._feature_cache is not None
+            self.feature_cache_used = self.frozen_teacher.cache.complete
             self.eval()
             self.fresh = self.teacher_forward(x, idx)  # eval mode: never from the cache
             super().on_train_end()

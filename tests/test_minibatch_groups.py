@@ -120,7 +120,7 @@ def test_manual_optimisation_method_sees_minibatch_indices():
     out = {}
     for k in (1, 5):
         pl.seed_everything(0, verbose=False)
-        model = MutualDistillation(student=MLP(), rules=[MNIST1DTemplateRule(learnable=True)], pi_alpha=0.9,
+        model = MutualDistillation(student=MLP(), rules=[MNIST1DTemplateRule(learnable=True)], pi_rate=0.9,
                                    optimizer=partial(torch.optim.Adam, lr=1e-2))
         pis = []
         model.current_pi = (lambda f: (lambda i: pis.append(f(i)) or pis[-1]))(model.current_pi)

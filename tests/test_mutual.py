@@ -79,7 +79,7 @@ def test_student_loss_mixes_labels_and_teacher():
         assert torch.allclose(ce_t, ce) and torch.allclose(soft_t, soft)
     # a network teacher replaces the label term by Hinton's objective
     z_t = torch.randn(6, K)
-    hinton, _, _ = response_kd_loss(logits, z_t, y, 4.0, 0.9)
+    hinton, _, _ = response_kd_loss(logits, z_t, y, 4.0, 0.1, 0.9)
     total, _, _ = mutual_student_loss(logits, y, q, 0.25, label_loss=hinton)
     assert torch.allclose(total, 0.75 * hinton + 0.25 * soft)
 
@@ -256,7 +256,7 @@ def test_rule_cache_is_used_for_fixed_rules_only():
 
     class Spy(pl.Callback):
         def on_train_batch_end(self, trainer, module, *args):
-            seen.setdefault("cache", module._rule_cache is not None)
+            seen.setdefault("cache", module.rule_cache_store.active)
 
     for rule, cached in ((MNIST1DTemplateRule(dilation_step=3), True),
                          (MNIST1DLearnableTemplateRule(dilation_step=3), False)):
@@ -269,7 +269,7 @@ def test_rule_cache_is_used_for_fixed_rules_only():
 def test_network_teacher_joins_as_in_response_kd():
     pl.seed_everything(0)
     model = MutualDistillation(rules=[MNIST1DTemplateRule(dilation_step=3)], student=MLP(),
-                               teacher=ConvNet1D(width=8), num_classes=10, teacher_alpha=0.5)
+                               teacher=ConvNet1D(width=8), num_classes=10, ce_weight=0.5, kd_weight=0.5)
     trainer = _trainer(max_steps=3, max_epochs=-1, limit_val_batches=1)
     trainer.fit(model, DistillDataModule("mnist1d", train_subset=100, batch_size=50))
     assert math.isfinite(float(trainer.callback_metrics["train/loss_kd"]))

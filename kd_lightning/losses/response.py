@@ -42,14 +42,28 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
 
 
 def response_kd_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor,
-                     temperature: float = 4.0, alpha: float = 0.9) -> tuple[Tensor, Tensor, Tensor]:
-    r"""Hinton et al. (2015) objective: :math:`(1-\alpha)\,CE(y, z_s) + \alpha\,L_{KD}`.
+                     temperature: float = 4.0, ce_weight: float = 0.1,
+                     kd_weight: float = 0.9) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Hinton et al. (2015) objective: :math:`w_{ce}\,CE(y, z_s) + w_{kd}\,L_{KD}`.
 
+    The paper's weighting is :math:`w_{ce} = 1 - \alpha`, :math:`w_{kd} = \alpha`; its MNIST
+    experiment uses the soft targets alone (:math:`w_{ce} = 0`) or a small label weight.
     Returns ``(total, ce, kd)`` so a caller can log each term.
     """
     ce = F.cross_entropy(student_logits.float(), targets)
     kd = kd_loss(student_logits, teacher_logits, temperature)
-    return (1.0 - alpha) * ce + alpha * kd, ce, kd
+    return ce_weight * ce + kd_weight * kd, ce, kd
+
+
+def response_terms(student_logits: Tensor, targets: Tensor, teacher_logits: Tensor | None,
+                   temperature: float, ce_weight: float, kd_weight: float) -> dict[str, Tensor]:
+    r"""The terms of :func:`response_kd_loss` by name, weighted: ``loss_ce`` =
+    :math:`w_{ce}\,CE(y, z_s)` and, when ``teacher_logits`` is given, ``loss_kd`` =
+    :math:`w_{kd}\,T^2\,\mathrm{KL}(\sigma(z_t/T) \| \sigma(z_s/T))`."""
+    terms = {"loss_ce": ce_weight * F.cross_entropy(student_logits.float(), targets)}
+    if teacher_logits is not None:
+        terms["loss_kd"] = kd_weight * kd_loss(student_logits, teacher_logits, temperature)
+    return terms
 
 
 def soft_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:
@@ -63,4 +77,4 @@ def soft_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:
     return -(target_probs.detach().float() * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
 
 
-__all__ = ["kd_loss", "response_kd_loss", "soft_cross_entropy"]
+__all__ = ["kd_loss", "response_kd_loss", "response_terms", "soft_cross_entropy"]

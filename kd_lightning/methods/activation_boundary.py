@@ -19,14 +19,15 @@ class ActivationBoundary(TwoStageFeatureDistillation):
     :math:`(s+m)^2 [s > -m, t \le 0] + (s-m)^2 [s \le m, t > 0]`, summed over neurons, averaged
     over the batch, weighted per layer: :math:`L_{AB} = \sum_l w_l\, L_{AB}^{(l)}`.
     Stage 1: :math:`L_{AB}` only (boundary transfer initialises the student). Stage 2:
-    cross-entropy (``task_loss="ce"``, the paper) or KD. With ``stage1_epochs=0``: task + AB.
+    cross-entropy (the paper; ``kd_weight > 0`` adds KD). With ``stage1_epochs=0``: task +
+    ``transfer_weight`` x AB.
 
     Pre-ReLU responses come from forward *pre*-hooks: with ``pre_activation=True`` (default) the
     tapped modules should be the ReLUs themselves (``relu1``/``relu2``/``relu3`` of ConvNet1D,
     ``layerK.i.relu`` of a CIFAR ResNet block: its input is ``bn2(...) + shortcut``). With
     ``pre_activation=False`` the tapped modules' outputs are used (e.g. ``conv2`` of ConvNet1D).
 
-    Logged terms: ``loss``, ``loss_ab`` (stage 1 / single stage), ``loss_ce`` (and ``loss_kd``)
+    Logged terms (weighted): ``loss``, ``loss_ab`` (stage 1 / single stage), ``loss_ce`` (and ``loss_kd``)
     in stage 2, and ``stage``.
 
     Args:
@@ -38,15 +39,14 @@ class ActivationBoundary(TwoStageFeatureDistillation):
         pre_activation: tap the modules' inputs (pre-hook) instead of their outputs (default True).
         stage1_epochs: length of the transfer stage: epochs (int) or a fraction of ``max_epochs``
             (float in [0, 1)); 0 = single stage (default 0.2).
-        task_loss: ``"ce"`` (default) or ``"kd"``.
-        **kwargs: ``temperature``, ``alpha``, ``input_shape`` and
+        **kwargs: ``ce_weight`` (1), ``kd_weight`` (0), ``temperature``, ``transfer_weight`` (1),
+            ``input_shape`` and
             :class:`~kd_lightning.methods.base.DistillationModule`'s arguments.
     """
 
     def __init__(self, student_layers: list[str], teacher_layers: list[str] | None = None,
                  margin: float = 1.0, layer_weights: list[float] | None = None,
-                 pre_activation: bool = True, stage1_epochs: int | float = 0.2,
-                 task_loss: str = "ce", **kwargs) -> None:
+                 pre_activation: bool = True, stage1_epochs: int | float = 0.2, **kwargs) -> None:
         student_layers, teacher_layers = paired_layers("ActivationBoundary", student_layers, teacher_layers)
         if margin <= 0:
             raise KDConfigError(f"margin must be > 0, got {margin} (default 1, as in Heo et al.).")
@@ -54,7 +54,7 @@ class ActivationBoundary(TwoStageFeatureDistillation):
                                           or any(w < 0 for w in layer_weights)):
             raise KDConfigError(f"layer_weights must give one weight >= 0 per layer "
                                 f"({len(student_layers)}), got {layer_weights}.")
-        super().__init__(stage1_epochs=stage1_epochs, task_loss=task_loss, **kwargs)
+        super().__init__(stage1_epochs=stage1_epochs, **kwargs)
         self.margin = margin
         self.layer_weights = list(layer_weights) if layer_weights is not None else [1.0] * len(student_layers)
         self.connectors = nn.ModuleList()

@@ -15,28 +15,25 @@ class AttentionTransfer(FeatureDistillation):
     with :math:`Q^j` the channel mean of the squared activations of layer pair ``j``, flattened
     per example (:func:`~kd_lightning.losses.at_loss`). Channel counts may differ between student
     and teacher (no connector is needed); maps of different spatial size are pooled to the
-    smaller. The task loss is cross-entropy (``task_loss="ce"``, default) or Hinton KD
-    (``"kd"``, the paper's AT+KD).
+    smaller. The task loss is cross-entropy (default) or adds Hinton KD with ``kd_weight > 0``
+    (the paper's AT+KD). :math:`\beta` is ``transfer_weight``.
 
-    Logged terms: ``loss``, ``loss_at`` (unweighted), ``loss_ce`` (and ``loss_kd``).
+    Logged terms (weighted): ``loss``, ``loss_at``, ``loss_ce`` (and ``loss_kd``).
 
     Args:
         student_layers: student module paths of feature maps, e.g. ``["layer1", "layer2",
             "layer3"]`` for CIFAR ResNets (the group outputs the paper uses).
         teacher_layers: the matching teacher paths; default: the same as ``student_layers``.
-        beta: weight of the attention term (default 1000, as in the paper's code).
-        task_loss: ``"ce"`` (default) or ``"kd"``.
-        **kwargs: ``temperature``, ``alpha``, ``input_shape`` and
+        transfer_weight: :math:`\beta`, the weight of the attention term (default 1000, as in the
+            paper's code).
+        **kwargs: ``ce_weight`` (1), ``kd_weight`` (0), ``temperature``, ``input_shape`` and
             :class:`~kd_lightning.methods.base.DistillationModule`'s arguments.
     """
 
     def __init__(self, student_layers: list[str], teacher_layers: list[str] | None = None,
-                 beta: float = 1000.0, task_loss: str = "ce", **kwargs) -> None:
+                 transfer_weight: float = 1000.0, **kwargs) -> None:
         student_layers, teacher_layers = paired_layers("AttentionTransfer", student_layers, teacher_layers)
-        if beta < 0:
-            raise KDConfigError(f"beta must be >= 0, got {beta} (default 1000).")
-        super().__init__(task_loss=task_loss, **kwargs)
-        self.beta = beta
+        super().__init__(transfer_weight=transfer_weight, **kwargs)
         self.init_features(student_layers, teacher_layers)
 
     def build_features(self, student_shapes: list[Shape], teacher_shapes: list[Shape]) -> None:
@@ -51,12 +48,5 @@ class AttentionTransfer(FeatureDistillation):
             if len(s) != len(t):
                 raise KDConfigError(f"AttentionTransfer: {desc}; both must be 1D maps or both 2D maps.")
 
-    def training_step(self, batch, batch_idx: int):
-        x, y, idx = batch
-        logits, feats = self.student_forward(x)
-        t_logits, t_feats = self.teacher_forward(x, idx)
-        at = at_loss(feats, t_feats)
-        task, terms = self.task_terms(logits, y, x, idx, t_logits)
-        loss = task + self.beta * at
-        self.log_terms(logits, y, loss=loss, **terms, loss_at=at)
-        return loss
+    def transfer_loss(self, feats, t_feats):
+        return "loss_at", at_loss(feats, t_feats)

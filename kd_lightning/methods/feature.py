@@ -11,7 +11,7 @@ hyperparameters and its ``training_step``:
   the teacher's features when the training inputs are deterministic);
 - learning the feature shapes with one dummy forward pass of both networks, to check the tapped
   layers and to build connectors (:mod:`kd_lightning.models.connectors`);
-- the task loss of the task stage: cross-entropy, or Hinton KD;
+- the task loss: :math:`w_{ce}\,CE + w_{kd}\,KD` (cross-entropy, plus Hinton KD when ``kd_weight > 0``);
 - for two-stage methods, the stage, derived from ``current_epoch`` and ``stage1_epochs`` and
   never stored, so a run resumed from a checkpoint lands in the stage it was in.
 
@@ -33,18 +33,15 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from kd_lightning import KDConfigError
-from kd_lightning.losses import response_kd_loss
-from kd_lightning.methods.base import DistillationModule, check_kd_hyperparameters
+from kd_lightning.losses import response_terms
+from kd_lightning.methods.base import DistillationModule, Losses, check_temperature, check_weights
 from kd_lightning.models.connectors import build_connector
 from kd_lightning.models.taps import FeatureTaps
 
 Shape = tuple[int, ...]
-
-TASK_LOSSES = ("ce", "kd")
 
 
 def describe(shape: Sequence[int]) -> str:
@@ -73,10 +70,10 @@ class FeatureDistillation(DistillationModule):
     """Base class of methods that distil intermediate features of the teacher.
 
     Args:
-        task_loss: the loss on the task: ``"ce"`` (cross-entropy with the labels) or ``"kd"``
-            (Hinton KD, :math:`(1-\\alpha)\\,CE + \\alpha\\,T^2\\,KL`).
-        temperature: KD temperature ``T`` (used when ``task_loss="kd"``; default 4).
-        alpha: KD soft-target weight (used when ``task_loss="kd"``; default 0.9).
+        ce_weight: weight of the cross-entropy with the labels in the task loss (default 1).
+        kd_weight: weight of Hinton's soft-target term in the task loss (default 0: none).
+        temperature: KD temperature ``T`` (used when ``kd_weight > 0``; default 4).
+        transfer_weight: weight of the method's transfer term next to the task loss.
         input_shape: per-example input shape, e.g. ``[1, 40]`` or ``[3, 32, 32]``. Optional: by
             default it is taken from the data module at ``setup``.
         **kwargs: see :class:`~kd_lightning.methods.base.DistillationModule`.
@@ -84,17 +81,17 @@ class FeatureDistillation(DistillationModule):
 
     requires_teacher = True
 
-    def __init__(self, task_loss: str = "ce", temperature: float = 4.0, alpha: float = 0.9,
-                 input_shape: list[int] | None = None, **kwargs) -> None:
-        if task_loss not in TASK_LOSSES:
-            raise KDConfigError(f"task_loss must be 'ce' (cross-entropy) or 'kd' (Hinton KD), got "
-                                f"{task_loss!r}.")
-        check_kd_hyperparameters(type(self).__name__, temperature, alpha)
+    def __init__(self, ce_weight: float = 1.0, kd_weight: float = 0.0, temperature: float = 4.0,
+                 transfer_weight: float = 1.0, input_shape: list[int] | None = None, **kwargs) -> None:
+        name = type(self).__name__
+        check_weights(name, ce_weight=ce_weight, kd_weight=kd_weight, transfer_weight=transfer_weight)
+        check_temperature(name, temperature)
         if input_shape is not None and (len(input_shape) == 0 or any(int(d) < 1 for d in input_shape)):
             raise KDConfigError(f"input_shape must list the positive sizes of one example, e.g. "
                                 f"[1, 40] or [3, 32, 32], got {input_shape}.")
         super().__init__(**kwargs)
-        self.task_loss, self.temperature, self.alpha = task_loss, temperature, alpha
+        self.ce_weight, self.kd_weight, self.temperature = ce_weight, kd_weight, temperature
+        self.transfer_weight = transfer_weight
         self.input_shape: Shape | None = tuple(int(d) for d in input_shape) if input_shape else None
         self.student_layers: list[str] = []
         self.teacher_layers: list[str] = []
@@ -197,23 +194,27 @@ class FeatureDistillation(DistillationModule):
                 raise KDConfigError(f"{method} layer pair student '{s_path}' -> teacher "
                                     f"'{t_path}': {err}") from None
 
-    def task_stage_step(self, x: Tensor, y: Tensor, index: Tensor | None) -> Tensor:
-        """The task stage of a two-stage method: the task loss on the bare student."""
-        logits = self.student(x)
-        loss, terms = self.task_terms(logits, y, x, index)
-        self.log_terms(logits, y, loss=loss, **terms)
-        return loss
-
     def task_terms(self, logits: Tensor, y: Tensor, x: Tensor, index: Tensor | None,
-                   teacher_logits: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """The task loss (CE or KD) and its named terms for :meth:`log_terms`."""
-        if self.task_loss == "ce":
-            ce = F.cross_entropy(logits.float(), y)
-            return ce, {"loss_ce": ce}
-        if teacher_logits is None:
+                   teacher_logits: Tensor | None = None) -> dict[str, Tensor]:
+        """The weighted task terms: ``loss_ce`` and, with ``kd_weight > 0``, ``loss_kd``."""
+        if self.kd_weight > 0 and teacher_logits is None:
             teacher_logits = self.teacher_logits(x, index)
-        total, ce, kd = response_kd_loss(logits, teacher_logits, y, self.temperature, self.alpha)
-        return total, {"loss_ce": ce, "loss_kd": kd}
+        return response_terms(logits, y, teacher_logits if self.kd_weight > 0 else None,
+                              self.temperature, self.ce_weight, self.kd_weight)
+
+    def transfer_loss(self, feats: list[Tensor], t_feats: list[Tensor]) -> tuple[str, Tensor]:
+        """The method's transfer term from student and teacher features: ``(name, value)``,
+        unweighted."""
+        raise NotImplementedError
+
+    def compute_losses(self, x, y, index):
+        """Task terms + ``transfer_weight`` x the transfer term, in every step."""
+        logits, feats = self.student_forward(x)
+        t_logits, t_feats = self.teacher_forward(x, index)
+        name, transfer = self.transfer_loss(feats, t_feats)
+        terms = self.task_terms(logits, y, x, index, t_logits)
+        terms[name] = self.transfer_weight * transfer
+        return Losses(logits, terms)
 
 
 class TwoStageFeatureDistillation(FeatureDistillation):
@@ -250,7 +251,7 @@ class TwoStageFeatureDistillation(FeatureDistillation):
         """``stage1_epochs`` in epochs (a fraction is resolved against ``trainer.max_epochs``)."""
         if isinstance(self.stage1_epochs, int):
             return self.stage1_epochs
-        trainer = self._trainer
+        trainer = self.trainer_or_none
         max_epochs = getattr(trainer, "max_epochs", None)
         if max_epochs is None or max_epochs < 0:
             if trainer is None:  # used outside a Trainer: epoch 0 is in stage 1 if there is one
@@ -260,27 +261,15 @@ class TwoStageFeatureDistillation(FeatureDistillation):
                 f"not set; set trainer.max_epochs or give stage1_epochs in epochs (an integer).")
         return int(math.floor(self.stage1_epochs * max_epochs + 0.5))
 
-    #: weight of the transfer loss in a single-stage run (task + weight * transfer)
-    transfer_weight: float = 1.0
-
-    def transfer_loss(self, feats: list[Tensor], t_feats: list[Tensor]) -> tuple[str, Tensor]:
-        """The method's transfer term from student and teacher features: ``(name, value)``."""
-        raise NotImplementedError
-
-    def training_step(self, batch, batch_idx: int):
-        x, y, idx = batch
-        if self.stage == 2 and not self.single_stage:
-            return self.task_stage_step(x, y, idx)
-        logits, feats = self.student_forward(x)
-        t_logits, t_feats = self.teacher_forward(x, idx)
-        name, transfer = self.transfer_loss(feats, t_feats)
-        if not self.single_stage:  # stage 1: the transfer loss only
-            self.log_terms(logits, y, loss=transfer, **{name: transfer})
-            return transfer
-        task, terms = self.task_terms(logits, y, x, idx, t_logits)
-        loss = task + self.transfer_weight * transfer
-        self.log_terms(logits, y, loss=loss, **terms, **{name: transfer})
-        return loss
+    def compute_losses(self, x, y, index):
+        if not self.single_stage:
+            if self.stage == 1:  # the transfer loss only
+                logits, feats = self.student_forward(x)
+                name, transfer = self.transfer_loss(feats, self.teacher_forward(x, index)[1])
+                return Losses(logits, {name: transfer})
+            logits = self.student(x)  # stage 2: the task loss on the bare student
+            return Losses(logits, self.task_terms(logits, y, x, index))
+        return super().compute_losses(x, y, index)
 
     @property
     def stage(self) -> int:
@@ -304,11 +293,9 @@ class TwoStageFeatureDistillation(FeatureDistillation):
                     f"stage1_epochs below max_epochs (e.g. a fraction such as 0.2), or 0 for a "
                     f"single-stage run.")
 
-    def on_train_epoch_end(self) -> None:
+    def log_window_closes(self) -> bool:
         # no logged `train/loss` may average a stage-1 loss with a stage-2 loss
-        if self.current_epoch + 1 == self.resolved_stage1_epochs():
-            self.close_log_window()
-        super().on_train_epoch_end()
+        return self.current_epoch + 1 == self.resolved_stage1_epochs()
 
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()

@@ -19,31 +19,32 @@ class FSP(TwoStageFeatureDistillation):
     :math:`G_{ij} = \sum_{s,t} F^a_{s,t,i} F^b_{s,t,j} / (h w)` (:func:`~kd_lightning.losses.fsp_matrix`;
     a map of larger spatial size is average-pooled to the smaller one) is computed in both
     networks. Stage 1: :math:`L_{FSP} = \frac1N \sum_x \sum_i \lambda_i \|G_i^T - G_i^S\|_2^2`
-    only (:func:`~kd_lightning.losses.fsp_loss`). Stage 2: the original task, cross-entropy
-    (``task_loss="ce"``, the paper) or KD. With ``stage1_epochs=0``: task loss + FSP loss.
+    only (:func:`~kd_lightning.losses.fsp_loss`). Stage 2: the original task, cross-entropy (the
+    paper; ``kd_weight > 0`` adds KD). With ``stage1_epochs=0``: task loss + ``transfer_weight``
+    x FSP loss.
 
     The student's FSP matrix must have the teacher's size, so each tapped student layer needs the
     channel count of its teacher layer (Yim et al. pair ResNets with equal stage widths; on CIFAR
     ResNets the stage outputs ``relu`` (stem), ``layer1``, ``layer2``, ``layer3``).
 
-    Logged terms: ``loss``, ``loss_fsp`` (stage 1 / single stage), ``loss_ce`` (and ``loss_kd``)
+    Logged terms (weighted): ``loss``, ``loss_fsp`` (stage 1 / single stage), ``loss_ce`` (and ``loss_kd``)
     in stage 2, and ``stage``.
 
     Args:
         student_pairs: pairs of student module paths ``[[a, b], ...]`` (e.g. consecutive stage
             outputs ``[[relu1, relu2], [relu2, relu3]]``).
         teacher_pairs: the matching teacher pairs; default: the same paths as ``student_pairs``.
-        lambdas: :math:`\lambda_i` per pair; default equal weights (1 each), as in the paper.
+        layer_weights: :math:`\lambda_i` per pair; default equal weights (1 each), as in the paper.
         stage1_epochs: length of the FSP stage: epochs (int) or a fraction of ``max_epochs``
             (float in [0, 1)); 0 = single stage (default 0.2).
-        task_loss: ``"ce"`` (default) or ``"kd"``.
-        **kwargs: ``temperature``, ``alpha``, ``input_shape`` and
+        **kwargs: ``ce_weight`` (1), ``kd_weight`` (0), ``temperature``, ``transfer_weight`` (1),
+            ``input_shape`` and
             :class:`~kd_lightning.methods.base.DistillationModule`'s arguments.
     """
 
     def __init__(self, student_pairs: list[list[str]], teacher_pairs: list[list[str]] | None = None,
-                 lambdas: list[float] | None = None, stage1_epochs: int | float = 0.2,
-                 task_loss: str = "ce", **kwargs) -> None:
+                 layer_weights: list[float] | None = None, stage1_epochs: int | float = 0.2,
+                 **kwargs) -> None:
         student_pairs = [list(p) for p in student_pairs]
         teacher_pairs = student_pairs if teacher_pairs is None else [list(p) for p in teacher_pairs]
         bad = [p for p in student_pairs + teacher_pairs if len(p) != 2]
@@ -52,12 +53,14 @@ class FSP(TwoStageFeatureDistillation):
                 f"FSP needs pairs of module paths, one teacher pair per student pair, e.g. "
                 f"student_pairs: [[relu1, relu2], [relu2, relu3]]; got student_pairs={student_pairs}, "
                 f"teacher_pairs={teacher_pairs}.")
-        if lambdas is not None and (len(lambdas) != len(student_pairs) or any(v < 0 for v in lambdas)):
-            raise KDConfigError(f"lambdas must give one weight >= 0 per FSP pair ({len(student_pairs)}), "
-                                f"got {lambdas}; leave it unset for equal weights.")
-        super().__init__(stage1_epochs=stage1_epochs, task_loss=task_loss, **kwargs)
+        if layer_weights is not None and (len(layer_weights) != len(student_pairs)
+                                          or any(v < 0 for v in layer_weights)):
+            raise KDConfigError(f"layer_weights must give one weight >= 0 per FSP pair "
+                                f"({len(student_pairs)}), got {layer_weights}; leave it unset for "
+                                f"equal weights.")
+        super().__init__(stage1_epochs=stage1_epochs, **kwargs)
         self.student_pairs, self.teacher_pairs = student_pairs, teacher_pairs
-        self.lambdas = list(lambdas) if lambdas is not None else [1.0] * len(student_pairs)
+        self.layer_weights = list(layer_weights) if layer_weights is not None else [1.0] * len(student_pairs)
         s_layers = _unique([p for pair in student_pairs for p in pair])
         t_layers = _unique([p for pair in teacher_pairs for p in pair])
         # positions of each pair's layers in the tapped-feature lists
@@ -96,4 +99,4 @@ class FSP(TwoStageFeatureDistillation):
     def transfer_loss(self, feats, t_feats):
         g_s = [fsp_matrix(feats[a], feats[b]) for a, b in self._s_idx]
         g_t = [fsp_matrix(t_feats[a], t_feats[b]) for a, b in self._t_idx]
-        return "loss_fsp", fsp_loss(g_s, g_t, self.lambdas)
+        return "loss_fsp", fsp_loss(g_s, g_t, self.layer_weights)

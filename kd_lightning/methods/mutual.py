@@ -22,24 +22,30 @@ from kd_lightning.losses import (
     rule_regularized_teacher,
     rule_weight_loss,
 )
-from kd_lightning.methods.base import DistillationModule, check_kd_hyperparameters
+from kd_lightning.methods.base import DistillationModule, check_temperature, check_weights
+from kd_lightning.models.teacher import PerExampleCache
 from kd_lightning.rules.base import Rule, evaluate_rules, rule_label
+from kd_lightning.training import minibatches_per_epoch, step_lr_schedulers
+from kd_lightning.training.lightning_compat import ddp_finds_unused_parameters, drop_hyperparameter
 
 
 class MutualDistillation(DistillationModule):
     r"""Rule knowledge as the teacher (Hu et al. 2016, seed 000), with learnable rules and weights.
 
-    Each training batch runs Algorithm 1 of seed 000, with three optimisers stepped in its order:
+    Two teachers appear here: the *rule teacher* ``q`` (the student projected onto the rules) and,
+    optionally, a frozen *network teacher* (``teacher``) as in the other methods. Each training
+    batch runs Algorithm 1 of Hu et al. (2016), with three optimisers stepped in its order:
 
     1. **Build the teacher** (line 5, "with Eq. (2) and Eq. (6)"): first the rule weights
        ``lambda >= 0`` take one step on the negative log-likelihood of the true labels under
        :math:`q_\lambda` (Eq. 6, :func:`~kd_lightning.losses.rule_weight_loss`), then the teacher
-       is built with the updated weights (Eq. 2,
+       rule teacher is built with the updated weights (Eq. 2,
        :func:`~kd_lightning.losses.rule_regularized_teacher`):
        :math:`\log q = \log p_\theta + C \sum_l \lambda_l (r_l - 1) - \log Z`.
     2. **Update the student** (line 6, Eq. 3):
        :math:`(1 - \pi)\,CE(y, p_\theta) + \pi\,\mathrm{softCE}(q, p_\theta)` with
-       :math:`\pi_t = \min(\pi_0, 1 - \alpha^t)`, ``t`` in epochs (fractional within an epoch).
+       :math:`\pi_t = \min(\pi_0, 1 - \alpha^t)` (:math:`\alpha` = ``pi_rate``), ``t`` in epochs
+       (fractional within an epoch).
     3. **Update the knowledge** (line 7, Eq. 5): the rules' parameters ``phi`` maximise
        :math:`(1 - \pi')\,h_\phi(x, y) + \pi'\,E_q[h_\phi(x, y)]`
        (:func:`~kd_lightning.losses.knowledge_loss`), ``q`` a constant.
@@ -74,10 +80,10 @@ class MutualDistillation(DistillationModule):
     the start of training and read from that cache (``rule_cache``; a rule without parameters is
     assumed to be a deterministic function of ``x`` -- set ``rule_cache: false`` if it is not).
 
-    **Network teacher (optional).** Seed 000 calls ``q`` a joint teacher; a frozen network
+    **Network teacher (optional).** Hu et al. call ``q`` a joint teacher; a frozen network
     ``teacher`` (``teacher``/``teacher_checkpoint`` of the base class) can join it as in
     :class:`~kd_lightning.methods.ResponseKD`: the label term becomes
-    :math:`(1-\pi)[(1-\alpha)\,CE(y, p) + \alpha T^2 KL(\sigma(z_t/T) \| \sigma(z_s/T))]`.
+    :math:`(1-\pi)[w_{ce}\,CE(y, p) + w_{kd} T^2 KL(\sigma(z_t/T) \| \sigma(z_s/T))]`.
 
     **Logged.** ``train/loss`` (student objective), ``train/loss_ce``, ``train/loss_q``
     (softCE(q, p)), ``train/loss_kd`` (network teacher), ``train/loss_lambda`` (Eq. 6 NLL),
@@ -102,14 +108,15 @@ class MutualDistillation(DistillationModule):
             (fixed knowledge, ACL 2016 setting).
         phi_lr: Adam learning rate of ``phi`` (default 0.001).
         pi_0: upper bound of the imitation weight ``pi``, in [0, 1] (default 0.9).
-        pi_alpha: speed ``alpha`` of ``pi_t = min(pi_0, 1 - alpha^t)``, in [0, 1] (default 0.95 per
+        pi_rate: ``alpha`` of ``pi_t = min(pi_0, 1 - alpha^t)``, in [0, 1] (default 0.95 per
             epoch; 0 jumps to ``pi_0`` at once, 1 keeps ``pi = 0``).
         pi_prime: ``pi'`` of Eq. 5, the weight of the teacher against the true labels in the
             knowledge update, in [0, 1] (default 0.5).
         phi_objective: ``h`` of Eq. 5: ``"r"`` (the paper's ``f = r - 1`` up to a constant) or
             ``"log_r"`` (log-likelihood form); see :func:`~kd_lightning.losses.knowledge_loss`.
-        teacher_alpha: with a network teacher, the weight ``alpha`` of its KD term in the label
-            part, as in ResponseKD (default 0.9).
+        ce_weight: with a network teacher, the weight of the cross-entropy in the label part
+            (default 0.1, as in ResponseKD; without one the label part is the cross-entropy).
+        kd_weight: with a network teacher, the weight of its soft-target term (default 0.9).
         temperature: with a network teacher, its softmax temperature ``T`` (default 4).
         check_rules: verify every rule output (shape ``[B, K]``, values in [0, 1]; costs one
             device read per step).
@@ -120,12 +127,13 @@ class MutualDistillation(DistillationModule):
     """
 
     requires_teacher = False
+    optimizes_itself = True
 
     def __init__(self, rules: list[Rule], C: float = 6.0, lambdas: float | list[float] = 1.0,
                  learn_lambda: bool = True, lambda_lr: float = 0.01, learn_phi: bool = True,
-                 phi_lr: float = 1e-3, pi_0: float = 0.9, pi_alpha: float = 0.95,
-                 pi_prime: float = 0.5, phi_objective: str = "log_r", teacher_alpha: float = 0.9,
-                 temperature: float = 4.0, check_rules: bool = True,
+                 phi_lr: float = 1e-3, pi_0: float = 0.9, pi_rate: float = 0.95,
+                 pi_prime: float = 0.5, phi_objective: str = "log_r", ce_weight: float = 0.1,
+                 kd_weight: float = 0.9, temperature: float = 4.0, check_rules: bool = True,
                  rule_cache: bool | None = None, **kwargs) -> None:
         rules = list(rules) if rules is not None else []
         if not rules:
@@ -140,8 +148,7 @@ class MutualDistillation(DistillationModule):
             raise KDConfigError(f"MutualDistillation: C must be a finite number >= 0, got {C}. It is the "
                                 f"strength of the rule constraints (0 makes the teacher q equal to "
                                 f"the student p; default 6).")
-        for name, value in (("pi_0", pi_0), ("pi_alpha", pi_alpha), ("pi_prime", pi_prime),
-                            ("teacher_alpha", teacher_alpha)):
+        for name, value in (("pi_0", pi_0), ("pi_rate", pi_rate), ("pi_prime", pi_prime)):
             if not 0.0 <= value <= 1.0:
                 raise KDConfigError(f"MutualDistillation: {name} must be in [0, 1], got {value}.")
         weights = [float(lambdas)] * len(rules) if isinstance(lambdas, (int, float)) else \
@@ -157,23 +164,21 @@ class MutualDistillation(DistillationModule):
         if phi_objective not in ("r", "log_r"):
             raise KDConfigError(f"MutualDistillation: phi_objective must be 'r' or 'log_r', "
                                 f"got {phi_objective!r}.")
-        check_kd_hyperparameters("MutualDistillation", temperature)
+        check_temperature("MutualDistillation", temperature)
+        check_weights("MutualDistillation", ce_weight=ce_weight, kd_weight=kd_weight)
         if not (lambda_lr > 0 and phi_lr > 0):
             raise KDConfigError(f"MutualDistillation: lambda_lr and phi_lr must be > 0, got {lambda_lr} "
                                 f"and {phi_lr} (set learn_lambda / learn_phi to false to freeze).")
         super().__init__(**kwargs)
         # the rule modules live in the state_dict (phi) and the config; keep them out of hparams
-        self.hparams.pop("rules", None)
-        if hasattr(self, "_hparams_initial"):  # what the logger records
-            self._hparams_initial.pop("rules", None)
-        self.automatic_optimization = False
+        drop_hyperparameter(self, "rules")
         self.rules = nn.ModuleList(rules)
         self.rule_weights = nn.Parameter(torch.tensor(weights, dtype=torch.float32),
                                          requires_grad=learn_lambda)
         self.C, self.learn_lambda, self.lambda_lr = float(C), learn_lambda, lambda_lr
         self.learn_phi, self.phi_lr, self.phi_objective = learn_phi, phi_lr, phi_objective
-        self.pi_0, self.pi_alpha, self.pi_prime = pi_0, pi_alpha, pi_prime
-        self.teacher_alpha, self.temperature = teacher_alpha, temperature
+        self.pi_0, self.pi_rate, self.pi_prime = pi_0, pi_rate, pi_prime
+        self.ce_weight, self.kd_weight, self.temperature = ce_weight, kd_weight, temperature
         self.check_rules, self.rule_cache = check_rules, rule_cache
         has_phi = [i for i, r in enumerate(rules) if any(p.requires_grad for p in r.parameters())]
         if not learn_phi:
@@ -190,7 +195,7 @@ class MutualDistillation(DistillationModule):
                 "there is no knowledge update (Eq. 5); the rules stay fixed. Use a learnable rule "
                 "(e.g. kd_lightning.rules.MNIST1DLearnableTemplateRule) or set learn_phi: false.",
                 UserWarning, stacklevel=2)
-        self._rule_cache: Tensor | None = None  # [L, num_source_examples, K]
+        self.rule_cache_store = PerExampleCache()  # [num_source_examples, L, K] rule values
         self._last_pi = 0.0
 
     # ---- metrics ------------------------------------------------------------------------------
@@ -202,9 +207,7 @@ class MutualDistillation(DistillationModule):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        strategy = getattr(self.trainer, "strategy", None)
-        ddp_kwargs = getattr(strategy, "_ddp_kwargs", None)
-        if stage == "fit" and isinstance(ddp_kwargs, dict) and not ddp_kwargs.get("find_unused_parameters"):
+        if stage == "fit" and ddp_finds_unused_parameters(self.trainer.strategy) is False:
             raise KDConfigError(
                 "MutualDistillation makes three backward passes per batch (lambda, the student, phi), "
                 "each reaching only some parameters, so DDP must look for unused parameters: use "
@@ -224,8 +227,8 @@ class MutualDistillation(DistillationModule):
         with torch.autocast(device_type=x.device.type, enabled=False):
             return evaluate_rules(self.rules, x, self.num_classes, check=self.check_rules)
 
-    def teacher_log_probs(self, student_logits: Tensor, rule_values: Tensor) -> Tensor:
-        """``log q`` (Eq. 2) with the current weights, everything detached."""
+    def rule_teacher_log_probs(self, student_logits: Tensor, rule_values: Tensor) -> Tensor:
+        """``log q`` of the rule teacher (Eq. 2) with the current weights, everything detached."""
         return rule_regularized_teacher(student_logits.detach(), rule_values.detach(),
                                         self.rule_weights.detach(), self.C)
 
@@ -239,40 +242,33 @@ class MutualDistillation(DistillationModule):
 
     def current_pi(self, batch_idx: int) -> float:
         """``pi_t = min(pi_0, 1 - alpha^t)`` with ``t = epoch + batch_idx / batches_per_epoch``."""
-        n = self.train_minibatches_per_epoch if self._trainer is not None else float("inf")
+        trainer = self.trainer_or_none
+        k = self.grouped_fit.k if self.grouped_fit is not None else 1
+        n = minibatches_per_epoch(trainer, k) if trainer is not None else float("inf")
         frac = batch_idx / n if isinstance(n, (int, float)) and math.isfinite(n) and n > 0 else 0.0
-        return imitation_weight(self.current_epoch + frac, self.pi_0, self.pi_alpha)
+        return imitation_weight(self.current_epoch + frac, self.pi_0, self.pi_rate)
 
     def _rules_are_fixed(self) -> bool:
         return not any(p.requires_grad for p in self.rules.parameters())
 
     def on_train_start(self) -> None:
         super().on_train_start()
-        self._rule_cache = None
+        self.rule_cache_store.clear()
         dm = getattr(self.trainer, "datamodule", None)
         ds = getattr(dm, "train_dataset", None)
         use = (self.rule_cache is not False and self._rules_are_fixed() and ds is not None
                and bool(getattr(dm, "deterministic_train", False)) and len(ds) > 0
                and hasattr(ds, "get_batch"))
         if use:
-            self._rule_cache = self._build_rule_cache(ds)
+            self.rule_cache_store.fill(ds, lambda x: [self.rule_values(x).transpose(0, 1)], self.device)
 
     def on_train_end(self) -> None:
         super().on_train_end()
-        self._rule_cache = None
-
-    @torch.no_grad()
-    def _build_rule_cache(self, ds) -> Tensor:
-        n_source = int(ds.indices.max()) + 1
-        cache = torch.ones(len(self.rules), n_source, self.num_classes, device=self.device)
-        for start in range(0, len(ds), 1024):
-            x, _, idx = ds.get_batch(torch.arange(start, min(start + 1024, len(ds))))
-            cache[:, idx.to(self.device)] = self.rule_values(x.to(self.device))
-        return cache
+        self.rule_cache_store.clear()
 
     def _train_rule_values(self, x: Tensor, idx: Tensor | None) -> Tensor:
-        if self._rule_cache is not None and idx is not None:
-            return self._rule_cache[:, idx]
+        if self.rule_cache_store.active and idx is not None:
+            return self.rule_cache_store.lookup(idx)[0].transpose(0, 1).contiguous()
         return self.rule_values(x)
 
     # ---- optimisation ---------------------------------------------------------------------------
@@ -306,7 +302,7 @@ class MutualDistillation(DistillationModule):
         else:  # same strategy/precision path, not counted as a training step
             self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=_no_closure)
 
-    def training_step(self, batch, batch_idx: int):
+    def minibatch_step(self, batch, batch_idx: int):
         x, y, idx = batch
         opts = self.optimizers()
         opts = dict(zip(self.optimizer_roles(), opts if isinstance(opts, list) else [opts]))
@@ -325,14 +321,14 @@ class MutualDistillation(DistillationModule):
             terms["loss_lambda"] = loss_lambda
         # ... and Eq. (2)
         with torch.no_grad():
-            log_q = self.teacher_log_probs(logits, r)
+            log_q = self.rule_teacher_log_probs(logits, r)
             q = log_q.exp()
 
         # line 6: the student, Eq. (3)
         label_loss = None
         if self.teacher is not None:
             label_loss, _, kd = response_kd_loss(logits, self.teacher_logits(x, idx), y,
-                                                 self.temperature, self.teacher_alpha)
+                                                 self.temperature, self.ce_weight, self.kd_weight)
             terms["loss_kd"] = kd
         loss, ce, soft = mutual_student_loss(logits, y, q, pi, label_loss=label_loss)
         self._step(opts["theta"], loss, counted=True)
@@ -351,8 +347,9 @@ class MutualDistillation(DistillationModule):
     def _step_all_lr_schedulers(self, interval: str, count: int) -> None:
         """Manual optimisation: step this interval's schedulers; ReduceLROnPlateau only once
         ``val/loss`` exists (skipped before, not an error)."""
-        self._step_lr_schedulers(interval, count)
-        self._step_lr_schedulers(interval, count, plateau=True, strict=False)
+        step_lr_schedulers(self.trainer, interval, count)
+        step_lr_schedulers(self.trainer, interval, count, plateau=True,
+                           default_monitor=self.plateau_monitor, strict=False)
 
     def on_train_terms_logged(self) -> None:
         values = {f"train/lambda_{i}": w for i, w in enumerate(self.rule_weights.detach())}
@@ -368,7 +365,7 @@ class MutualDistillation(DistillationModule):
     def _eval_rules(self, batch, logits: Tensor, prefix: str) -> None:
         x, y, _ = batch
         r = self.rule_values(x)
-        getattr(self, f"{prefix}_acc_q").update(self.teacher_log_probs(logits.float(), r), y)
+        getattr(self, f"{prefix}_acc_q").update(self.rule_teacher_log_probs(logits.float(), r), y)
         getattr(self, f"{prefix}_acc_rule").update(self.rule_predictions(r), y)
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -377,7 +374,7 @@ class MutualDistillation(DistillationModule):
     def test_step(self, batch, batch_idx: int) -> None:
         self._eval_rules(batch, self._eval_step(batch, "test"), "test")
         if self.teacher is not None:
-            self.test_teacher_acc.update(self.teacher(batch[0]), batch[1])
+            self.test_teacher_acc.update(self.teacher_logits(batch[0]), batch[1])
 
     def _log_rule_metrics(self, prefix: str) -> None:
         q_metric, rule_metric = getattr(self, f"{prefix}_acc_q"), getattr(self, f"{prefix}_acc_rule")

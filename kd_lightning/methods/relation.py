@@ -7,7 +7,7 @@ from torch import nn
 
 from kd_lightning import KDConfigError
 from kd_lightning.losses import kd_loss, rkd_loss
-from kd_lightning.methods.base import DistillationModule, check_kd_hyperparameters
+from kd_lightning.methods.base import DistillationModule, Losses, check_temperature, check_weights
 from kd_lightning.models.taps import FeatureTaps
 
 
@@ -15,8 +15,8 @@ class RelationKD(DistillationModule):
     r"""RKD on the penultimate embedding, plus cross-entropy and an optional Hinton KD term:
 
     .. math::
-        L = w_{ce}\, CE(y, z_s) + w_{kd}\, T^2 \mathrm{KL}(\sigma(z_t/T) \| \sigma(z_s/T))
-            + w_d L_{RKD-D}(s, t) + w_a L_{RKD-A}(s, t)
+        L = w_{ce}\, CE(y, z_s) + \big(w_d L_{RKD-D}(s, t) + w_a L_{RKD-A}(s, t)\big)
+            + w_{kd}\, T^2 \mathrm{KL}(\sigma(z_t/T) \| \sigma(z_s/T))
 
     where ``s``, ``t`` are the student's and teacher's embeddings of the batch (see
     :func:`~kd_lightning.losses.rkd_loss`). The student matches the distances and angles between
@@ -26,12 +26,12 @@ class RelationKD(DistillationModule):
     training inputs are deterministic (see ``teacher_cache`` / ``teacher_cache_mb``), else from a
     no-grad forward with feature taps; either way they are constants.
 
-    Logged terms: ``loss`` (total), ``loss_ce``, ``loss_rkd_d``, ``loss_rkd_a`` (unweighted) and
-    ``loss_kd`` when ``kd_weight > 0``.
+    Logged terms: ``loss`` (total), ``loss_ce``, ``loss_rkd`` (weighted), ``loss_rkd_d`` and
+    ``loss_rkd_a`` (unweighted), and ``loss_kd`` (weighted) when ``kd_weight > 0``.
 
     Args:
-        w_d: weight of the distance-wise term (Park et al.: 25).
-        w_a: weight of the angle-wise term (Park et al.: 50).
+        distance_weight: :math:`w_d`, weight of the distance-wise term (Park et al.: 25).
+        angle_weight: :math:`w_a`, weight of the angle-wise term (Park et al.: 50).
         student_layer, teacher_layer: module paths of the embeddings (forward hooks, see
             :class:`~kd_lightning.models.FeatureTaps`); the tapped feature is flattened per
             example. Default ``None``: the *input* of the network's last ``nn.Linear`` (its
@@ -49,42 +49,34 @@ class RelationKD(DistillationModule):
 
     requires_teacher = True
 
-    def __init__(self, w_d: float = 25.0, w_a: float = 50.0, student_layer: str | None = None,
-                 teacher_layer: str | None = None, layer_input: bool = False, ce_weight: float = 1.0,
-                 kd_weight: float = 0.0, temperature: float = 4.0, **kwargs) -> None:
-        for name, value in (("w_d", w_d), ("w_a", w_a), ("ce_weight", ce_weight),
-                            ("kd_weight", kd_weight)):
-            if not value >= 0:
-                raise KDConfigError(f"RelationKD: {name} must be >= 0, got {value}; Park et al. use "
-                                    f"w_d=25, w_a=50 with ce_weight=1 and kd_weight=0.")
-        if w_d == 0 and w_a == 0:
-            raise KDConfigError("RelationKD: w_d and w_a are both 0, so nothing relational is "
-                                "distilled; set w_d=25, w_a=50 (Park et al.), or use ResponseKD / "
-                                "Supervised for a logit-only or label-only baseline.")
-        check_kd_hyperparameters("RelationKD", temperature)
+    def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0,
+                 student_layer: str | None = None, teacher_layer: str | None = None,
+                 layer_input: bool = False, ce_weight: float = 1.0, kd_weight: float = 0.0,
+                 temperature: float = 4.0, **kwargs) -> None:
+        check_weights("RelationKD", distance_weight=distance_weight, angle_weight=angle_weight,
+                      ce_weight=ce_weight, kd_weight=kd_weight)
+        if distance_weight == 0 and angle_weight == 0:
+            raise KDConfigError("RelationKD: distance_weight and angle_weight are both 0, so nothing "
+                                "relational is distilled; set 25 and 50 (Park et al.), or use "
+                                "ResponseKD / Supervised for a logit-only or label-only baseline.")
+        check_temperature("RelationKD", temperature)
         super().__init__(**kwargs)
-        self.w_d, self.w_a = w_d, w_a
+        self.distance_weight, self.angle_weight = distance_weight, angle_weight
         self.ce_weight, self.kd_weight, self.temperature = ce_weight, kd_weight, temperature
         self.student_taps = FeatureTaps(self.student, *_embedding_layer(
             self.student, "student", student_layer, layer_input))
         self.teacher_taps = self.tap_teacher(*_embedding_layer(
             self.teacher, "teacher", teacher_layer, layer_input))
 
-    def training_step(self, batch, batch_idx: int):
-        x, y, idx = batch
+    def compute_losses(self, x, y, index):
         logits = self.student(x)
         (s_emb,) = self.student_taps.pop()
-        t_logits, (t_emb,) = self.teacher_forward(x, idx)
-        rkd, dist, angle = rkd_loss(s_emb, t_emb, self.w_d, self.w_a)
-        ce = F.cross_entropy(logits.float(), y)
-        loss = self.ce_weight * ce + rkd
-        terms = {"loss_ce": ce, "loss_rkd_d": dist, "loss_rkd_a": angle}
+        t_logits, (t_emb,) = self.teacher_forward(x, index)
+        rkd, dist, angle = rkd_loss(s_emb, t_emb, self.distance_weight, self.angle_weight)
+        terms = {"loss_ce": self.ce_weight * F.cross_entropy(logits.float(), y), "loss_rkd": rkd}
         if self.kd_weight > 0:
-            kd = kd_loss(logits, t_logits, self.temperature)
-            loss = loss + self.kd_weight * kd
-            terms["loss_kd"] = kd
-        self.log_terms(logits, y, loss=loss, **terms)
-        return loss
+            terms["loss_kd"] = self.kd_weight * kd_loss(logits, t_logits, self.temperature)
+        return Losses(logits, terms, {"loss_rkd_d": dist, "loss_rkd_a": angle})
 
 
 def _embedding_layer(net: nn.Module, role: str, layer: str | None,

@@ -2,31 +2,32 @@
 
 from __future__ import annotations
 
-from kd_lightning.losses import response_kd_loss
-from kd_lightning.methods.base import DistillationModule, check_kd_hyperparameters
+from kd_lightning.losses import response_terms
+from kd_lightning.methods.base import DistillationModule, Losses, check_temperature, check_weights
 
 
 class ResponseKD(DistillationModule):
-    r"""Hinton KD: :math:`(1-\alpha)\,CE(y, z_s) + \alpha\,T^2\,KL(\sigma(z_t/T) \| \sigma(z_s/T))`.
+    r"""Hinton KD: :math:`w_{ce}\,CE(y, z_s) + w_{kd}\,T^2\,KL(\sigma(z_t/T) \| \sigma(z_s/T))`.
 
     Args:
-        temperature: softmax temperature ``T > 0`` (default 4).
-        alpha: weight of the soft-target term, in [0, 1] (default 0.9).
+        temperature: softmax temperature ``T > 0`` (default 4; Hinton et al. use up to 20).
+        ce_weight: weight of the cross-entropy with the labels (default 0.1).
+        kd_weight: weight of the soft-target term (default 0.9; the paper's ``alpha``, with
+            ``ce_weight = 1 - alpha``).
         **kwargs: see :class:`~kd_lightning.methods.base.DistillationModule` (student, teacher,
             teacher_checkpoint, optimizer, ...).
     """
 
     requires_teacher = True
 
-    def __init__(self, temperature: float = 4.0, alpha: float = 0.9, **kwargs) -> None:
-        check_kd_hyperparameters("ResponseKD", temperature, alpha)
+    def __init__(self, temperature: float = 4.0, ce_weight: float = 0.1, kd_weight: float = 0.9,
+                 **kwargs) -> None:
+        check_temperature("ResponseKD", temperature)
+        check_weights("ResponseKD", ce_weight=ce_weight, kd_weight=kd_weight)
         super().__init__(**kwargs)
-        self.temperature, self.alpha = temperature, alpha
+        self.temperature, self.ce_weight, self.kd_weight = temperature, ce_weight, kd_weight
 
-    def training_step(self, batch, batch_idx: int):
-        x, y, idx = batch
+    def compute_losses(self, x, y, index):
         logits = self.student(x)
-        loss, ce, kd = response_kd_loss(logits, self.teacher_logits(x, idx), y,
-                                        self.temperature, self.alpha)
-        self.log_terms(logits, y, loss=loss, loss_ce=ce, loss_kd=kd)
-        return loss
+        return Losses(logits, response_terms(logits, y, self.teacher_logits(x, index),
+                                             self.temperature, self.ce_weight, self.kd_weight))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from kd_lightning.methods.base import DistillationModule
+from kd_lightning.methods.base import DistillationModule, Losses
 
 
 class Supervised(DistillationModule):
@@ -14,9 +14,6 @@ class Supervised(DistillationModule):
     as the student-alone baseline every method is compared with.
     """
 
-    def training_step(self, batch, batch_idx: int):
-        x, y, _ = batch
+    def compute_losses(self, x, y, index):
         logits = self.student(x)
-        loss = F.cross_entropy(logits.float(), y)
-        self.log_terms(logits, y, loss=loss, loss_ce=loss)
-        return loss
+        return Losses(logits, {"loss_ce": F.cross_entropy(logits.float(), y)})

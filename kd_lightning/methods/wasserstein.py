@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from kd_lightning import KDConfigError
 from kd_lightning.losses import kd_loss, wasserstein_kd_loss
-from kd_lightning.methods.base import DistillationModule, check_kd_hyperparameters
+from kd_lightning.methods.base import DistillationModule, Losses, check_temperature, check_weights
 
 
 class NonFiniteGradientError(KDConfigError):
@@ -44,7 +44,7 @@ class WassersteinKD(DistillationModule):
     scalar synchronisation per step (plus a one-scalar all-reduce under DDP, so that every rank
     stops at the same step).
 
-    Logged terms: ``loss`` (total), ``loss_ce``, ``loss_kd`` (mean of ``l``), ``loss_w`` (``L_W``)
+    Logged terms: ``loss`` (total), ``loss_ce`` and ``loss_w`` (weighted), ``loss_kd`` (mean of ``l``)
     and ``grad_norm`` (mean :math:`\|\nabla_{x_i} l\|_p`).
 
     Args:
@@ -70,10 +70,8 @@ class WassersteinKD(DistillationModule):
                 f"WassersteinKD: eps must be >= 0, got {eps}. It is the radius of the Wasserstein "
                 f"ball around the training examples (the weight of the input-gradient penalty); "
                 f"0 gives plain response KD; the MNIST-1D configs use 0.3 (full data) and 2 (few data).")
-        check_kd_hyperparameters("WassersteinKD", temperature)
-        if not (ce_weight >= 0 and kd_weight >= 0):
-            raise KDConfigError(f"WassersteinKD: ce_weight and kd_weight must be >= 0, got "
-                                f"{ce_weight} and {kd_weight} (defaults 0.1 and 0.9).")
+        check_temperature("WassersteinKD", temperature)
+        check_weights("WassersteinKD", ce_weight=ce_weight, kd_weight=kd_weight)
         if not (norm_p >= 1 or math.isinf(norm_p)):
             raise KDConfigError(f"WassersteinKD: norm_p must be >= 1 or inf, got {norm_p} (default "
                                 f"2, the Euclidean norm of each example's input gradient).")
@@ -81,25 +79,22 @@ class WassersteinKD(DistillationModule):
         self.eps, self.temperature = eps, temperature
         self.ce_weight, self.kd_weight, self.norm_p = ce_weight, kd_weight, norm_p
 
-    def training_step(self, batch, batch_idx: int):
-        x, y, idx = batch
+    def compute_losses(self, x, y, index):
         x = x.detach()  # a new tensor object: requires_grad never reaches the data set's tensors
         if not x.is_floating_point():
             x = x.float()
         x.requires_grad_(True)
         logits = self.student(x)
-        per_example = kd_loss(logits, self.teacher_logits(x.detach(), idx), self.temperature,
+        per_example = kd_loss(logits, self.teacher_logits(x.detach(), index), self.temperature,
                               reduction="none")
         loss_w, loss_kd, grad_norm = wasserstein_kd_loss(per_example, x, self.eps, self.norm_p)
-        self._check_finite(grad_norm, batch_idx)
+        self._check_finite(grad_norm)
         ce = F.cross_entropy(logits.float(), y)
-        loss = self.ce_weight * ce + self.kd_weight * loss_w
-        self.log_terms(logits, y, loss=loss, loss_ce=ce, loss_kd=loss_kd, loss_w=loss_w,
-                       grad_norm=grad_norm)
-        return loss
+        return Losses(logits, {"loss_ce": self.ce_weight * ce, "loss_w": self.kd_weight * loss_w},
+                      {"loss_kd": loss_kd, "grad_norm": grad_norm})
 
-    def _check_finite(self, grad_norm: torch.Tensor, batch_idx: int) -> None:
-        trainer = self._trainer
+    def _check_finite(self, grad_norm: torch.Tensor) -> None:
+        trainer = self.trainer_or_none
         where = ""
         if trainer is not None and trainer.world_size > 1:  # stop every rank at the same step
             bad = (~torch.isfinite(grad_norm.detach())).float()
@@ -111,7 +106,7 @@ class WassersteinKD(DistillationModule):
             raise NonFiniteGradientError(
                 f"WassersteinKD: the input gradient of the distillation loss (term 'grad_norm', "
                 f"the mean ||grad_x l|| of the Wasserstein penalty) is {float(grad_norm):g}{where} at "
-                f"global step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx}). "
+                f"global step {self.global_step} (epoch {self.current_epoch}). "
                 f"Training stopped before this step's optimizer update, so no checkpoint was "
                 f"written from it and the last good checkpoint is kept. Usual fixes: lower the "
                 f"learning rate or eps (model.init_args.eps={self.eps:g}), train in 32-bit "

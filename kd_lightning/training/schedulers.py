@@ -1,7 +1,7 @@
 """Learning-rate schedules built from torch's own schedulers.
 
-lightning-bolts used to provide ``LinearWarmupCosineAnnealingLR``; its last release requires
-pytorch-lightning < 2, so this package composes the same schedule from ``torch.optim``.
+``LinearWarmupCosineAnnealingLR`` is the schedule lightning-bolts offers under that name
+(bolts requires pytorch-lightning < 2), composed here from ``torch.optim``'s own schedulers.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ class LinearWarmupCosineAnnealingLR(SequentialLR):
     YAML::
 
         lr_scheduler:
-          class_path: kd_lightning.schedulers.LinearWarmupCosineAnnealingLR
+          class_path: kd_lightning.training.LinearWarmupCosineAnnealingLR
           init_args: {warmup_epochs: 5, max_epochs: 100}
     """
 

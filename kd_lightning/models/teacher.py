@@ -1,0 +1,138 @@
+"""The frozen teacher as one component: weights, freezing, feature taps, per-example cache.
+
+A distillation method asks its :class:`FrozenTeacher` for the teacher's logits (and tapped
+features) of a batch; where they come from -- a no-grad forward of the frozen network, or a cache
+filled once per training example when the training inputs are deterministic -- is this module's
+business. :class:`PerExampleCache` is the cache itself, also used for other per-example constants
+(MutualDistillation's fixed rules).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from kd_lightning import KDConfigError
+from kd_lightning.models.taps import FeatureTaps
+from kd_lightning.models.weights import load_teacher_weights
+
+
+class PerExampleCache:
+    """Tensors stored per training example, looked up by the batch's ``index``.
+
+    :meth:`fill` runs ``fn`` over the training set once (in chunks) and keeps each output tensor
+    per example: ``fn(x) -> list of [B, ...] tensors``. Outputs whose storage would exceed
+    ``budget_bytes`` (beyond the first ``always`` outputs, which are always kept) are dropped:
+    :attr:`complete` then tells whether every output was kept.
+    """
+
+    def __init__(self) -> None:
+        self.stores: list[Tensor] | None = None
+        self.complete = False
+
+    @property
+    def active(self) -> bool:
+        return self.stores is not None
+
+    def clear(self) -> None:
+        self.stores, self.complete = None, False
+
+    @torch.no_grad()
+    def fill(self, dataset, fn: Callable[[Tensor], list[Tensor]], device: torch.device,
+             budget_bytes: float = float("inf"), always: int = 1, chunk: int = 1024) -> None:
+        n_source = int(dataset.indices.max()) + 1 if len(dataset) else 0
+        stores: list[Tensor] | None = None
+        for start in range(0, len(dataset), chunk):
+            x, _, idx = dataset.get_batch(torch.arange(start, min(start + chunk, len(dataset))))
+            idx = idx.to(device)
+            outs = fn(x.to(device))
+            if stores is None:
+                per_example = sum(o[0].numel() * o.element_size() for o in outs[always:])
+                keep = len(outs) if per_example * n_source <= budget_bytes else always
+                stores = [torch.zeros(n_source, *o.shape[1:], dtype=o.dtype, device=device)
+                          for o in outs[:keep]]
+                self.complete = keep == len(outs)
+            for store, out in zip(stores, outs):
+                store[idx] = out
+        self.stores = stores
+
+    def lookup(self, index: Tensor) -> list[Tensor]:
+        return [s[index] for s in self.stores]
+
+
+class FrozenTeacher:
+    """A teacher network that is never trained.
+
+    The network is loaded from ``checkpoint`` (a ``kd-lightning fit`` checkpoint of
+    :class:`~kd_lightning.methods.Supervised` or a plain ``state_dict``), frozen
+    (``requires_grad_(False)``) and put in eval mode; its owner keeps it in eval mode across
+    Lightning's ``train()`` calls and out of the optimizer.
+
+    Args:
+        net: the teacher network (registered on the owning module as ``teacher``).
+        checkpoint: its weights, or ``None`` to use ``net`` as it is.
+    """
+
+    def __init__(self, net: nn.Module, checkpoint: str | None = None) -> None:
+        if checkpoint is not None:
+            load_teacher_weights(net, checkpoint)
+        net.requires_grad_(False)
+        net.eval()
+        self.net = net
+        self.taps: FeatureTaps | None = None
+        self.cache = PerExampleCache()
+
+    def tap(self, layers: Sequence[str], pre_activation: bool | list[bool] = False) -> FeatureTaps:
+        """Record the features at ``layers`` (module paths) on every forward of the teacher."""
+        self.taps = FeatureTaps(self.net, layers, pre_activation)
+        return self.taps
+
+    def _forward(self, x: Tensor) -> list[Tensor]:
+        logits = self.net(x)
+        return [logits, *(self.taps.pop() if self.taps is not None else [])]
+
+    @torch.no_grad()
+    def outputs(self, x: Tensor, index: Tensor | None = None,
+                from_cache: bool = True) -> tuple[Tensor, list[Tensor]]:
+        """Logits and tapped features of the batch: from the cache when it holds them (and
+        ``from_cache`` and ``index`` allow), else a no-grad forward."""
+        if from_cache and index is not None and self.cache.active:
+            if self.cache.complete:
+                logits, *feats = self.cache.lookup(index)
+                return logits, feats
+            if self.taps is None:
+                return self.cache.lookup(index)[0], []
+        logits, *feats = self._forward(x)
+        return logits, feats
+
+    @torch.no_grad()
+    def logits(self, x: Tensor, index: Tensor | None = None, from_cache: bool = True) -> Tensor:
+        """Logits of the batch: from the cache when it is active, else a no-grad forward."""
+        if from_cache and index is not None and self.cache.active:
+            return self.cache.stores[0][index]
+        return self._forward(x)[0]
+
+    def outputs_with_input_gradient(self, x: Tensor) -> Tensor:
+        """Logits as a differentiable function of ``x`` (the weights stay frozen): for losses
+        whose input gradient runs through the teacher too."""
+        logits, *_ = self._forward(x)
+        return logits
+
+    def fill_cache(self, dataset, device: torch.device, budget_mb: float, forward_context) -> None:
+        """Run the teacher once over ``dataset``; keep the logits per example, and the tapped
+        features too when they fit in ``budget_mb`` MiB."""
+
+        def fn(x: Tensor) -> list[Tensor]:
+            with forward_context():
+                return self._forward(x)
+
+        self.cache.fill(dataset, fn, device, budget_mb * 2**20)
+
+
+def check_teacher_cache_setting(setting: bool | None, deterministic_inputs: bool) -> None:
+    if setting is True and not deterministic_inputs:
+        raise KDConfigError(
+            "teacher_cache=true needs deterministic training inputs, but the data module "
+            "augments them (or is not a DistillDataModule); set teacher_cache to null (auto).")

@@ -1,0 +1,113 @@
+"""Several minibatches per Lightning step (``data.batches_per_step = k``).
+
+Lightning's per-step bookkeeping costs more than a training step of a small model, so the data
+module can hand over ``k`` consecutive minibatches per Lightning step (exactly the minibatches a
+``k = 1`` loader gives, in the same order). The optimizer still steps once per minibatch:
+
+- :class:`GroupedOptimization` (a callback every :class:`~kd_lightning.methods.DistillationModule`
+  attaches) switches the module to manual optimisation for a fit with ``k > 1``, clips gradients
+  where Lightning's automatic optimisation clips them (after AMP unscaling, before the step) and
+  steps ReduceLROnPlateau schedulers after validation;
+- :func:`run_group` trains the ``k`` minibatches of one Lightning step through Lightning's
+  manual-optimisation API, with the hooks automatic optimisation calls (``on_before_zero_grad``,
+  ``optimizer_zero_grad``, ``optimizer_step`` with a closure, backward hooks), so precision
+  plugins, DDP gradient all-reduce, callbacks and ``global_step`` behave as with ``k = 1``, and
+  the student is bit-identical to a ``k = 1`` run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback
+from torch import Tensor
+
+from kd_lightning import KDConfigError
+from kd_lightning.training.optim import step_lr_schedulers
+
+
+@dataclass(frozen=True)
+class GroupedFit:
+    """How the current fit trains: ``k`` minibatches per Lightning step; ``drives_optimizer``
+    when the module uses automatic optimisation, which :func:`run_group` then carries out."""
+
+    k: int
+    drives_optimizer: bool
+
+
+def batches_per_step(trainer: pl.Trainer) -> int:
+    dm = getattr(trainer, "datamodule", None)
+    return int(getattr(dm, "batches_per_step", 1) or 1)
+
+
+class GroupedOptimization(Callback):
+    """Sets up and completes grouped training for the module's fit (see the module docstring)."""
+
+    def setup(self, trainer: pl.Trainer, pl_module, stage: str) -> None:
+        if stage != "fit":
+            return
+        k = batches_per_step(trainer)
+        if k > 1 and trainer.accumulate_grad_batches != 1:
+            raise KDConfigError(
+                f"data.batches_per_step={k} cannot be combined with trainer.accumulate_grad_batches="
+                f"{trainer.accumulate_grad_batches}: set data.batches_per_step to 1 (or raise "
+                f"data.batch_size instead of accumulating).")
+        pl_module.grouped_fit = GroupedFit(k, pl_module.declared_automatic_optimization) if k > 1 else None
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module, optimizer) -> None:
+        group = pl_module.grouped_fit
+        if group is not None and group.drives_optimizer and trainer.gradient_clip_val:
+            pl_module.configure_gradient_clipping(optimizer, trainer.gradient_clip_val,
+                                                  trainer.gradient_clip_algorithm)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
+        group = pl_module.grouped_fit
+        if group is not None and group.drives_optimizer:  # after validation, as Lightning does
+            step_lr_schedulers(trainer, "epoch", pl_module.current_epoch + 1, plateau=True,
+                               default_monitor=pl_module.plateau_monitor)
+
+
+def run_group(module, group: list, batch_idx: int,
+              minibatch_step: Callable[[tuple, int], Tensor | None]) -> None:
+    """Train the minibatches of one Lightning step; ``minibatch_step(batch, index)`` returns the
+    loss to minimise (automatic-optimisation methods) or optimises itself and returns anything."""
+    trainer = module.trainer
+    k = module.grouped_fit.k
+    drives = module.grouped_fit.drives_optimizer
+    optimizer = module.optimizers() if drives else None
+    for j, minibatch in enumerate(group):
+        if 0 < trainer.max_steps <= trainer.global_step:
+            return  # max_steps counts optimizer steps, not groups
+        index = batch_idx * k + j
+        loss = minibatch_step(minibatch, index)
+        if optimizer is None or loss is None:
+            continue
+
+        def closure(loss=loss, index=index) -> Tensor:
+            for callback in trainer.callbacks:
+                callback.on_before_zero_grad(trainer, module, optimizer)
+            module.on_before_zero_grad(optimizer)
+            module.optimizer_zero_grad(module.current_epoch, index, optimizer)
+            module.manual_backward(loss)
+            return loss
+
+        module.optimizer_step(module.current_epoch, index, optimizer, closure)
+        step_lr_schedulers(trainer, "step", index + 1)
+    if drives and batch_idx + 1 == trainer.num_training_batches:
+        step_lr_schedulers(trainer, "epoch", module.current_epoch + 1)
+
+
+def minibatches_per_epoch(trainer: pl.Trainer, k: int) -> float:
+    """Optimizer-step minibatches per training epoch (per device) with ``k`` minibatches per
+    Lightning step; ``inf`` when unknown."""
+    n = trainer.num_training_batches
+    if k == 1 or not math.isfinite(n):
+        return n
+    dm = trainer.datamodule
+    sampler = getattr(trainer.train_dataloader, "sampler", None)  # per rank under DDP
+    per_rank = len(sampler) if hasattr(sampler, "__len__") else n * k * dm.batch_size
+    full = per_rank // dm.batch_size if dm.drop_last else math.ceil(per_rank / dm.batch_size)
+    return min(n * k, full)
