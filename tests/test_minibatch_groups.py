@@ -155,3 +155,99 @@ def test_resume_refuses_to_switch_between_one_and_several_batches_per_step(tmp_p
     with pytest.raises(KDConfigError, match="batches_per_step=3"):
         _trainer(max_epochs=2).fit(Supervised(student=MLP()),
                                    DistillDataModule("mnist1d", train_subset=300), ckpt_path=ckpt)
+
+
+def test_refit_after_a_grouped_fit_with_gradient_clipping():
+    """A module grouped in one fit can be fitted again with trainer-level clipping (which
+    Lightning refuses in manual optimisation), grouped or not, and clipping is applied."""
+    _, model = _fit(4, epochs=1)
+    for k in (1, 4):
+        before = _flat(model.student).clone()
+        trainer = _trainer(max_epochs=1, gradient_clip_val=1e-3)
+        trainer.fit(model, DistillDataModule("mnist1d", batch_size=100, train_subset=1000,
+                                             batches_per_step=k))
+        assert trainer.global_step == 10
+        # Adam's step is about lr * sign(grad) regardless of clipping; SGD shows the clip
+    pl.seed_everything(0, verbose=False)
+    clipped = {}
+    for clip in (None, 1e-3):
+        model = Supervised(student=MLP(), optimizer=partial(torch.optim.SGD, lr=0.5))
+        _trainer(max_epochs=1).fit(model, DistillDataModule("mnist1d", train_subset=1000, batches_per_step=4))
+        start = _flat(model.student).clone()
+        _trainer(max_epochs=1, gradient_clip_val=clip).fit(
+            model, DistillDataModule("mnist1d", batch_size=100, train_subset=1000, batches_per_step=4))
+        clipped[clip] = (_flat(model.student) - start).norm()
+    # 10 SGD steps of lr 0.5 with gradients clipped to norm 1e-3 move the weights by <= 5e-3
+    assert clipped[1e-3] <= 10 * 0.5 * 1e-3 + 1e-6 < clipped[None]
+
+
+class _ForgetfulSupervised(Supervised):
+    """Overrides the hooks the training machinery needs, without calling super()."""
+
+    def setup(self, stage):  # noqa: D102 - deliberately no super()
+        self.num_classes = 10
+        self._build_metrics(10)
+
+    def on_train_epoch_end(self):
+        pass
+
+    def on_before_optimizer_step(self, optimizer):
+        pass
+
+    def on_train_start(self):
+        pass
+
+
+def test_overriding_hooks_without_super_keeps_grouping_clipping_and_logging():
+    pl.seed_everything(0, verbose=False)
+    students = {}
+    for cls in (Supervised, _ForgetfulSupervised):
+        pl.seed_everything(0, verbose=False)
+        model = cls(student=MLP(), optimizer=partial(torch.optim.SGD, lr=0.5),
+                    lr_scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5))
+        trainer = _trainer(max_epochs=2, gradient_clip_val=1e-2)
+        trainer.fit(model, DistillDataModule("mnist1d", batch_size=100, train_subset=1000,
+                                             batches_per_step=4))
+        assert trainer.global_step == 20
+        assert trainer.optimizers[0].param_groups[0]["lr"] == 0.5 * 0.5**2  # epoch scheduler
+        students[cls] = _flat(model.student)
+    assert torch.equal(students[Supervised], students[_ForgetfulSupervised])
+
+
+def test_a_method_cannot_take_over_the_training_step():
+    with pytest.raises(TypeError, match="implement compute_losses"):
+        class Bad(Supervised):  # noqa: F841
+            def training_step(self, batch, batch_idx):
+                return None
+    with pytest.raises(TypeError, match="implement extra_callbacks"):
+        class AlsoBad(Supervised):  # noqa: F841
+            def configure_callbacks(self):
+                return []
+
+
+def test_user_optimizer_hooks_and_callbacks_run_in_grouped_mode():
+    """optimizer_step / optimizer_zero_grad overrides and on_before_zero_grad callbacks are
+    called once per minibatch, as in automatic optimisation."""
+    calls = {"step": 0, "zero_grad": 0, "callback": 0}
+
+    class Counting(Supervised):
+        def optimizer_step(self, *args, **kwargs):
+            calls["step"] += 1
+            super().optimizer_step(*args, **kwargs)
+
+        def optimizer_zero_grad(self, *args, **kwargs):
+            calls["zero_grad"] += 1
+            super().optimizer_zero_grad(*args, **kwargs)
+
+    class ZeroGradCallback(pl.Callback):
+        def on_before_zero_grad(self, trainer, pl_module, optimizer):
+            calls["callback"] += 1
+
+    for k in (1, 4):
+        for key in calls:
+            calls[key] = 0
+        model = Counting(student=MLP(), optimizer=partial(torch.optim.Adam, lr=1e-2))
+        trainer = _trainer(max_epochs=2, callbacks=[ZeroGradCallback()])
+        trainer.fit(model, DistillDataModule("mnist1d", batch_size=100, train_subset=1000,
+                                             batches_per_step=k))
+        assert calls == {"step": 20, "zero_grad": 20, "callback": 20}, (k, calls)

@@ -1,0 +1,92 @@
+"""Pins every Lightning/torch internal that kd_lightning.training.lightning_compat relies on, so an
+upgrade that changes one fails here instead of silently changing training."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from functools import partial
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.strategies import DDPStrategy
+
+from kd_lightning.data import DistillDataModule
+from kd_lightning.methods import Supervised
+from kd_lightning.models import MLP
+from kd_lightning.training import lightning_compat as compat
+
+
+def _trainer(**kw) -> pl.Trainer:
+    return pl.Trainer(**{**dict(max_epochs=1, logger=False, enable_checkpointing=False,
+                                enable_progress_bar=False, enable_model_summary=False,
+                                accelerator="cpu", devices=1, limit_val_batches=0), **kw})
+
+
+def test_hook_bookkeeping_attribute_is_set_around_hooks():
+    seen = []
+
+    class Probe(Supervised):
+        def on_train_epoch_start(self):
+            seen.append(self.__dict__.get("_current_fx_name"))
+
+    model = Probe(student=MLP(), optimizer=partial(torch.optim.Adam, lr=1e-2))
+    _trainer().fit(model, DistillDataModule("mnist1d", train_subset=200))
+    assert seen == ["on_train_epoch_start"]
+    for name in compat.HOOK_BOOKKEEPING_ATTRIBUTES:  # a plain attribute, never a module/parameter
+        assert name in model.__dict__ and name not in model._modules and name not in model._parameters
+
+
+def test_attached_trainer_is_none_outside_a_fit_and_the_trainer_inside():
+    model = Supervised(student=MLP(), num_classes=10)
+    assert compat.attached_trainer(model) is None
+    trainer = _trainer()
+    trainer.fit(model, DistillDataModule("mnist1d", train_subset=200))
+    assert compat.attached_trainer(model) is trainer
+
+
+def test_ddp_strategy_exposes_find_unused_parameters():
+    assert compat.ddp_finds_unused_parameters(DDPStrategy(find_unused_parameters=True)) is True
+    assert compat.ddp_finds_unused_parameters(DDPStrategy()) is False
+    assert compat.ddp_finds_unused_parameters(object()) is None
+
+
+def test_dropped_hyperparameter_leaves_saved_and_logged_hparams():
+    model = Supervised(student=MLP(), num_classes=10, teacher_cache_mb=64.0)
+    assert "teacher_cache_mb" in model.hparams and "teacher_cache_mb" in model.hparams_initial
+    compat.drop_hyperparameter(model, "teacher_cache_mb")
+    assert "teacher_cache_mb" not in model.hparams and "teacher_cache_mb" not in model.hparams_initial
+
+
+def test_fused_kernel_devices_include_cpu():
+    assert "cpu" in compat.fused_kernel_devices()
+
+
+def test_lightning_sets_the_cuda_check_variable_and_the_fit_scope_restores_it():
+    assert os.environ.get(compat.cuda_check_env_var()) == "1"  # lightning_fabric sets it at import
+    seen = {}
+
+    class Probe(Supervised):
+        def on_train_start(self):
+            super().on_train_start()
+            seen["var"] = os.environ.get(compat.cuda_check_env_var())
+
+    filters = list(warnings.filters)
+    _trainer().fit(Probe(student=MLP(), optimizer=partial(torch.optim.Adam, lr=1e-2)),
+                   DistillDataModule("mnist1d", train_subset=200))
+    assert seen["var"] == (None if compat.no_gpu() else "1")
+    assert os.environ.get(compat.cuda_check_env_var()) == "1"
+    assert warnings.filters == filters  # the fit's warning filter is gone again
+
+
+def test_manual_optimisation_mode_is_read_per_step_and_global_step_follows_it():
+    """The grouped fit relies on: Lightning checks ``automatic_optimization`` when it runs a
+    step (not only at setup), global_step counts LightningOptimizer steps in manual mode, and
+    trainer-level clipping is verified against the mode before ``setup`` hooks run."""
+    model = Supervised(student=MLP(), optimizer=partial(torch.optim.Adam, lr=1e-2))
+    trainer = _trainer()
+    trainer.fit(model, DistillDataModule("mnist1d", batch_size=100, train_subset=1000, batches_per_step=5))
+    assert not model.automatic_optimization and trainer.global_step == 10
+    loop = trainer.fit_loop.epoch_loop
+    assert loop.manual_optimization.optim_step_progress.total.completed == 10
+    assert loop.automatic_optimization.optim_progress.optimizer_steps == 0
