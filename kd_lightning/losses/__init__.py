@@ -36,3 +36,16 @@ from kd_lightning.losses.mutual import (
 
 __all__ += ["imitation_weight", "knowledge_loss", "mutual_student_loss", "rule_regularized_teacher",
             "rule_weight_loss"]
+
+from kd_lightning.losses.correlation import cc_correlation_matrix, cc_loss
+from kd_lightning.losses.decoupled import dkd_loss, dkd_terms, dkd_warmup_weight
+from kd_lightning.losses.dist import dist_loss, dist_terms, pearson_correlation
+from kd_lightning.losses.logit_standardization import standardize_logits, standardized_kd_loss
+from kd_lightning.losses.nst import nst_loss, nst_mmd2, polynomial_kernel
+from kd_lightning.losses.probabilistic import pkt_conditional_probabilities, pkt_loss
+from kd_lightning.losses.similarity import similarity_matrix, sp_loss
+
+__all__ += ["cc_correlation_matrix", "cc_loss", "dkd_loss", "dkd_terms", "dkd_warmup_weight",
+            "dist_loss", "dist_terms", "pearson_correlation", "standardize_logits",
+            "standardized_kd_loss", "nst_loss", "nst_mmd2", "polynomial_kernel",
+            "pkt_conditional_probabilities", "pkt_loss", "similarity_matrix", "sp_loss"]
