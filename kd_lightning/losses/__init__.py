@@ -36,3 +36,27 @@ from kd_lightning.losses.mutual import (
 
 __all__ += ["imitation_weight", "knowledge_loss", "mutual_student_loss", "rule_regularized_teacher",
             "rule_weight_loss"]
+
+from kd_lightning.losses.crd import CRDEmbed, CRDMemoryBank, crd_loss, crd_nce_loss
+from kd_lightning.losses.factor_transfer import (
+    Paraphraser,
+    Translator,
+    ft_factor,
+    ft_loss,
+    ft_reconstruction_loss,
+)
+from kd_lightning.losses.ofd import (
+    ofd_loss,
+    ofd_margin,
+    ofd_margin_from_bn,
+    ofd_partial_l2,
+    ofd_stage_weights,
+)
+from kd_lightning.losses.review import ABF, build_abfs, hcl_loss, review_chain
+from kd_lightning.losses.vid import VIDRegressor, vid_loss
+
+__all__ += ["CRDEmbed", "CRDMemoryBank", "crd_loss", "crd_nce_loss",
+            "Paraphraser", "Translator", "ft_factor", "ft_loss", "ft_reconstruction_loss",
+            "ofd_loss", "ofd_margin", "ofd_margin_from_bn", "ofd_partial_l2", "ofd_stage_weights",
+            "ABF", "build_abfs", "hcl_loss", "review_chain",
+            "VIDRegressor", "vid_loss"]
