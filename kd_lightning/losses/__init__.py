@@ -49,3 +49,27 @@ __all__ += ["cc_correlation_matrix", "cc_loss", "dkd_loss", "dkd_terms", "dkd_wa
             "dist_loss", "dist_terms", "pearson_correlation", "standardize_logits",
             "standardized_kd_loss", "nst_loss", "nst_mmd2", "polynomial_kernel",
             "pkt_conditional_probabilities", "pkt_loss", "similarity_matrix", "sp_loss"]
+
+from kd_lightning.losses.crd import CRDEmbed, CRDMemoryBank, crd_loss, crd_nce_loss
+from kd_lightning.losses.factor_transfer import (
+    Paraphraser,
+    Translator,
+    ft_factor,
+    ft_loss,
+    ft_reconstruction_loss,
+)
+from kd_lightning.losses.ofd import (
+    ofd_loss,
+    ofd_margin,
+    ofd_margin_from_bn,
+    ofd_partial_l2,
+    ofd_stage_weights,
+)
+from kd_lightning.losses.review import ABF, build_abfs, hcl_loss, review_chain
+from kd_lightning.losses.vid import VIDRegressor, vid_loss
+
+__all__ += ["CRDEmbed", "CRDMemoryBank", "crd_loss", "crd_nce_loss",
+            "Paraphraser", "Translator", "ft_factor", "ft_loss", "ft_reconstruction_loss",
+            "ofd_loss", "ofd_margin", "ofd_margin_from_bn", "ofd_partial_l2", "ofd_stage_weights",
+            "ABF", "build_abfs", "hcl_loss", "review_chain",
+            "VIDRegressor", "vid_loss"]
