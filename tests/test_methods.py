@@ -194,3 +194,22 @@ def test_logged_train_loss_is_the_mean_of_the_step_losses():
     assert len(rec.losses) == 3
     assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(sum(rec.losses) / 3, rel=1e-6)
     assert 0.0 <= float(trainer.callback_metrics["train/acc"]) <= 1.0
+
+
+def test_a_diverged_run_stops_with_a_message_instead_of_finishing():
+    from kd_lightning.methods.base import Losses
+    from kd_lightning.training import TrainingDiverged
+
+    class Exploding(Supervised):
+        def compute_losses(self, x, y, index):
+            logits, terms, _ = super().compute_losses(x, y, index)
+            if self.current_epoch == 1:  # a nan appears in the second epoch
+                terms["loss_ce"] = terms["loss_ce"] * float("nan")
+            return Losses(logits, terms)
+
+    trainer = pl.Trainer(max_epochs=3, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, accelerator="cpu", limit_val_batches=0,
+                         log_every_n_steps=1)
+    with pytest.raises(TrainingDiverged, match=r"loss.* became nan or inf between global steps"):
+        trainer.fit(Exploding(student=MLP(), num_classes=10), DistillDataModule("mnist1d", train_subset=200))
+    assert trainer.current_epoch == 1

@@ -23,3 +23,7 @@ __all__ += ["FitNet", "FSP", "ActivationBoundary", "AttentionTransfer", "Feature
 from kd_lightning.methods.mutual import MutualDistillation
 
 __all__ += ["MutualDistillation"]
+
+from kd_lightning.methods.logit_matching import LogitMatching
+
+__all__ += ["LogitMatching"]
