@@ -7,6 +7,7 @@ import os
 import warnings
 from functools import partial
 
+import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.strategies import DDPStrategy
@@ -90,3 +91,15 @@ def test_manual_optimisation_mode_is_read_per_step_and_global_step_follows_it():
     loop = trainer.fit_loop.epoch_loop
     assert loop.manual_optimization.optim_step_progress.total.completed == 10
     assert loop.automatic_optimization.optim_progress.optimizer_steps == 0
+
+
+def test_a_failed_fit_restores_the_process_settings_too():
+    class Failing(Supervised):
+        def compute_losses(self, x, y, index):
+            raise RuntimeError("boom")
+
+    filters = list(warnings.filters)
+    with pytest.raises(RuntimeError, match="boom"):
+        _trainer().fit(Failing(student=MLP(), num_classes=10), DistillDataModule("mnist1d", train_subset=200))
+    assert os.environ.get(compat.cuda_check_env_var()) == "1"
+    assert warnings.filters == filters

@@ -28,17 +28,11 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from kd_lightning import KDConfigError
 from kd_lightning.models.taps import FeatureTaps
-from kd_lightning.models.teacher import FrozenTeacher, check_teacher_cache_setting
-from kd_lightning.training import (
-    GroupedOptimization,
-    ScopedFitEnvironment,
-    TermLog,
-    TermLogging,
-    lr_scheduler_config,
-    run_group,
-    use_fused_kernel,
-)
-from kd_lightning.training.grouping import GroupedFit
+from kd_lightning.models.teacher import FrozenTeacher
+from kd_lightning.methods.checks import check_class_counts
+from kd_lightning.training import (GroupedOptimization, ScopedFitEnvironment, TermLog, TermLogging,
+                                   lr_scheduler_config, run_group, use_fused_kernel)
+from kd_lightning.training.grouping import GroupedFit, move_batch
 from kd_lightning.training.lightning_compat import HOOK_BOOKKEEPING_ATTRIBUTES, attached_trainer
 
 
@@ -225,15 +219,8 @@ class DistillationModule(pl.LightningModule):
         """Hook: called right after the running means of the loss terms were logged."""
 
     def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
-        """``(x, y, index)`` batches (or groups of them): nothing to do when already on
-        ``device``, else ``.to()``."""
-        if isinstance(batch, (tuple, list)) and all(isinstance(t, Tensor) for t in batch):
-            if all(t.device == device for t in batch):
-                return batch
-            return type(batch)(t.to(device, non_blocking=True) for t in batch)
-        if isinstance(batch, list) and all(isinstance(b, (tuple, list)) for b in batch):
-            return [self.transfer_batch_to_device(b, device, dataloader_idx) for b in batch]
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        moved = move_batch(batch, device)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx) if moved is None else moved
 
     # ---- teacher ---------------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -260,17 +247,9 @@ class DistillationModule(pl.LightningModule):
         return self.frozen_teacher.logits(x, index, from_cache=self.training)
 
     def on_train_start(self) -> None:
-        if self.frozen_teacher is None:
-            return
-        self.frozen_teacher.cache.clear()
-        dm = getattr(self.trainer, "datamodule", None)
-        deterministic = bool(getattr(dm, "deterministic_train", False))
-        check_teacher_cache_setting(self.teacher_cache, deterministic)
-        self.teacher_cache_used = (self.teacher_cache is not False and deterministic
-                                   and getattr(dm, "train_dataset", None) is not None)
-        if self.teacher_cache_used:
-            self.frozen_teacher.fill_cache(dm.train_dataset, self.device, self.teacher_cache_mb,
-                                           self.trainer.precision_plugin.forward_context)
+        if self.frozen_teacher is not None:
+            self.teacher_cache_used = self.frozen_teacher.prepare_cache(
+                self.trainer, self.teacher_cache, self.teacher_cache_mb)
 
     def on_train_end(self) -> None:
         if self.frozen_teacher is not None:
@@ -313,39 +292,9 @@ class DistillationModule(pl.LightningModule):
             self._build_metrics(self.num_classes)
         shape = getattr(dm, "input_shape", None)
         if shape is not None:
-            self._check_class_counts(shape, k_data)
-
-    @torch.no_grad()
-    def _check_class_counts(self, input_shape: tuple[int, ...], k_data: int | None) -> None:
-        x = torch.zeros(2, *input_shape, device=self.device)
-        counts = {}
-        for name in ("student", "teacher"):
-            net = getattr(self, name)
-            if net is None:
-                continue
-            was_training = net.training
-            net.eval()
-            try:
-                out = net(x)
-            except Exception as err:  # noqa: BLE001 - re-raised with context
-                raise KDConfigError(
-                    f"the {name} ({type(net).__name__}) cannot process inputs of shape "
-                    f"{tuple(x.shape)} from the data module: {err}. Check its input size / "
-                    f"channel arguments against the data set.") from None
-            finally:
-                net.train(was_training and name == "student")
-            counts[name] = out.shape[-1]
-        if self.frozen_teacher is not None and self.frozen_teacher.taps is not None:
-            self.frozen_teacher.taps.pop()  # the probe's features are not a training batch's
-        if k_data is not None:
-            counts["data"] = k_data
-        if self.num_classes is not None:
-            counts["model.num_classes"] = self.num_classes
-        if len(set(counts.values())) > 1:
-            desc = ", ".join(f"{k}={v}" for k, v in counts.items())
-            raise KDConfigError(
-                f"class counts disagree ({desc}). Set num_classes of the student and the teacher "
-                f"to the data set's number of classes.")
+            check_class_counts(self.student, self.teacher, shape, k_data, self.num_classes, self.device)
+            if self.frozen_teacher is not None and self.frozen_teacher.taps is not None:
+                self.frozen_teacher.taps.pop()  # the probe's features are not a training batch's
 
     # ---- metrics and evaluation -----------------------------------------------------------
     def _build_metrics(self, k: int) -> None:

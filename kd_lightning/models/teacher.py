@@ -120,6 +120,19 @@ class FrozenTeacher:
         logits, *_ = self._forward(x)
         return logits
 
+    def prepare_cache(self, trainer, setting: bool | None, budget_mb: float) -> bool:
+        """At the start of training: fill the cache when ``setting`` allows it (``None`` = auto)
+        and the data module's training inputs are deterministic; returns whether it is used."""
+        self.cache.clear()
+        dm = getattr(trainer, "datamodule", None)
+        deterministic = bool(getattr(dm, "deterministic_train", False))
+        check_teacher_cache_setting(setting, deterministic)
+        use = setting is not False and deterministic and getattr(dm, "train_dataset", None) is not None
+        if use:
+            self.fill_cache(dm.train_dataset, trainer.lightning_module.device, budget_mb,
+                            trainer.precision_plugin.forward_context)
+        return use
+
     def fill_cache(self, dataset, device: torch.device, budget_mb: float, forward_context) -> None:
         """Run the teacher once over ``dataset``; keep the logits per example, and the tapped
         features too when they fit in ``budget_mb`` MiB."""

@@ -100,6 +100,19 @@ def run_group(module, group: list, batch_idx: int,
         step_lr_schedulers(trainer, "epoch", module.current_epoch + 1)
 
 
+def move_batch(batch, device):
+    """An ``(x, y, index)`` batch, or a group of them, on ``device`` (returned as it is when it
+    is there already); ``None`` for any other batch structure."""
+    if isinstance(batch, (tuple, list)) and all(isinstance(t, Tensor) for t in batch):
+        if all(t.device == device for t in batch):
+            return batch
+        return type(batch)(t.to(device, non_blocking=True) for t in batch)
+    if isinstance(batch, list) and all(isinstance(b, (tuple, list)) for b in batch):
+        moved = [move_batch(b, device) for b in batch]
+        return None if any(m is None for m in moved) else moved
+    return None
+
+
 def minibatches_per_epoch(trainer: pl.Trainer, k: int) -> float:
     """Optimizer-step minibatches per training epoch (per device) with ``k`` minibatches per
     Lightning step; ``inf`` when unknown."""

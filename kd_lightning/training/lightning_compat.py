@@ -79,7 +79,14 @@ class ScopedFitEnvironment(Callback):
             del os.environ[var]
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
-        if stage != "fit" or self._saved is None:
+        if stage == "fit":
+            self._restore()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._restore()  # a failed fit skips teardown
+
+    def _restore(self) -> None:
+        if self._saved is None:
             return
         scope, value = self._saved
         scope.__exit__(None, None, None)
