@@ -180,3 +180,37 @@ def test_rule_subclass_interface():
     assert rule.rule_name == "Half" and not rule.learnable
     assert isinstance(rule, nn.Module)
     assert evaluate_rule(rule, torch.zeros(5, 2), 3).shape == (5, 3)
+
+
+def test_sharpness_is_fitted_on_the_runs_labelled_examples_only():
+    """With sharpness=None the rule's beta is the maximum-likelihood value on the M labelled
+    training examples the run sees (no labels beyond them)."""
+    import pytorch_lightning as pl
+    import torch.nn.functional as F
+
+    from kd_lightning.data import DistillDataModule
+    from kd_lightning.methods import MutualDistillation
+    from kd_lightning.models import MLP
+    from kd_lightning.rules import MNIST1DTemplateRule
+
+    seen = {}
+
+    class Recording(MNIST1DTemplateRule):
+        def fit_to_labelled(self, x, y):
+            seen["n"] = len(y)
+            super().fit_to_labelled(x, y)
+
+    rule = Recording(dilation_step=3, shift_step=4)
+    dm = DistillDataModule("mnist1d", train_subset=100)
+    model = MutualDistillation(student=MLP(), rules=[rule], learn_phi=False, num_classes=10)
+    pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               accelerator="cpu", limit_val_batches=0).fit(model, dm)
+    assert seen["n"] == 100
+    x, y, _ = dm.train_dataset.get_batch(torch.arange(100))
+    s = rule.scores(x)
+    nll = lambda b: F.cross_entropy(b * s, y).item()  # noqa: E731
+    beta = float(rule.sharpness)
+    assert nll(beta) <= min(nll(beta * 1.1), nll(beta / 1.1)) + 1e-6  # a minimum of the NLL
+    fixed = MNIST1DTemplateRule(sharpness=200.0, dilation_step=3, shift_step=4)
+    fixed.fit_to_labelled(x, y)
+    assert float(fixed.sharpness) == pytest.approx(200.0)  # an explicit value is kept

@@ -112,8 +112,9 @@ class MutualDistillation(DistillationModule):
             epoch; 0 jumps to ``pi_0`` at once, 1 keeps ``pi = 0``).
         pi_prime: ``pi'`` of Eq. 5, the weight of the teacher against the true labels in the
             knowledge update, in [0, 1] (default 0.5).
-        phi_objective: ``h`` of Eq. 5: ``"r"`` (the paper's ``f = r - 1`` up to a constant) or
-            ``"log_r"`` (log-likelihood form); see :func:`~kd_lightning.losses.knowledge_loss`.
+        phi_objective: ``h`` of Eq. 5: ``"r"`` (default: the paper's ``f = r - 1`` up to a
+            constant) or ``"log_r"`` (a log-likelihood variant); see
+            :func:`~kd_lightning.losses.knowledge_loss`.
         ce_weight: with a network teacher, the weight of the cross-entropy in the label part
             (default 0.1, as in ResponseKD; without one the label part is the cross-entropy).
         kd_weight: with a network teacher, the weight of its soft-target term (default 0.9).
@@ -132,7 +133,7 @@ class MutualDistillation(DistillationModule):
     def __init__(self, rules: list[Rule], C: float = 6.0, lambdas: float | list[float] = 1.0,
                  learn_lambda: bool = True, lambda_lr: float = 0.01, learn_phi: bool = True,
                  phi_lr: float = 1e-3, pi_0: float = 0.9, pi_rate: float = 0.95,
-                 pi_prime: float = 0.5, phi_objective: str = "log_r", ce_weight: float = 0.1,
+                 pi_prime: float = 0.5, phi_objective: str = "r", ce_weight: float = 0.1,
                  kd_weight: float = 0.9, temperature: float = 4.0, check_rules: bool = True,
                  rule_cache: bool | None = None, **kwargs) -> None:
         rules = list(rules) if rules is not None else []
@@ -256,6 +257,10 @@ class MutualDistillation(DistillationModule):
         self.rule_cache_store.clear()
         dm = getattr(self.trainer, "datamodule", None)
         ds = getattr(dm, "train_dataset", None)
+        if ds is not None and len(ds) > 0 and hasattr(ds, "get_batch") and self.current_epoch == 0:
+            x, y, _ = ds.get_batch(torch.arange(len(ds)))  # the run's labelled examples only
+            for rule in self.rules:
+                rule.fit_to_labelled(x.to(self.device), y.to(self.device))
         use = (self.rule_cache is not False and self._rules_are_fixed() and ds is not None
                and bool(getattr(dm, "deterministic_train", False)) and len(ds) > 0
                and hasattr(ds, "get_batch"))

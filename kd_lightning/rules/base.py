@@ -51,6 +51,11 @@ class Rule(nn.Module):
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor | None]:  # pragma: no cover
         raise NotImplementedError
 
+    def fit_to_labelled(self, x: Tensor, y: Tensor) -> None:
+        """Set the rule's constants from the run's labelled training examples (called once by
+        :class:`~kd_lightning.methods.MutualDistillation` at the start of training, so a
+        few-data run never sees labels beyond its own ``M``). Default: nothing to fit."""
+
     @property
     def learnable(self) -> bool:
         """True when the rule has parameters that require gradient (``phi``)."""
