@@ -92,4 +92,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    # run main() of the module proper: the callback, imported by its class path, reports to
+    # kd_lightning.study.child._listener, not to this __main__ copy's
+    from kd_lightning.study.child import main as module_main
+
+    module_main()

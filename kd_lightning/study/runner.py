@@ -295,7 +295,7 @@ class _Display:
             self.bar.__exit__(*exc)
 
     def print(self, line: str) -> None:
-        self.console.print(line, markup=False)
+        self.console.print(line, markup=False, soft_wrap=True)
 
     def teacher_epoch(self, event: dict) -> None:
         epoch, total = event["epoch"], event["max_epochs"]

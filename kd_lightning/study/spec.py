@@ -177,6 +177,7 @@ class StudySpec:
     epoch_args: dict[str, float] = field(default_factory=dict)
     path: str = ""  # the study YAML
     teacher_run_config: Any = None
+    _run_configs: dict = field(default_factory=dict, repr=False)
 
     # ---- files --------------------------------------------------------------------------
     def resolve(self, path: str) -> str:
@@ -266,8 +267,12 @@ class StudySpec:
         return {k: v for k, v in merged.items() if k in method.run_config}
 
     def run_config(self, method: MethodSpec, overrides: dict[str, Any]):
-        """The parsed configuration of a run with these ``set``/grid values."""
-        return parse_overrides(method.run_config, override_args(overrides))
+        """The parsed configuration of a run with these ``set``/grid values (parsed once)."""
+        args = override_args(overrides)
+        key = (method.name, tuple(args))
+        if key not in self._run_configs:
+            self._run_configs[key] = parse_overrides(method.run_config, args)
+        return self._run_configs[key]
 
 
 def override_args(settings: dict[str, Any]) -> list[str]:
@@ -303,8 +308,8 @@ def run_parser():
 def _parse_error_text(err: BaseException) -> str:
     """jsonargparse's multi-line message, reduced to the lines that say what is wrong."""
     noise = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:",
-             "Given value type:", "Given value:", "- Expected a <class 'NoneType'>")
-    lines = [line.strip() for line in str(err).splitlines()]
+             "Given value type:", "Given value:", "Expected a <class 'NoneType'>")
+    lines = [line.strip().removeprefix("- ") for line in str(err).splitlines()]
     kept = [line for line in lines if line and not line.startswith(noise)]
     return re.sub(r"\s+", " ", " ".join(kept)).strip()
 
@@ -384,8 +389,8 @@ def _check_key(key: str, run_config, where: str, config: str) -> None:
     if key not in run_config:
         parent = key.rsplit(".", 1)[0] if "." in key else ""
         node = run_config.get(parent) if parent else run_config
-        hint = (f" Arguments under {parent}: {', '.join(sorted(node.keys()))}."
-                if parent and hasattr(node, "keys") else "")
+        names = sorted({k.split(".")[0] for k in node.keys()}) if hasattr(node, "keys") else []
+        hint = f" Arguments under {parent}: {', '.join(names)}." if parent and names else ""
         raise KDConfigError(f"{where}: '{key}' is not an argument of the run configured by "
                             f"{config} (write the full dotted name, as in --{key}).{hint}")
 
