@@ -17,9 +17,9 @@ import kd_lightning.study.runner as runner
 from kd_lightning.study import main
 from tests.conftest import CONFIGS, REPO
 
-TEACHER_ARGS = ["--data.batches_per_step", "1", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
-                "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1",
-                "--trainer.enable_model_summary", "false"]
+TEACHER_ARGS = ["--data.batches_per_step", "1", "--trainer.max_epochs", "1",
+                "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1",
+                "--trainer.limit_test_batches", "1", "--trainer.enable_model_summary", "false"]
 STUDENT = {"name": "student alone", "config": str(CONFIGS / "mnist1d/student.yaml"), "method": "Supervised",
            "reference": True}
 KD = {"name": "ResponseKD", "config": str(CONFIGS / "mnist1d/response.yaml"), "method": "ResponseKD"}
@@ -86,7 +86,8 @@ def test_tiny_study_end_to_end_per_budget_settings_and_teacher_cache(tmp_path, m
     # a second study with the same teacher reuses the cached teacher
     calls = []
     real = runner.run_kd_lightning
-    monkeypatch.setattr(runner, "run_kd_lightning", lambda args, *a, **k: calls.append(args) or real(args, *a, **k))
+    monkeypatch.setattr(runner, "run_kd_lightning",
+                        lambda args, *a, **k: calls.append(args) or real(args, *a, **k))
     cfg2 = write_study(tmp_path, "study2.yaml", output=str(tmp_path / "out2"), budgets=[30], seeds=[0])
     assert main(["--config", str(cfg2), "--no-progress", "--teacher-cache", str(teachers)]) == 0
     assert len(calls) == 2  # the two student runs only: no teacher run
@@ -208,11 +209,13 @@ def test_output_of_a_different_study_is_refused(tmp_path, monkeypatch, capsys, t
     assert "--overwrite" in err and "different study" in err
     assert (tmp_path / "out" / "results.csv").read_text() == before
     assert "different study" in _error(["--config", str(other), "--report-only"], capsys)
-    assert main(["--config", str(other), "--no-progress", "--overwrite", "--teacher-cache", str(teachers)]) == 0
+    assert main(["--config", str(other), "--no-progress", "--overwrite",
+                 "--teacher-cache", str(teachers)]) == 0
     assert (tmp_path / "out" / "results.csv").read_text() != before
 
 
-def test_failing_teacher_names_the_study_teacher_config_and_keeps_results(tmp_path, monkeypatch, capsys, teachers):
+def test_failing_teacher_names_the_study_teacher_config_and_keeps_results(tmp_path, monkeypatch, capsys,
+                                                                          teachers):
     monkeypatch.chdir(tmp_path)
     cfg = write_study(tmp_path, budgets=[20], seeds=[0])
     assert main(["--config", str(cfg), "--no-progress", "--teacher-cache", str(teachers)]) == 0
@@ -221,10 +224,12 @@ def test_failing_teacher_names_the_study_teacher_config_and_keeps_results(tmp_pa
     teacher_cfg = tmp_path / "my_teacher.yaml"
     teacher_cfg.write_text((CONFIGS / "mnist1d/teacher.yaml").read_text())
     bad = write_study(tmp_path, "bad.yaml", budgets=[20], seeds=[0], teacher={
-        "config": str(teacher_cfg), "args": ["--data.dataset", "mnist", "--data.root", str(tmp_path / "none")]})
+        "config": str(teacher_cfg),
+        "args": ["--data.dataset", "mnist", "--data.root", str(tmp_path / "none")]})
     err = _error(["--config", str(bad), "--no-progress", "--teacher-cache", str(tmp_path / "new"),
                   "--output", str(tmp_path / "out_bad")], capsys)
-    assert "teacher run failed" in err and str(teacher_cfg) in err and "configs/mnist1d/teacher.yaml" not in err
+    assert "teacher run failed" in err and str(teacher_cfg) in err
+    assert "configs/mnist1d/teacher.yaml" not in err
     assert (tmp_path / "out" / "results.csv").read_text() == before
 
 
@@ -236,3 +241,19 @@ def test_failing_run_stops_the_study_with_its_error(tmp_path, monkeypatch, capsy
     err = _error(["--config", str(cfg), "--no-progress", "--teacher-cache", str(teachers)], capsys, code=1)
     assert "run ResponseKD M=20 seed=0 failed" in err and "alpha" in err and "run.log" in err
     assert [r["method"] for r in read_rows(tmp_path / "out")] == ["student alone"]  # kept
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_grid_study_under_ddp_on_two_cpu_processes(tmp_path, monkeypatch, teachers):
+    """--trainer.strategy=ddp --trainer.devices 2: candidates are fitted, validated, saved and the
+    chosen one tested, each in a `python -m kd_lightning.study.child` process group."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    kd = {**KD, "grid": {"model.init_args.temperature": [1.0, 4.0]}}
+    cfg = write_study(tmp_path, methods=[kd], budgets=[40], seeds=[0])
+    assert main(["--config", str(cfg), "--no-progress", "--teacher-cache", str(teachers),
+                 "--trainer.strategy=ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]) == 0
+    rows = read_rows(tmp_path / "out")
+    assert [r["kind"] for r in rows] == ["candidate", "candidate", "chosen"]
+    assert all(r["val_acc"] for r in rows) and rows[-1]["test_acc"]

@@ -73,7 +73,8 @@ def test_per_budget_arguments_and_training_length_reach_every_run(tmp_path, monk
     # full: 2 epochs; the cosine schedule spans each run (epoch_args T_max: 1.0 x epochs)
     assert got == {("student.yaml", "20", "10", None, "2", "2"), ("student.yaml", "50", "25", None, "3", "3"),
                    ("student.yaml", "null", "25", None, "2", "2"),
-                   ("response.yaml", "20", "10", "0.5", "2", "2"), ("response.yaml", "50", "25", "0.9", "3", "3"),
+                   ("response.yaml", "20", "10", "0.5", "2", "2"),
+                   ("response.yaml", "50", "25", "0.9", "3", "3"),
                    ("response.yaml", "null", "25", "0.9", "2", "2")}
     rows = read_rows(tmp_path / "out")
     assert {(r["M"], r["epochs"], r["steps"]) for r in rows} == {("20", "2", "4"), ("50", "3", "6"),
@@ -105,7 +106,8 @@ def test_selection_picks_the_best_mean_validation_accuracy_and_tests_only_it(tmp
         if call.subcommand == "test":
             return {"test/acc": test_of_weights[Path(call.ckpt).parent.name]}
         assert flag(call.args, "test_after_fit") == "false" and call.validate
-        return {"val/acc": val[(flag(call.args, "model.init_args.temperature"), flag(call.args, "seed_everything"))]}
+        seed = flag(call.args, "seed_everything")
+        return {"val/acc": val[(flag(call.args, "model.init_args.temperature"), seed)]}
 
     fake = FakeRuns(metrics)
     kd = {**KD, "grid": {"model.init_args.temperature": [1.0, 2.0, 4.0]}}
@@ -118,7 +120,8 @@ def test_selection_picks_the_best_mean_validation_accuracy_and_tests_only_it(tmp
     rows = read_rows(tmp_path / "out")
     assert [r["test_acc"] for r in rows if r["kind"] == "candidate"] == [""] * 6
     chosen = [r for r in rows if r["kind"] == "chosen"]
-    assert [(r["seed"], r["test_acc"], r["val_acc"]) for r in chosen] == [("0", "61.0", "70.0"), ("1", "61.0", "70.0")]
+    got = [(r["seed"], r["test_acc"], r["val_acc"]) for r in chosen]
+    assert got == [("0", "61.0", "70.0"), ("1", "61.0", "70.0")]
     assert [json.loads(r["candidate"]) for r in chosen] == [{"model.init_args.temperature": 2.0}] * 2
     md = (tmp_path / "out" / "results.md").read_text()
     assert "| 20 | **61.00 ± 0.00** |" in md

@@ -164,4 +164,3 @@ def write_report(spec: StudySpec, study_hash: str, rows: list[dict], output: Pat
     plot_results(rows, spec, output / "accuracy_vs_m.png",
                  None if teacher_acc is None else 100 * teacher_acc)
     return format_table(rows, [m.name for m in spec.methods], spec.budgets)
-
