@@ -12,7 +12,7 @@ import pytest
 
 import kd_lightning.study.runner as runner
 from kd_lightning.study import main
-from kd_lightning.study.runner import choose
+from kd_lightning.study.results import choose
 from tests.test_study import KD, STUDENT, read_rows, write_study
 
 

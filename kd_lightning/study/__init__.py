@@ -64,10 +64,12 @@ are tested: the table reports its test accuracy, and results.md lists the choice
 every candidate's validation mean. A grid of k candidates costs k x seeds runs per M. The
 weights of chosen candidates are kept (``runs/.../final.ckpt``), the others deleted.
 
-Modules: :mod:`~kd_lightning.study.spec` (the YAML, presets, checks),
-:mod:`~kd_lightning.study.runner` (teacher, runs, results.csv, selection),
-:mod:`~kd_lightning.study.child` (one run, in this process or a subprocess),
-:mod:`~kd_lightning.study.report` (results.md, plot), :mod:`~kd_lightning.study.cli`.
+Modules: :mod:`~kd_lightning.study.spec` (the YAML, presets, checks; each method's config parsed
+once), :mod:`~kd_lightning.study.runner` (the teacher, then every run, resumably),
+:mod:`~kd_lightning.study.child` (one run, in this process or as ``python -m``),
+:mod:`~kd_lightning.study.results` (results.csv and the choice of a grid candidate),
+:mod:`~kd_lightning.study.report` (results.md, plot), :mod:`~kd_lightning.study.cli` (the
+command line).
 """
 
 from kd_lightning.study.cli import main

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from kd_lightning import KDConfigError
 from kd_lightning.study.report import write_report
-from kd_lightning.study.runner import Results, RunFailed, StudyRunner
+from kd_lightning.study.results import Results
+from kd_lightning.study.runner import RunFailed, StudyRunner
 from kd_lightning.study.spec import StudySpec, load_study
 
 

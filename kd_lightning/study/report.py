@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from kd_lightning.study.runner import candidate_key, candidate_label, choose
+from kd_lightning.study.results import candidate_key, candidate_label, choose
 from kd_lightning.study.spec import Budget, StudySpec, budget_label
 
 
