@@ -81,7 +81,7 @@ def test_tiny_study_end_to_end_per_budget_settings_and_teacher_cache(tmp_path, m
     printed = capsys.readouterr().out
     assert "| 20 |" in printed and "| 50 |" in printed
     assert "ResponseKD M=50 seed=1: test acc" in printed  # a line per finished run
-    assert "teacher: epoch 1/1" in printed  # the teacher's progress
+    assert "training the teacher (" in printed and "teacher: epoch 1/1" in printed  # its progress
 
     # a second study with the same teacher reuses the cached teacher
     calls = []

@@ -210,13 +210,17 @@ class _Display:
     def print(self, line: str) -> None:
         self.console.print(line, markup=False, soft_wrap=True)
 
+    def teacher_starts(self, config: str, epochs: int | None) -> None:
+        self.print(f"training the teacher ({config}, {epochs or '?'} epochs); it is cached for "
+                   f"later studies")
+        if self.bar is not None:
+            self.teacher_task = self.bar.add_task("teacher", total=epochs)
+
     def teacher_epoch(self, event: dict) -> None:
         epoch, total = event["epoch"], event["max_epochs"]
         val = "" if event.get("val_acc") is None else f", val acc {100 * event['val_acc']:.2f}%"
         if self.bar is not None:
-            if self.teacher_task is None:
-                self.teacher_task = self.bar.add_task("teacher", total=total)
-            self.bar.update(self.teacher_task, completed=epoch,
+            self.bar.update(self.teacher_task, completed=epoch, total=total,
                             description=f"teacher epoch {epoch}/{total}{val}")
         elif epoch in (1, total) or epoch % max(1, total // 10) == 0:
             self.print(f"teacher: epoch {epoch}/{total}{val}")
@@ -290,6 +294,8 @@ class StudyRunner:
                 "--trainer.enable_progress_bar", "false", *self.trainer_args,
                 f"--trainer.callbacks+={EPOCH_PROGRESS}"]
         log = folder / "teacher.log"
+        if display is not None:
+            display.teacher_starts(spec.teacher_config, spec.teacher_run_config.trainer.max_epochs)
         try:
             metrics = run_kd_lightning(args, log, needs_subprocess(spec.teacher_run_config),
                                        on_epoch=display.teacher_epoch if display else None)
