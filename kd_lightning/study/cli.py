@@ -1,0 +1,105 @@
+"""``kd-lightning-study``: the command line of the few-data study (see :mod:`kd_lightning.study`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from kd_lightning import KDConfigError
+from kd_lightning.study.report import write_report
+from kd_lightning.study.results import Results
+from kd_lightning.study.runner import RunFailed, StudyRunner
+from kd_lightning.study.spec import StudySpec, load_study
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kd-lightning-study",
+        description="Which distillation method works best at my data budget? Trains the teacher "
+                    "once, then every method of the study config for every budget M and seed, "
+                    "and writes the table (results.md, results.csv) and a plot.",
+        epilog="Any --trainer.* flag (e.g. --trainer.devices 2 --trainer.strategy ddp, "
+               "--trainer.precision bf16-mixed) is passed to every run, in either form "
+               "(--trainer.x v or --trainer.x=v).")
+    parser.add_argument("--config", required=True, help="study config (YAML)")
+    parser.add_argument("--preset", default=None, help="a preset of the study config, e.g. quick")
+    parser.add_argument("--output", default=None, help="results folder (default: from the config)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete an output folder that holds a different study's results")
+    parser.add_argument("--teacher-cache", default=None,
+                        help="where trained teachers are kept (default: <output>/../_teachers)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rebuild results.md and the plot from results.csv; train nothing")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (a line per finished run is still printed)")
+    return parser
+
+
+def report_only(spec: StudySpec, output: Path) -> str:
+    """Rebuild results.md and accuracy_vs_m.png of a study's output folder from results.csv."""
+    meta = output / "study.json"
+    if not meta.is_file():
+        raise KDConfigError(f"--report-only: {output} holds no study results (no study.json); "
+                            f"run the study first, or give its folder with --output.")
+    info = json.loads(meta.read_text())
+    if info.get("hash") != spec.hash():
+        raise KDConfigError(
+            f"--report-only: {output} holds the results of a different study (hash "
+            f"{info.get('hash')}) than {spec.path} describes (hash {spec.hash()}); give the study "
+            f"config and --preset that wrote them.")
+    rows = Results(output / "results.csv", spec.hash()).rows()
+    teacher_acc = (info.get("teacher") or {}).get("test_acc")
+    return write_report(spec, spec.hash(), rows, output, teacher_acc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``kd-lightning-study ARGV``; returns the exit code (0 done, 1 a run failed, 2 bad
+    input, 130 interrupted)."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    bad = [a for a in rest if a.startswith("--") and not a.startswith("--trainer.")]
+    if bad:
+        parser.error(f"unknown arguments {bad}: only --trainer.* flags are passed to the runs")
+    output = None
+    try:
+        spec = load_study(args.config, args.preset, run_args=rest)
+        output = Path(args.output or spec.output)
+        if args.report_only:
+            table = report_only(spec, output)
+        else:
+            cache = Path(args.teacher_cache) if args.teacher_cache else output.parent / "_teachers"
+            runner = StudyRunner(spec, output, rest, args.overwrite, cache,
+                                 progress=not args.no_progress)
+            logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+            logging.getLogger("lightning_fabric").setLevel(logging.ERROR)
+            runner.run()
+            table = write_report(spec, runner.study_hash, runner.results.rows(), output,
+                                 runner.teacher_acc)
+    except KDConfigError as err:
+        print(f"kd-lightning-study: error: {err}", file=sys.stderr)
+        return 2
+    except RunFailed as err:
+        print(f"kd-lightning-study: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        where = f" in {output / 'results.csv'}" if output else ""
+        print(f"\nkd-lightning-study: interrupted; finished runs are kept{where}. Rerun the same "
+              f"command to continue.", file=sys.stderr)
+        return 130
+    print()
+    print(table)
+    if args.report_only:
+        print(f"\nwrote {output / 'results.md'} and {output / 'accuracy_vs_m.png'} from "
+              f"{output / 'results.csv'}")
+    else:
+        print(f"\nwrote {output / 'results.md'}, {output / 'results.csv'}, "
+              f"{output / 'accuracy_vs_m.png'} and TensorBoard runs in {output / 'runs'}")
+    return 0
+
+
+def cli() -> None:
+    """Console script ``kd-lightning-study``."""
+    raise SystemExit(main())

@@ -1,0 +1,564 @@
+"""The study spec: the YAML file, its presets, and the checks that run before any training.
+
+:func:`load_study` reads the file, applies a preset, checks every entry and parses every method's
+``kd-lightning fit`` configuration once, with the CLI's own parser (so run arguments are
+understood in every form the CLI accepts: ``--data.batch_size 50``, ``--data.batch_size=50``,
+``--model.init_args.eps 2``). The parsed configuration is kept on the :class:`MethodSpec`; the
+runner derives everything it needs about a run (data set size, batch size, whether there is a
+teacher) from it. The YAML format is described in :mod:`kd_lightning.study`.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import itertools
+import json
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kd_lightning import KDConfigError
+
+FULL = "full"
+DEFAULT = "default"
+DEFAULT_STEPS = 2000
+
+#: run settings the study gives every run itself; a spec may not set them
+CONTROLLED = ("seed_everything", "data.train_subset", "data.subset_seed", "trainer.max_epochs",
+              "trainer.max_steps", "model.init_args.teacher_checkpoint", "test_after_fit")
+STUDY_KEYS = ("name", "output", "teacher", "budgets", "seeds", "steps", "epochs", "args", "set",
+              "epoch_args", "methods", "presets")
+METHOD_KEYS = ("name", "config", "method", "reference", "args", "set", "grid", "epoch_args")
+
+Budget = int | None  # None is the full training split
+
+
+def budget_label(budget: Budget) -> str:
+    return FULL if budget is None else str(budget)
+
+
+# ------------------------------------------------------------------------------------------
+# values that depend on the budget
+
+
+class _NoDefault:
+    def __repr__(self) -> str:
+        return "no default"
+
+
+NO_DEFAULT = _NoDefault()
+
+
+@dataclass(frozen=True)
+class PerBudget:
+    """A setting whose value depends on the budget M, written ``{50: 500, full: 3000}``.
+
+    Keys are budgets (positive integers or ``full``); an optional ``default`` entry serves every
+    budget the mapping does not name.
+    """
+
+    values: dict  # budget (None for full) -> value
+    default: Any = NO_DEFAULT
+
+    def names(self, budget: Budget) -> bool:
+        return budget in self.values
+
+    def covers(self, budget: Budget) -> bool:
+        return budget in self.values or self.default is not NO_DEFAULT
+
+    def at(self, budget: Budget) -> Any:
+        if budget in self.values:
+            return self.values[budget]
+        if self.default is NO_DEFAULT:
+            raise KeyError(budget)
+        return self.default
+
+    def raw(self) -> dict[str, Any]:
+        """The mapping as written (string keys, for the study's identity)."""
+        out = {budget_label(b): v for b, v in self.values.items()}
+        if self.default is not NO_DEFAULT:
+            out[DEFAULT] = self.default
+        return out
+
+
+def _budget_key(key: Any) -> Budget | str:
+    """A per-budget mapping's key as a budget (or ``default``); ValueError if it is not one."""
+    if isinstance(key, bool):
+        raise ValueError(key)
+    if isinstance(key, int) and key >= 1:
+        return key
+    if isinstance(key, str):
+        if key.lower() == FULL:
+            return None
+        if key.lower() == DEFAULT:
+            return DEFAULT
+        if key.isdigit() and int(key) >= 1:
+            return int(key)
+    raise ValueError(key)
+
+
+def per_budget(value: Any, where: str) -> Any:
+    """``value``, or a :class:`PerBudget` if it is a mapping whose keys are all budgets."""
+    if not isinstance(value, dict) or not value:
+        return value
+    keys = {}
+    for key in value:
+        try:
+            keys[key] = _budget_key(key)
+        except ValueError:
+            keys[key] = ValueError
+    bad = [k for k, v in keys.items() if v is ValueError]
+    if len(bad) == len(value):
+        return value  # an ordinary mapping value (e.g. a class_path/init_args block)
+    if bad:
+        raise KDConfigError(
+            f"{where} mixes budgets and other keys ({', '.join(map(repr, bad))}). A per-budget "
+            f"value is a mapping from budgets (positive integers or '{FULL}') and optionally "
+            f"'{DEFAULT}' to values, e.g. {{50: 2.0, {FULL}: 0.3}}.")
+    values = {b: value[k] for k, b in keys.items() if b != DEFAULT}
+    default = next((value[k] for k, b in keys.items() if b == DEFAULT), NO_DEFAULT)
+    return PerBudget(values, default)
+
+
+def at_budget(value: Any, budget: Budget) -> Any:
+    return value.at(budget) if isinstance(value, PerBudget) else value
+
+
+def _raw(value: Any) -> Any:
+    return value.raw() if isinstance(value, PerBudget) else value
+
+
+def cli_value(value: Any) -> str:
+    """``value`` written as a command-line value of ``kd-lightning``."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value)  # true/false/null, numbers, and lists/mappings as JSON
+
+
+# ------------------------------------------------------------------------------------------
+# the spec
+
+
+@dataclass
+class MethodSpec:
+    """One column of the table: a ``kd-lightning fit`` config plus the study's settings for it."""
+
+    name: str
+    config: str
+    args: list[str] = field(default_factory=list)
+    set: dict[str, Any] = field(default_factory=dict)  # dotted key -> value or PerBudget
+    grid: dict[str, Any] = field(default_factory=dict)  # dotted key -> list or PerBudget of lists
+    epoch_args: dict[str, float] = field(default_factory=dict)
+    reference: bool = False  # the student-alone baseline: drawn as the reference line
+    method: str | None = None  # class name, checked against the config's model.class_path
+    #: the run's configuration parsed by the ``kd-lightning`` parser (config + study args +
+    #: method args + the command line's --trainer.* flags); a jsonargparse Namespace
+    run_config: Any = None
+
+
+@dataclass
+class StudySpec:
+    name: str
+    output: str
+    teacher_config: str
+    teacher_args: list[str]
+    budgets: list[Budget]
+    seeds: list[int]
+    steps: Any  # int, PerBudget or None
+    methods: list[MethodSpec]
+    epochs: Any = None  # int, PerBudget or None
+    args: list[str] = field(default_factory=list)
+    set: dict[str, Any] = field(default_factory=dict)
+    epoch_args: dict[str, float] = field(default_factory=dict)
+    path: str = ""  # the study YAML
+    teacher_run_config: Any = None
+    _run_configs: dict = field(default_factory=dict, repr=False)
+
+    # ---- files --------------------------------------------------------------------------
+    def resolve(self, path: str) -> str:
+        """A config path as written, if it exists from here; else relative to the study file."""
+        p = Path(path)
+        if p.is_absolute() or p.exists() or not self.path:
+            return str(p)
+        beside = Path(self.path).parent / p
+        return str(beside) if beside.exists() else str(p)
+
+    def identity(self) -> dict:
+        """What makes two studies the same study (their results are comparable)."""
+        def digest(path: str) -> str:
+            return hashlib.sha256(Path(self.resolve(path)).read_bytes()).hexdigest()[:16]
+
+        ident: dict[str, Any] = {
+            "name": self.name,
+            "teacher": {"config": digest(self.teacher_config), "args": self.teacher_args},
+            "steps": _raw(self.steps), "args": self.args, "epoch_args": self.epoch_args,
+            "methods": [],
+        }
+        if self.epochs is not None:
+            ident["epochs"] = _raw(self.epochs)
+        if self.set:
+            ident["set"] = {k: _raw(v) for k, v in self.set.items()}
+        for m in self.methods:
+            entry = {"name": m.name, "config": digest(m.config), "args": m.args,
+                     "epoch_args": m.epoch_args}
+            if m.set:
+                entry["set"] = {k: _raw(v) for k, v in m.set.items()}
+            if m.grid:
+                entry["grid"] = {k: _raw(v) for k, v in m.grid.items()}
+            ident["methods"].append(entry)
+        return ident
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:12]
+
+    # ---- what each run gets ---------------------------------------------------------------
+    def length(self, budget: Budget) -> tuple[str, int]:
+        """``("steps", n)`` or ``("epochs", n)``: how long a run at this budget trains.
+
+        ``epochs`` or ``steps`` naming the budget wins; otherwise the one with a plain value (or
+        a ``default``) applies.
+        """
+        named = [(kind, v) for kind, v in (("epochs", self.epochs), ("steps", self.steps))
+                 if isinstance(v, PerBudget) and v.names(budget)]
+        fallback = [(kind, v) for kind, v in (("epochs", self.epochs), ("steps", self.steps))
+                    if v is not None and not (isinstance(v, PerBudget) and not v.covers(budget))]
+        label = budget_label(budget)
+        if len(named) == 2:
+            raise KDConfigError(f"both 'steps' and 'epochs' give a value for M={label} in "
+                                f"{self.path}; give one of them per budget.")
+        if not named and len(fallback) == 2:
+            raise KDConfigError(
+                f"both 'steps' and 'epochs' apply to M={label} in {self.path}; give one of them, "
+                f"or name the budgets, e.g. steps: 3000 with epochs: {{{FULL}: 60}}.")
+        chosen = named or fallback
+        if not chosen:
+            raise KDConfigError(f"no training length for M={label} in {self.path}: give it in "
+                                f"'steps' (optimizer steps) or 'epochs'.")
+        kind, value = chosen[0]
+        n = at_budget(value, budget)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise KDConfigError(f"'{kind}' for M={label} in {self.path} is {n!r}; it must be a "
+                                f"positive integer.")
+        return kind, n
+
+    def settings(self, method: MethodSpec, budget: Budget) -> dict[str, Any]:
+        """The ``set`` values of a run: the study's (where the method's config has the key), then
+        the method's own."""
+        out = {k: at_budget(v, budget) for k, v in self.set.items() if k in method.run_config}
+        out.update({k: at_budget(v, budget) for k, v in method.set.items()})
+        return out
+
+    def candidates(self, method: MethodSpec, budget: Budget) -> list[dict[str, Any]]:
+        """The grid of a method at this budget, one dict per candidate, in grid order."""
+        if not method.grid:
+            return [{}]
+        keys = list(method.grid)
+        lists = [at_budget(method.grid[k], budget) for k in keys]
+        return [dict(zip(keys, combo)) for combo in itertools.product(*lists)]
+
+    def epoch_fractions(self, method: MethodSpec) -> dict[str, float]:
+        """``epoch_args`` of a method's runs: the study's and its own, for keys its config has."""
+        merged = {**self.epoch_args, **method.epoch_args}
+        return {k: v for k, v in merged.items() if k in method.run_config}
+
+    def run_config(self, method: MethodSpec, overrides: dict[str, Any]):
+        """The parsed configuration of a run with these ``set``/grid values (parsed once)."""
+        args = override_args(overrides)
+        key = (method.name, tuple(args))
+        if key not in self._run_configs:
+            self._run_configs[key] = parse_overrides(method.run_config, args)
+        return self._run_configs[key]
+
+
+def override_args(settings: dict[str, Any]) -> list[str]:
+    return [tok for key, value in settings.items() for tok in (f"--{key}", cli_value(value))]
+
+
+# ------------------------------------------------------------------------------------------
+# parsing run configurations with the kd-lightning parser
+
+
+@functools.lru_cache(maxsize=1)
+def run_parser():
+    """The argument parser of ``kd-lightning fit`` (built once; nothing is instantiated)."""
+    from kd_lightning.cli import KDLightningCLI
+    from kd_lightning.data import DistillDataModule
+    from kd_lightning.methods import DistillationModule
+
+    class ParserOnly(KDLightningCLI):
+        def parse_arguments(self, parser, args) -> None:
+            self.config = {}
+
+        def _set_seed(self) -> None:  # parsing must not seed this process
+            pass
+
+        def instantiate_classes(self) -> None:
+            pass
+
+    # the same classes and modes as kd_lightning.cli.cli_main; errors raise instead of exiting
+    return ParserOnly(DistillationModule, DistillDataModule, subclass_mode_model=True, run=False,
+                      parser_kwargs={"exit_on_error": False}).parser
+
+
+def _parse_error_text(err: BaseException) -> str:
+    """jsonargparse's multi-line message, reduced to the lines that say what is wrong."""
+    noise = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:",
+             "Given value type:", "Given value:", "Expected a <class 'NoneType'>")
+    lines = [line.strip().removeprefix("- ") for line in str(err).splitlines()]
+    kept = [line for line in lines if line and not line.startswith(noise)]
+    return re.sub(r"\s+", " ", " ".join(kept)).strip()
+
+
+def parse_run(config: str, args: list[str], where: str):
+    """``kd-lightning fit --config CONFIG ARGS`` parsed (jsonargparse Namespace)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return run_parser().parse_args(["--config", config, *args])
+    except Exception as err:  # noqa: BLE001 - jsonargparse raises ArgumentError / TypeError
+        raise KDConfigError(f"{where}: `kd-lightning fit --config {config}` with the arguments "
+                            f"{args} does not parse: {_parse_error_text(err)}") from None
+
+
+def parse_overrides(base, args: list[str]):
+    """``base`` with more command-line arguments applied, as the CLI would apply them."""
+    if not args:
+        return base
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return run_parser().parse_args(args, namespace=base.clone())
+
+
+# ------------------------------------------------------------------------------------------
+# loading and checking
+
+
+def available_methods() -> dict[str, type]:
+    """Every LightningModule of :mod:`kd_lightning.methods` (subclasses of the base class)."""
+    import kd_lightning.methods as methods
+
+    base = methods.DistillationModule
+    return {name: obj for name, obj in vars(methods).items()
+            if isinstance(obj, type) and issubclass(obj, base) and obj is not base}
+
+
+def _budget(value: Any, path: Path) -> Budget:
+    try:
+        key = _budget_key(value)
+    except ValueError:
+        key = DEFAULT
+    if key == DEFAULT:
+        raise KDConfigError(f"budget {value!r} in {path} is not a positive integer or '{FULL}'.")
+    return key
+
+
+def _str_list(value: Any, where: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise KDConfigError(f"{where} must be a list of command-line arguments, e.g. "
+                            f"[--data.batch_size, 50], got {value!r}.")
+    return [str(a) for a in value]
+
+
+def _mapping(value: Any, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise KDConfigError(f"{where} must be a mapping of dotted run arguments to values, e.g. "
+                            f"{{model.init_args.eps: 2.0}}, got {value!r}.")
+    return value
+
+
+def _unknown_keys(entry: dict, valid: tuple[str, ...], where: str) -> None:
+    unknown = [k for k in entry if k not in valid]
+    if unknown:
+        raise KDConfigError(f"{where} has unknown key(s) {', '.join(map(repr, unknown))}; valid "
+                            f"keys: {', '.join(valid)}.")
+
+
+def _check_key(key: str, run_config, where: str, config: str) -> None:
+    if key in CONTROLLED:
+        raise KDConfigError(f"{where} sets {key}, which the study sets itself for every run "
+                            f"(controlled: {', '.join(CONTROLLED)}).")
+    if key not in run_config:
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        node = run_config.get(parent) if parent else run_config
+        names = sorted({k.split(".")[0] for k in node.keys()}) if hasattr(node, "keys") else []
+        hint = f" Arguments under {parent}: {', '.join(names)}." if parent and names else ""
+        raise KDConfigError(f"{where}: '{key}' is not an argument of the run configured by "
+                            f"{config} (write the full dotted name, as in --{key}).{hint}")
+
+
+def load_study(path: str | Path, preset: str | None = None,
+               run_args: list[str] | tuple[str, ...] = ()) -> StudySpec:
+    """Read and check a study YAML.
+
+    ``preset`` replaces top-level keys with those of ``presets: {NAME: ...}`` and suffixes the
+    study's name and output folder with ``-NAME``. ``run_args`` are the extra ``kd-lightning``
+    arguments every run gets (the command line's ``--trainer.*`` flags); they are parsed with
+    each method's configuration.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise KDConfigError(f"study config '{path}' does not exist.")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise KDConfigError(f"study config {path} must be a YAML mapping (name, teacher, methods, "
+                            f"...), got {type(raw).__name__}.")
+    _unknown_keys(raw, STUDY_KEYS, f"study config {path}")
+    name = str(raw.get("name", path.stem))
+    output = str(raw.get("output", f"studies/{path.stem}"))
+    if preset is not None:
+        presets = raw.get("presets") or {}
+        if preset not in presets:
+            raise KDConfigError(f"preset '{preset}' is not defined in {path}; defined presets: "
+                                f"{', '.join(presets) or 'none'}.")
+        _unknown_keys(presets[preset] or {}, STUDY_KEYS[:-1], f"preset '{preset}' of {path}")
+        raw = {**raw, **(presets[preset] or {})}
+        name = str(raw["name"]) if "name" in presets[preset] else f"{name}-{preset}"
+        output = str(raw["output"]) if "output" in presets[preset] else f"{output}-{preset}"
+    for key in ("teacher", "methods"):
+        if not raw.get(key):
+            raise KDConfigError(f"study config {path} has no '{key}' section.")
+    teacher = raw["teacher"]
+    if not isinstance(teacher, dict) or "config" not in teacher:
+        raise KDConfigError(f"'teacher' in {path} must be a mapping with 'config' (a kd-lightning "
+                            f"fit config) and optionally 'args', got {teacher!r}.")
+    _unknown_keys(teacher, ("config", "args"), f"'teacher' in {path}")
+    budgets = [_budget(b, path) for b in raw.get("budgets", [50, 100, 500, 1000, FULL])]
+    seeds = raw.get("seeds", [0, 1, 2])
+    if not budgets or not seeds:
+        raise KDConfigError(f"study config {path} needs at least one budget and one seed.")
+    if len(set(budgets)) != len(budgets) or len(set(map(str, seeds))) != len(seeds):
+        raise KDConfigError(f"budgets and seeds in {path} must not repeat, got budgets "
+                            f"{raw.get('budgets')} and seeds {seeds}.")
+    if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise KDConfigError(f"seeds in {path} must be integers, got {seeds}.")
+    steps = per_budget(raw.get("steps"), f"'steps' in {path}")
+    epochs = per_budget(raw.get("epochs"), f"'epochs' in {path}")
+    if steps is None and epochs is None:
+        steps = DEFAULT_STEPS
+    spec = StudySpec(
+        name=name, output=output, teacher_config=str(teacher["config"]),
+        teacher_args=_str_list(teacher.get("args"), f"'teacher: args' in {path}"),
+        budgets=budgets, seeds=list(seeds), steps=steps, epochs=epochs, methods=[],
+        args=_str_list(raw.get("args"), f"'args' in {path}"),
+        set={k: per_budget(v, f"'set: {k}' in {path}")
+             for k, v in _mapping(raw.get("set"), f"'set' in {path}").items()},
+        epoch_args={str(k): float(v) for k, v in
+                    _mapping(raw.get("epoch_args"), f"'epoch_args' in {path}").items()},
+        path=str(path))
+    for b in budgets:
+        spec.length(b)  # every budget has exactly one training length
+    controlled = [k for k in spec.set if k in CONTROLLED]
+    if controlled:
+        raise KDConfigError(f"'set' in {path} sets {controlled[0]}, which the study sets itself "
+                            f"for every run (controlled: {', '.join(CONTROLLED)}).")
+
+    teacher_cfg = spec.resolve(spec.teacher_config)
+    if not Path(teacher_cfg).is_file():
+        raise KDConfigError(f"teacher config '{spec.teacher_config}' (in {path}) does not exist.")
+    spec.teacher_run_config = parse_run(teacher_cfg, [*spec.teacher_args, *run_args],
+                                        f"the teacher of {path}")
+    if not isinstance(raw["methods"], list):
+        raise KDConfigError(f"'methods' in {path} must be a list of entries with name and config.")
+    valid = available_methods()
+    for entry in raw["methods"]:
+        spec.methods.append(_load_method(entry, spec, path, valid, list(run_args)))
+    names = [m.name for m in spec.methods]
+    if len(set(names)) != len(names):
+        raise KDConfigError(f"method names in {path} must be unique, got {names}.")
+    unused = [k for k in spec.set if not any(k in m.run_config for m in spec.methods)]
+    if unused:
+        raise KDConfigError(f"'set: {unused[0]}' in {path} is an argument of none of the "
+                            f"methods' runs (write the full dotted name, as in --{unused[0]}).")
+    return spec
+
+
+def _load_method(entry: Any, spec: StudySpec, path: Path, valid: dict[str, type],
+                 run_args: list[str]) -> MethodSpec:
+    if not isinstance(entry, dict) or "name" not in entry or "config" not in entry:
+        raise KDConfigError(f"every entry of 'methods' in {path} needs a name and a config "
+                            f"(a kd-lightning fit config), got {entry!r}.")
+    where = f"method '{entry['name']}' in {path}"
+    _unknown_keys(entry, METHOD_KEYS, where)
+    m = MethodSpec(
+        name=str(entry["name"]), config=str(entry["config"]),
+        args=_str_list(entry.get("args"), f"'args' of {where}"),
+        set={k: per_budget(v, f"'set: {k}' of {where}")
+             for k, v in _mapping(entry.get("set"), f"'set' of {where}").items()},
+        grid={k: per_budget(v, f"'grid: {k}' of {where}")
+              for k, v in _mapping(entry.get("grid"), f"'grid' of {where}").items()},
+        epoch_args={str(k): float(v) for k, v in
+                    _mapping(entry.get("epoch_args"), f"'epoch_args' of {where}").items()},
+        reference=bool(entry.get("reference", False)), method=entry.get("method"))
+    if m.method is not None and m.method not in valid:
+        raise KDConfigError(f"unknown method '{m.method}' in study config {path}. Valid methods: "
+                            f"{', '.join(sorted(valid))}.")
+    cfg = spec.resolve(m.config)
+    if not Path(cfg).is_file():
+        raise KDConfigError(f"{where}: config '{m.config}' does not exist.")
+    m.run_config = parse_run(cfg, [*spec.args, *m.args, *run_args], where)
+    class_path = m.run_config.model.class_path
+    if m.method is not None and class_path.rsplit(".", 1)[-1] != m.method:
+        raise KDConfigError(f"{where} says method: {m.method} but its config {m.config} trains "
+                            f"{class_path}.")
+    for key in m.set:
+        _check_key(key, m.run_config, f"'set' of {where}", m.config)
+    for key in m.grid:
+        _check_key(key, m.run_config, f"'grid' of {where}", m.config)
+        if key in m.set:
+            raise KDConfigError(f"{where} gives {key} in both 'set' and 'grid'; keep one.")
+    for key in m.epoch_args:
+        _check_key(key, m.run_config, f"'epoch_args' of {where}", m.config)
+    for b in spec.budgets:
+        label = budget_label(b)
+        for key, value in m.grid.items():
+            try:
+                values = at_budget(value, b)
+            except KeyError:
+                values = None
+            if not isinstance(values, list) or not values:
+                raise KDConfigError(
+                    f"'grid: {key}' of {where} has no list of candidates for M={label}: give a "
+                    f"non-empty list, e.g. [0.3, 1, 2], or one per budget, e.g. "
+                    f"{{{FULL}: [0.1, 0.3], {DEFAULT}: [1, 2]}}.")
+        for key, value in [*spec.set.items(), *m.set.items()]:
+            if isinstance(value, PerBudget) and not value.covers(b) and key in m.run_config:
+                raise KDConfigError(f"'set: {key}' for {where} has no value for M={label}: name "
+                                    f"the budget or add a '{DEFAULT}' entry.")
+        for candidate in spec.candidates(m, b):
+            values = {**spec.settings(m, b), **candidate}
+            try:
+                spec.run_config(m, values)
+            except Exception as err:  # noqa: BLE001
+                raise KDConfigError(f"{where} at M={label}: the values {values} do not parse: "
+                                    f"{_parse_error_text(err)}") from None
+    _check_teacher_fits(m, spec, where)
+    return m
+
+
+def _check_teacher_fits(m: MethodSpec, spec: StudySpec, where: str) -> None:
+    """A method that distils from a teacher network must configure the network the study's
+    teacher trains, or the cached teacher weights will not load into it."""
+    wanted = m.run_config.model.init_args.get("teacher")
+    trained = spec.teacher_run_config.model.init_args.get("student")
+    if wanted is None or trained is None or not hasattr(wanted, "as_dict"):
+        return
+    if hasattr(trained, "as_dict") and wanted.as_dict() != trained.as_dict():
+        raise KDConfigError(
+            f"{where} distils from the teacher network {_describe(wanted)} but the study's "
+            f"teacher (teacher: config: {spec.teacher_config}) trains {_describe(trained)}, whose "
+            f"weights would not fit. Make model.init_args.teacher of {m.config} the network of "
+            f"model.init_args.student in {spec.teacher_config}.")
+
+
+def _describe(net) -> str:
+    args = ", ".join(f"{k}={v!r}" for k, v in (net.as_dict().get("init_args") or {}).items())
+    return f"{net.class_path}({args})"
