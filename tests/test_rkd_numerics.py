@@ -137,3 +137,12 @@ def test_all_equal_rows_give_zero_loss_and_zero_gradient():
     total.backward()
     assert total.item() == 0.0 and d.item() == 0.0 and a.item() == 0.0
     assert torch.equal(s.grad, torch.zeros_like(s))
+
+
+def test_a_non_finite_embedding_gives_a_non_finite_loss():
+    s = _batch(6, 4, 12)
+    s[2, 1] = float("nan")
+    for term in rkd_loss(s, _batch(6, 3, 13)):
+        assert term.isnan()
+    s[2, 1] = float("inf")
+    assert not torch.isfinite(rkd_loss(s, _batch(6, 3, 13))[0])

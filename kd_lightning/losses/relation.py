@@ -73,9 +73,10 @@ def _distances(e: Tensor) -> Tensor:
         g = c @ c.t()
         sq = g.diagonal()
         d2 = sq.unsqueeze(1) + sq.unsqueeze(0) - 2.0 * g
-        pos = (d2 > 0) & ~_equal_rows(e)
-        # sqrt where d2 > 0 and 0 elsewhere, with a finite gradient (sqrt(0) stays out of it)
-        return torch.where(pos, torch.where(pos, d2, torch.ones_like(d2)).sqrt(), torch.zeros_like(d2))
+        # 0 for equal rows (and a rounding residue <= 0), with a zero gradient: sqrt(0) stays out
+        # of the graph; written so that a nan (non-finite embedding) propagates
+        zero = _equal_rows(e) | (d2 <= 0)
+        return torch.where(zero, torch.zeros_like(d2), torch.where(zero, torch.ones_like(d2), d2).sqrt())
 
 
 def pairwise_distances(e: Tensor, squared: bool = False) -> Tensor:
@@ -96,10 +97,13 @@ def pairwise_distances(e: Tensor, squared: bool = False) -> Tensor:
     comparing them exactly, and their distance is set to exactly 0: this is the same decision the
     explicit formula makes, because a difference of two floating-point numbers is 0 exactly when
     they are equal (IEEE subtraction with gradual underflow), so :math:`e_i - e_j = 0` if and only
-    if the rows are equal. Every other pair keeps its Gram value (accurate to
-    :math:`\sim \epsilon_{mach} \|c\|^2 / d_{ij}^2` relatively), and the gradient at a zero
-    distance is 0. The limit: two *distinct* rows closer than about
-    :math:`10^{-7} \|c\|` (float64) get an inaccurate distance.
+    if the rows are equal. (The comparison sorts the rows with ``torch.unique``: one host-device
+    synchronisation per call on a GPU.) Every other pair keeps its Gram value, with a relative
+    error of :math:`\sim \epsilon_{mach} \|c\|^2 / d_{ij}^2`, and the gradient at a zero distance
+    is 0. The limit: two *distinct* rows closer than about :math:`10^{-7} \|c\|` (float64) get an
+    inaccurate distance (0 if the residue is not positive) -- and the cosines at such a pair
+    are ill-conditioned in any form, since the direction of a difference of that size is set by
+    the rounding of the embeddings themselves.
     """
     d = _distances(e)
     return (d * d if squared else d).to(_upcast(e).dtype)
@@ -134,7 +138,7 @@ def _huber_mean(student: Tensor, teacher: Tensor) -> Tensor:
 
 
 def _rkd_terms(s: Tensor, t: Tensor, distance: bool, angle: bool) -> tuple[Tensor, Tensor]:
-    """Unweighted distance and angle terms (0 when not asked for), each pair's distances computed once."""
+    """Unweighted distance and angle terms (0 when not asked for); each side's distances computed once."""
     out_dtype = s.dtype
     zero = s.new_zeros(())
     d_s = _distances(s)
