@@ -81,11 +81,11 @@ def test_fsp_matrix_1d_hand_value():
     assert g.flatten().tolist() == pytest.approx([(1 + 0 + 3) / 3, (2 + 4 + 6) / 3])
 
 
-def test_fsp_matrix_pools_the_larger_map():
+def test_fsp_matrix_pools_the_larger_map_when_asked():
     # 1D: [1, 3, 5, 7] pooled to [2, 6] against [2, 4]: (2*2 + 6*4) / 2
-    assert fsp_matrix(t([[[1, 3, 5, 7]]]), t([[[2, 4]]])).item() == pytest.approx(14.0)
+    assert fsp_matrix(t([[[1, 3, 5, 7]]]), t([[[2, 4]]]), pool="smaller").item() == pytest.approx(14.0)
     # 2D: a 2x2 map pooled to its mean 2.5 against a 1x1 map of 2
-    assert fsp_matrix(t([[[[1, 2], [3, 4]]]]), t([[[[2]]]])).item() == pytest.approx(5.0)
+    assert fsp_matrix(t([[[[1, 2], [3, 4]]]]), t([[[[2]]]]), pool="smaller").item() == pytest.approx(5.0)
     with pytest.raises(ValueError, match="feature map"):
         fsp_matrix(t([[1, 2]]), t([[[1, 2]]]))
 
@@ -183,7 +183,7 @@ def test_gradients_reach_student_and_connector_never_teacher(name):
     elif name == "at":
         loss = at_loss([connector(student_feat)], [teacher_feat])
     else:
-        s2 = torch.randn(4, 5, 3, requires_grad=True)
+        s2 = torch.randn(4, 5, 6, requires_grad=True)  # FSP pairs maps of the same length
         loss = fsp_loss([fsp_matrix(connector(student_feat), s2)], [fsp_matrix(teacher_feat, teacher_feat)])
     loss.backward()
     assert teacher_feat.grad is None

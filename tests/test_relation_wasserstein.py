@@ -499,15 +499,16 @@ def test_ddp_two_cpu_processes_relation(mnist1d_teacher, tmp_path):
 
 
 def test_rkd_angles_from_the_gram_matrix_equal_the_normalised_difference_form():
-    from kd_lightning.losses.relation import _angles
+    from kd_lightning.losses.relation import _angles, _distances
 
     torch.manual_seed(0)
     e = torch.randn(12, 7) * 3 + 5  # offset: the Gram identities cancel large terms
     e[5] = e[2]  # a duplicate example: zero differences give cosine 0
-    diff = torch.nn.functional.normalize(e.unsqueeze(0) - e.unsqueeze(1), p=2, dim=2)
+    diff = torch.nn.functional.normalize(e.double().unsqueeze(0) - e.double().unsqueeze(1), p=2, dim=2)
     explicit = torch.bmm(diff, diff.transpose(1, 2))
-    assert torch.allclose(_angles(e), explicit, atol=2e-6)
-    assert _angles(e).dtype == torch.float32
+    angles = _angles(_distances(e))
+    assert angles.dtype == torch.float64  # computed in float64 for float32 embeddings
+    assert torch.allclose(angles, explicit, atol=1e-12)
 
 
 def test_rkd_is_computed_in_float32_under_bf16_autocast():

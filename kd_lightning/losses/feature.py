@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kd_lightning import KDConfigError
+
 __all__ = [
     "pool_to_smaller",
     "hint_loss",
@@ -101,25 +103,53 @@ def hint_loss(student_regressed: Tensor, teacher: Tensor) -> Tensor:
     return F.mse_loss(s, t)
 
 
-def fsp_matrix(f1: Tensor, f2: Tensor) -> Tensor:
+FSP_POOL_OPTIONS = (None, "smaller")
+
+
+def fsp_matrix(f1: Tensor, f2: Tensor, pool: str | None = None) -> Tensor:
     r"""Flow-of-solution-procedure (FSP) matrix of Yim et al. (CVPR 2017, Eq. 1).
 
     .. math:: G_{ij}(x) = \sum_{s=1}^{h} \sum_{t=1}^{w} \frac{F^1_{s,t,i}(x)\, F^2_{s,t,j}(x)}{h \times w}
 
     i.e. the inner product of channel ``i`` of the first map with channel ``j`` of the second,
-    averaged over the ``h x w`` positions (``L`` positions for 1D maps).
+    averaged over the ``h x w`` positions (``L`` positions for 1D maps). As in the paper, the two
+    maps must have the same spatial size: Yim et al. pair the first and the last feature map of a
+    residual stage (same resolution, the stage's "flow").
 
     Args:
         f1: ``[B, m, L]`` or ``[B, m, H, W]``.
-        f2: ``[B, n, L]`` or ``[B, n, H, W]``, same dimensionality; if the spatial sizes differ,
-            the larger map is average-pooled to the smaller one first.
+        f2: ``[B, n, L]`` or ``[B, n, H, W]``, the same dimensionality and, by default, the same
+            spatial size as ``f1``.
+        pool: ``None`` (default, the paper's definition): maps of different spatial sizes are
+            an error. ``"smaller"``: the larger map is first average-pooled to the smaller one's
+            size (adaptive average pooling, :func:`pool_to_smaller`) -- the convention of the CRD
+            benchmark's implementation, which pairs the outputs of consecutive stages; this is a
+            variant, not Eq. 1 (the pooled map is not a layer of the network).
 
     Returns:
         ``[B, m, n]`` float32.
+
+    Raises:
+        KDConfigError: the spatial sizes differ and ``pool`` is ``None``, or ``pool`` is not one
+            of the options.
     """
     _require_map(f1, "fsp_matrix: f1")
     _require_map(f2, "fsp_matrix: f2")
-    a, b = pool_to_smaller(f1.float(), f2.float())
+    if pool not in FSP_POOL_OPTIONS:
+        raise KDConfigError(f"fsp_matrix: pool must be None (the paper: maps of the same spatial "
+                            f"size) or 'smaller' (average-pool the larger map), got {pool!r}.")
+    a, b = f1.float(), f2.float()
+    if a.shape[2:] != b.shape[2:]:
+        if pool is None:
+            raise KDConfigError(
+                f"fsp_matrix: the two feature maps have different spatial sizes, "
+                f"{tuple(f1.shape)} and {tuple(f2.shape)} (spatial {tuple(f1.shape[2:])} vs "
+                f"{tuple(f2.shape[2:])}). Yim et al.'s FSP matrix G_ij = sum_(s,t) F1_(s,t,i) "
+                f"F2_(s,t,j) / (h w) is defined between two maps of the same h x w. Pair two "
+                f"layers of the same resolution (e.g. the first and the last feature map of one "
+                f"residual stage), or pass pool='smaller' to average-pool the larger map to the "
+                f"smaller one's size first (the CRD benchmark's variant).")
+        a, b = pool_to_smaller(a, b)
     a, b = a.flatten(2), b.flatten(2)  # [B, m, hw], [B, n, hw]
     with torch.autocast(device_type=a.device.type, enabled=False):  # bmm would run in bf16/fp16
         return torch.bmm(a, b.transpose(1, 2)) / a.shape[-1]

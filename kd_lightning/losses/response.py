@@ -11,7 +11,7 @@ from torch import Tensor
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0,
-            reduction: str = "batchmean") -> Tensor:
+            reduction: str = "batchmean", detach_teacher: bool = True) -> Tensor:
     r"""Soft-target term of Hinton et al. (2015).
 
     .. math::
@@ -23,15 +23,23 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
 
     Args:
         student_logits: ``[B, K]`` student logits :math:`z_s`.
-        teacher_logits: ``[B, K]`` teacher logits :math:`z_t` (treated as a constant target).
+        teacher_logits: ``[B, K]`` teacher logits :math:`z_t`.
         temperature: ``T > 0``.
         reduction: ``"batchmean"`` (scalar) or ``"none"`` (per-example ``[B]``, used by
             the Wasserstein objective which needs a loss per example).
+        detach_teacher: ``True`` (default): :math:`z_t` is a constant target, no gradient flows
+            into it. ``False``: the loss stays differentiable in :math:`z_t`, for objectives that
+            differentiate :math:`l(z_s(x), z_t(x))` w.r.t. the *input* :math:`x` through both
+            networks -- the input-gradient penalty of Kong et al. (2020, eq. 2,
+            :func:`~kd_lightning.losses.wasserstein_kd_loss`). The teacher stays untrained as long
+            as its parameters do not require grad (freeze them); only its input-output path is
+            kept.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    z_t = teacher_logits.detach() if detach_teacher else teacher_logits
+    log_p_t = F.log_softmax(z_t.float() / temperature, dim=-1)
     # KL(p_t || p_s) = sum_k p_t (log p_t - log p_s)
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1)
     if reduction == "none":

@@ -16,6 +16,15 @@ and whose tractable proxy (their eq. 2) replaces the supremum by the mean over t
     L_W = \\frac{1}{N} \\sum_i l(o_i^S, o_i^T)
           + \\epsilon \\frac{1}{N} \\sum_i \\|\\nabla_{x_i} l(o_i^S, o_i^T)\\|.
 
+Here :math:`o^S = \\mathcal{N}_S(x)` *and* :math:`o^T = \\mathcal{N}_T(x)`: the loss is
+:math:`\\ell(x; \\mathcal{N}_S, \\mathcal{N}_T)` (their eq. 1), a function of the input through both
+networks, so :math:`\\nabla_x l = J_S^\\top \\partial_{o^S} l + J_T^\\top \\partial_{o^T} l`. The
+teacher's weights are frozen, but its input-output path is part of the gradient: compute the
+teacher's outputs from the same ``inputs`` tensor, without ``no_grad`` or ``detach`` (e.g.
+:func:`~kd_lightning.losses.kd_loss` with ``detach_teacher=False``), with the teacher's
+parameters set to ``requires_grad=False``. Detaching the teacher's outputs gives the
+student-only gradient :math:`J_S^\\top \\partial_{o^S} l` instead (a different penalty).
+
 The input-gradient term is built with ``create_graph=True``: its derivative w.r.t. the student
 parameters goes through the gradient itself (double backpropagation), so the penalty trains the
 student to be flat around each training example -- Kong et al. read it as training on
@@ -49,7 +58,8 @@ def input_gradient_norm(loss_per_example: Tensor, inputs: Tensor, p: float = 2.0
     stays float64), whatever the autocast precision of the forward pass.
 
     Args:
-        loss_per_example: ``[B]`` losses :math:`l_i`, functions of ``inputs``.
+        loss_per_example: ``[B]`` losses :math:`l_i`, functions of ``inputs`` (through any number
+            of networks: every path from ``inputs`` to the losses is differentiated).
         inputs: ``[B, ...]`` floating-point tensor with ``requires_grad=True``.
         p: order of the norm over each example's flattened gradient (2 = Euclidean).
         create_graph: keep the gradient differentiable (needed for the penalty to train the
@@ -83,7 +93,8 @@ def wasserstein_kd_loss(loss_per_example: Tensor, inputs: Tensor, eps: float,
 
     ``l`` is any per-example distillation loss; :class:`~kd_lightning.methods.WassersteinKD` uses
     the response-KD loss :math:`T^2 \mathrm{KL}(\sigma(z_t/T) \| \sigma(z_s/T))`
-    (:func:`~kd_lightning.losses.kd_loss` with ``reduction="none"``).
+    (:func:`~kd_lightning.losses.kd_loss` with ``reduction="none"``; ``detach_teacher=False``
+    keeps the teacher's path from ``inputs``, as eq. 2 is written).
 
     On the norm: the bound holds with the *dual* of the norm that measures transport cost in
     the Wasserstein distance; ``p = 2`` (default) is its own dual, ``p = 1`` pairs with an
@@ -93,7 +104,9 @@ def wasserstein_kd_loss(loss_per_example: Tensor, inputs: Tensor, eps: float,
     to every gradient); the returned gradient norm is then a detached value for monitoring.
 
     Args:
-        loss_per_example: ``[B]`` losses :math:`l(o_i^S, o_i^T)`, computed from ``inputs``.
+        loss_per_example: ``[B]`` losses :math:`l(o_i^S, o_i^T)`, computed from ``inputs`` (through
+            the student, and through the teacher too for eq. 2 as written: see the module
+            docstring).
         inputs: ``[B, ...]`` the examples :math:`x_i`, with ``requires_grad=True``.
         eps: radius :math:`\epsilon \ge 0` of the Wasserstein ball.
         p: order of the gradient norm (default 2).
