@@ -15,7 +15,8 @@ options switch on the differences a Lightning run may have:
 * ``--normalize standard|unit``: pixel scaling (the teacher sees the same inputs as the student,
   as in ``DistillDataModule``); ``--teacher-normalize`` feeds the teacher another scaling;
 * ``--val-split N``: hold N training images out (seeded as ``DistillDataModule``'s split);
-* ``--sched-interval epoch``: step the schedule once per epoch instead of once per batch.
+* ``--sched-interval epoch``: step the schedule once per epoch instead of once per batch
+  (``constant``: no schedule, for finding the largest stable lr).
 
 Prints the training loss and the test errors (``round((1 - acc) * 10000)``) every epoch, flags a
 non-finite loss and exits with status 1 when one occurs. Run from the repo root::
@@ -63,9 +64,11 @@ def errors(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default="data")
-    p.add_argument("--teacher", help="teacher checkpoint (configs/mnist/teacher.yaml); omit for the student alone")
+    p.add_argument("--teacher",
+                   help="teacher checkpoint (configs/mnist/teacher.yaml); omit for the student alone")
     p.add_argument("--normalize", choices=["standard", "unit"], default="unit")
     p.add_argument("--teacher-normalize", choices=["standard", "unit"], default=None,
                    help="scaling of the teacher's inputs (default: --normalize)")
@@ -74,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1, help="peak lr of the one-cycle schedule")
-    p.add_argument("--sched-interval", choices=["step", "epoch"], default="step")
+    p.add_argument("--sched-interval", choices=["step", "epoch", "constant"], default="step",
+                   help="step the one-cycle schedule per batch or per epoch, or keep lr constant")
     p.add_argument("--val-split", type=int, default=0, help="training images held out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
@@ -104,8 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     student = student_mlp()
     opt = torch.optim.SGD(student.parameters(), lr=args.lr, momentum=0.9, nesterov=True)
     steps_per_epoch = math.ceil(n / args.batch_size)
-    total = args.epochs * (steps_per_epoch if args.sched_interval == "step" else 1)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=total)
+    if args.sched_interval == "constant":
+        sched = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
+    else:
+        total = args.epochs * (steps_per_epoch if args.sched_interval == "step" else 1)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=total)
     T = args.temperature
     step, start = 0, time.time()
     for epoch in range(args.epochs):

@@ -213,15 +213,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.mnist is None and args.fashion_mnist is None:
         parser.error("nothing to do: pass --mnist and/or --fashion-mnist")
+    checked = "" if args.no_verify else " (MD5s match the published files)"
     try:
         if args.mnist is not None:
             folder = write_raw("mnist", mnist_from_csv(args.mnist), args.out, not args.no_verify)
-            print(f"MNIST: wrote {folder}" + ("" if args.no_verify else " (MD5s match the published files)"))
+            print(f"MNIST: wrote {folder}" + checked)
         if args.fashion_mnist is not None:
             src = args.fashion_mnist
             files = idx_from_folder(src) if src.is_dir() else idx_from_deb(src)
             folder = write_raw("fashion_mnist", files, args.out, not args.no_verify)
-            print(f"Fashion-MNIST: wrote {folder}" + ("" if args.no_verify else " (MD5s match the published files)"))
+            print(f"Fashion-MNIST: wrote {folder}" + checked)
     except PrepareError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -10,7 +10,6 @@ import hashlib
 import importlib.util
 import math
 import os
-import struct
 import zipfile
 from pathlib import Path
 
@@ -126,7 +125,8 @@ def test_gzipped_idx_folder_is_decompressed_for_fashion_mnist(tmp_path):
 
 
 def test_image_and_label_counts_must_agree(tmp_path):
-    files = {f: prep.idx_bytes(np.zeros((3, 28, 28) if "images" in f else (3,), np.uint8)) for f in prep.FILES}
+    files = {f: prep.idx_bytes(np.zeros((3, 28, 28) if "images" in f else (3,), np.uint8))
+             for f in prep.FILES}
     files["t10k-labels-idx1-ubyte"] = prep.idx_bytes(np.zeros(2, np.uint8))
     with pytest.raises(prep.PrepareError, match="t10k: 3 images but 2 labels"):
         prep.write_raw("mnist", files, tmp_path, verify=False)

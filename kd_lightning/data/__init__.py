@@ -6,5 +6,5 @@ from kd_lightning.data.dataset import (AUGMENTATIONS, NORMALIZATIONS, IndexedTen
 from kd_lightning.data.sources import SOURCES, Splits, load_source
 from kd_lightning.data.subset import stratified_subset, train_val_split
 
-__all__ = ["AUGMENTATIONS", "DATASET_INFO", "NORMALIZATIONS", "DistillDataModule", "IndexedTensorDataset", "SOURCES", "Splits",
-           "load_source", "random_crop_flip", "random_translate", "stratified_subset", "train_val_split"]
+__all__ = ["AUGMENTATIONS", "DATASET_INFO", "NORMALIZATIONS", "DistillDataModule",
+           "IndexedTensorDataset", "SOURCES", "Splits", "load_source", "random_crop_flip", "random_translate", "stratified_subset", "train_val_split"]

@@ -77,8 +77,8 @@ class DistillDataModule(pl.LightningDataModule):
                  batch_size: int = 100, eval_batch_size: int | None = None,
                  train_subset: int | None = None, subset_seed: int = 0,
                  val_split: int | float = 0.1, split_seed: int = 0, augment: bool | str = False,
-                 normalize: str = "standard", batched: bool = True, num_workers: int = 0, drop_last: bool = False,
-                 batches_per_step: int = 1) -> None:
+                 normalize: str = "standard", batched: bool = True, num_workers: int = 0,
+                 drop_last: bool = False, batches_per_step: int = 1) -> None:
         super().__init__()
         if dataset not in DATASET_INFO:
             raise KDConfigError(
