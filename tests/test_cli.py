@@ -62,7 +62,8 @@ def test_every_config_fits_end_to_end(config, tmp_path, monkeypatch):
     log_dir = Path(cli.trainer.log_dir)
     scalars = tb_scalars(log_dir)
     assert "train/loss" in scalars and all(map(math.isfinite, scalars["train/loss"]))
-    assert "val/acc" in scalars
+    if len(cli.datamodule.val_indices):  # (the MNIST configs train on all 60,000 images, as the paper)
+        assert "val/acc" in scalars
     assert (log_dir / "config.yaml").is_file()
     saved = json.loads((log_dir / "train_subset.json").read_text())
     assert saved["num_examples"] == len(cli.datamodule.train_indices)

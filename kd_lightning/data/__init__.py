@@ -1,9 +1,10 @@
 """Data: one ``DistillDataModule`` for every method, in-memory sources, few-data subsets."""
 
 from kd_lightning.data.datamodule import DATASET_INFO, DistillDataModule
-from kd_lightning.data.dataset import IndexedTensorDataset, random_crop_flip
+from kd_lightning.data.dataset import (AUGMENTATIONS, NORMALIZATIONS, IndexedTensorDataset,
+                                       random_crop_flip, random_translate)
 from kd_lightning.data.sources import SOURCES, Splits, load_source
 from kd_lightning.data.subset import stratified_subset, train_val_split
 
-__all__ = ["DATASET_INFO", "DistillDataModule", "IndexedTensorDataset", "SOURCES", "Splits",
-           "load_source", "random_crop_flip", "stratified_subset", "train_val_split"]
+__all__ = ["AUGMENTATIONS", "DATASET_INFO", "NORMALIZATIONS", "DistillDataModule",
+           "IndexedTensorDataset", "SOURCES", "Splits", "load_source", "random_crop_flip", "random_translate", "stratified_subset", "train_val_split"]

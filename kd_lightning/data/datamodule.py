@@ -11,7 +11,8 @@ import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
 from kd_lightning import KDConfigError
-from kd_lightning.data.dataset import IndexedTensorDataset, MinibatchGroups, PerSampleDataset, batch_collate
+from kd_lightning.data.dataset import (AUGMENTATIONS, NORMALIZATIONS, IndexedTensorDataset,
+                                       MinibatchGroups, PerSampleDataset, batch_collate)
 from kd_lightning.data.sources import SOURCES, Splits, load_source
 from kd_lightning.data.subset import stratified_subset, train_val_split
 
@@ -46,7 +47,17 @@ class DistillDataModule(pl.LightningDataModule):
         val_split: fraction (or count) of the source training set held out for validation.
         split_seed: seed of the validation split (kept fixed across few-data runs so every run is
             validated on the same examples).
-        augment: random crop (pad 4) + horizontal flip, for CIFAR-style images.
+        augment: augmentation of the training images: ``"none"`` (or ``false``), ``"crop_flip"``
+            (or ``true``; zero-pad 4, random crop, random horizontal flip: the CIFAR recipe), or
+            ``"jitter"`` (random translation by up to +-2 pixels in each direction, zero fill: the
+            MNIST recipe of Hinton et al. 2015's teacher). Validation and test images are never
+            augmented. Augmented inputs differ at every epoch, so methods do not cache teacher
+            outputs per example when it is on (:attr:`deterministic_train`).
+        normalize: scaling of the pixels ``p`` (0..255) of the image sets (``mnist``,
+            ``fashion_mnist``, ``cifar10``, ``cifar100``): ``"standard"`` (default)
+            ``(p / 255 - mean) / std`` with the per-channel training-set statistics (MNIST: 0.1307
+            / 0.3081), ``"unit"`` ``p / 255`` in [0, 1], ``"none"`` ``p`` unscaled. ``mnist1d``
+            and ``digits`` come preprocessed and only take ``"standard"``.
         batched: build each batch by indexing in-memory tensors (fast). ``False`` uses the regular
             per-sample ``__getitem__`` + collate path; both give the same examples in the same order.
         num_workers: DataLoader worker processes (0 is fastest for in-memory data).
@@ -65,9 +76,9 @@ class DistillDataModule(pl.LightningDataModule):
     def __init__(self, dataset: str = "mnist1d", root: str = "data", download: bool = False,
                  batch_size: int = 100, eval_batch_size: int | None = None,
                  train_subset: int | None = None, subset_seed: int = 0,
-                 val_split: int | float = 0.1, split_seed: int = 0, augment: bool = False,
-                 batched: bool = True, num_workers: int = 0, drop_last: bool = False,
-                 batches_per_step: int = 1) -> None:
+                 val_split: int | float = 0.1, split_seed: int = 0, augment: bool | str = False,
+                 normalize: str = "standard", batched: bool = True, num_workers: int = 0,
+                 drop_last: bool = False, batches_per_step: int = 1) -> None:
         super().__init__()
         if dataset not in DATASET_INFO:
             raise KDConfigError(
@@ -83,15 +94,30 @@ class DistillDataModule(pl.LightningDataModule):
                 f"train_subset={train_subset} is smaller than the number of classes of {dataset} "
                 f"({k}): a stratified subset needs at least one example per class. Use "
                 f"train_subset >= {k}, or null for the full training set.")
-        if augment and len(DATASET_INFO[dataset][1]) != 3:
-            raise KDConfigError(f"augment=true is for image data sets; {dataset} is 1-D.")
+        augment = {True: "crop_flip", False: "none"}.get(augment, augment)
+        if augment not in AUGMENTATIONS:
+            raise KDConfigError(
+                f"unknown augment={augment!r}. Valid values: {', '.join(AUGMENTATIONS)} (true means "
+                f"crop_flip, false none).")
+        if augment != "none" and len(DATASET_INFO[dataset][1]) != 3:
+            raise KDConfigError(f"augment={augment} is for image data sets; {dataset} is 1-D. Use "
+                                f"augment=none.")
+        if normalize not in NORMALIZATIONS:
+            raise KDConfigError(
+                f"unknown normalize={normalize!r}. Valid values: standard (zero mean, unit "
+                f"variance), unit (pixels in [0, 1]), none (pixels 0..255).")
+        if normalize != "standard" and dataset in ("mnist1d", "digits"):
+            raise KDConfigError(
+                f"normalize={normalize} applies to the image sets read from their 8-bit pixels "
+                f"(mnist, fashion_mnist, cifar10, cifar100); {dataset} comes preprocessed. Use "
+                f"normalize=standard.")
         self.save_hyperparameters()
         self.dataset, self.root, self.download = dataset, root, download
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or max(batch_size, 500)
         self.train_subset, self.subset_seed = train_subset, subset_seed
         self.val_split, self.split_seed = val_split, split_seed
-        self.augment, self.batched = augment, batched
+        self.augment, self.normalize, self.batched = augment, normalize, batched
         self.num_workers, self.drop_last = num_workers, drop_last
         self.batches_per_step = batches_per_step
         self._splits: Splits | None = None
@@ -118,7 +144,7 @@ class DistillDataModule(pl.LightningDataModule):
     def deterministic_train(self) -> bool:
         """True when a training example always maps to the same input tensor (no augmentation),
         so per-example teacher outputs can be cached."""
-        return not self.augment
+        return self.augment == "none"
 
     # ---- data ------------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -130,9 +156,10 @@ class DistillDataModule(pl.LightningDataModule):
             self._splits = load_source(self.dataset, self.root, download=False)
         return self._splits
 
-    def _dataset(self, x, y, indices, augment=False) -> IndexedTensorDataset:
+    def _dataset(self, x, y, indices, augment: str = "none") -> IndexedTensorDataset:
         s = self.splits()
-        return IndexedTensorDataset(x, y, indices, s.mean, s.std, augment=augment)
+        return IndexedTensorDataset(x, y, indices, s.mean, s.std, augment=augment,
+                                    normalize=self.normalize)
 
     def _draw_indices(self) -> None:
         """Validation split and (stratified) training subset: pure functions of the config."""

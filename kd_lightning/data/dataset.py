@@ -40,6 +40,28 @@ def random_crop_flip(x: Tensor, padding: int = 4, flip: bool = True,
     return out.contiguous()
 
 
+def random_translate(x: Tensor, max_shift: int = 2, generator: torch.Generator | None = None) -> Tensor:
+    """Batched jitter: shift each image by its own ``(dy, dx)``, each uniform in
+    ``{-max_shift, ..., max_shift}``, filling the uncovered border with zeros.
+
+    The augmentation of Hinton et al. 2015's MNIST teacher ("jittered by up to two pixels in any
+    direction"). A shift by ``d`` is a crop at offset ``d + max_shift`` of the image zero-padded by
+    ``max_shift``, so this is :func:`random_crop_flip` without the flip.
+    """
+    return random_crop_flip(x, padding=max_shift, flip=False, generator=generator)
+
+
+#: training-set augmentations, by name
+AUGMENTATIONS = {
+    "none": None,
+    "crop_flip": random_crop_flip,  # CIFAR: pad 4, random crop, random horizontal flip
+    "jitter": random_translate,  # MNIST-style: random translation by up to +-2 pixels
+}
+
+#: input scalings of ``uint8`` images, by name
+NORMALIZATIONS = ("standard", "unit", "none")
+
+
 class IndexedTensorDataset(Dataset):
     """Examples ``x[indices[i]], y[indices[i]]`` returned as ``(x, y, index)``.
 
@@ -47,35 +69,49 @@ class IndexedTensorDataset(Dataset):
     per-example caches (e.g. teacher outputs) can be keyed by it across subsets and splits.
 
     Args:
-        x, y: the whole split in memory. ``uint8`` inputs are scaled by 1/255 and normalised with
-            ``mean``/``std`` per channel; float inputs are used as they are.
+        x, y: the whole split in memory. ``uint8`` inputs are scaled as ``normalize`` says; float
+            inputs are used as they are.
         indices: which examples of the split this dataset exposes.
-        augment: apply :func:`random_crop_flip` (images only).
+        mean, std: per-channel statistics (of the pixels scaled to [0, 1]) for ``"standard"``.
+        augment: a name of :data:`AUGMENTATIONS` (``True`` means ``"crop_flip"``, ``False``
+            ``"none"``); images only. On ``uint8`` images it is applied to the pixels in [0, 1]
+            before normalisation, so padding is black, as with torchvision's transforms on images.
+        normalize: scaling of ``uint8`` pixels ``p``: ``"standard"`` ``(p / 255 - mean) / std``,
+            ``"unit"`` ``p / 255`` (in [0, 1]), ``"none"`` ``p`` as a float (0..255).
     """
 
     def __init__(self, x: Tensor, y: Tensor, indices: Sequence[int] | Tensor | None = None,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 augment: bool = False) -> None:
+                 augment: bool | str = False, normalize: str = "standard") -> None:
         self.x, self.y = x, y
         self.indices = (torch.arange(len(y)) if indices is None
                         else torch.as_tensor(indices, dtype=torch.int64))
-        self.augment = augment
+        augment = {True: "crop_flip", False: "none"}.get(augment, augment)
+        if augment not in AUGMENTATIONS:
+            raise ValueError(f"augment must be one of {sorted(AUGMENTATIONS)}, got {augment!r}")
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+        self.augment, self.normalize = augment, normalize
+        self._augment_fn = AUGMENTATIONS[augment]
         shape = (1, -1) + (1,) * (x.ndim - 2)
         self._mean = torch.tensor(mean, dtype=torch.float32).view(shape) if mean is not None else None
         self._std = torch.tensor(std, dtype=torch.float32).view(shape) if std is not None else None
-        if augment and x.ndim != 4:
-            raise ValueError("augment=True needs image inputs [N, C, H, W]")
+        if self._augment_fn is not None and x.ndim != 4:
+            raise ValueError(f"augment={augment!r} needs image inputs [N, C, H, W]")
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def _prepare(self, xb: Tensor) -> Tensor:
-        if xb.dtype == torch.uint8:
-            xb = xb.float().div_(255.0)
-            if self._mean is not None:
-                xb = xb.sub_(self._mean).div_(self._std)
-        if self.augment:
-            xb = random_crop_flip(xb)
+        if xb.dtype != torch.uint8:
+            return xb if self._augment_fn is None else self._augment_fn(xb)
+        xb = xb.float()
+        if self._augment_fn is not None:
+            xb = self._augment_fn(xb)  # zero padding: black in every scaling
+        if self.normalize != "none":
+            xb = xb.div_(255.0)
+        if self.normalize == "standard" and self._mean is not None:
+            xb = xb.sub_(self._mean).div_(self._std)
         return xb
 
     def get_batch(self, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:

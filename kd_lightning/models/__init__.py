@@ -1,4 +1,4 @@
-"""Model zoo: MNIST-1D MLP/CNN, LeNet-5, CIFAR ResNets and Wide ResNets.
+"""Model zoo: MNIST-1D MLP/CNN, LeNet-5, an MNIST CNN teacher, CIFAR ResNets and Wide ResNets.
 
 Every model takes ``num_classes`` (and ``in_channels``) as keyword arguments, returns
 logits ``[B, num_classes]``, exposes ``feature_dim`` and ``forward_features(x)`` with
@@ -8,6 +8,7 @@ logits ``[B, num_classes]``, exposes ``feature_dim`` and ``forward_features(x)``
 from kd_lightning.models.cnn1d import ConvNet1D
 from kd_lightning.models.lenet import LeNet5, LeNet5Half, lenet5_half
 from kd_lightning.models.mlp import MLP
+from kd_lightning.models.mnist_cnn import MnistCNN
 from kd_lightning.models.resnet_cifar import (
     BasicBlock,
     CifarResNet,
@@ -27,6 +28,7 @@ from kd_lightning.models.wrn import WideBasicBlock, WideResNet, wrn_16_1, wrn_16
 
 __all__ = [
     "MLP",
+    "MnistCNN",
     "ConvNet1D",
     "LeNet5",
     "LeNet5Half",
