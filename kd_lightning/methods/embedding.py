@@ -17,6 +17,7 @@ from kd_lightning.losses.correlation import cc_loss
 from kd_lightning.losses.probabilistic import pkt_loss
 from kd_lightning.methods.feature import FeatureDistillation, Shape
 from kd_lightning.methods.relation import _embedding_layer
+from kd_lightning.models.taps import resolve_module
 
 
 class EmbeddingDistillation(FeatureDistillation):
@@ -43,6 +44,8 @@ class EmbeddingDistillation(FeatureDistillation):
         name = type(self).__name__
         (s_layer,), s_input = self._embedding(self.student, "student", student_layer, layer_input)
         (t_layer,), t_input = self._embedding(self.teacher, "teacher", teacher_layer, layer_input)
+        resolve_module(self.student, s_layer)  # an unknown path is reported first
+        resolve_module(self.teacher, t_layer)
         if s_input != t_input:
             default, explicit = ("student", "teacher") if student_layer is None else ("teacher", "student")
             raise KDConfigError(
@@ -124,9 +127,12 @@ class CorrelationCongruence(EmbeddingDistillation):
     Logged terms (weighted): ``loss``, ``loss_cc``, ``loss_ce`` (and ``loss_kd``).
 
     Args:
-        transfer_weight: :math:`\beta` (default 100). No published weight fits this loss on
-            normalised embeddings; with it the CC term at initialisation is of the order of
-            the cross-entropy.
+        transfer_weight: :math:`\beta` (default 200). No published weight fits this form
+            (squared distance of kernel correlations of normalised embeddings): torchdistill's
+            0.003 multiplies an unsquared norm of raw linear embeddings, the CRD benchmark's 0.02
+            another formula. Like SP, CC compares the batch's cosine-similarity structure; 200
+            puts the CC term at the scale of SP's term with its benchmark weight 3000 for batches
+            of 64-100 examples.
         kernel_gamma: :math:`\gamma > 0` of the RBF kernel (default 0.4).
         taylor_order: :math:`P`, an integer >= 1 (default 2).
         normalize: L2-normalise each embedding before the expansion (default true).
@@ -136,7 +142,7 @@ class CorrelationCongruence(EmbeddingDistillation):
             :class:`~kd_lightning.methods.base.DistillationModule`'s arguments.
     """
 
-    def __init__(self, transfer_weight: float = 100.0, kernel_gamma: float = 0.4,
+    def __init__(self, transfer_weight: float = 200.0, kernel_gamma: float = 0.4,
                  taylor_order: int = 2, normalize: bool = True, **kwargs) -> None:
         if not (kernel_gamma > 0 and math.isfinite(kernel_gamma)):
             raise KDConfigError(f"CorrelationCongruence: kernel_gamma must be a finite number > 0, "
