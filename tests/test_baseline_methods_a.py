@@ -52,7 +52,8 @@ CONFIG = {SimilarityPreserving: "sp.yaml", ProbabilisticKnowledgeTransfer: "pkt.
           CorrelationCongruence: "cc.yaml", NeuronSelectivityTransfer: "nst.yaml",
           DecoupledKD: "dkd.yaml", DIST: "dist.yaml", StandardizedKD: "standardized_kd.yaml"}
 TERMS = {SimilarityPreserving: ["loss_ce", "loss_sp"],
-         ProbabilisticKnowledgeTransfer: ["loss_ce", "loss_pkt"], CorrelationCongruence: ["loss_ce", "loss_cc"], NeuronSelectivityTransfer: ["loss_ce", "loss_nst"],
+         ProbabilisticKnowledgeTransfer: ["loss_ce", "loss_pkt"],
+         CorrelationCongruence: ["loss_ce", "loss_cc"], NeuronSelectivityTransfer: ["loss_ce", "loss_nst"],
          DecoupledKD: ["loss_ce", "loss_tckd", "loss_nckd"], DIST: ["loss_ce", "loss_inter", "loss_intra"],
          StandardizedKD: ["loss_ce", "loss_kd"]}
 
