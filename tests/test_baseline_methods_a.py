@@ -255,15 +255,15 @@ def test_dkd_warmup_resumes_from_the_checkpoint_epoch(tmp_path):
             max_epochs=3, limit_train_batches=1, limit_val_batches=0, accelerator="cpu", devices=1,
             enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
             logger=TensorBoardLogger(tmp_path, name="dkd", version=version),
-            callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpts", filename="{epoch}",
+            callbacks=[ModelCheckpoint(dirpath=tmp_path / f"ckpts{version}", filename="{epoch}",
                                        save_top_k=-1, every_n_epochs=1)])
         trainer.fit(m, DistillDataModule("mnist1d", batch_size=50, train_subset=100),
                     ckpt_path=ckpt_path)
         return tb_scalars(tmp_path / "dkd" / f"version_{version}")
 
-    assert fit()["dkd_warmup"] == pytest.approx([0.25, 0.5, 0.75])
-    resumed = fit(tmp_path / "ckpts" / "epoch=0.ckpt", version=1)
-    assert resumed["dkd_warmup"] == pytest.approx([0.5, 0.75])
+    assert fit()["train/dkd_warmup"] == pytest.approx([0.25, 0.5, 0.75])
+    resumed = fit(tmp_path / "ckpts0" / "epoch=0.ckpt", version=1)
+    assert resumed["train/dkd_warmup"] == pytest.approx([0.5, 0.75])
 
 
 # ---- gradients ---------------------------------------------------------------------------------
@@ -307,7 +307,7 @@ def test_cli_fits_and_tests_each_config(cls, precision, mnist1d_teacher, tmp_pat
     for term in ["loss", *TERMS[cls]]:
         assert all(map(math.isfinite, scalars[f"train/{term}"])), term
     if cls is DecoupledKD:  # the config's 12 warm-up epochs: epoch 0 has weight 1/12
-        assert scalars["dkd_warmup"] == pytest.approx([1 / 12])
+        assert scalars["train/dkd_warmup"] == pytest.approx([1 / 12])
 
 
 # ---- bad input ---------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ class DecoupledKD(DistillationModule):
     term in linearly over the first :math:`E_w` epochs
     (:func:`~kd_lightning.losses.dkd_warmup_weight`). The ramp is a function of
     ``current_epoch`` (0-based), never stored, so a run resumed from a checkpoint continues it
-    where it was; the weight of each epoch is logged as ``dkd_warmup``.
+    where it was; it is logged as ``train/dkd_warmup`` with the loss terms (the weight of the
+    epoch that closes each logging window).
 
     Logged terms (weighted): ``loss``, ``loss_ce``, ``loss_tckd`` (:math:`w(e)\,\alpha\,
     \mathrm{TCKD}`), ``loss_nckd`` (:math:`w(e)\,\beta\,\mathrm{NCKD}`).
@@ -76,9 +77,8 @@ class DecoupledKD(DistillationModule):
                                "loss_tckd": (w * self.target_weight) * tckd,
                                "loss_nckd": (w * self.non_target_weight) * nckd})
 
-    def on_train_epoch_start(self) -> None:
-        super().on_train_epoch_start()
-        self.log("dkd_warmup", self.warmup_weight, on_step=False, on_epoch=True, batch_size=1)
+    def on_train_terms_logged(self) -> None:
+        self.log("train/dkd_warmup", self.warmup_weight, on_step=False, on_epoch=True, batch_size=1)
 
 
 class DIST(DistillationModule):
