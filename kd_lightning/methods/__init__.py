@@ -27,3 +27,11 @@ __all__ += ["MutualDistillation"]
 from kd_lightning.methods.logit_matching import LogitMatching
 
 __all__ += ["LogitMatching"]
+
+from kd_lightning.methods.embedding import CorrelationCongruence, ProbabilisticKnowledgeTransfer
+from kd_lightning.methods.logits import DIST, DecoupledKD, StandardizedKD
+from kd_lightning.methods.nst import NeuronSelectivityTransfer
+from kd_lightning.methods.similarity import SimilarityPreserving
+
+__all__ += ["SimilarityPreserving", "ProbabilisticKnowledgeTransfer", "NeuronSelectivityTransfer",
+            "CorrelationCongruence", "DecoupledKD", "DIST", "StandardizedKD"]
