@@ -23,3 +23,11 @@ __all__ += ["FitNet", "FSP", "ActivationBoundary", "AttentionTransfer", "Feature
 from kd_lightning.methods.mutual import MutualDistillation
 
 __all__ += ["MutualDistillation"]
+
+from kd_lightning.methods.crd import CRD
+from kd_lightning.methods.factor_transfer import FactorTransfer
+from kd_lightning.methods.ofd import OFD
+from kd_lightning.methods.review import ReviewKD
+from kd_lightning.methods.vid import VID
+
+__all__ += ["VID", "FactorTransfer", "CRD", "OFD", "ReviewKD"]
