@@ -71,7 +71,8 @@ def _manual_maps(net: ConvNet1D, x: torch.Tensor):
 def _make(cls, **kw):
     student, teacher = _nets()
     layers = {VID: {"student_layers": LAYERS3}, FactorTransfer: {"student_layer": "relu3"},
-              CRD: {"num_data": 60, "num_negatives": 7}, OFD: {"student_layers": LAYERS3, "margin_source": "data"},
+              CRD: {"num_data": 60, "num_negatives": 7},
+              OFD: {"student_layers": LAYERS3, "margin_source": "data"},
               ReviewKD: {"student_layers": LAYERS3}}[cls]
     m = cls(student=student, teacher=teacher, num_classes=10, input_shape=[1, 40], **{**layers, **kw})
     if cls is OFD:
@@ -214,8 +215,8 @@ def test_ofd_margins_from_the_teachers_batch_norms():
                 teacher_bn_layers=["layer2.0.bn2"], input_shape=[3, 16, 16])
     assert torch.equal(given.margins[0], ofd_margin_from_bn(teacher.layer2[0].bn2))
     # WRN: pre-activation blocks, the stage outputs' BN sits at the start of the next stage
-    w = OFD(student=wrn_16_1(), teacher=wrn_16_1(), student_layers=["layer2.0.relu1", "layer3.0.relu1", "relu"],
-            input_shape=[3, 16, 16])
+    w = OFD(student=wrn_16_1(), teacher=wrn_16_1(),
+            student_layers=["layer2.0.relu1", "layer3.0.relu1", "relu"], input_shape=[3, 16, 16])
     assert w.teacher_bn_layers == ["layer2.0.bn1", "layer3.0.bn1", "bn"]
 
 
@@ -439,14 +440,6 @@ def test_bad_input_gives_one_paragraph_error(config, extra, messages, mnist1d_te
 DUMP_STATE = '''
 import hashlib, json, os
 from pytorch_lightning import Callback
-from pytorch_lightning.strategies import DDPStrategy
-
-
-class DDPNoBufferBroadcast(DDPStrategy):
-    """DDP without the per-step broadcast of rank 0's buffers: the ranks' buffers stay their own."""
-
-    def __init__(self, **kwargs):
-        super().__init__(broadcast_buffers=False, **kwargs)
 
 
 class DumpState(Callback):
@@ -459,6 +452,7 @@ class DumpState(Callback):
         state = [(k, v) for k, v in pl_module.state_dict().items() if not k.startswith("teacher.")]
         with open(os.path.join(os.getcwd(), f"rank{trainer.global_rank}.json"), "w") as f:
             json.dump({"world": trainer.world_size, "steps": trainer.global_step,
+                       "broadcast_buffers": trainer.strategy.model.broadcast_buffers,
                        "params": digest(pl_module.named_parameters()),
                        "state": digest(state), "keys": sorted(k for k, _ in state),
                        "bank": digest([(k, v) for k, v in state if k.startswith("bank.")])}, f)
@@ -503,6 +497,8 @@ def test_ddp_two_cpu_processes_end_identical(cls, strategy, extra, mnist1d_teach
 def test_ddp_crd_ranks_keep_identical_banks_without_broadcasting_them(mnist1d_teacher, tmp_path):
     """Buffers are not broadcast (broadcast_buffers=False), so equal banks on both ranks come from
     the gathered, identical updates; the weights are equal too."""
-    r0 = _ddp("crd.yaml", mnist1d_teacher, tmp_path, "dump_state.DDPNoBufferBroadcast",
-              "--trainer.max_epochs", "2")
+    no_broadcast = json.dumps({"class_path": "pytorch_lightning.strategies.DDPStrategy",
+                               "init_args": {"broadcast_buffers": False}})
+    r0 = _ddp("crd.yaml", mnist1d_teacher, tmp_path, no_broadcast, "--trainer.max_epochs", "2")
+    assert r0["broadcast_buffers"] is False
     assert r0["steps"] == 6 and "bank.memory_s" in r0["keys"]
