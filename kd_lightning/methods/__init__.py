@@ -35,3 +35,11 @@ from kd_lightning.methods.similarity import SimilarityPreserving
 
 __all__ += ["SimilarityPreserving", "ProbabilisticKnowledgeTransfer", "NeuronSelectivityTransfer",
             "CorrelationCongruence", "DecoupledKD", "DIST", "StandardizedKD"]
+
+from kd_lightning.methods.crd import CRD
+from kd_lightning.methods.factor_transfer import FactorTransfer
+from kd_lightning.methods.ofd import OFD
+from kd_lightning.methods.review import ReviewKD
+from kd_lightning.methods.vid import VID
+
+__all__ += ["VID", "FactorTransfer", "CRD", "OFD", "ReviewKD"]
