@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,7 +239,8 @@ class Run:
 def plan(pairs: list[str], methods: list[str], config_dir: Path, common: list[str],
          epochs: int | None, devices: int, strategy: str | None, teacher_ckpts: dict[str, Path],
          data: str = "cifar100", sync_bn: bool = True) -> dict[str, dict[str, Run | str]]:
-    """``{pair: {row key: Run or the reason it cannot run}}``; the teacher row comes first."""
+    """``{pair: {row key: Run or the reason it cannot run}}`` for the teacher and ``methods``
+    (``student`` is the student-alone baseline)."""
     table: dict[str, dict[str, Run | str]] = {}
     for pair in pairs:
         t_name = PAIRS[pair][0]
@@ -258,7 +260,7 @@ def plan(pairs: list[str], methods: list[str], config_dir: Path, common: list[st
         else:
             teacher = make("teacher")
             row["teacher"] = teacher
-        for key in ["student", *methods]:
+        for key in methods:
             run = make(key)
             if isinstance(run, Run) and _has_teacher(run.config):
                 if t_name in teacher_ckpts:
@@ -320,7 +322,11 @@ def run_fit(args: list[str], log_file: Path, isolate: bool) -> dict[str, float]:
         try:
             cli = cli_main(args)
         except SystemExit as exc:  # a configuration error, already printed into the log
+            log.flush()
             raise RuntimeError(f"exit status {exc.code}: {_tail(log_file)}") from None
+        except Exception:
+            traceback.print_exc()  # into the run's log
+            raise
     return {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
 
 
@@ -606,13 +612,12 @@ def main(argv: list[str] | None = None) -> int:
     published = load_published()
     config_dir = Path(args.config_dir)
     all_methods = discover_methods(config_dir, args.pairs)
-    methods = args.methods if args.methods is not None else ["student", *all_methods]
+    methods = list(dict.fromkeys(args.methods if args.methods is not None else ["student", *all_methods]))
     bad = [m for m in methods if m == "teacher" or not m.replace("_", "").isalnum()]
     if bad:
         print(f"cifar100_table: error: invalid method key(s) {bad}; the teacher row is always "
               f"included. Known keys: student, {', '.join(all_methods)}.", file=sys.stderr)
         return 2
-    methods = [m for m in methods if m != "student"]
     out = Path(args.out).resolve()
     common = [*(["--trainer.max_steps", str(args.max_steps)] if args.max_steps else []), *args.extra]
     info = {"synthetic": args.synthetic, "epochs": args.epochs, "max_steps": args.max_steps,
@@ -622,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
     table = plan(args.pairs, methods, config_dir, common, args.epochs, args.devices, args.strategy,
                  args.teacher_ckpts, data="synthetic" if args.synthetic else "cifar100",
                  sync_bn=torch.cuda.is_available())  # SyncBatchNorm runs on GPUs only
-    rows = ["teacher", "student", *methods]
+    rows = ["teacher", *methods]
     results = Results(out / "results.jsonl")
     table_path = out / "table.md"
     isolate = args.devices > 1

@@ -82,7 +82,7 @@ def test_missing_configs_become_skipped_rows(table_mod, tmp_path):
                  "student_resnet8x4.yaml", "response_resnet32x4_resnet8x4.yaml"):
         shutil.copy(CIFAR_CONFIGS / name, tmp_path / name)
     pairs = ["resnet56_resnet20", "resnet32x4_resnet8x4"]
-    table = table_mod.plan(pairs, ["response", "sp"], tmp_path, [], None, 1, None, {})
+    table = table_mod.plan(pairs, ["student", "response", "sp"], tmp_path, [], None, 1, None, {})
     r56, r32 = table["resnet56_resnet20"], table["resnet32x4_resnet8x4"]
     assert isinstance(r56["response"], table_mod.Run) and r56["response"].teacher is r56["teacher"]
     assert r56["student"].teacher is None  # the student-alone baseline needs no teacher
@@ -157,17 +157,17 @@ def test_synthetic_files_are_read_by_the_cifar100_loader(table_mod, tmp_path):
     assert s.num_classes == 100 and int(s.y_train.max()) == 99
 
 
-def test_bad_arguments_are_refused_before_anything_runs(tmp_path):
+def test_bad_arguments_are_refused_before_anything_runs(table_mod, tmp_path, capsys):
     def run(*args):
-        return subprocess.run([sys.executable, str(SCRIPT), *args, "--out", str(tmp_path / "o")],
-                              capture_output=True, text=True, cwd=tmp_path)
+        code = table_mod.main([*args, "--out", str(tmp_path / "o")])
+        return code, capsys.readouterr().err
 
-    proc = run("--pairs", "resnet56_resnet9")
-    assert proc.returncode == 2 and "valid pairs: resnet56_resnet20" in proc.stderr
-    proc = run("--teacher-ckpt", "resnet56=/nowhere.ckpt")
-    assert proc.returncode == 2 and "does not exist" in proc.stderr
-    proc = run("--data-root", str(tmp_path / "empty"))
-    assert proc.returncode == 2 and "CIFAR-100 not found" in proc.stderr and "--synthetic" in proc.stderr
+    code, err = run("--pairs", "resnet56_resnet9")
+    assert code == 2 and "valid pairs: resnet56_resnet20" in err
+    code, err = run("--teacher-ckpt", "resnet56=/nowhere.ckpt")
+    assert code == 2 and "does not exist" in err
+    code, err = run("--data-root", str(tmp_path / "empty"))
+    assert code == 2 and "CIFAR-100 not found" in err and "--synthetic" in err
     assert not (tmp_path / "o").exists()
 
 
