@@ -19,7 +19,7 @@ from tests.conftest import CONFIGS, TINY, run_cli, run_cli_error
 
 LAYERS = {  # the MNIST-1D configs' layers
     FitNet: {"student_layers": ["relu2"]},
-    FSP: {"student_pairs": [["relu1", "relu2"], ["relu2", "relu3"]]},
+    FSP: {"student_pairs": [["relu1", "relu2"], ["relu2", "relu3"]], "pool": "smaller"},
     ActivationBoundary: {"student_layers": ["relu1", "relu2", "relu3"]},
     AttentionTransfer: {"student_layers": ["relu1", "relu2", "relu3"]},
 }
@@ -262,3 +262,15 @@ def test_two_stage_fitnet_under_ddp_keeps_ranks_identical(mnist1d_teacher, tmp_p
     r1 = json.loads((tmp_path / "weights1.json").read_text())
     assert r0["step"] == r1["step"] == 8  # 2 epochs x 2 groups x 2 minibatches per rank
     assert r0["weights"] == r1["weights"]
+
+
+def test_fsp_pairs_maps_of_one_size_unless_pooling_is_asked_for():
+    from kd_lightning.models import resnet20
+
+    with pytest.raises(KDConfigError, match="same spatial size.*pool: smaller"):
+        FSP(student=ConvNet1D(width=64, groups=4), teacher=ConvNet1D(width=64), num_classes=10,
+            student_pairs=[["relu1", "relu2"]], input_shape=[1, 40])
+    m = FSP(student=resnet20(num_classes=10), teacher=resnet20(num_classes=10), num_classes=10,
+            student_pairs=[["relu", "layer1"], ["layer2.0", "layer2"], ["layer3.0", "layer3"]],
+            input_shape=[3, 32, 32])  # the first and last map of each stage, as Yim et al.
+    assert m.pool is None

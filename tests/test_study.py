@@ -57,7 +57,7 @@ def teachers(tmp_path_factory) -> Path:
 
 def test_tiny_study_end_to_end_per_budget_settings_and_teacher_cache(tmp_path, monkeypatch, capsys, teachers):
     monkeypatch.chdir(tmp_path)
-    kd = {**KD, "set": {"model.init_args.alpha": {20: 0.5, "default": 0.9}}}
+    kd = {**KD, "set": {"model.init_args.kd_weight": {20: 0.5, "default": 0.9}}}
     cfg = write_study(tmp_path, methods=[STUDENT, kd], steps={20: 4, "default": 6},
                       set={"data.batch_size": {20: 10, "default": 25}})
     assert main(["--config", str(cfg), "--no-progress", "--teacher-cache", str(teachers)]) == 0
@@ -72,7 +72,7 @@ def test_tiny_study_end_to_end_per_budget_settings_and_teacher_cache(tmp_path, m
         hp = hparams(r["run_dir"])
         assert hp["batch_size"] == (10 if r["M"] == "20" else 25)
         if r["method"] == "ResponseKD":
-            assert hp["alpha"] == (0.5 if r["M"] == "20" else 0.9)
+            assert hp["kd_weight"] == (0.5 if r["M"] == "20" else 0.9)
     md = (out / "results.md").read_text()
     assert "| M | student alone | ResponseKD |" in md and "±" in md
     assert "Training length: M=20: 4 steps, M=50: 6 steps" in md
@@ -236,10 +236,10 @@ def test_failing_teacher_names_the_study_teacher_config_and_keeps_results(tmp_pa
 def test_failing_run_stops_the_study_with_its_error(tmp_path, monkeypatch, capsys, teachers):
     monkeypatch.chdir(tmp_path)
     # parses (a float), fails in the method's own check when the run builds it
-    kd = {**KD, "set": {"model.init_args.alpha": 3.0}}
+    kd = {**KD, "set": {"model.init_args.kd_weight": -1.0}}
     cfg = write_study(tmp_path, methods=[STUDENT, kd], budgets=[20], seeds=[0])
     err = _error(["--config", str(cfg), "--no-progress", "--teacher-cache", str(teachers)], capsys, code=1)
-    assert "run ResponseKD M=20 seed=0 failed" in err and "alpha" in err and "run.log" in err
+    assert "run ResponseKD M=20 seed=0 failed" in err and "kd_weight" in err and "run.log" in err
     assert [r["method"] for r in read_rows(tmp_path / "out")] == ["student alone"]  # kept
 
 

@@ -62,12 +62,12 @@ def run_study(tmp_path, monkeypatch, fake: FakeRuns, *extra, **over) -> int:
 
 def test_per_budget_arguments_and_training_length_reach_every_run(tmp_path, monkeypatch):
     fake = FakeRuns()
-    kd = {**KD, "set": {"model.init_args.alpha": {20: 0.5, "default": 0.9}}}
+    kd = {**KD, "set": {"model.init_args.kd_weight": {20: 0.5, "default": 0.9}}}
     assert run_study(tmp_path, monkeypatch, fake, methods=[STUDENT, kd], budgets=[20, 50, "full"], seeds=[0],
                      steps={20: 4, "default": 6}, epochs={"full": 2},
                      set={"data.batch_size": {20: 10, "default": 25}}) == 0
     got = {(Path(c.args[2]).name, flag(c.args, "data.train_subset"), flag(c.args, "data.batch_size"),
-            flag(c.args, "model.init_args.alpha"), flag(c.args, "trainer.max_epochs"),
+            flag(c.args, "model.init_args.kd_weight"), flag(c.args, "trainer.max_epochs"),
             flag(c.args, "model.init_args.lr_scheduler.init_args.T_max")) for c in fake.calls}
     # M=20: batch 10 -> 2 steps/epoch, 4 steps = 2 epochs; M=50: batch 25, 6 steps = 3 epochs;
     # full: 2 epochs; the cosine schedule spans each run (epoch_args T_max: 1.0 x epochs)

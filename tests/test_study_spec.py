@@ -23,7 +23,7 @@ def _error(tmp_path, capsys, **over) -> str:
 def test_unknown_keys_are_named_with_the_valid_ones(tmp_path, capsys):
     err = _error(tmp_path, capsys, step=10)
     assert "unknown key(s) 'step'" in err and "steps" in err and "epochs" in err
-    err = _error(tmp_path, capsys, methods=[{**KD, "gird": {"model.init_args.alpha": [0.5]}}])
+    err = _error(tmp_path, capsys, methods=[{**KD, "gird": {"model.init_args.kd_weight": [0.5]}}])
     assert "method 'ResponseKD'" in err and "'gird'" in err and "grid" in err
 
 
@@ -44,9 +44,9 @@ def test_run_arguments_that_do_not_parse(tmp_path, capsys):
 
 
 def test_per_budget_values_must_cover_every_budget(tmp_path, capsys):
-    err = _error(tmp_path, capsys, methods=[{**KD, "set": {"model.init_args.alpha": {20: 0.5}}}])
-    assert "'set: model.init_args.alpha'" in err and "no value for M=50" in err and "default" in err
-    err = _error(tmp_path, capsys, methods=[{**KD, "grid": {"model.init_args.alpha": {20: [0.5], 50: []}}}])
+    err = _error(tmp_path, capsys, methods=[{**KD, "set": {"model.init_args.kd_weight": {20: 0.5}}}])
+    assert "'set: model.init_args.kd_weight'" in err and "no value for M=50" in err and "default" in err
+    err = _error(tmp_path, capsys, methods=[{**KD, "grid": {"model.init_args.kd_weight": {20: [0.5], 50: []}}}])
     assert "no list of candidates for M=50" in err
     err = _error(tmp_path, capsys, set={"data.batch_size": {20: 10, "size": 5}})
     assert "mixes budgets and other keys ('size')" in err
@@ -100,13 +100,13 @@ def test_bad_budgets_seeds_presets_and_names(tmp_path, capsys):
 
 def test_per_budget_mapping_and_plain_mapping_values(tmp_path):
     spec = load_study(write_study(tmp_path, budgets=[20, "full"], methods=[{**KD, "set": {
-        "model.init_args.alpha": {"full": 0.9, "default": 0.5},
+        "model.init_args.kd_weight": {"full": 0.9, "default": 0.5},
         "model.init_args.student": {"class_path": "kd_lightning.models.MLP",
                                     "init_args": {"input_dim": 40, "hidden_dims": [20]}}}}]))
     (kd,) = spec.methods
-    assert kd.set["model.init_args.alpha"] == PerBudget({None: 0.9}, 0.5)
-    assert spec.settings(kd, 20)["model.init_args.alpha"] == 0.5
-    assert spec.settings(kd, None)["model.init_args.alpha"] == 0.9
+    assert kd.set["model.init_args.kd_weight"] == PerBudget({None: 0.9}, 0.5)
+    assert spec.settings(kd, 20)["model.init_args.kd_weight"] == 0.5
+    assert spec.settings(kd, None)["model.init_args.kd_weight"] == 0.9
     student = spec.run_config(kd, spec.settings(kd, 20)).model.init_args.student
     assert student.class_path == "kd_lightning.models.MLP" and student.init_args.hidden_dims == [20]
 

@@ -16,12 +16,18 @@ class FSP(TwoStageFeatureDistillation):
     r"""Flow-of-solution-procedure transfer (Yim et al., 2017).
 
     For each pair of layers ``(a, b)`` the FSP matrix
-    :math:`G_{ij} = \sum_{s,t} F^a_{s,t,i} F^b_{s,t,j} / (h w)` (:func:`~kd_lightning.losses.fsp_matrix`;
-    a map of larger spatial size is average-pooled to the smaller one) is computed in both
+    :math:`G_{ij} = \sum_{s,t} F^a_{s,t,i} F^b_{s,t,j} / (h w)` (:func:`~kd_lightning.losses.fsp_matrix`)
+    is computed in both
     networks. Stage 1: :math:`L_{FSP} = \frac1N \sum_x \sum_i \lambda_i \|G_i^T - G_i^S\|_2^2`
     only (:func:`~kd_lightning.losses.fsp_loss`). Stage 2: the original task, cross-entropy (the
     paper; ``kd_weight > 0`` adds KD). With ``stage1_epochs=0``: task loss + ``transfer_weight``
     x FSP loss.
+
+    As in the paper, the two maps of a pair have the same spatial size: the first and the last map
+    of a residual stage (on CIFAR ResNets ``[[relu, layer1], [layer2.0, layer2], [layer3.0,
+    layer3]]``). ``pool="smaller"`` allows maps of different size by average-pooling the larger to
+    the smaller (the CRD benchmark's convention across consecutive stages), for networks without
+    two maps of one resolution (MNIST-1D's ConvNet1D halves the length at every layer).
 
     The student's FSP matrix must have the teacher's size, so each tapped student layer needs the
     channel count of its teacher layer (Yim et al. pair ResNets with equal stage widths; on CIFAR
@@ -37,6 +43,7 @@ class FSP(TwoStageFeatureDistillation):
         layer_weights: :math:`\lambda_i` per pair; default equal weights (1 each), as in the paper.
         stage1_epochs: length of the FSP stage: epochs (int) or a fraction of ``max_epochs``
             (float in [0, 1)); 0 = single stage (default 0.2).
+        pool: ``None`` (default, the paper: same-size maps only) or ``"smaller"``.
         **kwargs: ``ce_weight`` (1), ``kd_weight`` (0), ``temperature``, ``transfer_weight`` (1),
             ``input_shape`` and
             :class:`~kd_lightning.methods.base.DistillationModule`'s arguments.
@@ -44,7 +51,10 @@ class FSP(TwoStageFeatureDistillation):
 
     def __init__(self, student_pairs: list[list[str]], teacher_pairs: list[list[str]] | None = None,
                  layer_weights: list[float] | None = None, stage1_epochs: int | float = 0.2,
-                 **kwargs) -> None:
+                 pool: str | None = None, **kwargs) -> None:
+        if pool not in (None, "smaller"):
+            raise KDConfigError(f"FSP: pool must be null (the paper: pairs of maps of the same "
+                                f"size) or 'smaller' (pool the larger map), got {pool!r}.")
         student_pairs = [list(p) for p in student_pairs]
         teacher_pairs = student_pairs if teacher_pairs is None else [list(p) for p in teacher_pairs]
         bad = [p for p in student_pairs + teacher_pairs if len(p) != 2]
@@ -59,6 +69,7 @@ class FSP(TwoStageFeatureDistillation):
                                 f"({len(student_pairs)}), got {layer_weights}; leave it unset for "
                                 f"equal weights.")
         super().__init__(stage1_epochs=stage1_epochs, **kwargs)
+        self.pool = pool
         self.student_pairs, self.teacher_pairs = student_pairs, teacher_pairs
         self.layer_weights = list(layer_weights) if layer_weights is not None else [1.0] * len(student_pairs)
         s_layers = _unique([p for pair in student_pairs for p in pair])
@@ -82,6 +93,12 @@ class FSP(TwoStageFeatureDistillation):
                     f"[B, C, H, W] in both networks. Tap convolutional layers or blocks (e.g. "
                     f"relu1/relu2/relu3 of ConvNet1D, relu/layer1/layer2/layer3 of a CIFAR ResNet), "
                     f"not flattened or linear layers.")
+            if self.pool is None and any(a[1:] != b[1:] for a, b in (s_shapes, t_shapes)):
+                raise KDConfigError(
+                    f"FSP pair {k} ({desc}): Yim et al.'s FSP matrix relates two maps of the same "
+                    f"spatial size. Pair the first and last map of one stage (e.g. [[relu, layer1], "
+                    f"[layer2.0, layer2], [layer3.0, layer3]] on CIFAR ResNets), or set "
+                    f"model.init_args.pool: smaller to average-pool the larger map.")
             dims = {len(s) for s in s_shapes + t_shapes}
             if len(dims) != 1:
                 raise KDConfigError(f"FSP pair {k} ({desc}): all four maps must be 1D or all 2D.")
@@ -97,6 +114,6 @@ class FSP(TwoStageFeatureDistillation):
                     f"width-64 MNIST-1D teacher).")
 
     def transfer_loss(self, feats, t_feats):
-        g_s = [fsp_matrix(feats[a], feats[b]) for a, b in self._s_idx]
-        g_t = [fsp_matrix(t_feats[a], t_feats[b]) for a, b in self._t_idx]
+        g_s = [fsp_matrix(feats[a], feats[b], self.pool) for a, b in self._s_idx]
+        g_t = [fsp_matrix(t_feats[a], t_feats[b], self.pool) for a, b in self._t_idx]
         return "loss_fsp", fsp_loss(g_s, g_t, self.layer_weights)

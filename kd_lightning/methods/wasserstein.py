@@ -17,59 +17,61 @@ class NonFiniteGradientError(KDConfigError):
 
 
 class WassersteinKD(DistillationModule):
-    r"""Kong et al.'s distributionally robust distillation (seed 004, eq. 2), plus cross-entropy:
+    r"""Kong et al.'s distributionally robust distillation ("Learning Student Network with Few
+    Data", 2020, Eq. 2):
 
     .. math::
-        L = w_{ce}\, CE(y, z_s) + w_{kd}\, L_W,\qquad
-        L_W = \frac{1}{B} \sum_i l(o_i^S, o_i^T)
-              + \epsilon \frac{1}{B} \sum_i \|\nabla_{x_i} l(o_i^S, o_i^T)\|_p
+        L = w_{kd}\, L_W + w_{ce}\, CE(y, z_s),\qquad
+        L_W = \frac{1}{B} \sum_i l(o_S(x_i), o_T(x_i))
+              + \epsilon \frac{1}{B} \sum_i \|\nabla_{x_i} l(o_S(x_i), o_T(x_i))\|_p
 
     with :math:`l(o^S, o^T) = T^2 \mathrm{KL}(\sigma(o^T/T) \| \sigma(o^S/T))` the per-example
-    response-KD loss (Hinton et al. 2015). The input gradient is built with ``create_graph=True``
-    (double backpropagation), so the penalty trains the student to vary slowly around each
-    example. With ``eps = 0`` this is exactly :class:`~kd_lightning.methods.ResponseKD` with
-    ``alpha = kd_weight`` when ``ce_weight = 1 - kd_weight`` (the defaults, 0.1 / 0.9).
+    response-KD loss (Hinton et al. 2015). As in Eq. (2), :math:`l` is a function of :math:`x_i`
+    through both networks, so the input gradient runs through the student and the frozen teacher
+    (its weights get no gradient; its forward runs on every step, so the teacher cache is not
+    used). The penalty is built with ``create_graph=True`` (double backpropagation), so it trains
+    the student. The paper's objective has no label term (``ce_weight = 0``) and its temperature
+    "is usually set to one" (``temperature = 1``): those are the defaults.
 
-    The teacher output :math:`o^T` is a constant target: it comes from the per-example cache (or
-    a no-grad forward) and the gradient w.r.t. :math:`x_i` flows through the student only. The
-    frozen teacher's own sensitivity to the input is not something the student can change, and
-    leaving it out keeps the teacher cache usable (no teacher forward or backward in the step).
-    Under ``bf16-mixed`` the student runs in bf16 (autocast) while the loss, the input gradient's
-    norm and the penalty are computed in float32.
+    ``penalty_through_teacher=False`` is the student-only variant: the teacher's output is a
+    constant target (from the per-example cache), so the penalty measures the student's own
+    sensitivity; it is cheaper (no teacher forward or backward in the step) but not Eq. (2).
+    With ``eps = 0`` both are :class:`~kd_lightning.methods.ResponseKD`.
 
-    The input batch is never modified: the method takes a detached alias of it (integer inputs
-    are converted to float first) and makes that alias require gradient. If the input gradient
-    is ever non-finite, training stops with :class:`NonFiniteGradientError` naming the global
-    step, before the optimizer step, so the last good checkpoint is kept. The check costs one
-    scalar synchronisation per step (plus a one-scalar all-reduce under DDP, so that every rank
-    stops at the same step).
+    Under ``bf16-mixed`` the networks run in bf16 (autocast) while the loss, the input gradient's
+    norm and the penalty are computed in float32. The input batch is never modified (the method
+    differentiates a detached alias of it). If the input gradient is ever non-finite, training
+    stops with :class:`NonFiniteGradientError` naming the global step, before the optimizer step,
+    so the last good checkpoint is kept (one scalar synchronisation per step, plus a one-scalar
+    all-reduce under DDP so that every rank stops at the same step).
 
-    Logged terms: ``loss`` (total), ``loss_ce`` and ``loss_w`` (weighted), ``loss_kd`` (mean of ``l``)
-    and ``grad_norm`` (mean :math:`\|\nabla_{x_i} l\|_p`).
+    Logged terms: ``loss`` (total), ``loss_w`` and ``loss_ce`` (weighted), ``loss_kd`` (mean of
+    ``l``) and ``grad_norm`` (mean :math:`\|\nabla_{x_i} l\|_p`).
 
     Args:
         eps: radius :math:`\epsilon \ge 0` of the Wasserstein ball (weight of the gradient term),
             in the units of the (normalised) inputs; default 1. Its best value depends on the input
-            dimension and scale and shrinks as the training set grows: on MNIST-1D validation
-            sweeps picked 2 for M = 100-500 examples (10 collapses training) and 0.3 for the full
-            3600. Choose it on validation data for a new data set.
-        temperature: temperature ``T`` of the response-KD loss (default 4).
-        ce_weight: weight of the cross-entropy on the labels (default 0.1).
-        kd_weight: weight of :math:`L_W` (default 0.9).
+            scale and on the amount of data; choose it on validation data (the study can, per M).
+        temperature: temperature ``T`` of ``l`` (default 1, as in the paper).
+        ce_weight: weight of the cross-entropy on the labels (default 0: Eq. 2 has none).
+        kd_weight: weight of :math:`L_W` (default 1).
         norm_p: order ``p`` of the input-gradient norm (default 2; 1 and ``inf`` also make sense,
             see :func:`~kd_lightning.losses.wasserstein_kd_loss`).
+        penalty_through_teacher: differentiate :math:`l` through the teacher too (default true,
+            Eq. 2); false gives the student-only penalty, which keeps the teacher cache.
         **kwargs: see :class:`~kd_lightning.methods.base.DistillationModule`.
     """
 
     requires_teacher = True
 
-    def __init__(self, eps: float = 1.0, temperature: float = 4.0, ce_weight: float = 0.1,
-                 kd_weight: float = 0.9, norm_p: float = 2.0, **kwargs) -> None:
+    def __init__(self, eps: float = 1.0, temperature: float = 1.0, ce_weight: float = 0.0,
+                 kd_weight: float = 1.0, norm_p: float = 2.0, penalty_through_teacher: bool = True,
+                 **kwargs) -> None:
         if not eps >= 0:
             raise KDConfigError(
                 f"WassersteinKD: eps must be >= 0, got {eps}. It is the radius of the Wasserstein "
                 f"ball around the training examples (the weight of the input-gradient penalty); "
-                f"0 gives plain response KD; the MNIST-1D configs use 0.3 (full data) and 2 (few data).")
+                f"0 gives plain response KD.")
         check_temperature("WassersteinKD", temperature)
         check_weights("WassersteinKD", ce_weight=ce_weight, kd_weight=kd_weight)
         if not (norm_p >= 1 or math.isinf(norm_p)):
@@ -78,6 +80,9 @@ class WassersteinKD(DistillationModule):
         super().__init__(**kwargs)
         self.eps, self.temperature = eps, temperature
         self.ce_weight, self.kd_weight, self.norm_p = ce_weight, kd_weight, norm_p
+        self.penalty_through_teacher = penalty_through_teacher
+        if penalty_through_teacher and self.teacher_cache is None:
+            self.teacher_cache = False  # the teacher runs on every step anyway
 
     def compute_losses(self, x, y, index):
         x = x.detach()  # a new tensor object: requires_grad never reaches the data set's tensors
@@ -85,13 +90,18 @@ class WassersteinKD(DistillationModule):
             x = x.float()
         x.requires_grad_(True)
         logits = self.student(x)
-        per_example = kd_loss(logits, self.teacher_logits(x.detach(), index), self.temperature,
-                              reduction="none")
+        if self.penalty_through_teacher:  # l(o_S(x), o_T(x)) as a function of x through both nets
+            t_logits = self.frozen_teacher.outputs_with_input_gradient(x)
+        else:
+            t_logits = self.teacher_logits(x.detach(), index)
+        per_example = kd_loss(logits, t_logits, self.temperature, reduction="none",
+                              detach_teacher=not self.penalty_through_teacher)
         loss_w, loss_kd, grad_norm = wasserstein_kd_loss(per_example, x, self.eps, self.norm_p)
         self._check_finite(grad_norm)
-        ce = F.cross_entropy(logits.float(), y)
-        return Losses(logits, {"loss_ce": self.ce_weight * ce, "loss_w": self.kd_weight * loss_w},
-                      {"loss_kd": loss_kd, "grad_norm": grad_norm})
+        terms = {"loss_w": self.kd_weight * loss_w}
+        if self.ce_weight > 0:
+            terms["loss_ce"] = self.ce_weight * F.cross_entropy(logits.float(), y)
+        return Losses(logits, terms, {"loss_kd": loss_kd, "grad_norm": grad_norm})
 
     def _check_finite(self, grad_norm: torch.Tensor) -> None:
         trainer = self.trainer_or_none
