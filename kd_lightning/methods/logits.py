@@ -14,6 +14,7 @@ from kd_lightning.losses.decoupled import dkd_terms, dkd_warmup_weight
 from kd_lightning.losses.dist import dist_terms
 from kd_lightning.losses.logit_standardization import standardized_kd_loss
 from kd_lightning.methods.base import DistillationModule, Losses, check_temperature, check_weights
+from kd_lightning.methods.response import ResponseKD
 
 
 class DecoupledKD(DistillationModule):
@@ -125,7 +126,7 @@ class DIST(DistillationModule):
                                "loss_intra": self.intra_weight * intra})
 
 
-class StandardizedKD(DistillationModule):
+class StandardizedKD(ResponseKD):
     r"""KD on standardised logits (Sun et al., CVPR 2024).
 
     .. math::
@@ -150,14 +151,9 @@ class StandardizedKD(DistillationModule):
         **kwargs: see :class:`~kd_lightning.methods.base.DistillationModule`.
     """
 
-    requires_teacher = True
-
     def __init__(self, temperature: float = 2.0, ce_weight: float = 1.0, kd_weight: float = 9.0,
                  **kwargs) -> None:
-        check_temperature("StandardizedKD", temperature)
-        check_weights("StandardizedKD", ce_weight=ce_weight, kd_weight=kd_weight)
-        super().__init__(**kwargs)
-        self.temperature, self.ce_weight, self.kd_weight = temperature, ce_weight, kd_weight
+        super().__init__(temperature=temperature, ce_weight=ce_weight, kd_weight=kd_weight, **kwargs)
 
     def compute_losses(self, x, y, index):
         logits = self.student(x)

@@ -22,8 +22,8 @@ class ResponseKD(DistillationModule):
 
     def __init__(self, temperature: float = 4.0, ce_weight: float = 0.1, kd_weight: float = 0.9,
                  **kwargs) -> None:
-        check_temperature("ResponseKD", temperature)
-        check_weights("ResponseKD", ce_weight=ce_weight, kd_weight=kd_weight)
+        check_temperature(type(self).__name__, temperature)
+        check_weights(type(self).__name__, ce_weight=ce_weight, kd_weight=kd_weight)
         super().__init__(**kwargs)
         self.temperature, self.ce_weight, self.kd_weight = temperature, ce_weight, kd_weight
 
