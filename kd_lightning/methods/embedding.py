@@ -135,7 +135,7 @@ class CorrelationCongruence(EmbeddingDistillation):
             of 64-100 examples.
         kernel_gamma: :math:`\gamma > 0` of the RBF kernel (default 0.4).
         taylor_order: :math:`P`, an integer >= 1 (default 2).
-        normalize: L2-normalise each embedding before the expansion (default true).
+        normalize_embeddings: L2-normalise each embedding before the expansion (default true).
         **kwargs: ``student_layer``, ``teacher_layer``, ``layer_input`` (see
             :class:`EmbeddingDistillation`), ``ce_weight`` (1), ``kd_weight`` (0),
             ``temperature``, ``input_shape`` and
@@ -143,7 +143,7 @@ class CorrelationCongruence(EmbeddingDistillation):
     """
 
     def __init__(self, transfer_weight: float = 200.0, kernel_gamma: float = 0.4,
-                 taylor_order: int = 2, normalize: bool = True, **kwargs) -> None:
+                 taylor_order: int = 2, normalize_embeddings: bool = True, **kwargs) -> None:
         if not (kernel_gamma > 0 and math.isfinite(kernel_gamma)):
             raise KDConfigError(f"CorrelationCongruence: kernel_gamma must be a finite number > 0, "
                                 f"got {kernel_gamma!r} (the RBF kernel is exp(-gamma |x - y|^2); "
@@ -152,8 +152,9 @@ class CorrelationCongruence(EmbeddingDistillation):
             raise KDConfigError(f"CorrelationCongruence: taylor_order must be an integer >= 1, got "
                                 f"{taylor_order!r} (the paper uses P = 2).")
         super().__init__(transfer_weight=transfer_weight, **kwargs)
-        self.kernel_gamma, self.taylor_order, self.normalize = kernel_gamma, taylor_order, normalize
+        self.kernel_gamma, self.taylor_order = kernel_gamma, taylor_order
+        self.normalize_embeddings = normalize_embeddings
 
     def transfer_loss(self, feats, t_feats):
         return "loss_cc", cc_loss(feats[0], t_feats[0], self.kernel_gamma, self.taylor_order,
-                                  self.normalize)
+                                  self.normalize_embeddings)
