@@ -1,8 +1,8 @@
 r"""Mutual distillation with knowledge (rules) as the teacher.
 
 Hu, Ma, Liu, Hovy & Xing, "Harnessing Deep Neural Networks with Logic Rules", ACL 2016, and
-Hu, Yang, Salakhutdinov & Xing, "Deep Neural Networks with Massive Learned Knowledge", EMNLP 2016
-(seed 000). Notation: ``p = p_theta(y|x)`` the student, ``r_l(x, y)`` in [0, 1] the rules
+Hu, Yang, Salakhutdinov & Xing, "Deep Neural Networks with Massive Learned Knowledge", EMNLP 2016.
+Notation: ``p = p_theta(y|x)`` the student, ``r_l(x, y)`` in [0, 1] the rules
 (``f_l = r_l - 1``), ``lambda_l >= 0`` their weights, ``C >= 0`` the regularisation strength,
 ``q`` the teacher.
 
@@ -37,7 +37,7 @@ def rule_regularized_teacher(student_logits: Tensor, rule_values: Tensor, rule_w
     .. math::
         \log q(y|x) = \log p_\theta(y|x) + C \sum_l \lambda_l \big(r_l(x, y) - 1\big) - \log Z(x)
 
-    (Hu et al. 2016, Eq. 2 in seed 000's numbering: ``q* ∝ p_theta exp{C sum_l lambda_l f_l}``,
+    (Hu et al. 2016, Eq. 2 in the paper's numbering: ``q* ∝ p_theta exp{C sum_l lambda_l f_l}``,
     the closed-form solution of the posterior-regularisation projection of ``p_theta`` onto the
     rule constraints). ``Z(x)`` normalises
     over classes per example; it is taken with ``log_softmax``, so large ``C * lambda`` is stable.
@@ -66,7 +66,7 @@ def rule_regularized_teacher(student_logits: Tensor, rule_values: Tensor, rule_w
 
 def mutual_student_loss(student_logits: Tensor, targets: Tensor, teacher_probs: Tensor,
                         pi: float, label_loss: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    r"""Student objective (Hu et al. 2016, Eq. 3 in seed 000's numbering):
+    r"""Student objective (Hu et al. 2016, Eq. 3 in the paper's numbering):
 
     .. math:: L(\theta) = (1 - \pi)\, \ell(y, p_\theta) + \pi\, \ell(q, p_\theta)
 
@@ -86,7 +86,7 @@ def mutual_student_loss(student_logits: Tensor, targets: Tensor, teacher_probs: 
 
 def rule_weight_loss(student_logits: Tensor, rule_values: Tensor, rule_weights: Tensor,
                      targets: Tensor, C: float) -> Tensor:
-    r"""Rule-weight objective (Hu et al., EMNLP 2016, Eq. 6 of seed 000), a loss over ``lambda``:
+    r"""Rule-weight objective (Hu et al., EMNLP 2016, Eq. 6), a loss over ``lambda``:
 
     .. math::
         L(\lambda) = -\frac{1}{N} \sum_n \log q_\lambda(y_n | x_n), \qquad \lambda \ge 0
@@ -106,7 +106,7 @@ def rule_weight_loss(student_logits: Tensor, rule_values: Tensor, rule_weights: 
 
 def knowledge_loss(rule_values: Tensor, targets: Tensor, teacher_probs: Tensor, pi_prime: float,
                    objective: str = "r") -> Tensor:
-    r"""Knowledge-module objective (Hu et al., EMNLP 2016, Eq. 5 of seed 000), a loss over ``phi``:
+    r"""Knowledge-module objective (Hu et al., EMNLP 2016, Eq. 5), a loss over ``phi``:
 
     .. math::
         L(\phi) = -\frac{1}{N} \sum_n \sum_l \Big[(1 - \pi')\, h_{\phi,l}(x_n, y_n)

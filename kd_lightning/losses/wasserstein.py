@@ -1,6 +1,6 @@
 """Wasserstein-ball (distributionally robust) distillation for students that see few examples.
 
-Kong et al. 2020, "Learning Student Network with Few Data" (seed 004, the authors' slides).
+Kong et al. 2020, "Learning Student Network with Few Data" (the authors' slides).
 With only ``N`` training examples, the empirical distribution :math:`\\mathbb{P}_N` is a poor
 stand-in for the data-generating :math:`\\mathbb{P}`. Kong et al. minimise the worst-case
 distillation risk over a Wasserstein ball :math:`\\mathcal{B}_\\epsilon(\\mathbb{P}_N)` around it,
@@ -85,7 +85,7 @@ def _upcast(t: Tensor) -> Tensor:
 
 def wasserstein_kd_loss(loss_per_example: Tensor, inputs: Tensor, eps: float,
                         p: float = 2.0) -> tuple[Tensor, Tensor, Tensor]:
-    r"""Kong et al.'s Wasserstein objective (seed 004, eq. 2).
+    r"""Kong et al.'s Wasserstein objective (Eq. 2).
 
     .. math::
         L_W = \frac{1}{N} \sum_i l(o_i^S, o_i^T)

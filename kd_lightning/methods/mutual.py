@@ -1,7 +1,7 @@
 r"""Mutual distillation: knowledge (rules) as the teacher, with learned rules and rule weights.
 
 Hu et al., "Harnessing Deep Neural Networks with Logic Rules", ACL 2016, and "Deep Neural Networks
-with Massive Learned Knowledge", EMNLP 2016 (seed 000).
+with Massive Learned Knowledge", EMNLP 2016.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from kd_lightning.training.lightning_compat import ddp_finds_unused_parameters, 
 
 
 class MutualDistillation(DistillationModule):
-    r"""Rule knowledge as the teacher (Hu et al. 2016, seed 000), with learnable rules and weights.
+    r"""Rule knowledge as the teacher (Hu et al. 2016), with learnable rules and weights.
 
     Two teachers appear here: the *rule teacher* ``q`` (the student projected onto the rules) and,
     optionally, a frozen *network teacher* (``teacher``) as in the other methods. Each training

@@ -1,4 +1,4 @@
-"""Wasserstein-ball KD for few-data students: Kong, "Learning Student Network with Few Data" (seed 004)."""
+"""Wasserstein-ball KD for few-data students: Kong, "Learning Student Network with Few Data", 2020."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-r"""The knowledge (rule) interface of mutual distillation (Hu et al. 2016, seed 000).
+r"""The knowledge (rule) interface of mutual distillation (Hu et al. 2016).
 
 A rule is an ``nn.Module`` that scores every class of every example:
 
