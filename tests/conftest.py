@@ -107,3 +107,15 @@ def mnist1d_teacher(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     torch.save(ConvNet1D(num_classes=10, width=64).state_dict(), path)
     return path
+
+
+def assert_mnist1d_config_refused(config: str, extra: list[str], messages: list[str], teacher: str,
+                                  tmp_path: Path, monkeypatch, capsys) -> None:
+    """``kd-lightning fit`` of ``configs/mnist1d/<config>`` with ``extra`` stops with one error
+    containing every message, before any checkpoint is written."""
+    monkeypatch.chdir(tmp_path)
+    err = run_cli_error(["fit", "--config", CONFIGS / "mnist1d" / config, *TINY,
+                         "--model.init_args.teacher_checkpoint", teacher, *extra], capsys)
+    for message in messages:
+        assert message in err
+    assert not list(tmp_path.rglob("*.ckpt"))

@@ -22,7 +22,7 @@ from kd_lightning.losses import hcl_loss, ofd_loss, ofd_margin, ofd_margin_from_
 from kd_lightning.losses.vid import vid_loss
 from kd_lightning.methods import CRD, OFD, VID, FactorTransfer, ReviewKD
 from kd_lightning.models import ConvNet1D, resnet8, wrn_16_1
-from tests.conftest import CONFIGS, REPO, TINY, run_cli, run_cli_error
+from tests.conftest import CONFIGS, REPO, TINY, assert_mnist1d_config_refused, run_cli
 
 LAYERS3 = ["relu1", "relu2", "relu3"]
 CONFIG = {VID: "vid.yaml", FactorTransfer: "ft.yaml", CRD: "crd.yaml", OFD: "ofd.yaml",
@@ -428,12 +428,7 @@ BAD = [
 @pytest.mark.parametrize("config, extra, messages", BAD, ids=[f"{c[:-5]}-{m[0][:30]}" for c, _, m in BAD])
 def test_bad_input_gives_one_paragraph_error(config, extra, messages, mnist1d_teacher, tmp_path,
                                              monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    err = run_cli_error(["fit", "--config", CONFIGS / "mnist1d" / config, *TINY,
-                         "--model.init_args.teacher_checkpoint", mnist1d_teacher, *extra], capsys)
-    for message in messages:
-        assert message in err
-    assert not list(tmp_path.rglob("*.ckpt"))
+    assert_mnist1d_config_refused(config, extra, messages, mnist1d_teacher, tmp_path, monkeypatch, capsys)
 
 
 # ---- DDP ----------------------------------------------------------------------------------------
