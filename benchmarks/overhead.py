@@ -29,7 +29,6 @@ import warnings
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from kd_lightning.data import DistillDataModule

@@ -5,7 +5,6 @@ Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", arXiv:15
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

@@ -98,12 +98,9 @@ class FrozenTeacher:
                 from_cache: bool = True) -> tuple[Tensor, list[Tensor]]:
         """Logits and tapped features of the batch: from the cache when it holds them (and
         ``from_cache`` and ``index`` allow), else a no-grad forward."""
-        if from_cache and index is not None and self.cache.active:
-            if self.cache.complete:
-                logits, *feats = self.cache.lookup(index)
-                return logits, feats
-            if self.taps is None:
-                return self.cache.lookup(index)[0], []
+        if from_cache and index is not None and self.cache.active and self.cache.complete:
+            logits, *feats = self.cache.lookup(index)  # complete: logits and every tapped feature
+            return logits, feats
         logits, *feats = self._forward(x)
         return logits, feats
 
