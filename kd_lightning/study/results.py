@@ -3,8 +3,9 @@
 One row per finished run, appended and flushed to disk as the run ends; a study's rows carry its
 hash, so a folder's file can hold the rows of an earlier version of the study, which are ignored.
 Rows have a ``kind``: ``run`` (trained and tested), ``candidate`` (a grid candidate: trained and
-measured on the validation split, not tested) or ``chosen`` (the test of the chosen candidate's
-weights).
+measured on the validation split, not tested), ``chosen`` (the test of the chosen candidate's
+weights) or ``failed`` (a run that failed, e.g. diverged; its ``error`` says why). A failed run
+has no accuracy, is not done (a rerun tries it again) and is listed in the report.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 CSV_FIELDS = ["study_hash", "method", "M", "seed", "test_acc", "teacher_acc", "epochs", "steps",
-              "wall_time_s", "run_hash", "run_dir", "finished_at", "kind", "candidate", "val_acc"]
+              "wall_time_s", "run_hash", "run_dir", "finished_at", "kind", "candidate", "val_acc",
+              "error"]
 #: kinds of rows: a run trained and tested; a grid candidate trained and validated; the test of
 #: the chosen candidate's weights
-RUN, CANDIDATE, CHOSEN = "run", "candidate", "chosen"
+RUN, CANDIDATE, CHOSEN, FAILED = "run", "candidate", "chosen", "failed"
 
 
 class Results:
@@ -42,11 +44,13 @@ class Results:
             r["kind"] = r.get("kind") or RUN
             r["candidate"] = r.get("candidate") or ""
             r["val_acc"] = r.get("val_acc") or ""
+            r["error"] = r.get("error") or ""
         return rows
 
     def done(self) -> set[tuple]:
         return {self.key(r["method"], r["M"], r["seed"], r["kind"], r["candidate"])
-                for r in self.rows()}
+                for r in self.rows() if r["kind"] != FAILED}
+
 
     @staticmethod
     def key(method: str, label: str, seed: Any, kind: str, candidate: str) -> tuple:
