@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from kd_lightning import KDConfigError
 from kd_lightning.data import DistillDataModule
@@ -90,6 +91,14 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> KDLightningCLI 
             DistillationModule, DistillDataModule, subclass_mode_model=True,
             save_config_kwargs={"overwrite": True}, args=args, run=run,
         )
+    except SIGTERMException:
+        from kd_lightning.training import preemption
+
+        where = (f"; a resumable checkpoint is at {preemption.interrupted_checkpoint} (resume with "
+                 f"the same command plus --ckpt_path {preemption.interrupted_checkpoint})"
+                 if preemption.interrupted_checkpoint else "")
+        print(f"kd-lightning: interrupted by SIGTERM{where}.", file=sys.stderr)
+        raise SystemExit(143) from None
     except Exception as err:  # noqa: BLE001 - only configuration errors are reported briefly
         config_error = find_config_error(err)
         if config_error is None:

@@ -103,3 +103,29 @@ def test_grouped_minibatches_killed_resume_to_the_same_student(tmp_path, mnist1d
             "--data.batches_per_step", "10", "--trainer.max_epochs", "4",
             "--trainer.logger.init_args.name", "grouped", "--test_after_fit", "false"]
     _killed_and_resumed_equals_uninterrupted(tmp_path, args, "2:1", "grouped")
+
+
+def test_sigterm_saves_a_resumable_checkpoint_and_exits_non_zero(tmp_path, mnist1d_teacher):
+    args = ["--config", CONFIGS / "mnist1d/response.yaml", "--model.init_args.teacher_checkpoint",
+            mnist1d_teacher, "--data.train_subset", "200", "--data.batch_size", "20",
+            "--data.batches_per_step", "1", "--trainer.max_epochs", "3",
+            "--trainer.logger.init_args.name", "kd", "--test_after_fit", "false"]
+    (tmp_path / "data").symlink_to(REPO / "data", target_is_directory=True) \
+        if (REPO / "data").exists() else None
+    env = {"KD_TEST_SIGNAL": "SIGTERM"}
+    os.environ.update(env)
+    try:
+        stopped = _fit(tmp_path, args, kill_at="1:4")
+    finally:
+        os.environ.pop("KD_TEST_SIGNAL")
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    ckpt = tmp_path / "runs" / "kd" / "version_0" / "checkpoints" / "interrupted.ckpt"
+    assert ckpt.is_file() and "interrupted by SIGTERM" in stopped.stderr
+    assert "--ckpt_path runs/kd/version_0/checkpoints/interrupted.ckpt" in stopped.stderr
+    state = torch.load(ckpt, weights_only=True)
+    # 10 steps per epoch; the signal arrives before batch 4 of epoch 1, Lightning stops after it
+    assert state["epoch"] == 1 and state["global_step"] == 15
+    resumed = _fit(tmp_path, args, ckpt=ckpt)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert torch.load(tmp_path / "runs" / "kd" / "version_0" / "checkpoints" / "last.ckpt",
+                      weights_only=True)["epoch"] == 2
