@@ -31,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="delete an output folder that holds a different study's results")
     parser.add_argument("--teacher-cache", default=None,
                         help="where trained teachers are kept (default: <output>/../_teachers)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="run these seeds only (default: the config's); the results belong to "
+                             "the same study, so processes or machines given different seeds can "
+                             "share one output folder")
     parser.add_argument("--stop-on-failure", action="store_true",
                         help="stop the study at the first failed run (default: record it as failed, "
                              "leave it out of the table, and go on; a rerun tries it again)")
@@ -69,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     output, failed = None, []
     try:
         spec = load_study(args.config, args.preset, run_args=rest)
+        if args.seeds is not None:
+            spec.seeds = list(dict.fromkeys(args.seeds))
         output = Path(args.output or spec.output)
         if args.report_only:
             table = report_only(spec, output)
