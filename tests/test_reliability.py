@@ -116,3 +116,21 @@ def test_overwrite_refuses_folders_that_are_not_a_study_output(where, tmp_path, 
         assert "no study results" in err and "--overwrite" not in err.split("error:")[1].split(".")[0]
     else:
         assert "refuses" in err
+
+
+def test_torn_last_line_of_results_csv_is_detected_and_that_run_redone(tmp_path):
+    from kd_lightning.study.results import Results
+
+    results = Results(tmp_path / "results.csv", "h")
+    base = {"study_hash": "h", "method": "KD", "M": "50", "seed": 0, "test_acc": 61.25,
+            "kind": "run", "candidate": "", "wall_time_s": 3.5}
+    results.append(base)
+    results.append({**base, "seed": 1, "test_acc": 62.5})
+    text = (tmp_path / "results.csv").read_text()
+    for cut in (3, 12, 25):  # a kill part-way through writing the second row
+        (tmp_path / "results.csv").write_text(text[:-cut])
+        rows = results.rows()
+        assert [(r["seed"], r["test_acc"]) for r in rows] == [("0", "61.25")]
+        assert results.done() == {("KD", "50", 0, "run", "")}  # seed 1 will be redone
+    results.append({**base, "seed": 1, "test_acc": 63.0})  # the redone run starts a fresh line
+    assert [(r["seed"], r["test_acc"]) for r in results.rows()] == [("0", "61.25"), ("1", "63.0")]

@@ -11,6 +11,7 @@ has no accuracy, is not done (a rerun tries it again) and is listed in the repor
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from pathlib import Path
@@ -31,11 +32,16 @@ class Results:
         self.path, self.study_hash = path, study_hash
 
     def _read(self) -> tuple[list[str], list[dict]]:
+        """The header and the valid rows. A row is written with one ``write`` and ``fsync``, so
+        only a kill in the middle of that write leaves a torn last line (no final newline); it
+        and any row that does not parse are left out, and their runs count as not done."""
         if not self.path.is_file():
             return [], []
-        with open(self.path, newline="") as f:
-            reader = csv.DictReader(f)
-            return list(reader.fieldnames or []), list(reader)
+        text = self.path.read_text()
+        if text and not text.endswith("\n"):
+            text = text[:text.rfind("\n") + 1]
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        return list(reader.fieldnames or []), [r for r in reader if _valid(r)]
 
     def rows(self) -> list[dict]:
         """This study's rows, in the order they were written."""
@@ -57,6 +63,7 @@ class Results:
         return method, str(label), int(seed), kind, candidate
 
     def append(self, row: dict) -> None:
+        self._cut_torn_line()
         fields, old = self._read()
         if fields and fields != CSV_FIELDS:  # an older file: rewrite it with today's columns
             with open(self.path, "w", newline="") as f:
@@ -71,6 +78,30 @@ class Results:
             writer.writerow(row)
             f.flush()
             os.fsync(f.fileno())
+
+
+    def _cut_torn_line(self) -> None:
+        """Remove a torn last line, so the next row starts on a line of its own."""
+        if not self.path.is_file():
+            return
+        with open(self.path, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+
+
+def _valid(row: dict) -> bool:
+    """A complete row: every column present, seed an integer, accuracies numbers or empty."""
+    if None in row or any(v is None for v in row.values()):
+        return False  # too many or too few fields
+    try:
+        int(row["seed"])
+        for key in ("test_acc", "val_acc", "wall_time_s"):
+            if row.get(key):
+                float(row[key])
+    except (KeyError, ValueError):
+        return False
+    return bool(row.get("study_hash")) and bool(row.get("method"))
 
 
 def candidate_key(candidate: dict) -> str:
