@@ -12,8 +12,10 @@ Examples::
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from kd_lightning import KDConfigError
 from kd_lightning.data import DistillDataModule
@@ -49,11 +51,37 @@ class KDLightningCLI(LightningCLI):
             ],
         })
 
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand == "fit":
+            continue_run_folder(self.config.fit)
+
     def after_fit(self) -> None:
         if self.config.get(self.subcommand, {}).get("test_after_fit", False) and not self.trainer.interrupted:
             ckpt = "best" if self.trainer.checkpoint_callback is not None and \
                 self.trainer.checkpoint_callback.best_model_path else None
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
+
+
+def continue_run_folder(config) -> None:
+    """Resume a run in its own version folder: ``fit --ckpt_path runs/<name>/version_3/checkpoints/
+    last.ckpt`` logs to ``version_3`` again instead of opening ``version_4``, so the run keeps one
+    TensorBoard history and its checkpoint callbacks, whose folder is the same, restore their best
+    score and path (``fit`` then tests the run's best checkpoint, not the best since the resume).
+    Only when the checkpoint sits in the folder the configured logger would use for that version
+    and no version is set; otherwise the logger's own choice stands."""
+    ckpt = config.get("ckpt_path")
+    logger = config.get("trainer", {}).get("logger")
+    if not ckpt or ckpt in ("last", "best", "hpc", "registry") or not hasattr(logger, "init_args"):
+        return
+    args = logger.init_args
+    if "version" not in args or args.get("version") is not None or "save_dir" not in args:
+        return
+    run_dir = Path(ckpt).resolve().parent
+    if run_dir.name == "checkpoints":
+        run_dir = run_dir.parent
+    expected = (Path(args.save_dir) / (args.get("name") or "")).resolve()
+    if run_dir.parent == expected and run_dir.name.startswith("version_"):
+        args.version = run_dir.name
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> KDLightningCLI | None:
@@ -63,6 +91,14 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> KDLightningCLI 
             DistillationModule, DistillDataModule, subclass_mode_model=True,
             save_config_kwargs={"overwrite": True}, args=args, run=run,
         )
+    except SIGTERMException:
+        from kd_lightning.training import preemption
+
+        where = (f"; a resumable checkpoint is at {preemption.interrupted_checkpoint} (resume with "
+                 f"the same command plus --ckpt_path {preemption.interrupted_checkpoint})"
+                 if preemption.interrupted_checkpoint else "")
+        print(f"kd-lightning: interrupted by SIGTERM{where}.", file=sys.stderr)
+        raise SystemExit(143) from None
     except Exception as err:  # noqa: BLE001 - only configuration errors are reported briefly
         config_error = find_config_error(err)
         if config_error is None:

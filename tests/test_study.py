@@ -233,12 +233,13 @@ def test_failing_teacher_names_the_study_teacher_config_and_keeps_results(tmp_pa
     assert (tmp_path / "out" / "results.csv").read_text() == before
 
 
-def test_failing_run_stops_the_study_with_its_error(tmp_path, monkeypatch, capsys, teachers):
+def test_failing_run_stops_the_study_with_its_error_on_request(tmp_path, monkeypatch, capsys, teachers):
     monkeypatch.chdir(tmp_path)
     # parses (a float), fails in the method's own check when the run builds it
     kd = {**KD, "set": {"model.init_args.kd_weight": -1.0}}
     cfg = write_study(tmp_path, methods=[STUDENT, kd], budgets=[20], seeds=[0])
-    err = _error(["--config", str(cfg), "--no-progress", "--teacher-cache", str(teachers)], capsys, code=1)
+    err = _error(["--config", str(cfg), "--no-progress", "--teacher-cache", str(teachers),
+                  "--stop-on-failure"], capsys, code=1)
     assert "run ResponseKD M=20 seed=0 failed" in err and "kd_weight" in err and "run.log" in err
     assert [r["method"] for r in read_rows(tmp_path / "out")] == ["student alone"]  # kept
 

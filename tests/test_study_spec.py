@@ -118,7 +118,8 @@ def test_shipped_study_configs_and_presets_load(path):
     presets = [None, *(yaml.safe_load(path.read_text()).get("presets") or {})]
     for preset in presets:
         spec = load_study(path, preset)
-        assert any(m.reference for m in spec.methods)
+        if preset is None:  # a preset may run part of the study (one method, one budget)
+            assert any(m.reference for m in spec.methods)
         for b in spec.budgets:
             spec.length(b)
             for m in spec.methods:

@@ -30,7 +30,7 @@ from kd_lightning import KDConfigError
 from kd_lightning.models.taps import FeatureTaps
 from kd_lightning.models.teacher import FrozenTeacher
 from kd_lightning.methods.checks import check_class_counts
-from kd_lightning.training import (GroupedOptimization, ScopedFitEnvironment, TermLog, TermLogging,
+from kd_lightning.training import (GroupedOptimization, Preemption, RandomStates, ScopedFitEnvironment, TermLog, TermLogging,
                                    lr_scheduler_config, run_group, use_fused_kernel)
 from kd_lightning.training.grouping import GroupedFit, move_batch
 from kd_lightning.training.lightning_compat import HOOK_BOOKKEEPING_ATTRIBUTES, attached_trainer
@@ -195,7 +195,8 @@ class DistillationModule(pl.LightningModule):
         # mode stays, so that trainer.global_step keeps counting that fit's optimizer steps)
         if self.trainer.state.fn == TrainerFn.FITTING:
             self.grouped_fit = None
-        return [ScopedFitEnvironment(), GroupedOptimization(), TermLogging(), *self.extra_callbacks()]
+        return [ScopedFitEnvironment(), GroupedOptimization(), TermLogging(), RandomStates(),
+                Preemption(), *self.extra_callbacks()]
 
     def extra_callbacks(self) -> list[pl.Callback]:
         """Callbacks a method needs for every run (none by default)."""

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from kd_lightning import KDConfigError
-from kd_lightning.study.report import write_report
+from kd_lightning.study.report import failures, write_report
 from kd_lightning.study.results import Results
 from kd_lightning.study.runner import RunFailed, StudyRunner
 from kd_lightning.study.spec import StudySpec, load_study
@@ -31,6 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="delete an output folder that holds a different study's results")
     parser.add_argument("--teacher-cache", default=None,
                         help="where trained teachers are kept (default: <output>/../_teachers)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="run these seeds only (default: the config's); the results belong to "
+                             "the same study, so processes or machines given different seeds can "
+                             "share one output folder")
+    parser.add_argument("--stop-on-failure", action="store_true",
+                        help="stop the study at the first failed run (default: record it as failed, "
+                             "leave it out of the table, and go on; a rerun tries it again)")
     parser.add_argument("--report-only", action="store_true",
                         help="rebuild results.md and the plot from results.csv; train nothing")
     parser.add_argument("--no-progress", action="store_true",
@@ -63,21 +70,25 @@ def main(argv: list[str] | None = None) -> int:
     bad = [a for a in rest if a.startswith("--") and not a.startswith("--trainer.")]
     if bad:
         parser.error(f"unknown arguments {bad}: only --trainer.* flags are passed to the runs")
-    output = None
+    output, failed = None, []
     try:
         spec = load_study(args.config, args.preset, run_args=rest)
+        if args.seeds is not None:
+            spec.seeds = list(dict.fromkeys(args.seeds))
         output = Path(args.output or spec.output)
         if args.report_only:
             table = report_only(spec, output)
         else:
             cache = Path(args.teacher_cache) if args.teacher_cache else output.parent / "_teachers"
             runner = StudyRunner(spec, output, rest, args.overwrite, cache,
-                                 progress=not args.no_progress)
+                                 progress=not args.no_progress,
+                                 keep_going=not args.stop_on_failure)
             logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
             logging.getLogger("lightning_fabric").setLevel(logging.ERROR)
             runner.run()
             table = write_report(spec, runner.study_hash, runner.results.rows(), output,
                                  runner.teacher_acc)
+            failed = failures(runner.results.rows())
     except KDConfigError as err:
         print(f"kd-lightning-study: error: {err}", file=sys.stderr)
         return 2
@@ -91,13 +102,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print()
     print(table)
+    if not args.report_only and failed:
+        print(f"\n{len(failed)} run(s) failed and are not in the table (listed in "
+              f"{output / 'results.md'}); rerun the same command to try them again.",
+              file=sys.stderr)
     if args.report_only:
         print(f"\nwrote {output / 'results.md'} and {output / 'accuracy_vs_m.png'} from "
               f"{output / 'results.csv'}")
     else:
         print(f"\nwrote {output / 'results.md'}, {output / 'results.csv'}, "
               f"{output / 'accuracy_vs_m.png'} and TensorBoard runs in {output / 'runs'}")
-    return 0
+    return 1 if not args.report_only and failed else 0
 
 
 def cli() -> None:

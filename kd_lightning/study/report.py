@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from kd_lightning.study.results import candidate_key, candidate_label, choose
+from kd_lightning.study.results import FAILED, RUN, candidate_key, candidate_label, choose
 from kd_lightning.study.spec import Budget, StudySpec, budget_label
 
 
@@ -111,7 +111,21 @@ def results_markdown(spec: StudySpec, study_hash: str, rows: list[dict],
                  f"trained with every seed and its final weights were measured on the held-out "
                  f"validation split; the candidate with the best mean (bold; the others' means "
                  f"follow) is the one tested and reported above.\n\n{choices}\n")
+    failed = failures(rows)
+    if failed:
+        text += ("\nFailed runs (not in the table; a rerun of the study tries them again):\n\n"
+                 + "\n".join(f"- {r['method']} M={r['M']} seed={r['seed']}: {r['error']}"
+                              for r in failed) + "\n")
     return text
+
+
+def failures(rows: list[dict]) -> list[dict]:
+    """Failed runs not replaced by a later row of the same run."""
+    latest: dict[tuple, dict] = {}
+    for r in rows:
+        kind = RUN if r["kind"] == FAILED else r["kind"]
+        latest[(r["method"], str(r["M"]), str(r["seed"]), kind, r["candidate"])] = r
+    return [r for r in latest.values() if r["kind"] == FAILED]
 
 
 def plot_results(rows: list[dict], spec: StudySpec, path: Path, teacher_acc: float | None) -> None:

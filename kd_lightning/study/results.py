@@ -3,23 +3,26 @@
 One row per finished run, appended and flushed to disk as the run ends; a study's rows carry its
 hash, so a folder's file can hold the rows of an earlier version of the study, which are ignored.
 Rows have a ``kind``: ``run`` (trained and tested), ``candidate`` (a grid candidate: trained and
-measured on the validation split, not tested) or ``chosen`` (the test of the chosen candidate's
-weights).
+measured on the validation split, not tested), ``chosen`` (the test of the chosen candidate's
+weights) or ``failed`` (a run that failed, e.g. diverged; its ``error`` says why). A failed run
+has no accuracy, is not done (a rerun tries it again) and is listed in the report.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 CSV_FIELDS = ["study_hash", "method", "M", "seed", "test_acc", "teacher_acc", "epochs", "steps",
-              "wall_time_s", "run_hash", "run_dir", "finished_at", "kind", "candidate", "val_acc"]
+              "wall_time_s", "run_hash", "run_dir", "finished_at", "kind", "candidate", "val_acc",
+              "error"]
 #: kinds of rows: a run trained and tested; a grid candidate trained and validated; the test of
 #: the chosen candidate's weights
-RUN, CANDIDATE, CHOSEN = "run", "candidate", "chosen"
+RUN, CANDIDATE, CHOSEN, FAILED = "run", "candidate", "chosen", "failed"
 
 
 class Results:
@@ -29,11 +32,16 @@ class Results:
         self.path, self.study_hash = path, study_hash
 
     def _read(self) -> tuple[list[str], list[dict]]:
+        """The header and the valid rows. A row is written with one ``write`` and ``fsync``, so
+        only a kill in the middle of that write leaves a torn last line (no final newline); it
+        and any row that does not parse are left out, and their runs count as not done."""
         if not self.path.is_file():
             return [], []
-        with open(self.path, newline="") as f:
-            reader = csv.DictReader(f)
-            return list(reader.fieldnames or []), list(reader)
+        text = self.path.read_text()
+        if text and not text.endswith("\n"):
+            text = text[:text.rfind("\n") + 1]
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        return list(reader.fieldnames or []), [r for r in reader if _valid(r)]
 
     def rows(self) -> list[dict]:
         """This study's rows, in the order they were written."""
@@ -42,17 +50,20 @@ class Results:
             r["kind"] = r.get("kind") or RUN
             r["candidate"] = r.get("candidate") or ""
             r["val_acc"] = r.get("val_acc") or ""
+            r["error"] = r.get("error") or ""
         return rows
 
     def done(self) -> set[tuple]:
         return {self.key(r["method"], r["M"], r["seed"], r["kind"], r["candidate"])
-                for r in self.rows()}
+                for r in self.rows() if r["kind"] != FAILED}
+
 
     @staticmethod
     def key(method: str, label: str, seed: Any, kind: str, candidate: str) -> tuple:
         return method, str(label), int(seed), kind, candidate
 
     def append(self, row: dict) -> None:
+        self._cut_torn_line()
         fields, old = self._read()
         if fields and fields != CSV_FIELDS:  # an older file: rewrite it with today's columns
             with open(self.path, "w", newline="") as f:
@@ -67,6 +78,30 @@ class Results:
             writer.writerow(row)
             f.flush()
             os.fsync(f.fileno())
+
+
+    def _cut_torn_line(self) -> None:
+        """Remove a torn last line, so the next row starts on a line of its own."""
+        if not self.path.is_file():
+            return
+        with open(self.path, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+
+
+def _valid(row: dict) -> bool:
+    """A complete row: every column present, seed an integer, accuracies numbers or empty."""
+    if None in row or any(v is None for v in row.values()):
+        return False  # too many or too few fields
+    try:
+        int(row["seed"])
+        for key in ("test_acc", "val_acc", "wall_time_s"):
+            if row.get(key):
+                float(row[key])
+    except (KeyError, ValueError):
+        return False
+    return bool(row.get("study_hash")) and bool(row.get("method"))
 
 
 def candidate_key(candidate: dict) -> str:

@@ -31,7 +31,8 @@ from typing import Any, Callable
 
 import kd_lightning
 from kd_lightning import KDConfigError
-from kd_lightning.study.results import (CANDIDATE, CHOSEN, RUN, Results, candidate_key,
+from kd_lightning.study.results import (CANDIDATE, CHOSEN, FAILED, RUN, Results,
+                                        candidate_key,
                                         candidate_label, choose)
 from kd_lightning.study.spec import Budget, MethodSpec, StudySpec, budget_label, override_args
 
@@ -243,8 +244,10 @@ class StudyRunner:
     """Trains a study's runs into ``output`` (results.csv, study.json, runs/)."""
 
     def __init__(self, spec: StudySpec, output: Path, trainer_args: list[str], overwrite: bool,
-                 teacher_cache: Path, progress: bool = True) -> None:
+                 teacher_cache: Path, progress: bool = True, keep_going: bool = True) -> None:
         self.spec, self.output, self.trainer_args = spec, Path(output), list(trainer_args)
+        #: on a failed run (diverged, crashed): record it as failed and go on, or stop the study
+        self.keep_going = keep_going
         self.overwrite, self.teacher_cache, self.progress = overwrite, Path(teacher_cache), progress
         self.study_hash = spec.hash()
         self.results = Results(self.output / "results.csv", self.study_hash)
@@ -253,22 +256,51 @@ class StudyRunner:
         self._sizes: dict[str, tuple[int, int]] = {}
 
     # ---- output folder ------------------------------------------------------------------
+    #: what a study writes into its output folder (all that --overwrite may delete)
+    OWN_FILES = ("study.json", "results.csv", "results.md", "accuracy_vs_m.png", "runs")
+
     def prepare_output(self) -> None:
+        """Use the output folder: empty, new, or holding this study's results (resumed). With
+        ``--overwrite``, a folder holding another study's results loses exactly the files a study
+        writes (:attr:`OWN_FILES`); anything else in it stays. A folder that is not a study's is
+        never deleted, nor the working folder, home or a file-system root."""
         meta = self.output / "study.json"
+        if self.output.exists() and not self.output.is_dir():
+            raise KDConfigError(f"output {self.output} is a file, not a folder; give --output a "
+                                f"folder for the study's results.")
         if self.output.exists() and any(self.output.iterdir()):
             old = json.loads(meta.read_text()).get("hash") if meta.is_file() else None
+            if old is None:
+                raise KDConfigError(
+                    f"output folder {self.output} is not empty and holds no study results (no "
+                    f"study.json); a study never writes into or deletes such a folder. Give "
+                    f"--output a new or empty folder.")
             if old != self.study_hash:
                 if not self.overwrite:
-                    what = (f"results of a different study (hash {old})" if old
-                            else "files that are not a study's results")
                     raise KDConfigError(
-                        f"output folder {self.output} holds {what}; this study's hash is "
-                        f"{self.study_hash}. Pass --overwrite to delete them and start afresh, "
+                        f"output folder {self.output} holds results of a different study (hash "
+                        f"{old}); this study's hash is {self.study_hash}. Pass --overwrite to "
+                        f"replace those results (only the files a study writes are deleted), "
                         f"--output DIR to write elsewhere, or rerun the original study config "
                         f"to resume it.")
-                shutil.rmtree(self.output)
+                self._delete_study_files()
         self.output.mkdir(parents=True, exist_ok=True)
         self._write_meta()
+
+    def _delete_study_files(self) -> None:
+        folder = self.output.resolve()
+        protected = {Path.cwd().resolve(), Path.home().resolve(), Path(folder.anchor)}
+        if folder in protected or folder in Path.cwd().resolve().parents:
+            raise KDConfigError(
+                f"--overwrite refuses to delete study results in {self.output} (the working "
+                f"folder, one of its parents, home or a root); give the study its own folder "
+                f"with --output.")
+        for name in self.OWN_FILES:
+            path = self.output / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
 
     def _write_meta(self, teacher: dict | None = None) -> None:
         meta = {"hash": self.study_hash, "identity": self.spec.identity()}
@@ -437,7 +469,17 @@ class StudyRunner:
 
     def _train(self, plan: RunPlan, display: _Display) -> None:
         display.starting(plan.describe())
-        metrics, seconds = self._execute(plan)
+        start = time.perf_counter()
+        try:
+            metrics, seconds = self._execute(plan)
+        except RunFailed as err:
+            if not self.keep_going:
+                raise
+            error = " ".join(str(err).split())
+            self._row(plan, {}, time.perf_counter() - start, kind=FAILED, error=error[:2000])
+            display.finished(f"{plan.describe()}: FAILED, recorded as failed (not a result); "
+                             f"the study goes on. {error}")
+            return
         row = self._row(plan, metrics, seconds)
         display.finished(f"{plan.describe()}: test acc {row['test_acc']:.2f}% "
                          f"({seconds:.0f} s, {plan.epochs} epochs)")

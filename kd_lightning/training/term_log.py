@@ -71,7 +71,12 @@ class TermLog:
 
 
 class TrainingDiverged(KDConfigError):
-    """A logged loss term became nan or inf."""
+    """A loss term or a weight became nan or inf."""
+
+
+_DIVERGED_FIXES = ("Usual fixes: a lower learning rate, gradient clipping "
+                   "(--trainer.gradient_clip_val), 32-bit precision, or inputs on a smaller scale "
+                   "(data.normalize).")
 
 
 class TermLogging(Callback):
@@ -98,9 +103,26 @@ class TermLogging(Callback):
                 raise TrainingDiverged(
                     f"training diverged: {', '.join(bad)} became nan or inf between global steps "
                     f"{log.opened_at_step} and {trainer.global_step} (epoch "
-                    f"{pl_module.current_epoch}). Usual fixes: a lower learning rate, gradient "
-                    f"clipping (--trainer.gradient_clip_val), 32-bit precision, or inputs on a "
-                    f"smaller scale (data.normalize).")
+                    f"{pl_module.current_epoch}). {_DIVERGED_FIXES}")
             pl_module.log_dict(means, on_step=False, on_epoch=True, sync_dist=True)
         log.reset(trainer.global_step)
         pl_module.on_train_terms_logged()
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module, checkpoint: dict) -> None:
+        """No checkpoint of a diverged state: the terms since the last logged window and every
+        weight and buffer of the module must be finite, else :class:`TrainingDiverged` (the file is not written).
+        Costs one check per checkpoint, nothing per step."""
+        log = pl_module.term_log
+        bad = [name for name, value in log.means().items()
+               if name != "train/acc" and not bool(torch.isfinite(value))]
+        if bad:
+            raise TrainingDiverged(
+                f"training diverged: {', '.join(bad)} became nan or inf between global steps "
+                f"{log.opened_at_step} and {trainer.global_step} (epoch {pl_module.current_epoch}); "
+                f"no checkpoint was written. {_DIVERGED_FIXES}")
+        for name, value in checkpoint.get("state_dict", {}).items():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise TrainingDiverged(
+                    f"training diverged: {name} became nan or inf by global step "
+                    f"{trainer.global_step} (epoch {pl_module.current_epoch}); no checkpoint was "
+                    f"written. {_DIVERGED_FIXES}")

@@ -1,0 +1,136 @@
+"""Failures are never results: diverged runs stop with exit 2 and leave no checkpoint of a
+diverged state; the study records a failed run as failed and goes on; --overwrite deletes only
+what a study wrote."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import CONFIGS, TINY, run_cli_error
+
+
+def _finite_checkpoints(folder: Path) -> list[Path]:
+    found = sorted(folder.rglob("*.ckpt"))
+    for path in found:
+        state = torch.load(path, weights_only=True)["state_dict"]
+        assert all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point()), path
+    return found
+
+
+@pytest.mark.parametrize("config", ["mnist1d/student.yaml", "mnist1d/fitnet.yaml",
+                                    "mnist1d/relation.yaml"])
+def test_diverged_training_fails_and_leaves_no_diverged_checkpoint(config, tmp_path, monkeypatch,
+                                                                    capsys, mnist1d_teacher):
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", CONFIGS / config, *TINY, "--trainer.max_epochs", "3",
+            "--trainer.limit_train_batches", "3", "--optimizer", "torch.optim.SGD",
+            "--optimizer.lr", "1e12", "--trainer.log_every_n_steps", "1000"]
+    if "student" not in config:
+        args += ["--model.init_args.teacher_checkpoint", mnist1d_teacher]
+    message = run_cli_error(args, capsys)
+    assert "training diverged" in message and "nan or inf" in message
+    assert "global step" in message
+    _finite_checkpoints(tmp_path / "runs")
+
+
+# ---- the study ---------------------------------------------------------------------------------
+from tests.test_study import KD, STUDENT, read_rows, write_study  # noqa: E402
+from kd_lightning.study import main  # noqa: E402
+
+DIVERGING = {**STUDENT, "name": "diverging", "reference": False,
+             "args": ["--optimizer", "torch.optim.SGD", "--optimizer.lr", "1e12"]}
+
+
+@pytest.fixture
+def teachers(tmp_path_factory) -> Path:
+    return tmp_path_factory.getbasetemp() / "reliability_teachers"
+
+
+def test_study_records_a_diverged_run_as_failed_and_goes_on(tmp_path, monkeypatch, capsys, teachers):
+    monkeypatch.chdir(tmp_path)
+    cfg = write_study(tmp_path, methods=[STUDENT, DIVERGING], budgets=[20], seeds=[0])
+    argv = ["--config", str(cfg), "--no-progress", "--teacher-cache", str(teachers)]
+    assert main(argv) == 1  # finished, with a failure
+    rows = read_rows(tmp_path / "out")
+    ok = [r for r in rows if r["kind"] == "run"]
+    failed = [r for r in rows if r["kind"] == "failed"]
+    assert [r["method"] for r in ok] == ["student alone"] and ok[0]["test_acc"] != ""
+    assert [r["method"] for r in failed] == ["diverging"] and failed[0]["test_acc"] == ""
+    assert "training diverged" in failed[0]["error"]
+    report = (tmp_path / "out" / "results.md").read_text()
+    assert "Failed runs" in report and "diverging M=20 seed=0" in report
+    table = report.split("Failed runs")[0]
+    assert "| 20 |" in table and table.count("–") >= 1  # no accuracy for the failed method
+    # a rerun tries the failed run again (and records it again), never the finished one
+    assert main(argv) == 1
+    rows = read_rows(tmp_path / "out")
+    assert [r["kind"] for r in rows].count("run") == 1
+    assert [r["kind"] for r in rows].count("failed") == 2
+    # with --stop-on-failure the study stops at the failed run
+    assert main(argv + ["--stop-on-failure"]) == 1
+    assert "training diverged" in capsys.readouterr().err
+
+
+def test_overwrite_deletes_only_what_a_study_wrote(tmp_path, monkeypatch, capsys, teachers):
+    monkeypatch.chdir(tmp_path)
+    cfg = write_study(tmp_path, methods=[STUDENT], budgets=[20], seeds=[0])
+    base = ["--no-progress", "--teacher-cache", str(teachers)]
+    assert main(["--config", str(cfg), *base]) == 0
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    other = write_study(tmp_path, "other.yaml", methods=[STUDENT], budgets=[20], seeds=[0], steps=3)
+    assert main(["--config", str(other), *base, "--overwrite"]) == 0
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"  # not the study's: kept
+    assert len(read_rows(tmp_path / "out")) == 1
+
+
+@pytest.mark.parametrize("where", ["foreign", "cwd"])
+def test_overwrite_refuses_folders_that_are_not_a_study_output(where, tmp_path, monkeypatch, capsys,
+                                                               teachers):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    (work / "configs.yaml").write_text("precious")
+    cfg = write_study(work, methods=[STUDENT], budgets=[20], seeds=[0])
+    if where == "foreign":
+        target = work / "foreign"
+        target.mkdir()
+        (target / "data.bin").write_text("precious")
+    else:  # the working folder itself, even when it holds an earlier study's results
+        target = work
+        (work / "study.json").write_text(json.dumps({"hash": "0" * 12}))
+    code = main(["--config", str(cfg), "--no-progress", "--teacher-cache", str(teachers),
+                 "--output", str(target), "--overwrite"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "kd-lightning-study: error:" in err and "Traceback" not in err
+    assert (work / "configs.yaml").read_text() == "precious"
+    assert cfg.is_file()
+    if where == "foreign":
+        assert (target / "data.bin").read_text() == "precious"
+        assert "no study results" in err and "--overwrite" not in err.split("error:")[1].split(".")[0]
+    else:
+        assert "refuses" in err
+
+
+def test_torn_last_line_of_results_csv_is_detected_and_that_run_redone(tmp_path):
+    from kd_lightning.study.results import Results
+
+    results = Results(tmp_path / "results.csv", "h")
+    base = {"study_hash": "h", "method": "KD", "M": "50", "seed": 0, "test_acc": 61.25,
+            "kind": "run", "candidate": "", "wall_time_s": 3.5}
+    results.append(base)
+    results.append({**base, "seed": 1, "test_acc": 62.5})
+    text = (tmp_path / "results.csv").read_text()
+    for cut in (3, 12, 25):  # a kill part-way through writing the second row
+        (tmp_path / "results.csv").write_text(text[:-cut])
+        rows = results.rows()
+        assert [(r["seed"], r["test_acc"]) for r in rows] == [("0", "61.25")]
+        assert results.done() == {("KD", "50", 0, "run", "")}  # seed 1 will be redone
+    results.append({**base, "seed": 1, "test_acc": 63.0})  # the redone run starts a fresh line
+    assert [(r["seed"], r["test_acc"]) for r in results.rows()] == [("0", "61.25"), ("1", "63.0")]
