@@ -15,6 +15,7 @@ from kd_lightning.methods import ResponseKD, Supervised
 from kd_lightning import metrics as metrics_module
 from kd_lightning.metrics import PredictiveUncertainty, mc_dropout_probs
 from kd_lightning.models import MLP, ConvNet1D
+from tests.conftest import CONFIGS, TINY, run_cli, run_cli_error
 
 UNCERTAINTY_KEYS = ["ece", "nll", "entropy", "mc_acc", "mc_ece", "mc_nll", "mc_entropy"]
 
@@ -146,3 +147,22 @@ def test_uncertainty_is_off_by_default():
     metrics, _ = _fit_and_test(Supervised(student=MLP(dropout=0.2)))
     assert "test/acc" in metrics
     assert not any(f"test/{key}" in metrics for key in UNCERTAINTY_KEYS)
+
+
+def test_cli_refuses_mc_dropout_on_a_student_without_dropout(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    err = run_cli_error(["fit", "--config", CONFIGS / "mnist1d/student.yaml", *TINY,
+                         "--model.init_args.mc_dropout_samples", "10"], capsys)
+    assert "the student (MLP) has no dropout layer" in err and "dropout: 0.2" in err
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_cli_reports_mc_dropout_uncertainty(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = run_cli(["fit", "--config", CONFIGS / "mnist1d/student.yaml", *TINY,
+                   "--model.init_args.student.init_args.dropout", "0.2",
+                   "--model.init_args.mc_dropout_samples", "4"])
+    metrics = cli.trainer.callback_metrics
+    for key in UNCERTAINTY_KEYS:
+        assert math.isfinite(float(metrics[f"test/{key}"])), key
+    assert 0.0 <= float(metrics["test/mc_ece"]) <= 1.0
