@@ -48,6 +48,11 @@ def _prepare(config: Path, workdir: Path) -> dict:
         path = workdir / init["teacher_checkpoint"]
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(_build(init["teacher"]).state_dict(), path)  # plain state_dict path
+    ensemble = init.get("teacher", {}).get("init_args", {})  # an EnsembleTeacher's members
+    for member, ckpt in zip(ensemble.get("members") or [], ensemble.get("checkpoints") or []):
+        if ckpt:
+            (workdir / ckpt).parent.mkdir(parents=True, exist_ok=True)
+            torch.save(_build(member).state_dict(), workdir / ckpt)
     return cfg
 
 

@@ -23,10 +23,12 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from kd_lightning import KDConfigError
+from kd_lightning.metrics import DistillationError, TestUncertainty, dropout_modules
 from kd_lightning.models.taps import FeatureTaps
 from kd_lightning.models.teacher import FrozenTeacher
 from kd_lightning.methods.checks import check_class_counts
@@ -64,6 +66,22 @@ def check_temperature(method: str, temperature: float) -> None:
                             f"use 1-20 (default 4).")
 
 
+def check_mc_dropout(samples: int, student: nn.Module, teacher: nn.Module | None) -> None:
+    """``mc_dropout_samples`` must be an int >= 0, and > 0 only with a student that has dropout."""
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+        raise KDConfigError(f"mc_dropout_samples must be an integer >= 0 (0 = off), got {samples!r}.")
+    if samples == 0:
+        return
+    if not dropout_modules(student):
+        raise KDConfigError(
+            f"mc_dropout_samples={samples} asks for MC-dropout predictions, but the student "
+            f"({type(student).__name__}) has no dropout layer (nn.Dropout* with p > 0); give it "
+            f"dropout (e.g. kd_lightning.models.MLP with dropout: 0.2) or set mc_dropout_samples: 0.")
+    if teacher is not None and not dropout_modules(teacher):
+        rank_zero_warn(f"mc_dropout_samples: the teacher ({type(teacher).__name__}) has no dropout "
+                       f"layer, so only its deterministic calibration is reported.")
+
+
 class DistillationModule(pl.LightningModule):
     """Base LightningModule for knowledge distillation.
 
@@ -90,6 +108,16 @@ class DistillationModule(pl.LightningModule):
             default because it rounds differently from the plain update).
         log_step_terms: also log every loss term at every ``log_every_n_steps`` (costs time per
             step; window means are always logged, see :mod:`kd_lightning.training.term_log`).
+        distill_error_temperature: temperature gamma of the distillation error
+            (:class:`~kd_lightning.metrics.DistillationError`) logged with the teacher agreement
+            as ``val/`` and ``test/distill_error``, ``.../teacher_agreement`` when there is a
+            teacher (default 1).
+        mc_dropout_samples: ``T > 0`` reports the predictive uncertainty at test time: ECE, NLL
+            and predictive entropy of the deterministic prediction and accuracy, ECE, NLL and
+            entropy of the mean of ``T`` MC-dropout passes, for the student (``test/mc_ece``, ...)
+            and the teacher (``test/teacher_mc_ece``, ...; deterministic only if it has no
+            dropout), see :class:`~kd_lightning.metrics.TestUncertainty`. The student must have
+            dropout layers. 0 (default): off.
     """
 
     #: methods that distil from a network teacher set this to True
@@ -114,7 +142,8 @@ class DistillationModule(pl.LightningModule):
                  lr_scheduler: LRSchedulerCallable | None = None,
                  lr_scheduler_interval: str = "epoch", teacher_cache: bool | None = None,
                  teacher_cache_mb: float = 512.0, fused_optimizer: bool = False,
-                 log_step_terms: bool = False) -> None:
+                 log_step_terms: bool = False, distill_error_temperature: float = 1.0,
+                 mc_dropout_samples: int = 0) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["student", "teacher", "optimizer", "lr_scheduler"])
         if self.requires_teacher and teacher is None:
@@ -129,6 +158,11 @@ class DistillationModule(pl.LightningModule):
         if lr_scheduler_interval not in ("epoch", "step"):
             raise KDConfigError(
                 f"lr_scheduler_interval must be 'epoch' or 'step', got {lr_scheduler_interval!r}.")
+        if not distill_error_temperature > 0:
+            raise KDConfigError(f"distill_error_temperature must be > 0, got {distill_error_temperature}.")
+        check_mc_dropout(mc_dropout_samples, student, teacher)
+        self.distill_error_temperature = distill_error_temperature
+        self.mc_dropout_samples = mc_dropout_samples
         self.automatic_optimization = not self.optimizes_itself
         self.student = student
         self.teacher = teacher
@@ -306,6 +340,15 @@ class DistillationModule(pl.LightningModule):
         if self.top5:
             self.val_acc5 = MulticlassAccuracy(num_classes=k, top_k=5, average="micro")
             self.test_acc5 = MulticlassAccuracy(num_classes=k, top_k=5, average="micro")
+        if self.teacher is not None:
+            for prefix in ("val", "test"):
+                setattr(self, f"{prefix}_distill_error", DistillationError(self.distill_error_temperature))
+                setattr(self, f"{prefix}_teacher_agreement", MulticlassAccuracy(num_classes=k, average="micro"))
+        self.test_uncertainty = None
+        if self.mc_dropout_samples:
+            networks = {"": True, **({"teacher_": bool(dropout_modules(self.teacher))}
+                                     if self.teacher is not None else {})}
+            self.test_uncertainty = TestUncertainty(k, self.mc_dropout_samples, networks)
         self._metrics_built = True
 
     def _eval_step(self, batch, prefix: str) -> Tensor:
@@ -317,7 +360,28 @@ class DistillationModule(pl.LightningModule):
         getattr(self, f"{prefix}_acc").update(logits, y)
         if self.top5:
             getattr(self, f"{prefix}_acc5").update(logits, y)
+        outputs = {"": (self.student, logits)}
+        if self.teacher is not None:  # the frozen teacher's eval-mode logits (never the cache)
+            t_logits = self.teacher_logits(x)
+            getattr(self, f"{prefix}_distill_error").update(logits, t_logits, y)
+            getattr(self, f"{prefix}_teacher_agreement").update(logits, t_logits.argmax(-1))
+            if prefix == "test":
+                self.test_teacher_acc.update(t_logits, y)
+            outputs["teacher_"] = (self.teacher, t_logits)
+        if prefix == "test" and self.test_uncertainty is not None:
+            self.test_uncertainty.update(x, y, outputs)
         return logits
+
+    def _teacher_metrics(self, prefix: str) -> dict[str, Tensor]:
+        """The epoch's distillation error and teacher agreement (reset); {} without a teacher."""
+        if self.teacher is None:
+            return {}
+        metrics = {}
+        for name in ("distill_error", "teacher_agreement"):
+            metric = getattr(self, f"{prefix}_{name}")
+            metrics[f"{prefix}/{name}"] = metric.compute()
+            metric.reset()
+        return metrics
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -329,12 +393,11 @@ class DistillationModule(pl.LightningModule):
         if self.top5:
             metrics["val/acc_top5"] = self.val_acc5.compute()
             self.val_acc5.reset()
+        metrics.update(self._teacher_metrics("val"))
         self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)
 
     def test_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, "test")
-        if self.teacher is not None:
-            self.test_teacher_acc.update(self.teacher_logits(batch[0]), batch[1])
 
     def on_test_epoch_end(self) -> None:
         metrics = {"test/acc": self.test_acc.compute()}
@@ -345,6 +408,10 @@ class DistillationModule(pl.LightningModule):
         if self.teacher is not None:
             metrics["test/teacher_acc"] = self.test_teacher_acc.compute()
             self.test_teacher_acc.reset()
+        metrics.update(self._teacher_metrics("test"))
+        if self.test_uncertainty is not None:
+            metrics.update({f"test/{k}": v for k, v in self.test_uncertainty.compute().items()})
+            self.test_uncertainty.reset()
         self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)
 
     def predict_step(self, batch, batch_idx: int) -> dict[str, Tensor]:

@@ -6,6 +6,7 @@ logits ``[B, num_classes]``, exposes ``feature_dim`` and ``forward_features(x)``
 """
 
 from kd_lightning.models.cnn1d import ConvNet1D
+from kd_lightning.models.ensemble import EnsembleTeacher
 from kd_lightning.models.lenet import LeNet5, LeNet5Half, lenet5_half
 from kd_lightning.models.mlp import MLP
 from kd_lightning.models.mnist_cnn import MnistCNN
@@ -30,6 +31,7 @@ __all__ = [
     "MLP",
     "MnistCNN",
     "ConvNet1D",
+    "EnsembleTeacher",
     "LeNet5",
     "LeNet5Half",
     "lenet5_half",

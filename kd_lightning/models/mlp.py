@@ -22,7 +22,8 @@ class MLP(nn.Module):
     ``input_dim``.
 
     Module paths (for forward hooks): hidden layers ``fc1``, ``fc2``, ... each
-    followed by its own ``relu1``, ``relu2``, ... (not in-place), classifier ``fc``.
+    followed by its own ``relu1``, ``relu2``, ... (not in-place), then, with
+    ``dropout > 0``, ``drop1``, ``drop2``, ...; classifier ``fc``.
 
     Args:
         input_dim: Flattened input size (already including channels, e.g. 784 for
@@ -34,6 +35,9 @@ class MLP(nn.Module):
             zoo shares the same data-related arguments; it does not change the
             architecture because ``input_dim`` is already the flattened size.
             It must divide ``input_dim``.
+        dropout: drop probability of an ``nn.Dropout`` after every hidden ReLU (default 0:
+            no dropout layers, the reference MLP). Dropout before each weight layer is the
+            network Gal & Ghahramani read as a Bayesian approximation (MC dropout).
     """
 
     def __init__(
@@ -42,6 +46,7 @@ class MLP(nn.Module):
         hidden_dims: list[int] = [100, 100],  # noqa: B006 - copied, never mutated
         num_classes: int = 10,
         in_channels: int = 1,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         hidden = [int(h) for h in hidden_dims]
@@ -54,6 +59,8 @@ class MLP(nn.Module):
                 f"MLP: in_channels={in_channels} must be >= 1 and divide input_dim={input_dim} "
                 "(input_dim is the flattened input size, channels included)."
             )
+        if not 0.0 <= dropout < 1.0:
+            raise KDConfigError(f"MLP: dropout must be in [0, 1), got {dropout}.")
         if any(h < 1 for h in hidden):
             raise KDConfigError(f"MLP: every hidden dim must be >= 1, got {hidden}.")
 
@@ -61,11 +68,14 @@ class MLP(nn.Module):
         self.hidden_dims = hidden
         self.num_classes = int(num_classes)
         self.in_channels = int(in_channels)
+        self.dropout = float(dropout)
 
         prev = self.input_dim
         for i, width in enumerate(hidden, start=1):
             self.add_module(f"fc{i}", nn.Linear(prev, width))
             self.add_module(f"relu{i}", nn.ReLU(inplace=False))
+            if dropout > 0:
+                self.add_module(f"drop{i}", nn.Dropout(dropout))
             prev = width
         self.feature_dim: int = prev
         self.fc = nn.Linear(prev, self.num_classes)
@@ -82,10 +92,13 @@ class MLP(nn.Module):
         return x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate embedding ``[B, feature_dim]`` (output of the last hidden ReLU)."""
+        """Penultimate embedding ``[B, feature_dim]`` (output of the last hidden ReLU, after its
+        dropout when ``dropout > 0``)."""
         x = self._flatten(x)
         for i in range(1, len(self.hidden_dims) + 1):
             x = getattr(self, f"relu{i}")(getattr(self, f"fc{i}")(x))
+            if self.dropout > 0:
+                x = getattr(self, f"drop{i}")(x)
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,12 @@ from kd_lightning import KDConfigError
 
 
 def resolve_module(model: nn.Module, path: str) -> nn.Module:
-    """``model``'s submodule at dotted ``path``; a clear error listing the nearest names if absent."""
+    """``model``'s submodule at dotted ``path``; a clear error listing the nearest names if absent
+    (or saying why ``model`` cannot be tapped, for a model whose ``feature_taps_refused`` says so,
+    e.g. an :class:`~kd_lightning.models.EnsembleTeacher`)."""
+    refused = getattr(model, "feature_taps_refused", None)
+    if refused:
+        raise KDConfigError(refused)
     modules = dict(model.named_modules())
     if path in modules and path != "":
         return modules[path]
