@@ -141,3 +141,17 @@ def test_bad_input_is_refused_before_anything_trains(tmp_path, capsys):
                  "--model.init_args.temperature", "nope"]) == 2
     assert "does not parse" in capsys.readouterr().err
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_generations_run_under_two_process_ddp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "ban"
+    extra = [*TINY, "--data.train_subset", "200", "--trainer.accelerator", "cpu",
+             "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    rows = run_generations(CONFIG, 2, out, extra, log=lambda s: None)
+    assert len(rows) == 2
+    gen0 = _student_state(checkpoint_dir(out, 0) / "best.ckpt")
+    gen1_teacher = _student_state(checkpoint_dir(out, 1) / "best.ckpt", "teacher.")
+    assert all(torch.equal(gen0[k], gen1_teacher[k]) for k in gen0)
