@@ -235,3 +235,12 @@ def test_ddp_keeps_every_peer_identical_on_every_process(tmp_path):
     r1 = json.loads((tmp_path / "rank1.json").read_text())
     assert r0 == r1 and r0["step"] == 3
     assert r0["peers"][0] != r0["peers"][1]
+
+
+def test_every_peer_follows_the_configured_schedule(tmp_path):
+    model = DeepMutualLearning(
+        peers=[_mlp(), _mlp(8)], optimizer=lambda ps: torch.optim.SGD(ps, lr=1.0),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5))
+    _trainer(tmp_path, max_epochs=2).fit(model, DistillDataModule("mnist1d", train_subset=100,
+                                                                 batch_size=50))
+    assert [opt.param_groups[0]["lr"] for opt in model.trainer.optimizers] == [0.25, 0.25]

@@ -176,13 +176,20 @@ class DeepMutualLearning(DistillationModule):
             acc = (logits[k].detach().argmax(-1) == y).float().mean()
             logged.update({f"loss_ce_peer{k}": ce.detach(), f"loss_kl_peer{k}": kl.detach(),
                            f"acc_peer{k}": acc})
-        step_lr_schedulers(self.trainer, "step", batch_idx + 1)
+        self._step_lr_schedulers("step", batch_idx + 1)
         self.log_terms(logits[0].detach(), y, loss=total, **logged)
         return total
 
+    def _step_lr_schedulers(self, interval: str, count: int) -> None:
+        """Manual optimisation: step this interval's schedulers (every peer's); ReduceLROnPlateau
+        only once ``val/loss`` exists (skipped before, not an error)."""
+        step_lr_schedulers(self.trainer, interval, count)
+        step_lr_schedulers(self.trainer, interval, count, plateau=True,
+                           default_monitor=self.plateau_monitor, strict=False)
+
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()
-        step_lr_schedulers(self.trainer, "epoch", self.current_epoch + 1)
+        self._step_lr_schedulers("epoch", self.current_epoch + 1)
 
     # ---- evaluation: every peer and their ensemble -----------------------------------------------
     def _eval_peers(self, batch, prefix: str) -> None:
