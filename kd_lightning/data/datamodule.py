@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from kd_lightning import KDConfigError
 from kd_lightning.data.dataset import (AUGMENTATIONS, NORMALIZATIONS, IndexedTensorDataset,
                                        MinibatchGroups, PerSampleDataset, batch_collate)
-from kd_lightning.data.sources import SOURCES, Splits, load_source
+from kd_lightning.data.sources import SOURCES, Splits, load_source, source_input_shape
 from kd_lightning.data.subset import stratified_subset, train_val_split
 
 #: static facts about each data set, so the CLI can link them into models before loading data
@@ -24,6 +24,7 @@ DATASET_INFO: dict[str, tuple[int, tuple[int, ...]]] = {
     "fashion_mnist": (10, (1, 28, 28)),
     "cifar10": (10, (3, 32, 32)),
     "cifar100": (100, (3, 32, 32)),
+    "multiview": (2, source_input_shape("multiview", None)),
 }
 assert set(DATASET_INFO) == set(SOURCES)
 
@@ -71,6 +72,9 @@ class DistillDataModule(pl.LightningDataModule):
             ``max_steps`` still count optimizer steps; Lightning's batch counters
             (``limit_train_batches``, integer ``val_check_interval``, progress bar) count groups.
             Not combinable with ``accumulate_grad_batches``.
+        source_options: keyword arguments of the data set's source; only ``multiview`` takes any
+            (``patch_dim``, ``patches``, ``noise``, ``n_train``, ``n_test``, ``seed``; see
+            :func:`~kd_lightning.data.sources.load_multiview`).
     """
 
     def __init__(self, dataset: str = "mnist1d", root: str = "data", download: bool = False,
@@ -78,7 +82,8 @@ class DistillDataModule(pl.LightningDataModule):
                  train_subset: int | None = None, subset_seed: int = 0,
                  val_split: int | float = 0.1, split_seed: int = 0, augment: bool | str = False,
                  normalize: str = "standard", batched: bool = True, num_workers: int = 0,
-                 drop_last: bool = False, batches_per_step: int = 1) -> None:
+                 drop_last: bool = False, batches_per_step: int = 1,
+                 source_options: dict | None = None) -> None:
         super().__init__()
         if dataset not in DATASET_INFO:
             raise KDConfigError(
@@ -120,6 +125,7 @@ class DistillDataModule(pl.LightningDataModule):
         self.augment, self.normalize, self.batched = augment, normalize, batched
         self.num_workers, self.drop_last = num_workers, drop_last
         self.batches_per_step = batches_per_step
+        self.source_options = dict(source_options or {})
         self._splits: Splits | None = None
         self.train_dataset: IndexedTensorDataset | None = None
         self.val_dataset: IndexedTensorDataset | None = None
@@ -138,7 +144,7 @@ class DistillDataModule(pl.LightningDataModule):
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return DATASET_INFO[self.dataset][1]
+        return source_input_shape(self.dataset, self.source_options) or DATASET_INFO[self.dataset][1]
 
     @property
     def deterministic_train(self) -> bool:
@@ -149,11 +155,12 @@ class DistillDataModule(pl.LightningDataModule):
     # ---- data ------------------------------------------------------------------------------
     def prepare_data(self) -> None:
         if self.download:  # fetch once on rank 0; setup() then reads the files on every rank
-            load_source(self.dataset, self.root, download=True)
+            load_source(self.dataset, self.root, download=True, options=self.source_options)
 
     def splits(self) -> Splits:
         if self._splits is None:
-            self._splits = load_source(self.dataset, self.root, download=False)
+            self._splits = load_source(self.dataset, self.root, download=False,
+                                       options=self.source_options)
         return self._splits
 
     def _dataset(self, x, y, indices, augment: str = "none") -> IndexedTensorDataset:

@@ -171,18 +171,137 @@ def _load_torchvision(name: str, root: str | None, download: bool) -> Splits:
     return Splits(name, x_tr, y_tr, x_te, y_te, k, mean, std)
 
 
+
+# --------------------------------------------------------------------------------------------
+# The multi-view distribution of seed 001 ("CS 541 Artificial Intelligence", scribe notes of
+# November 9, 2021), section 9 "Empirical Perspective" -- generated offline, deterministic by seed
+
+#: the seed's table: for each label, (probability, coefficients of v1, v2, v3, v4); a feature the
+#: seed does not list in a case is absent (coefficient 0)
+MULTIVIEW_MIXTURE: tuple[tuple[tuple[float, tuple[float, float, float, float]], ...], ...] = (
+    # first label: "v1, v2 = 1, v3, v4 = 0.1 w.p. 80%; v1 = 1, v3, v4 = 0.1 w.p. 10%;
+    #               v2 = 1, v3, v4 = 0.1 w.p. 10%"
+    ((0.8, (1.0, 1.0, 0.1, 0.1)), (0.1, (1.0, 0.0, 0.1, 0.1)), (0.1, (0.0, 1.0, 0.1, 0.1))),
+    # second label: "v3, v4 = 1, v1, v2 = 0.1 w.p. 80%; v3 = 1, v1, v2 = 0.1 w.p. 10%;
+    #                v4 = 1, v1, v2 = 0.1 w.p. 10%"
+    ((0.8, (0.1, 0.1, 1.0, 1.0)), (0.1, (0.1, 0.1, 1.0, 0.0)), (0.1, (0.1, 0.1, 0.0, 1.0))),
+)
+
+#: defaults of the ``multiview`` data set
+MULTIVIEW_DEFAULTS = {"n_train": 1000, "n_test": 10000, "patch_dim": 100, "patches": 4,
+                      "noise": 1.0, "seed": 0}
+
+
+@dataclass
+class MultiViewSample:
+    """Examples of :func:`make_multiview`: inputs ``x`` ``[N, 1, patches * patch_dim]``, labels
+    ``y``, ``view`` (0: both features of the label, the 80% case; 1: only its first feature;
+    2: only its second) and the feature coefficients ``[N, 4]`` (of ``v1 .. v4``)."""
+
+    x: Tensor
+    y: Tensor
+    view: Tensor
+    coefficients: Tensor
+
+
+def multiview_features(patch_dim: int, seed: int = 0) -> Tensor:
+    """``[4, patch_dim]`` orthonormal feature vectors ``v1 .. v4`` (QR of a seeded Gaussian)."""
+    g = torch.Generator().manual_seed(int(seed))
+    q, _ = torch.linalg.qr(torch.randn(patch_dim, 4, generator=g, dtype=torch.float64))
+    return q.T.contiguous().float()
+
+
+def make_multiview(n: int, patch_dim: int = 100, patches: int = 4, noise: float = 1.0,
+                   seed: int = 0, stream: int = 0) -> MultiViewSample:
+    r"""``n`` examples of the two-label, four-feature distribution of seed 001, section 9.
+
+    The seed's construction ("Knowledge Distillation and Ensemble do not aid generalization when
+    the input is Gaussian or Gaussian-like. Consider a binary classification problem, where the
+    data contains 4 features, v = {v1, v2, v3, v4}"):
+
+    - first label: ``v1, v2 = 1, v3, v4 = 0.1`` w.p. 80%; ``v1 = 1, v3, v4 = 0.1`` w.p. 10%;
+      ``v2 = 1, v3, v4 = 0.1`` w.p. 10%;
+    - second label: ``v3, v4 = 1, v1, v2 = 0.1`` w.p. 80%; ``v3 = 1, v1, v2 = 0.1`` w.p. 10%;
+      ``v4 = 1, v1, v2 = 0.1`` w.p. 10%.
+
+    A feature the seed does not name in a case is absent (coefficient 0). The labels are
+    balanced (``n // 2`` and ``n - n // 2`` examples, in random order) and each example's case is
+    drawn independently with the probabilities above (:data:`MULTIVIEW_MIXTURE`).
+
+    Embedding (the seed gives none; this follows the patch structure of multi-view data): the
+    features are orthonormal vectors of ``R^patch_dim`` (:func:`multiview_features`); an input has
+    ``patches >= 4`` patches of ``patch_dim`` values; each of the four features is written into a
+    patch of its own, chosen at random per example, scaled by its coefficient; every value then
+    gets Gaussian noise of standard deviation ``noise / sqrt(patch_dim)`` (a noise vector of norm
+    about ``noise`` per patch, against features of norm 1). Inputs are ``[n, 1, patches *
+    patch_dim]``.
+
+    Everything is a function of ``(n, patch_dim, patches, noise, seed, stream)``: the features
+    depend on ``seed`` alone, the examples on ``(seed, stream)`` (the data set uses stream 1 for
+    training, 2 for testing).
+    """
+    if n < 1 or patch_dim < 4 or patches < 4 or not noise >= 0:
+        raise KDConfigError(f"multiview: need n >= 1, patch_dim >= 4 (four orthonormal features), "
+                            f"patches >= 4 (a patch per feature) and noise >= 0; got n={n}, "
+                            f"patch_dim={patch_dim}, patches={patches}, noise={noise}.")
+    features = multiview_features(patch_dim, seed)
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(stream) + 1)
+    y = torch.cat([torch.zeros(n // 2, dtype=torch.int64), torch.ones(n - n // 2, dtype=torch.int64)])
+    y = y[torch.randperm(n, generator=g)]
+    probs = torch.tensor([[p for p, _ in cases] for cases in MULTIVIEW_MIXTURE])  # [2, 3]
+    table = torch.tensor([[c for _, c in cases] for cases in MULTIVIEW_MIXTURE])  # [2, 3, 4]
+    view = torch.multinomial(probs[y], 1, generator=g).squeeze(1)
+    coefficients = table[y, view]  # [n, 4]
+    where = torch.argsort(torch.rand(n, patches, generator=g), dim=1)[:, :4]  # a patch per feature
+    x = torch.randn(n, patches, patch_dim, generator=g) * (noise / patch_dim ** 0.5)
+    x.scatter_add_(1, where.unsqueeze(-1).expand(n, 4, patch_dim),
+                   coefficients.unsqueeze(-1) * features.unsqueeze(0))
+    return MultiViewSample(x.reshape(n, 1, patches * patch_dim), y, view, coefficients)
+
+
+def load_multiview(root: str | None = None, download: bool = False, **options) -> Splits:
+    """The ``multiview`` data set: :func:`make_multiview` with :data:`MULTIVIEW_DEFAULTS` updated
+    by ``options`` (``n_train``, ``n_test``, ``patch_dim``, ``patches``, ``noise``, ``seed``);
+    nothing is read or written."""
+    unknown = sorted(set(options) - set(MULTIVIEW_DEFAULTS))
+    if unknown:
+        raise KDConfigError(f"multiview: unknown option(s) {unknown}; valid: "
+                            f"{', '.join(MULTIVIEW_DEFAULTS)}.")
+    o = {**MULTIVIEW_DEFAULTS, **options}
+    common = dict(patch_dim=int(o["patch_dim"]), patches=int(o["patches"]), noise=float(o["noise"]),
+                  seed=int(o["seed"]))
+    train = make_multiview(int(o["n_train"]), stream=1, **common)
+    test = make_multiview(int(o["n_test"]), stream=2, **common)
+    return Splits("multiview", train.x, train.y, test.x, test.y, 2)
+
+
+def source_input_shape(name: str, options: dict | None) -> tuple[int, ...] | None:
+    """The example shape of a data set built with ``options`` (``None``: not known in advance)."""
+    if name == "multiview":
+        o = {**MULTIVIEW_DEFAULTS, **(options or {})}
+        return (1, int(o["patches"]) * int(o["patch_dim"]))
+    return None
+
 SOURCES = {
     "mnist1d": load_mnist1d,
     "digits": load_digits,
+    "multiview": load_multiview,
     **{name: functools.partial(_load_torchvision, name) for name in _TV},
 }
 
 
-def load_source(name: str, root: str | None = "data", download: bool = False) -> Splits:
-    """Load data set ``name`` (one of :data:`SOURCES`) into memory."""
+def load_source(name: str, root: str | None = "data", download: bool = False,
+                options: dict | None = None) -> Splits:
+    """Load data set ``name`` (one of :data:`SOURCES`) into memory; ``options`` are keyword
+    arguments of its source (only ``multiview`` takes any, see :func:`load_multiview`)."""
     if name not in SOURCES:
         raise KDConfigError(
             f"unknown dataset '{name}'. Valid names: {', '.join(sorted(SOURCES))}.")
+    if name == "multiview":
+        return load_multiview(root, download, **(options or {}))
+    if options:
+        raise KDConfigError(f"dataset '{name}' takes no source options (got {options}); only "
+                            f"multiview does.")
     if name in ("mnist1d", "digits"):
         return SOURCES[name](root=root)
     return SOURCES[name](root, download)

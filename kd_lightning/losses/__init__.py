@@ -79,3 +79,7 @@ __all__ += ["CRDEmbed", "CRDMemoryBank", "crd_loss", "crd_nce_loss",
             "ofd_loss", "ofd_margin", "ofd_margin_from_bn", "ofd_partial_l2", "ofd_stage_weights",
             "ABF", "build_abfs", "hcl_loss", "review_chain",
             "VIDRegressor", "vid_loss"]
+
+from kd_lightning.losses.online import deep_mutual_learning_loss
+
+__all__ += ["deep_mutual_learning_loss"]

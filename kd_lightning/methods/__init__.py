@@ -43,3 +43,7 @@ from kd_lightning.methods.review import ReviewKD
 from kd_lightning.methods.vid import VID
 
 __all__ += ["VID", "FactorTransfer", "CRD", "OFD", "ReviewKD"]
+
+from kd_lightning.methods.dml import DeepMutualLearning
+
+__all__ += ["DeepMutualLearning"]

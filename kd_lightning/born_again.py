@@ -1,0 +1,301 @@
+r"""``kd-lightning-born-again``: self-distillation over generations (born-again networks).
+
+Furlanello, Lipton, Tschannen, Itti & Anandkumar, "Born Again Neural Networks", ICML 2018.
+Generation 0 is trained on the labels alone; generation ``k >= 1`` has the same architecture and
+is distilled from generation ``k - 1`` as a frozen teacher (the "teacher as student, unchanged"
+of the seed's teacher-student architectures). The ensemble of generations averages their softmax
+outputs, :math:`p_{ens}(x) = \frac{1}{k+1} \sum_{i=0}^{k} p_i(x)` (the paper's BAN ensembles).
+
+Usage::
+
+    kd-lightning-born-again --config configs/mnist1d/born_again.yaml --generations 3 \
+        [--output born_again/mnist1d] [--pure-kd] [any kd-lightning fit argument ...]
+
+The config is an ordinary ``kd-lightning fit`` config of a method that distils from a teacher
+(``kd_lightning.methods.ResponseKD``: CE + KL; ``--pure-kd`` trains generations ``>= 1`` on the
+teacher's soft targets alone, the paper's BAN loss), without a ``teacher``: this command sets
+it. Every generation runs ``kd-lightning fit`` (through :func:`kd_lightning.study.runner.run_kd_lightning`,
+in a subprocess of its own under DDP) with the config it writes to ``<output>/gen<k>.yaml``:
+
+- generation 0: ``kd_lightning.methods.Supervised`` with the config's student, optimiser and
+  schedule (the method's own arguments dropped);
+- generation ``k``: the config's method with ``teacher`` = the student's architecture and
+  ``teacher_checkpoint`` = generation ``k - 1``'s ``best.ckpt`` (best validation accuracy, the
+  checkpoint ``fit`` tests);
+- ``seed_everything`` = the config's seed + ``k``, so each generation starts from its own
+  initialisation.
+
+Logs and checkpoints go to ``<output>/gen<k>/run/``; a generation is finished once
+``<output>/gen<k>/result.json`` exists. Rerunning the command skips finished generations and
+resumes an interrupted one from its ``last.ckpt``, so a killed run continues in the right
+generation (and ``--generations`` can be raised later to add generations). At the end it prints
+and writes ``results.md`` / ``results.csv``: each generation's test accuracy and that of the
+ensemble of generations ``0..k``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import csv
+import hashlib
+import inspect
+import io
+import json
+import logging
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from unittest import mock
+
+import torch
+import yaml
+
+from kd_lightning import KDConfigError
+
+SUPERVISED = "kd_lightning.methods.Supervised"
+
+
+def _load_config(path: Path) -> dict:
+    if not path.is_file():
+        raise KDConfigError(f"born-again: config {path} not found.")
+    cfg = yaml.safe_load(path.read_text()) or {}
+    model = cfg.get("model")
+    if not isinstance(model, dict) or "class_path" not in model:
+        raise KDConfigError(f"born-again: {path} has no model.class_path; give a kd-lightning fit "
+                            f"config of a distillation method, e.g. kd_lightning.methods.ResponseKD.")
+    init = model.get("init_args") or {}
+    if "student" not in init:
+        raise KDConfigError(f"born-again: {path} has no model.init_args.student; every generation "
+                            f"trains that architecture.")
+    if init.get("teacher") is not None or init.get("teacher_checkpoint") is not None:
+        raise KDConfigError(f"born-again: {path} sets model.init_args.teacher/teacher_checkpoint; "
+                            f"remove them: generation k's teacher is generation k - 1.")
+    return cfg
+
+
+def _method_class(class_path: str):
+    import importlib
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        raise KDConfigError(f"born-again: model.class_path {class_path!r} cannot be imported.") from None
+
+
+def generation_config(cfg: dict, k: int, output: Path, pure_kd: bool = False) -> dict:
+    """The ``kd-lightning fit`` config of generation ``k`` (see the module docstring)."""
+    from kd_lightning.methods import DistillationModule
+
+    gen = copy.deepcopy(cfg)
+    model = gen["model"]
+    init = dict(model.get("init_args") or {})
+    if k == 0:
+        base_args = set(inspect.signature(DistillationModule.__init__).parameters) - {"self"}
+        init = {key: v for key, v in init.items() if key in base_args}
+        model["class_path"] = SUPERVISED
+    else:
+        cls = _method_class(model["class_path"])
+        if not getattr(cls, "requires_teacher", False):
+            raise KDConfigError(
+                f"born-again: {model['class_path']} does not distil from a teacher network; give "
+                f"a method that does (e.g. kd_lightning.methods.ResponseKD) in model.class_path.")
+        init["teacher"] = copy.deepcopy(init["student"])
+        init["teacher_checkpoint"] = str(checkpoint_dir(output, k - 1) / "best.ckpt")
+        if pure_kd:
+            init["ce_weight"], init["kd_weight"] = 0.0, 1.0
+    model["init_args"] = init
+    gen["seed_everything"] = int(cfg.get("seed_everything") or 0) + k
+    trainer = gen.setdefault("trainer", {}) or {}
+    gen["trainer"] = trainer
+    trainer["logger"] = {"class_path": "pytorch_lightning.loggers.TensorBoardLogger",
+                         "init_args": {"save_dir": str(output), "name": f"gen{k}", "version": "run"}}
+    return gen
+
+
+def checkpoint_dir(output: Path, k: int) -> Path:
+    return output / f"gen{k}" / "run" / "checkpoints"
+
+
+def result_file(output: Path, k: int) -> Path:
+    return output / f"gen{k}" / "result.json"
+
+
+def _identity(config: Path, extra: list[str], pure_kd: bool) -> str:
+    text = json.dumps({"config": config.read_text(), "args": extra, "pure_kd": pure_kd})
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _claim_output(output: Path, identity: str, overwrite: bool) -> None:
+    meta = output / "born_again.json"
+    if meta.is_file():
+        saved = json.loads(meta.read_text()).get("identity")
+        if saved != identity:
+            if not overwrite:
+                raise KDConfigError(
+                    f"born-again: {output} holds generations of another configuration (config "
+                    f"file, arguments or --pure-kd differ); give another --output, or --overwrite "
+                    f"to delete them.")
+            import shutil
+
+            shutil.rmtree(output)
+    output.mkdir(parents=True, exist_ok=True)
+    meta.write_text(json.dumps({"identity": identity}))
+
+
+def run_generations(config: str | Path, generations: int, output: str | Path,
+                    extra: list[str] | None = None, pure_kd: bool = False,
+                    overwrite: bool = False, log=print) -> list[dict]:
+    """Train generations ``0..generations-1`` (skipping finished ones), then evaluate each and the
+    ensembles of generations ``0..k`` on the test split. Returns one row per generation."""
+    from kd_lightning.study.runner import RunFailed, needs_subprocess, run_kd_lightning
+    from kd_lightning.study.spec import parse_run
+
+    config, output, extra = Path(config), Path(output).resolve(), list(extra or [])
+    if generations < 1:
+        raise KDConfigError(f"born-again: --generations must be >= 1, got {generations}.")
+    cfg = _load_config(config)
+    gen_cfgs = [generation_config(cfg, k, output, pure_kd) for k in range(generations)]
+    paths = [output / f"gen{k}.yaml" for k in range(generations)]
+    parsed = []
+    with tempfile.TemporaryDirectory() as tmp:  # every generation must parse before anything is written
+        for k, gen_cfg in enumerate(gen_cfgs):
+            path = Path(tmp) / f"gen{k}.yaml"
+            path.write_text(yaml.safe_dump(gen_cfg, sort_keys=False))
+            parsed.append(parse_run(str(path), extra, f"born-again generation {k}"))
+    _claim_output(output, _identity(config, extra, pure_kd), overwrite)
+    for path, gen_cfg in zip(paths, gen_cfgs):
+        path.write_text(yaml.safe_dump(gen_cfg, sort_keys=False))
+
+    for k in range(generations):
+        done = result_file(output, k)
+        if done.is_file():
+            log(f"generation {k}: finished before ({json.loads(done.read_text())['test_acc']:.4f}), skipped")
+            continue
+        args = ["fit", "--config", str(paths[k]), *extra]
+        last = checkpoint_dir(output, k) / "last.ckpt"
+        if last.is_file():
+            args += ["--ckpt_path", str(last)]
+            log(f"generation {k}: resuming from {last}")
+        else:
+            log(f"generation {k}: training" + (" (labels only)" if k == 0 else f" from generation {k - 1}"))
+        try:
+            metrics = run_kd_lightning(args, output / f"gen{k}" / "run.log", needs_subprocess(parsed[k]))
+        except RunFailed as err:
+            raise KDConfigError(f"born-again: generation {k} failed ({err}); see "
+                                f"{output / f'gen{k}' / 'run.log'}. Finished generations are kept; "
+                                f"rerun the command to continue.") from None
+        best = checkpoint_dir(output, k) / "best.ckpt"
+        if not best.is_file() or "test/acc" not in metrics:
+            raise KDConfigError(f"born-again: generation {k} wrote no {best} or no test/acc (is "
+                                f"validation switched off?); see {output / f'gen{k}' / 'run.log'}.")
+        done.write_text(json.dumps({"test_acc": metrics["test/acc"], "checkpoint": str(best)}))
+        log(f"generation {k}: test accuracy {metrics['test/acc']:.4f}")
+
+    rows = evaluate_generations(paths[0], [checkpoint_dir(output, k) / "best.ckpt"
+                                           for k in range(generations)], extra)
+    for k, row in enumerate(rows):
+        row["logged_test_acc"] = json.loads(result_file(output, k).read_text())["test_acc"]
+    write_results(rows, output)
+    return rows
+
+
+@torch.no_grad()
+def evaluate_generations(gen0_config: Path, checkpoints: list[Path], extra: list[str]) -> list[dict]:
+    """Test accuracy of each generation's student and of the ensemble (mean softmax) of
+    generations ``0..k``, on the test split of the generation-0 config's data module."""
+    from kd_lightning.cli import cli_main
+
+    quiet = io.StringIO()
+    with mock.patch.object(sys, "argv", ["kd-lightning"]), contextlib.redirect_stdout(quiet), \
+            contextlib.redirect_stderr(quiet), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cli = cli_main(["--config", str(gen0_config), *extra, "--trainer.logger", "false",
+                        "--trainer.devices", "1", "--trainer.strategy", "auto",
+                        "--trainer.accelerator", "cpu"], run=False)
+    student, dm = cli.model.student, cli.datamodule
+    dm.setup("test")
+    loader = dm.test_dataloader()
+    probs = []
+    for ckpt in checkpoints:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+        student.load_state_dict({k[len("student."):]: v for k, v in state.items()
+                                 if k.startswith("student.")})
+        student.eval()
+        probs.append(torch.cat([student(x).float().softmax(-1) for x, _, _ in loader]))
+    y = torch.cat([y for _, y, _ in loader])
+    rows = []
+    for k, p in enumerate(probs):
+        ensemble = torch.stack(probs[:k + 1]).mean(0)
+        rows.append({"generation": k, "teacher": "labels" if k == 0 else f"generation {k - 1}",
+                     "test_acc": float((p.argmax(-1) == y).float().mean()),
+                     "ensemble_test_acc": float((ensemble.argmax(-1) == y).float().mean())})
+    return rows
+
+
+def results_table(rows: list[dict]) -> str:
+    lines = ["| generation | trained from | test acc. (%) | ensemble of generations 0..k (%) |",
+             "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['generation']} | {r['teacher']} | {100 * r['test_acc']:.2f} | "
+                     f"{100 * r['ensemble_test_acc']:.2f} |")
+    return "\n".join(lines)
+
+
+def write_results(rows: list[dict], output: Path) -> None:
+    (output / "results.md").write_text(results_table(rows) + "\n")
+    with open(output / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="kd-lightning-born-again",
+        description="Born-again networks (Furlanello et al. 2018): generation 0 on the labels, "
+                    "generation k distilled from generation k-1 (same architecture); reports "
+                    "each generation's test accuracy and that of their ensemble.",
+        epilog="Any other argument (e.g. --trainer.max_epochs 50, --data.train_subset 500, "
+               "--trainer.precision bf16-mixed) is passed to every generation's kd-lightning fit.")
+    parser.add_argument("--config", required=True,
+                        help="kd-lightning fit config of the distillation method, without a teacher")
+    parser.add_argument("--generations", type=int, default=3,
+                        help="number of generations including generation 0 (default 3)")
+    parser.add_argument("--output", default=None,
+                        help="folder of the generations (default: born_again/<config name>)")
+    parser.add_argument("--pure-kd", action="store_true",
+                        help="generations >= 1 learn from the teacher's soft targets alone "
+                             "(ce_weight 0, kd_weight 1)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete an output folder that holds another configuration's generations")
+    args, extra = parser.parse_known_args(argv)
+    output = Path(args.output or Path("born_again") / Path(args.config).stem)
+    import pytorch_lightning  # noqa: F401 - sets its loggers' levels on import; quieter below
+
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning_fabric").setLevel(logging.ERROR)
+    try:
+        rows = run_generations(args.config, args.generations, output, extra, args.pure_kd,
+                               args.overwrite)
+    except KDConfigError as err:
+        print(f"kd-lightning-born-again: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kd-lightning-born-again: interrupted; rerun the same command to continue.", file=sys.stderr)
+        return 130
+    print(results_table(rows))
+    print(f"written: {output / 'results.md'}, {output / 'results.csv'}")
+    return 0
+
+
+def cli() -> None:
+    """Console script ``kd-lightning-born-again``."""
+    raise SystemExit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    cli()
