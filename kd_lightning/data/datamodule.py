@@ -88,10 +88,10 @@ class DistillDataModule(pl.LightningDataModule):
     def __init__(self, dataset: str = "mnist1d", root: str = "data", download: bool = False,
                  batch_size: int = 100, eval_batch_size: int | None = None,
                  train_subset: int | None = None, subset_seed: int = 0,
-                 unlabelled: int | str | None = None,
                  val_split: int | float = 0.1, split_seed: int = 0, augment: bool | str = False,
                  normalize: str = "standard", batched: bool = True, num_workers: int = 0,
-                 drop_last: bool = False, batches_per_step: int = 1) -> None:
+                 drop_last: bool = False, batches_per_step: int = 1,
+                 unlabelled: int | str | None = None) -> None:
         super().__init__()
         if dataset not in DATASET_INFO:
             raise KDConfigError(
