@@ -22,9 +22,9 @@ counts epochs; with unlabelled data ``alpha`` is set to ``0.95^(steps per epoch 
 them)``, so ``pi`` follows the same curve per optimizer step in both runs. Each run tests the
 checkpoint with the best validation accuracy of the student (``test_after_fit``). Printed: test
 accuracy (%) mean ± std over the seeds of the student p and, for MutualDistillation, of the
-rule teacher q at that checkpoint.
+rule teacher q at that checkpoint, and the rule weight lambda at the end of training.
 
-Run (one thread; the default table took about 15 minutes on a shared 2-core CPU)::
+Run (one thread; the default table is 48 runs of 10-25 s each on a quiet core, about 15 minutes)::
 
     OMP_NUM_THREADS=1 python benchmarks/unlabelled_mnist1d.py
     python benchmarks/unlabelled_mnist1d.py --budgets 100 --seeds 0 --variants response  # a slice
@@ -58,7 +58,7 @@ LABELS = {"student": "student alone", "response": "ResponseKD (CNN teacher)",
           "mutual_learnable": "MutualDistillation, learnable rule"}
 EXTRA = {"mutual_handset": ["--model.init_args.learn_lambda", "false"]}
 MUTUAL = ("mutual", "mutual_handset", "mutual_learnable")
-TAGS = ["test/acc", "test/acc_q", "test/teacher_acc"]
+TAGS = ["test/acc", "test/acc_q", "test/teacher_acc", "train/lambda_0"]
 TRAIN_SPLIT = 3600  # MNIST-1D: 4,000 training examples, 10% held out for validation
 
 
@@ -106,12 +106,12 @@ def read_scalars(log_dir: Path) -> dict[str, float]:
     return {t: acc.Scalars(t)[-1].value for t in TAGS if t in tags}
 
 
-def mean_std(values: list[float]) -> str:
+def mean_std(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
     if not values:
         return "–"
-    m = statistics.fmean(values) * 100
-    s = statistics.stdev(values) * 100 if len(values) > 1 else 0.0
-    return f"{m:.1f} ± {s:.1f}"
+    m = statistics.fmean(values) * scale
+    s = statistics.stdev(values) * scale if len(values) > 1 else 0.0
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
 def main() -> None:
@@ -149,14 +149,16 @@ def main() -> None:
           f"{args.seeds}; about {args.steps} optimizer steps per run (batch 100); \"+ unlabelled\": "
           f"the other {TRAIN_SPLIT} - M training examples without their labels"
           + (f"; CNN teacher {100 * teacher[0]:.1f}%" if teacher else "") + ".\n")
-    print("| M | method | p, M labels | p, M labels + unlabelled | q, M labels | q, M labels + unlabelled |")
-    print("|---|---|---|---|---|---|")
+    print("| M | method | p, M labels | p, M labels + unlabelled | q, M labels | q, M labels + unlabelled "
+          "| lambda, M labels | lambda, + unlabelled |")
+    print("|---|---|---|---|---|---|---|---|")
     for budget in args.budgets:
         for variant in args.variants:
             get = lambda tag, u: [r[tag] for r in results.get((budget, variant, u), []) if tag in r]  # noqa: E731
             row = [str(budget), LABELS[variant], mean_std(get("test/acc", False)),
                    mean_std(get("test/acc", True)), mean_std(get("test/acc_q", False)),
-                   mean_std(get("test/acc_q", True))]
+                   mean_std(get("test/acc_q", True)),
+                   mean_std(get("train/lambda_0", False), 1.0, 2), mean_std(get("train/lambda_0", True), 1.0, 2)]
             print("| " + " | ".join(row) + " |")
     print(f"\ntotal time {time.time() - started:.0f}s")
 
