@@ -14,7 +14,8 @@ from kd_lightning import KDConfigError
 from kd_lightning.data.dataset import (AUGMENTATIONS, NORMALIZATIONS, IndexedTensorDataset,
                                        MinibatchGroups, PerSampleDataset, batch_collate)
 from kd_lightning.data.sources import SOURCES, Splits, load_source, source_input_shape
-from kd_lightning.data.subset import stratified_subset, train_val_split
+from kd_lightning.data.subset import stratified_subset, train_val_split, unlabelled_subset
+from kd_lightning.losses.labels import UNLABELLED
 
 #: static facts about each data set, so the CLI can link them into models before loading data
 DATASET_INFO: dict[str, tuple[int, tuple[int, ...]]] = {
@@ -44,7 +45,18 @@ class DistillDataModule(pl.LightningDataModule):
             stratified per class (``M / num_classes`` each) from the training split by a pure
             function of ``(labels, M, subset_seed)``; ``None`` uses the whole training split. The
             chosen indices are written to ``train_subset.json`` in the run's log directory.
-        subset_seed: seed of the subset draw.
+        subset_seed: seed of the subset draw (and of the unlabelled draw).
+        unlabelled: ``U`` unlabelled transfer examples trained on beside the ``M`` labelled ones:
+            a number, ``"rest"`` (every training-split example outside the labelled subset) or
+            ``None`` (none; 0 is the same). They come from the training split minus the labelled
+            subset (never the validation split), drawn uniformly at random by a pure function of
+            ``(labels, M, subset_seed, U)`` (:func:`~kd_lightning.data.unlabelled_subset`), so
+            every DDP rank and every rerun has the same ones; the labelled subset is the one
+            drawn without them. They are shuffled into the training batches with label
+            ``y = UNLABELLED`` (-1), so batches stay ``(x, y, index)``: methods use them in their
+            distillation terms and skip them in their label terms (README, "Unlabelled transfer
+            data"). Needs ``train_subset``. Their indices are written to ``train_subset.json``
+            with the labelled ones.
         val_split: fraction (or count) of the source training set held out for validation.
         split_seed: seed of the validation split (kept fixed across few-data runs so every run is
             validated on the same examples).
@@ -83,7 +95,8 @@ class DistillDataModule(pl.LightningDataModule):
                  val_split: int | float = 0.1, split_seed: int = 0, augment: bool | str = False,
                  normalize: str = "standard", batched: bool = True, num_workers: int = 0,
                  drop_last: bool = False, batches_per_step: int = 1,
-                 source_options: dict | None = None) -> None:
+                 source_options: dict | None = None,
+                 unlabelled: int | str | None = None) -> None:
         super().__init__()
         if dataset not in DATASET_INFO:
             raise KDConfigError(
@@ -99,6 +112,7 @@ class DistillDataModule(pl.LightningDataModule):
                 f"train_subset={train_subset} is smaller than the number of classes of {dataset} "
                 f"({k}): a stratified subset needs at least one example per class. Use "
                 f"train_subset >= {k}, or null for the full training set.")
+        unlabelled = _check_unlabelled(unlabelled, train_subset)
         augment = {True: "crop_flip", False: "none"}.get(augment, augment)
         if augment not in AUGMENTATIONS:
             raise KDConfigError(
@@ -121,6 +135,7 @@ class DistillDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or max(batch_size, 500)
         self.train_subset, self.subset_seed = train_subset, subset_seed
+        self.unlabelled = unlabelled
         self.val_split, self.split_seed = val_split, split_seed
         self.augment, self.normalize, self.batched = augment, normalize, batched
         self.num_workers, self.drop_last = num_workers, drop_last
@@ -130,7 +145,12 @@ class DistillDataModule(pl.LightningDataModule):
         self.train_dataset: IndexedTensorDataset | None = None
         self.val_dataset: IndexedTensorDataset | None = None
         self.test_dataset: IndexedTensorDataset | None = None
+        #: source positions the training loader serves (labelled and unlabelled), sorted
         self.train_indices: np.ndarray | None = None
+        #: the labelled ones (the stratified subset, or the whole training split)
+        self.labelled_indices: np.ndarray | None = None
+        #: the unlabelled transfer examples (empty without ``unlabelled``)
+        self.unlabelled_indices: np.ndarray | None = None
         self.val_indices: np.ndarray | None = None
         if not download:
             # load now (all sets are in memory anyway) so that missing files or an impossible
@@ -145,6 +165,15 @@ class DistillDataModule(pl.LightningDataModule):
     @property
     def input_shape(self) -> tuple[int, ...]:
         return source_input_shape(self.dataset, self.source_options) or DATASET_INFO[self.dataset][1]
+
+    @property
+    def num_unlabelled(self) -> int:
+        """Number of unlabelled transfer examples in the training set (0 without them)."""
+        if self.unlabelled is None:
+            return 0
+        if self.unlabelled_indices is None:
+            self._draw_indices()
+        return len(self.unlabelled_indices)
 
     @property
     def deterministic_train(self) -> bool:
@@ -169,21 +198,38 @@ class DistillDataModule(pl.LightningDataModule):
                                     normalize=self.normalize)
 
     def _draw_indices(self) -> None:
-        """Validation split and (stratified) training subset: pure functions of the config."""
+        """Validation split, (stratified) labelled subset and unlabelled transfer subset: pure
+        functions of the config."""
         s = self.splits()
         pool, val = train_val_split(len(s.y_train), self.val_split, self.split_seed)
+        labelled, unlabelled = pool, pool[:0]
         if self.train_subset is not None:
             chosen = stratified_subset(s.y_train[pool].numpy(), self.train_subset,
                                        self.subset_seed, s.num_classes)
-            pool = pool[chosen]
-        self.train_indices, self.val_indices = pool, val
+            labelled = pool[chosen]
+            if self.unlabelled is not None:
+                unlabelled = pool[unlabelled_subset(len(pool), chosen, self.unlabelled,
+                                                    self.subset_seed)]
+        self.labelled_indices, self.unlabelled_indices = labelled, unlabelled
+        self.train_indices = np.union1d(labelled, unlabelled).astype(np.int64)
+        self.val_indices = val
+
+    def _train_labels(self):
+        """The training split's labels as the training loader serves them: ``UNLABELLED`` at
+        the unlabelled transfer examples."""
+        y = self.splits().y_train
+        if not len(self.unlabelled_indices):
+            return y
+        y = y.clone()
+        y[self.unlabelled_indices] = UNLABELLED
+        return y
 
     def setup(self, stage: str | None = None) -> None:
         s = self.splits()
         if stage in (None, "fit", "validate") and self.train_dataset is None:
             if self.train_indices is None:
                 self._draw_indices()
-            self.train_dataset = self._dataset(s.x_train, s.y_train, self.train_indices,
+            self.train_dataset = self._dataset(s.x_train, self._train_labels(), self.train_indices,
                                                augment=self.augment)
             self.val_dataset = self._dataset(s.x_train, s.y_train, self.val_indices)
             self._check_ranks_agree()
@@ -197,15 +243,17 @@ class DistillDataModule(pl.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is None or trainer.world_size < 2:
             return
-        digest = hashlib.sha1(np.ascontiguousarray(self.train_indices).tobytes()).hexdigest()
+        drawn = np.concatenate([self.labelled_indices, [-1], self.unlabelled_indices])
+        digest = hashlib.sha1(np.ascontiguousarray(drawn, dtype=np.int64).tobytes()).hexdigest()
         if trainer.strategy.broadcast(digest, src=0) != digest:
             raise KDConfigError(
                 f"rank {trainer.global_rank} drew a different training subset than rank 0; give "
-                f"every process the same data.train_subset / data.subset_seed / data.val_split.")
+                f"every process the same data.train_subset / data.subset_seed / data.unlabelled / "
+                f"data.val_split.")
 
     def _write_subset_indices(self) -> None:
         trainer = getattr(self, "trainer", None)
-        if trainer is None or trainer.logger is None or self.train_indices is None:
+        if trainer is None or trainer.logger is None or self.labelled_indices is None:
             return
         log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
         if not trainer.is_global_zero or log_dir is None:
@@ -215,8 +263,10 @@ class DistillDataModule(pl.LightningDataModule):
         path.write_text(json.dumps({
             "dataset": self.dataset, "train_subset": self.train_subset,
             "subset_seed": self.subset_seed, "val_split": self.val_split,
-            "split_seed": self.split_seed, "num_examples": int(len(self.train_indices)),
-            "indices": [int(i) for i in self.train_indices]}))
+            "split_seed": self.split_seed, "num_examples": int(len(self.labelled_indices)),
+            "indices": [int(i) for i in self.labelled_indices],
+            "unlabelled": self.unlabelled, "num_unlabelled": int(len(self.unlabelled_indices)),
+            "unlabelled_indices": [int(i) for i in self.unlabelled_indices]}))
 
     def _loader(self, ds: IndexedTensorDataset, batch_size: int, shuffle: bool,
                 drop_last: bool = False, group: int = 1) -> DataLoader:
@@ -250,11 +300,12 @@ class DistillDataModule(pl.LightningDataModule):
 
     def state_dict(self) -> dict:
         return {"train_subset": self.train_subset, "subset_seed": self.subset_seed,
-                "dataset": self.dataset, "batches_per_step": self.batches_per_step}
+                "unlabelled": self.unlabelled, "dataset": self.dataset,
+                "batches_per_step": self.batches_per_step}
 
     def load_state_dict(self, state_dict: dict) -> None:
         # the subset is a pure function of the configuration; refuse to silently change it
-        for key in ("dataset", "train_subset", "subset_seed"):
+        for key in ("dataset", "train_subset", "subset_seed", "unlabelled"):
             if key in state_dict and state_dict[key] != getattr(self, key):
                 raise KDConfigError(
                     f"the checkpoint was trained with data.{key}={state_dict[key]!r} but this run "
@@ -270,3 +321,26 @@ class DistillDataModule(pl.LightningDataModule):
                 f"loses the step count. Resume with data.batches_per_step={saved_k}.")
 
 
+
+
+def _check_unlabelled(unlabelled, train_subset: int | None) -> int | str | None:
+    """``unlabelled`` as the data module keeps it: a count >= 1, ``"rest"``, or ``None``."""
+    if unlabelled is None:
+        return None
+    if isinstance(unlabelled, bool) or not isinstance(unlabelled, (int, str)):
+        raise KDConfigError(f"unlabelled={unlabelled!r}: give a number of unlabelled examples, "
+                            f"'rest' or null.")
+    if isinstance(unlabelled, str) and unlabelled != "rest":
+        raise KDConfigError(f"unlabelled={unlabelled!r}: give a number of unlabelled examples, "
+                            f"'rest' (every training example outside the labelled subset) or null.")
+    if isinstance(unlabelled, int) and unlabelled < 0:
+        raise KDConfigError(f"unlabelled={unlabelled} is negative; give a number of unlabelled "
+                            f"examples >= 0, 'rest' or null.")
+    if unlabelled == 0:
+        return None
+    if train_subset is None:
+        raise KDConfigError(
+            f"unlabelled={unlabelled!r} needs train_subset: without it every training example is "
+            f"labelled and none is left to use unlabelled. Set train_subset (M labelled "
+            f"examples; the unlabelled ones are drawn from the rest of the training split).")
+    return unlabelled

@@ -1,6 +1,6 @@
-"""Stratified few-data subsets and seeded validation splits.
+"""Stratified few-data subsets, unlabelled transfer subsets and seeded validation splits.
 
-Both are pure functions of their arguments (no global RNG), so every DDP rank, every rerun and
+All three are pure functions of their arguments (no global RNG), so every DDP rank, every rerun and
 every machine draws the same indices for the same ``(labels, m, seed)``.
 """
 
@@ -73,3 +73,36 @@ def train_val_split(n: int, val_split: float | int, seed: int = 0) -> tuple[np.n
         raise KDConfigError(f"val_split={val_split} leaves no training data out of {n} examples.")
     perm = np.random.Generator(np.random.PCG64(seed)).permutation(n)
     return np.sort(perm[n_val:]).astype(np.int64), np.sort(perm[:n_val]).astype(np.int64)
+
+
+def unlabelled_subset(n: int, labelled: Sequence[int] | np.ndarray, count: int | str,
+                      seed: int = 0) -> np.ndarray:
+    """Return positions into ``range(n)`` outside ``labelled``, as a sorted int64 array: the
+    unlabelled transfer examples beside a labelled subset.
+
+    ``count`` is a number of examples (drawn uniformly at random without replacement, seeded;
+    the draw looks at no label, as unlabelled data comes in practice) or ``"rest"`` (every
+    position outside ``labelled``). The random stream is ``PCG64([seed, 1])``, separate from
+    :func:`stratified_subset`'s ``PCG64(seed)``; the result depends only on
+    ``(n, labelled, count, seed)``.
+
+    Raises :class:`KDConfigError` if ``count`` is negative or larger than what is left.
+    """
+    taken = np.zeros(n, dtype=bool)
+    taken[np.asarray(labelled, dtype=np.int64)] = True
+    rest = np.nonzero(~taken)[0].astype(np.int64)
+    if isinstance(count, str):
+        if count != "rest":
+            raise KDConfigError(f"unlabelled={count!r}: give a number of examples or 'rest'.")
+        return rest
+    count = int(count)
+    if count < 0:
+        raise KDConfigError(f"unlabelled={count} is negative; give a number of unlabelled "
+                            f"examples >= 0, 'rest' or null.")
+    if count > len(rest):
+        raise KDConfigError(
+            f"unlabelled={count} is larger than what the training split has left beside the "
+            f"{int(taken.sum())} labelled examples ({len(rest)}). Use unlabelled <= {len(rest)}, "
+            f"or 'rest' for all of them.")
+    rng = np.random.Generator(np.random.PCG64([seed, 1]))
+    return np.sort(rng.choice(rest, size=count, replace=False)).astype(np.int64)

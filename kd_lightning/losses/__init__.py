@@ -3,6 +3,7 @@
 Each function documents its formula and the paper it comes from.
 """
 
+from kd_lightning.losses.labels import UNLABELLED, labelled_cross_entropy, labelled_mask, labelled_mean
 from kd_lightning.losses.response import (
     kd_loss,
     logit_matching_loss,
@@ -11,7 +12,8 @@ from kd_lightning.losses.response import (
     soft_cross_entropy,
 )
 
-__all__ = ["kd_loss", "logit_matching_loss", "response_kd_loss", "response_terms", "soft_cross_entropy"]
+__all__ = ["kd_loss", "logit_matching_loss", "response_kd_loss", "response_terms", "soft_cross_entropy",
+           "UNLABELLED", "labelled_cross_entropy", "labelled_mask", "labelled_mean"]
 
 from kd_lightning.losses.relation import pairwise_distances, rkd_angle_loss, rkd_distance_loss, rkd_loss
 from kd_lightning.losses.wasserstein import input_gradient_norm, wasserstein_kd_loss

@@ -200,6 +200,10 @@ class CRDMemoryBank(nn.Module):
         exceeds the smallest number of candidates of an anchor, in which case every anchor's are
         drawn with replacement (the reference code does the same per example).
 
+        Unlabelled examples (label ``-1``, in ``targets`` or in the pool labels) have no known
+        class: an unlabelled anchor gets uniform negatives (any pool example but itself), and an
+        unlabelled pool example is a candidate negative for every anchor.
+
         All randomness comes from ``generator`` (on the bank's device), so ranks seeded alike
         draw alike (see the module docstring). Memory: a ``[B, pool size]`` weight matrix.
         """
@@ -224,7 +228,8 @@ class CRDMemoryBank(nn.Module):
             if y.shape != idx.shape:
                 raise KDConfigError(f"sample_negatives: {y.numel()} targets for {idx.numel()} "
                                     f"indices.")
-            exclude |= self.pool_labels.unsqueeze(0) == y.unsqueeze(1)
+            same_class = self.pool_labels.unsqueeze(0) == y.unsqueeze(1)
+            exclude |= same_class & (y >= 0).unsqueeze(1)  # -1 (unlabelled) excludes no class
         weights = (~exclude).float()
         available = weights.sum(1)
         if bool((available == 0).any()):

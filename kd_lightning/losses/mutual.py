@@ -8,6 +8,14 @@ Notation: ``p = p_theta(y|x)`` the student, ``r_l(x, y)`` in [0, 1] the rules
 
 Shapes: logits ``[B, K]``, rule values ``[L, B, K]`` (a single ``[B, K]`` is taken as ``L = 1``),
 rule weights ``[L]``, targets ``[B]`` (class indices). Everything is computed in float32.
+
+Unlabelled examples (``targets == -1``, :data:`~kd_lightning.losses.UNLABELLED`): ``q`` needs no
+label, so every term built from ``q`` alone uses them; every term built from the label ``y``
+averages over the labelled rows only (and is 0 on a batch without one). Per function: the student's
+cross-entropy skips them and its soft term ``l(q, p)`` uses them (:func:`mutual_student_loss`); the
+rule-weight likelihood is of the labels, so it skips them (:func:`rule_weight_loss`); the
+knowledge objective's label part skips them and its ``E_q[h]`` part uses them
+(:func:`knowledge_loss`).
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import math
 import torch.nn.functional as F
 from torch import Tensor
 
+from kd_lightning.losses.labels import labelled_cross_entropy, labelled_mean
 from kd_lightning.losses.response import soft_cross_entropy
 
 
@@ -73,11 +82,14 @@ def mutual_student_loss(student_logits: Tensor, targets: Tensor, teacher_probs: 
     ``label_loss`` replaces the first term's ``l(y, p)`` when given (e.g. Hinton's
     :func:`~kd_lightning.losses.response_kd_loss` when a network teacher joins the rules).
 
+    The first term averages over the labelled rows (``targets != -1``), the second over every
+    row: ``q`` needs no label.
+
     Returns ``(total, ce, soft)`` so a caller can log each term (``ce`` is always ``l(y, p)``).
     """
     if not 0.0 <= pi <= 1.0:
         raise ValueError(f"pi must be in [0, 1], got {pi}")
-    ce = F.cross_entropy(student_logits.float(), targets)
+    ce = labelled_cross_entropy(student_logits, targets)
     soft = soft_cross_entropy(student_logits, teacher_probs)
     first = ce if label_loss is None else label_loss
     return (1.0 - pi) * first + pi * soft, ce, soft
@@ -96,11 +108,13 @@ def rule_weight_loss(student_logits: Tensor, rule_values: Tensor, rule_weights: 
     constants, so only ``lambda`` receives a gradient:
     ``dL/dlambda_l = -C mean_n (r_l(x_n, y_n) - E_q[r_l(x_n, .)])`` -- a rule that favours the
     true label more than the teacher does on average gets more weight. Keeping ``lambda >= 0``
-    is the optimiser's job (see :class:`~kd_lightning.methods.MutualDistillation`).
+    is the optimiser's job (see :class:`~kd_lightning.methods.MutualDistillation`). The sum runs
+    over the labelled rows (``targets != -1``) only: it is the likelihood of the labels; 0 on a
+    batch without a labelled row.
     """
     log_q = rule_regularized_teacher(student_logits.detach(), _as_rule_stack(rule_values).detach(),
                                      rule_weights, C)
-    return F.nll_loss(log_q, targets)
+    return labelled_mean(F.nll_loss(log_q, targets, ignore_index=-1, reduction="none"), targets)
 
 
 def knowledge_loss(rule_values: Tensor, targets: Tensor, teacher_probs: Tensor, pi_prime: float,
@@ -119,6 +133,10 @@ def knowledge_loss(rule_values: Tensor, targets: Tensor, teacher_probs: Tensor, 
     * ``objective="log_r"``: ``h = log r`` (clamped at ``log 1e-12``), the log-likelihood form:
       for a softmax rule it is the cross-entropy of the rule against the mixed target
       ``(1 - pi') onehot(y) + pi' q``.
+
+    With unlabelled rows (``targets == -1``) the label part averages over the labelled rows and
+    the ``E_q`` part over every row: ``-(1 - pi') mean_{n labelled} sum_l h_l(x_n, y_n)
+    - pi' mean_n sum_l E_q[h_l(x_n, .)]`` (the formula above when every row is labelled).
     """
     if not 0.0 <= pi_prime <= 1.0:
         raise ValueError(f"pi_prime must be in [0, 1], got {pi_prime}")
@@ -126,9 +144,10 @@ def knowledge_loss(rule_values: Tensor, targets: Tensor, teacher_probs: Tensor, 
         raise ValueError(f"objective must be 'r' or 'log_r', got {objective!r}")
     r = _as_rule_stack(rule_values).float()
     h = r if objective == "r" else r.clamp_min(1e-12).log()
-    onehot = F.one_hot(targets, r.shape[-1]).to(h.dtype)
-    target = (1.0 - pi_prime) * onehot + pi_prime * teacher_probs.detach().float()
-    return -(h * target).sum(-1).sum(0).mean()
+    onehot = F.one_hot(targets.clamp_min(0), r.shape[-1]).to(h.dtype)  # rows of -1 masked below
+    label_part = labelled_mean((h * onehot).sum(-1).sum(0), targets)
+    teacher_part = (h * teacher_probs.detach().float()).sum(-1).sum(0).mean()
+    return -((1.0 - pi_prime) * label_part + pi_prime * teacher_part)
 
 
 def imitation_weight(t: float, pi_0: float, alpha: float) -> float:

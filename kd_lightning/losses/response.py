@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from kd_lightning.losses.labels import labelled_cross_entropy
+
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0,
             reduction: str = "batchmean", detach_teacher: bool = True) -> Tensor:
@@ -55,9 +57,11 @@ def response_kd_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Te
 
     The paper's weighting is :math:`w_{ce} = 1 - \alpha`, :math:`w_{kd} = \alpha`; its MNIST
     experiment uses the soft targets alone (:math:`w_{ce} = 0`) or a small label weight.
+    The cross-entropy averages over the labelled rows (``targets != -1``,
+    :func:`~kd_lightning.losses.labelled_cross_entropy`), the soft term over every row.
     Returns ``(total, ce, kd)`` so a caller can log each term.
     """
-    ce = F.cross_entropy(student_logits.float(), targets)
+    ce = labelled_cross_entropy(student_logits, targets)
     kd = kd_loss(student_logits, teacher_logits, temperature)
     return ce_weight * ce + kd_weight * kd, ce, kd
 
@@ -66,8 +70,9 @@ def response_terms(student_logits: Tensor, targets: Tensor, teacher_logits: Tens
                    temperature: float, ce_weight: float, kd_weight: float) -> dict[str, Tensor]:
     r"""The terms of :func:`response_kd_loss` by name, weighted: ``loss_ce`` =
     :math:`w_{ce}\,CE(y, z_s)` and, when ``teacher_logits`` is given, ``loss_kd`` =
-    :math:`w_{kd}\,T^2\,\mathrm{KL}(\sigma(z_t/T) \| \sigma(z_s/T))`."""
-    terms = {"loss_ce": ce_weight * F.cross_entropy(student_logits.float(), targets)}
+    :math:`w_{kd}\,T^2\,\mathrm{KL}(\sigma(z_t/T) \| \sigma(z_s/T))`. The cross-entropy skips
+    unlabelled rows (``targets == -1``); the soft term uses every row."""
+    terms = {"loss_ce": ce_weight * labelled_cross_entropy(student_logits, targets)}
     if teacher_logits is not None:
         terms["loss_kd"] = kd_weight * kd_loss(student_logits, teacher_logits, temperature)
     return terms

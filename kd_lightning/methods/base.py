@@ -2,7 +2,10 @@
 
 Data flows one way: a batch ``(x, y, index)`` -> :meth:`DistillationModule.compute_losses` (the
 method: student forward, frozen teacher's outputs, loss terms from :mod:`kd_lightning.losses`) ->
-the base sums the named terms, logs them and hands the sum to the optimizer.
+the base sums the named terms, logs them and hands the sum to the optimizer. An unlabelled
+training example (``data.unlabelled``) has ``y = UNLABELLED`` (-1): a method's label terms skip it
+(:meth:`DistillationModule.labelled_rows`, :func:`~kd_lightning.losses.labelled_cross_entropy`),
+its distillation terms use it.
 
 A method is a subclass that holds its hyperparameters and implements ``compute_losses``; the base
 owns the rest once: the frozen teacher (:class:`~kd_lightning.models.teacher.FrozenTeacher`), which
@@ -28,6 +31,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from kd_lightning import KDConfigError
+from kd_lightning.losses.labels import labelled_mask
 from kd_lightning.metrics import DistillationError, TestUncertainty, dropout_modules
 from kd_lightning.models.taps import FeatureTaps
 from kd_lightning.models.teacher import FrozenTeacher
@@ -193,6 +197,12 @@ class DistillationModule(pl.LightningModule):
     def compute_losses(self, x: Tensor, y: Tensor, index: Tensor) -> Losses:
         """The method: student logits and the named, weighted loss terms for one minibatch."""
         raise NotImplementedError(f"{type(self).__name__} must implement compute_losses(x, y, index).")
+
+    @staticmethod
+    def labelled_rows(y: Tensor) -> Tensor:
+        """``[B]`` bool mask of the rows of a training batch that carry a label; the others are
+        unlabelled transfer examples (``y == UNLABELLED``), for distillation terms only."""
+        return labelled_mask(y)
 
     def minibatch_step(self, batch, batch_idx: int) -> Tensor:
         """One minibatch: the method's terms, summed and logged; returns the loss to minimise.

@@ -49,7 +49,11 @@ class CRD(FeatureDistillation):
     ``class_aware_negatives`` (the reference code's CIFAR-100 setting) to examples of other
     classes. ``K`` is clamped to the number of candidates an example has (the pool minus its own
     class, or minus itself), with a warning: with M = 500 MNIST-1D examples of 10 classes that is
-    450. The bank (``bank.memory_s``, ``bank.memory_t``, ``bank.log_z``) consists of persistent
+    450. Unlabelled training examples (``data.unlabelled``, label -1) are in the pool and in the
+    bank like the others; their class is unknown, so with ``class_aware_negatives`` an unlabelled
+    anchor draws its negatives uniformly and an unlabelled example is a candidate negative for
+    every anchor. The contrastive term uses every row, the cross-entropy the labelled ones.
+    The bank (``bank.memory_s``, ``bank.memory_t``, ``bank.log_z``) consists of persistent
     buffers, so checkpoints hold it (``2 N D`` floats: 51 MB for CIFAR-100) and a resumed run
     continues with the same bank; the draw counter of the negative sampler is saved too.
 
@@ -197,7 +201,8 @@ class CRD(FeatureDistillation):
         labels = self.bank.pool_labels
         n = self.bank.num_candidates
         if self.class_aware_negatives and labels is not None:
-            available = n - int(torch.bincount(labels).max())
+            known = labels[labels >= 0]  # unlabelled examples (-1) are candidates for every class
+            available = n - (int(torch.bincount(known).max()) if known.numel() else 0)
         else:
             available = n - 1
         if available < 1:

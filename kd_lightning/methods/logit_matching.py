@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 
-from kd_lightning.losses import logit_matching_loss
+from kd_lightning.losses import labelled_cross_entropy, logit_matching_loss
 from kd_lightning.methods.base import DistillationModule, Losses, check_weights
 
 
@@ -31,5 +30,5 @@ class LogitMatching(DistillationModule):
         match = logit_matching_loss(logits, self.teacher_logits(x, index))
         terms = {"loss_logit": self.transfer_weight * match}
         if self.ce_weight > 0:
-            terms["loss_ce"] = self.ce_weight * F.cross_entropy(logits.float(), y)
+            terms["loss_ce"] = self.ce_weight * labelled_cross_entropy(logits, y)
         return Losses(logits, terms)

@@ -7,11 +7,12 @@
 
 from __future__ import annotations
 
-import torch.nn.functional as F
+import torch
 
 from kd_lightning import KDConfigError
 from kd_lightning.losses.decoupled import dkd_terms, dkd_warmup_weight
 from kd_lightning.losses.dist import dist_terms
+from kd_lightning.losses.labels import UNLABELLED, labelled_cross_entropy
 from kd_lightning.losses.logit_standardization import standardized_kd_loss
 from kd_lightning.methods.base import DistillationModule, Losses, check_temperature, check_weights
 from kd_lightning.methods.response import ResponseKD
@@ -34,6 +35,11 @@ class DecoupledKD(DistillationModule):
     ``current_epoch`` (0-based), never stored, so a run resumed from a checkpoint continues it
     where it was; it is logged as ``train/dkd_warmup`` with the loss terms (the weight of the
     epoch that closes each logging window).
+
+    Unlabelled examples (``y = -1``): the split into target and non-target classes needs a
+    class ``t``; there the teacher's predicted class :math:`\arg\max_k z^T_k` stands in for it
+    (KD = TCKD + (1 - p^T_t) NCKD holds for any split, so this is still a decomposition of the
+    teacher's response), and the distillation terms use every row; the cross-entropy skips them.
 
     Logged terms (weighted): ``loss``, ``loss_ce``, ``loss_tckd`` (:math:`w(e)\,\alpha\,
     \mathrm{TCKD}`), ``loss_nckd`` (:math:`w(e)\,\beta\,\mathrm{NCKD}`).
@@ -72,9 +78,12 @@ class DecoupledKD(DistillationModule):
 
     def compute_losses(self, x, y, index):
         logits = self.student(x)
-        tckd, nckd = dkd_terms(logits, self.teacher_logits(x, index), y, self.temperature)
+        t_logits = self.teacher_logits(x, index)
+        # unlabelled rows split at the teacher's predicted class (see the class docstring)
+        split = torch.where(y == UNLABELLED, t_logits.argmax(-1), y)
+        tckd, nckd = dkd_terms(logits, t_logits, split, self.temperature)
         w = self.warmup_weight
-        return Losses(logits, {"loss_ce": self.ce_weight * F.cross_entropy(logits.float(), y),
+        return Losses(logits, {"loss_ce": self.ce_weight * labelled_cross_entropy(logits, y),
                                "loss_tckd": (w * self.target_weight) * tckd,
                                "loss_nckd": (w * self.non_target_weight) * nckd})
 
@@ -121,7 +130,7 @@ class DIST(DistillationModule):
     def compute_losses(self, x, y, index):
         logits = self.student(x)
         inter, intra = dist_terms(logits, self.teacher_logits(x, index), self.temperature)
-        return Losses(logits, {"loss_ce": self.ce_weight * F.cross_entropy(logits.float(), y),
+        return Losses(logits, {"loss_ce": self.ce_weight * labelled_cross_entropy(logits, y),
                                "loss_inter": self.inter_weight * inter,
                                "loss_intra": self.intra_weight * intra})
 
@@ -158,5 +167,5 @@ class StandardizedKD(ResponseKD):
     def compute_losses(self, x, y, index):
         logits = self.student(x)
         kd = standardized_kd_loss(logits, self.teacher_logits(x, index), self.temperature)
-        return Losses(logits, {"loss_ce": self.ce_weight * F.cross_entropy(logits.float(), y),
+        return Losses(logits, {"loss_ce": self.ce_weight * labelled_cross_entropy(logits, y),
                                "loss_kd": self.kd_weight * kd})

@@ -17,6 +17,7 @@ from kd_lightning import KDConfigError
 from kd_lightning.losses import (
     imitation_weight,
     knowledge_loss,
+    labelled_mean,
     mutual_student_loss,
     response_kd_loss,
     rule_regularized_teacher,
@@ -84,6 +85,18 @@ class MutualDistillation(DistillationModule):
     ``teacher`` (``teacher``/``teacher_checkpoint`` of the base class) can join it as in
     :class:`~kd_lightning.methods.ResponseKD`: the label term becomes
     :math:`(1-\pi)[w_{ce}\,CE(y, p) + w_{kd} T^2 KL(\sigma(z_t/T) \| \sigma(z_s/T))]`.
+
+    **Unlabelled transfer examples** (``data.unlabelled``, ``y = -1``): ``q`` is built from the
+    student and the rules, without the label, so it exists on every example. Per term:
+
+    * ``lambda`` (Eq. 6): the likelihood of the *labels* under ``q_lambda`` -- labelled rows only
+      (0 on a batch without one, and then ``lambda`` does not move);
+    * student (Eq. 3): ``(1 - pi) CE(y, p)`` over the labelled rows, ``pi softCE(q, p)`` over
+      every row (and, with a network teacher, its soft term over every row);
+    * knowledge ``phi`` (Eq. 5): ``(1 - pi') h_phi(x, y)`` over the labelled rows,
+      ``pi' E_q[h_phi(x, .)]`` over every row;
+    * the rules' ``fit_to_labelled`` sees the labelled examples only; ``train/acc`` and
+      ``train/acc_q`` count the labelled rows.
 
     **Logged.** ``train/loss`` (student objective), ``train/loss_ce``, ``train/loss_q``
     (softCE(q, p)), ``train/loss_kd`` (network teacher), ``train/loss_lambda`` (Eq. 6 NLL),
@@ -258,9 +271,10 @@ class MutualDistillation(DistillationModule):
         dm = getattr(self.trainer, "datamodule", None)
         ds = getattr(dm, "train_dataset", None)
         if ds is not None and len(ds) > 0 and hasattr(ds, "get_batch") and self.current_epoch == 0:
-            x, y, _ = ds.get_batch(torch.arange(len(ds)))  # the run's labelled examples only
+            x, y, _ = ds.get_batch(torch.arange(len(ds)))
+            keep = self.labelled_rows(y)  # the run's labelled examples only
             for rule in self.rules:
-                rule.fit_to_labelled(x.to(self.device), y.to(self.device))
+                rule.fit_to_labelled(x[keep].to(self.device), y[keep].to(self.device))
         use = (self.rule_cache is not False and self._rules_are_fixed() and ds is not None
                and bool(getattr(dm, "deterministic_train", False)) and len(ds) > 0
                and hasattr(ds, "get_batch"))
@@ -345,7 +359,7 @@ class MutualDistillation(DistillationModule):
             self._step(opts["phi"], loss_phi, counted=False)
             terms["loss_phi"] = loss_phi
 
-        acc_q = (log_q.argmax(-1) == y).float().mean()
+        acc_q = labelled_mean((log_q.argmax(-1) == y).float(), y)
         self.log_terms(logits, y, loss=loss, loss_ce=ce, loss_q=soft, acc_q=acc_q, **terms)
         return loss.detach()
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import nn
 
 from kd_lightning import KDConfigError
-from kd_lightning.losses import kd_loss, rkd_loss
+from kd_lightning.losses import kd_loss, labelled_cross_entropy, rkd_loss
 from kd_lightning.methods.base import DistillationModule, Losses, check_temperature, check_weights
 from kd_lightning.models.taps import FeatureTaps
 
@@ -73,7 +72,7 @@ class RelationKD(DistillationModule):
         (s_emb,) = self.student_taps.pop()
         t_logits, (t_emb,) = self.teacher_forward(x, index)
         rkd, dist, angle = rkd_loss(s_emb, t_emb, self.distance_weight, self.angle_weight)
-        terms = {"loss_ce": self.ce_weight * F.cross_entropy(logits.float(), y), "loss_rkd": rkd}
+        terms = {"loss_ce": self.ce_weight * labelled_cross_entropy(logits, y), "loss_rkd": rkd}
         if self.kd_weight > 0:
             terms["loss_kd"] = self.kd_weight * kd_loss(logits, t_logits, self.temperature)
         return Losses(logits, terms, {"loss_rkd_d": dist, "loss_rkd_a": angle})

@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from kd_lightning import KDConfigError
-from kd_lightning.losses import kd_loss, wasserstein_kd_loss
+from kd_lightning.losses import kd_loss, labelled_cross_entropy, wasserstein_kd_loss
 from kd_lightning.methods.base import DistillationModule, Losses, check_temperature, check_weights
 
 
@@ -100,7 +99,7 @@ class WassersteinKD(DistillationModule):
         self._check_finite(grad_norm)
         terms = {"loss_w": self.kd_weight * loss_w}
         if self.ce_weight > 0:
-            terms["loss_ce"] = self.ce_weight * F.cross_entropy(logits.float(), y)
+            terms["loss_ce"] = self.ce_weight * labelled_cross_entropy(logits, y)
         return Losses(logits, terms, {"loss_kd": loss_kd, "grad_norm": grad_norm})
 
     def _check_finite(self, grad_norm: torch.Tensor) -> None:

@@ -5,7 +5,8 @@ runs an epoch can be a single step. So a step only keeps references to its detac
 its predicted classes (one ``argmax``, no host-device synchronisation); at the end of an epoch in
 which at least ``log_every_n_steps`` optimizer steps have passed (or at a stage boundary, or at
 the last epoch) the means over the window are logged once, as ``train/<name>`` (averaged over
-DDP ranks) and ``train/acc`` (accuracy over the window's examples).
+DDP ranks) and ``train/acc`` (accuracy over the window's labelled examples: unlabelled ones,
+``y = -1``, have no class to be right about).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
 from kd_lightning import KDConfigError
+from kd_lightning.losses.labels import labelled_mask
 
 
 class TermLog:
@@ -65,7 +67,13 @@ class TermLog:
             preds = torch.cat([p for p, _ in self._preds])
             targets = torch.cat([t for _, t in self._preds])
             # DDP shards are padded to equal size, so the mean over ranks is the global accuracy
-            out["train/acc"] = (preds == targets).float().mean()
+            # (without unlabelled examples; with them, the mean of the ranks' accuracies). A
+            # window without a labelled example reports 0 rather than nan (which would stop
+            # training as diverged); with batches of unlabelled and labelled examples mixed at
+            # random this needs a window in which no labelled example was drawn at all.
+            labelled = labelled_mask(targets)
+            correct = ((preds == targets) & labelled).sum()
+            out["train/acc"] = correct.float() / labelled.sum().clamp_min(1)
         return out
 
 
