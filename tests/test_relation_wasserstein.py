@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import itertools
 import json
 import math
@@ -464,7 +466,9 @@ def test_fashion_mnist_configs_fit_end_to_end(config, tmp_path, monkeypatch):
     init = yaml.safe_load(config.read_text())["model"]["init_args"]
     extra = []
     if init.get("teacher_checkpoint"):
-        torch.save(LeNet5(num_classes=10).state_dict(), tmp_path / "teacher.pt")
+        module, name = init["teacher"]["class_path"].rsplit(".", 1)
+        teacher = getattr(importlib.import_module(module), name)(**init["teacher"].get("init_args", {}))
+        torch.save(teacher.state_dict(), tmp_path / "teacher.pt")
         extra = ["--model.init_args.teacher_checkpoint", tmp_path / "teacher.pt"]
     cli = run_cli(["fit", "--config", config, *TINY, "--data.batch_size", "8",
                    "--data.eval_batch_size", "16", *extra])
