@@ -134,3 +134,11 @@ def test_torn_last_line_of_results_csv_is_detected_and_that_run_redone(tmp_path)
         assert results.done() == {("KD", "50", 0, "run", "")}  # seed 1 will be redone
     results.append({**base, "seed": 1, "test_acc": 63.0})  # the redone run starts a fresh line
     assert [(r["seed"], r["test_acc"]) for r in results.rows()] == [("0", "61.25"), ("1", "63.0")]
+
+
+def test_study_lists_only_real_methods_as_valid():
+    from kd_lightning.study.spec import available_methods
+
+    names = set(available_methods())
+    assert {"ResponseKD", "FitNet", "MutualDistillation", "Supervised"} <= names
+    assert not names & {"DistillationModule", "FeatureDistillation", "TwoStageFeatureDistillation"}

@@ -339,12 +339,15 @@ def parse_overrides(base, args: list[str]):
 
 
 def available_methods() -> dict[str, type]:
-    """Every LightningModule of :mod:`kd_lightning.methods` (subclasses of the base class)."""
+    """Every method of :mod:`kd_lightning.methods`: the subclasses of the base class, without the
+    shared bases that are not methods themselves (they are never a study's method)."""
     import kd_lightning.methods as methods
 
-    base = methods.DistillationModule
+    bases = {methods.DistillationModule, methods.FeatureDistillation,
+             methods.TwoStageFeatureDistillation}
     return {name: obj for name, obj in vars(methods).items()
-            if isinstance(obj, type) and issubclass(obj, base) and obj is not base}
+            if isinstance(obj, type) and issubclass(obj, methods.DistillationModule)
+            and obj not in bases}
 
 
 def _budget(value: Any, path: Path) -> Budget:
