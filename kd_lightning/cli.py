@@ -11,7 +11,9 @@ Examples::
 
 from __future__ import annotations
 
+import os
 import sys
+import zipfile
 from pathlib import Path
 
 from pytorch_lightning.cli import LightningCLI
@@ -52,14 +54,56 @@ class KDLightningCLI(LightningCLI):
         })
 
     def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand, {})
+        check_checkpoint_path(config.get("ckpt_path"))
         if self.subcommand == "fit":
-            continue_run_folder(self.config.fit)
+            check_log_folder(config)
+            continue_run_folder(config)
 
     def after_fit(self) -> None:
         if self.config.get(self.subcommand, {}).get("test_after_fit", False) and not self.trainer.interrupted:
             ckpt = "best" if self.trainer.checkpoint_callback is not None and \
                 self.trainer.checkpoint_callback.best_model_path else None
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
+
+
+def check_checkpoint_path(ckpt: str | None) -> None:
+    """A ``--ckpt_path`` that is missing, truncated or not a checkpoint stops the run before
+    anything is written (not with a traceback from deep inside Lightning)."""
+    if not ckpt or ckpt in ("last", "best", "hpc") or str(ckpt).startswith("registry"):
+        return
+    path = Path(ckpt)
+    if not path.is_file():
+        raise KDConfigError(f"--ckpt_path {ckpt} does not exist; give a checkpoint file, e.g. "
+                            f"runs/<name>/version_N/checkpoints/last.ckpt.")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            broken = archive.testzip()
+    except (zipfile.BadZipFile, OSError) as err:
+        raise KDConfigError(f"--ckpt_path {ckpt} is not a readable checkpoint ({err}); it may be "
+                            f"truncated (a copy or a save that was cut short) or not a file "
+                            f"written by Lightning.") from None
+    if broken is not None:
+        raise KDConfigError(f"--ckpt_path {ckpt} is damaged (its entry {broken} fails its "
+                            f"checksum); use an earlier checkpoint of the run.")
+
+
+def check_log_folder(config) -> None:
+    """The logger's folder must be writable before training starts, not after the first epoch."""
+    logger = config.get("trainer", {}).get("logger")
+    save_dir = getattr(getattr(logger, "init_args", None), "save_dir", None)
+    if not save_dir:
+        return
+    folder = Path(save_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        writable = os.access(folder, os.W_OK | os.X_OK)
+    except OSError as err:
+        raise KDConfigError(f"the log folder {save_dir} cannot be created ({err.strerror}); set "
+                            f"--trainer.logger.init_args.save_dir to a folder you can write.") from None
+    if not writable:
+        raise KDConfigError(f"the log folder {save_dir} is not writable; set "
+                            f"--trainer.logger.init_args.save_dir to a folder you can write.")
 
 
 def continue_run_folder(config) -> None:
@@ -87,6 +131,13 @@ def continue_run_folder(config) -> None:
 def cli_main(args: list[str] | None = None, run: bool = True) -> KDLightningCLI | None:
     """Entry point of ``kd-lightning``; ``args`` lets tests and notebooks drive it in-process."""
     try:
+        # LightningCLI reads a checkpoint's hyperparameters while parsing: check it first
+        argv = [str(a) for a in (sys.argv[1:] if args is None else args)]
+        for i, arg in enumerate(argv):
+            if arg.startswith("--ckpt_path="):
+                check_checkpoint_path(arg.split("=", 1)[1])
+            elif arg == "--ckpt_path" and i + 1 < len(argv):
+                check_checkpoint_path(argv[i + 1])
         return KDLightningCLI(
             DistillationModule, DistillDataModule, subclass_mode_model=True,
             save_config_kwargs={"overwrite": True}, args=args, run=run,

@@ -142,3 +142,29 @@ def test_study_lists_only_real_methods_as_valid():
     names = set(available_methods())
     assert {"ResponseKD", "FitNet", "MutualDistillation", "Supervised"} <= names
     assert not names & {"DistillationModule", "FeatureDistillation", "TwoStageFeatureDistillation"}
+
+
+@pytest.mark.parametrize("case", ["missing", "truncated", "not-a-checkpoint"])
+def test_bad_ckpt_path_is_one_clear_message(case, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    ckpt = tmp_path / "last.ckpt"
+    if case == "truncated":
+        torch.save({"state_dict": {"w": torch.zeros(1000)}}, ckpt)
+        ckpt.write_bytes(ckpt.read_bytes()[:300])
+    elif case == "not-a-checkpoint":
+        ckpt.write_text("hello")
+    message = run_cli_error(["fit", "--config", CONFIGS / "mnist1d/student.yaml", *TINY,
+                             "--ckpt_path", ckpt], capsys)
+    assert "--ckpt_path" in message and str(ckpt) in message
+    assert not (tmp_path / "runs").exists()  # refused before anything was written
+
+
+def test_unwritable_log_folder_is_one_clear_message(tmp_path, monkeypatch, capsys):
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file").write_text("x")  # a folder cannot be made below a file, even by root
+    message = run_cli_error(["fit", "--config", CONFIGS / "mnist1d/student.yaml", *TINY,
+                             "--trainer.logger.init_args.save_dir", tmp_path / "file" / "runs"],
+                            capsys)
+    assert "log folder" in message and "save_dir" in message
