@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pickle
 import sys
 from unittest import mock
@@ -95,6 +97,10 @@ def run_cli_error(args: list[str], capsys) -> str:
 def _quiet_and_seeded():
     torch.manual_seed(0)
     yield
+    # an in-process distributed run leaves its rendezvous port in the environment; a later DDP
+    # subprocess would inherit it and fail to bind it (EADDRINUSE) instead of choosing a free one
+    for var in ("MASTER_PORT", "MASTER_ADDR", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK"):
+        os.environ.pop(var, None)
 
 
 @pytest.fixture(scope="session")
