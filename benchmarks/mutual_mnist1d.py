@@ -37,11 +37,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from _common import mean_std, read_scalars, run  # noqa: E402 (benchmarks/)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {
@@ -78,33 +77,6 @@ def run_args(variant: str, budget: str, seed: int, epochs: int, out: Path, check
     return args + EXTRA.get(variant, [])
 
 
-def run(cmd_args: list[str], env: dict) -> None:
-    cmd = [sys.executable, "-m", "kd_lightning.cli", *cmd_args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"run failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-
-
-def read_scalars(log_dir: Path) -> dict[str, float]:
-    """Last value of each tag of interest in a run's TensorBoard log ({} if there is none)."""
-    if not log_dir.is_dir():
-        return {}
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    tags = set(acc.Tags()["scalars"])
-    return {t: acc.Scalars(t)[-1].value for t in TAGS if t in tags}
-
-
-def mean_std(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
-    if not values:
-        return "–"
-    m = statistics.fmean(values) * scale
-    s = statistics.stdev(values) * scale if len(values) > 1 else 0.0
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budgets", nargs="+", default=["100", "500", "full"])
@@ -130,17 +102,17 @@ def main() -> None:
                 name = f"{variant}_m{budget}_s{seed}"
                 log_dir = out / name / "version_0"
                 q_dir = out / f"{name}_qbest" / "version_0"
-                scalars = read_scalars(log_dir)
-                q_scalars = read_scalars(q_dir) if variant != "student" else {}
+                scalars = read_scalars(log_dir, TAGS)
+                q_scalars = read_scalars(q_dir, TAGS) if variant != "student" else {}
                 if "test/acc" not in scalars or (variant != "student" and "test/acc_q" not in q_scalars):
                     t0 = time.time()
                     run(run_args(variant, budget, seed, epochs, out, check_every), env)
-                    scalars = read_scalars(log_dir)
+                    scalars = read_scalars(log_dir, TAGS)
                     if variant != "student":  # test the checkpoint with the best val/acc_q as well
                         best_q = next((log_dir / "checkpoints").glob("best_q-*.ckpt"))
                         run(run_args(variant, budget, seed, epochs, out, check_every, "test",
                                      f"{name}_qbest") + ["--ckpt_path", str(best_q)], env)
-                        q_scalars = read_scalars(q_dir)
+                        q_scalars = read_scalars(q_dir, TAGS)
                     print(f"[{time.time() - started:6.0f}s] M={budget:>4} {variant:<13} seed {seed}: "
                           + ", ".join(f"{k}={v:.4f}" for k, v in scalars.items())
                           + (f", q at its best ckpt={q_scalars['test/acc_q']:.4f}" if q_scalars else "")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import time
 import warnings
 
@@ -36,6 +35,8 @@ import torch
 from kd_lightning.data import DistillDataModule
 from kd_lightning.methods import ResponseKD, Supervised
 from kd_lightning.models import MLP
+
+from _common import mean_std  # noqa: E402 (benchmarks/)
 
 #: (column header, metric suffix, scale, digits)
 COLUMNS = [("acc", "acc", 100, 1), ("ECE", "ece", 100, 1), ("NLL", "nll", 1, 3),
@@ -89,14 +90,6 @@ def run_seed(seed: int, args) -> dict[str, dict[str, float]]:
     return rows
 
 
-def cell(values: list[float], scale: float, digits: int) -> str:
-    if not values:
-        return "–"
-    m = statistics.fmean(values) * scale
-    s = statistics.stdev(values) * scale if len(values) > 1 else 0.0
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -129,7 +122,7 @@ def main() -> None:
     print("| network | " + " | ".join(h for h, *_ in COLUMNS) + " |")
     print("|---" * (len(COLUMNS) + 1) + "|")
     for row in ROWS:
-        cells = [cell([r[row][suffix] for r in per_seed if suffix in r[row]], scale, digits)
+        cells = [mean_std([r[row][suffix] for r in per_seed if suffix in r[row]], scale, digits)
                  for _, suffix, scale, digits in COLUMNS]
         print(f"| {row} | " + " | ".join(cells) + " |")
     print(f"\n{len(args.seeds)} seeds in {elapsed / 60:.1f} min")

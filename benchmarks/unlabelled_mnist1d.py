@@ -38,11 +38,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from _common import mean_std, read_scalars, run  # noqa: E402 (benchmarks/)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {
@@ -87,33 +86,6 @@ def run_args(variant: str, budget: int, seed: int, unlabelled: bool, steps: int,
     return args + EXTRA.get(variant, [])
 
 
-def run(cmd_args: list[str], env: dict) -> None:
-    cmd = [sys.executable, "-m", "kd_lightning.cli", *cmd_args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"run failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-
-
-def read_scalars(log_dir: Path) -> dict[str, float]:
-    """Last value of each tag of interest in a run's TensorBoard log ({} if there is none)."""
-    if not log_dir.is_dir():
-        return {}
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    tags = set(acc.Tags()["scalars"])
-    return {t: acc.Scalars(t)[-1].value for t in TAGS if t in tags}
-
-
-def mean_std(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
-    if not values:
-        return "–"
-    m = statistics.fmean(values) * scale
-    s = statistics.stdev(values) * scale if len(values) > 1 else 0.0
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budgets", nargs="+", type=int, default=[100, 500])
@@ -134,11 +106,11 @@ def main() -> None:
                 for seed in args.seeds:
                     name = f"{variant}_m{budget}_{'unlabelled' if unlabelled else 'labelled'}_s{seed}"
                     log_dir = out / name / "version_0"
-                    scalars = read_scalars(log_dir)
+                    scalars = read_scalars(log_dir, TAGS)
                     if "test/acc" not in scalars:
                         t0 = time.time()
                         run(run_args(variant, budget, seed, unlabelled, args.steps, out, name), env)
-                        scalars = read_scalars(log_dir)
+                        scalars = read_scalars(log_dir, TAGS)
                         print(f"[{time.time() - started:6.0f}s] {name}: "
                               + ", ".join(f"{k}={v:.4f}" for k, v in scalars.items())
                               + f" ({time.time() - t0:.0f}s)", flush=True)

@@ -130,6 +130,8 @@ def _identity(config: Path, extra: list[str], pure_kd: bool) -> str:
 
 
 def _claim_output(output: Path, identity: str, overwrite: bool) -> None:
+    from kd_lightning.study.runner import delete_own_files
+
     meta = output / "born_again.json"
     if meta.is_file():
         saved = json.loads(meta.read_text()).get("identity")
@@ -138,10 +140,9 @@ def _claim_output(output: Path, identity: str, overwrite: bool) -> None:
                 raise KDConfigError(
                     f"born-again: {output} holds generations of another configuration (config "
                     f"file, arguments or --pure-kd differ); give another --output, or --overwrite "
-                    f"to delete them.")
-            import shutil
-
-            shutil.rmtree(output)
+                    f"to delete them (only the files born-again wrote).")
+            delete_own_files(output, [meta, output / "results.md", output / "results.csv",
+                                      *output.glob("gen*")])
     output.mkdir(parents=True, exist_ok=True)
     meta.write_text(json.dumps({"identity": identity}))
 

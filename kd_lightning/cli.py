@@ -55,7 +55,6 @@ class KDLightningCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand, {})
-        check_checkpoint_path(config.get("ckpt_path"))
         if self.subcommand == "fit":
             check_log_folder(config)
             continue_run_folder(config)

@@ -4,9 +4,7 @@ what a study wrote."""
 
 from __future__ import annotations
 
-import csv
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -40,7 +38,7 @@ def test_diverged_training_fails_and_leaves_no_diverged_checkpoint(config, tmp_p
 
 
 # ---- the study ---------------------------------------------------------------------------------
-from tests.test_study import KD, STUDENT, read_rows, write_study  # noqa: E402
+from tests.test_study import STUDENT, read_rows, write_study  # noqa: E402
 from kd_lightning.study import main  # noqa: E402
 
 DIVERGING = {**STUDENT, "name": "diverging", "reference": False,
@@ -160,8 +158,6 @@ def test_bad_ckpt_path_is_one_clear_message(case, tmp_path, monkeypatch, capsys)
 
 
 def test_unwritable_log_folder_is_one_clear_message(tmp_path, monkeypatch, capsys):
-    import os
-
     monkeypatch.chdir(tmp_path)
     (tmp_path / "file").write_text("x")  # a folder cannot be made below a file, even by root
     message = run_cli_error(["fit", "--config", CONFIGS / "mnist1d/student.yaml", *TINY,

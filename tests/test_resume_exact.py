@@ -20,9 +20,17 @@ QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summa
          "--trainer.deterministic", "true", "--seed_everything", "0"]
 
 
-def _fit(workdir: Path, args: list[str], kill_at: str | None = None,
-         ckpt: Path | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+def _workdir(folder: Path) -> Path:
+    """A run folder that sees the repository's data cache (when there is one)."""
+    folder.mkdir(exist_ok=True)
+    if (REPO / "data").exists():
+        (folder / "data").symlink_to(REPO / "data", target_is_directory=True)
+    return folder
+
+
+def _fit(workdir: Path, args: list[str], kill_at: str | None = None, ckpt: Path | None = None,
+         signal_name: str = "SIGKILL") -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", KD_TEST_SIGNAL=signal_name)
     env.pop("KD_TEST_KILL_AT", None)
     if kill_at:
         env["KD_TEST_KILL_AT"] = kill_at
@@ -47,9 +55,7 @@ def _best_score(ckpt: dict) -> float:
 def _killed_and_resumed_equals_uninterrupted(tmp_path: Path, args: list[str], kill_at: str,
                                              name: str) -> None:
     for d in ("a", "b"):
-        (tmp_path / d).mkdir()
-        (tmp_path / d / "data").symlink_to(REPO / "data", target_is_directory=True) \
-            if (REPO / "data").exists() else None
+        _workdir(tmp_path / d)
     full = _fit(tmp_path / "a", args)
     assert full.returncode == 0, full.stderr[-3000:]
     killed = _fit(tmp_path / "b", args, kill_at=kill_at)
@@ -110,14 +116,8 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_non_zero(tmp_path, mnist
             mnist1d_teacher, "--data.train_subset", "200", "--data.batch_size", "20",
             "--data.batches_per_step", "1", "--trainer.max_epochs", "3",
             "--trainer.logger.init_args.name", "kd", "--test_after_fit", "false"]
-    (tmp_path / "data").symlink_to(REPO / "data", target_is_directory=True) \
-        if (REPO / "data").exists() else None
-    env = {"KD_TEST_SIGNAL": "SIGTERM"}
-    os.environ.update(env)
-    try:
-        stopped = _fit(tmp_path, args, kill_at="1:4")
-    finally:
-        os.environ.pop("KD_TEST_SIGNAL")
+    _workdir(tmp_path)
+    stopped = _fit(tmp_path, args, kill_at="1:4", signal_name="SIGTERM")
     assert stopped.returncode == 143, stopped.stderr[-3000:]
     ckpt = tmp_path / "runs" / "kd" / "version_0" / "checkpoints" / "interrupted.ckpt"
     assert ckpt.is_file() and "interrupted by SIGTERM" in stopped.stderr

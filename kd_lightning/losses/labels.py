@@ -8,6 +8,7 @@ has none; distillation terms (which need no label) use every row.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -33,18 +34,28 @@ def labelled_mean(per_example: Tensor, targets: Tensor) -> Tensor:
     return total / mask.sum().clamp_min(1)
 
 
+def _where_labelled(mean: Tensor, targets: Tensor) -> Tensor:
+    """A mean over the labelled rows from a reduction that ignores ``UNLABELLED``; 0 (not the
+    0/0 nan, and with zero gradient) when no row is labelled. No host synchronisation."""
+    return torch.where(labelled_mask(targets).any(), mean, mean.new_zeros(()))
+
+
 def labelled_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     r"""Cross-entropy with the labels, averaged over the labelled rows of the batch:
 
-    .. math:: CE = -\frac{1}{\max(1, |L|)} \sum_{i \in L} \log \mathrm{softmax}(z_i)_{y_i}
+    .. math:: CE = -\frac{1}{|L|} \sum_{i \in L} \log \mathrm{softmax}(z_i)_{y_i}
 
-    Equal to ``F.cross_entropy(logits, targets)`` when every row is labelled; rows with
-    ``targets == UNLABELLED`` get exactly zero loss and zero gradient; 0 (not nan) when no row is
-    labelled. Computed in float32.
+    Bit for bit ``F.cross_entropy(logits, targets)`` when every row is labelled (it is that call,
+    with ``ignore_index=UNLABELLED``); rows with ``targets == UNLABELLED`` get exactly zero loss
+    and zero gradient; 0 when no row is labelled. Computed in float32.
     """
-    per_example = F.cross_entropy(logits.float(), targets, ignore_index=UNLABELLED,
-                                  reduction="none")
-    return labelled_mean(per_example, targets)
+    return _where_labelled(F.cross_entropy(logits.float(), targets, ignore_index=UNLABELLED),
+                           targets)
 
 
-__all__ = ["UNLABELLED", "labelled_cross_entropy", "labelled_mask", "labelled_mean"]
+def labelled_nll(log_probs: Tensor, targets: Tensor) -> Tensor:
+    """``F.nll_loss`` averaged over the labelled rows (0 when there are none)."""
+    return _where_labelled(F.nll_loss(log_probs, targets, ignore_index=UNLABELLED), targets)
+
+
+__all__ = ["UNLABELLED", "labelled_cross_entropy", "labelled_mask", "labelled_mean", "labelled_nll"]

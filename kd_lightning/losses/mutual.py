@@ -25,7 +25,7 @@ import math
 import torch.nn.functional as F
 from torch import Tensor
 
-from kd_lightning.losses.labels import labelled_cross_entropy, labelled_mean
+from kd_lightning.losses.labels import labelled_cross_entropy, labelled_mean, labelled_nll
 from kd_lightning.losses.response import soft_cross_entropy
 
 
@@ -114,7 +114,7 @@ def rule_weight_loss(student_logits: Tensor, rule_values: Tensor, rule_weights: 
     """
     log_q = rule_regularized_teacher(student_logits.detach(), _as_rule_stack(rule_values).detach(),
                                      rule_weights, C)
-    return labelled_mean(F.nll_loss(log_q, targets, ignore_index=-1, reduction="none"), targets)
+    return labelled_nll(log_q, targets)
 
 
 def knowledge_loss(rule_values: Tensor, targets: Tensor, teacher_probs: Tensor, pi_prime: float,

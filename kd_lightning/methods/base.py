@@ -213,6 +213,17 @@ class DistillationModule(pl.LightningModule):
         self.log_terms(logits, y, loss=loss, **terms, **logged)
         return loss
 
+    def optimizer_step_manually(self, optimizer, loss: Tensor, counted: bool = True) -> None:
+        """For methods that optimise themselves: backward ``loss`` and step ``optimizer`` (a
+        LightningOptimizer). A ``counted`` step is a training step (``global_step``); the others
+        (auxiliary optimizers, further peers) take the same strategy/precision path uncounted."""
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if counted:
+            optimizer.step()
+        else:
+            self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=_no_closure)
+
     def training_step(self, batch, batch_idx: int):
         """One Lightning step: one minibatch, or ``data.batches_per_step`` of them."""
         if self.grouped_fit is None:
@@ -436,3 +447,8 @@ class DistillationModule(pl.LightningModule):
     def trainer_or_none(self) -> pl.Trainer | None:
         """The attached trainer, or ``None`` outside a fit."""
         return attached_trainer(self)
+
+
+def _no_closure() -> None:
+    """The closure of an uncounted manual step: the gradients are already there."""
+    return None

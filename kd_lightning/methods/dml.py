@@ -149,14 +149,6 @@ class DeepMutualLearning(DistillationModule):
             return optimizers
         return optimizers, configs
 
-    def _step(self, optimizer, loss: Tensor, counted: bool) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        if counted:
-            optimizer.step()  # LightningOptimizer: counted in global_step
-        else:  # same strategy/precision path, not counted as a training step
-            self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=_no_closure)
-
     def minibatch_step(self, batch, batch_idx: int):
         x, y, _ = batch
         optimizers = self.optimizers()
@@ -168,7 +160,7 @@ class DeepMutualLearning(DistillationModule):
             others = [targets[j] for j in range(self.num_peers) if j != k]
             loss, ce, kl = deep_mutual_learning_loss(logits[k], others, y, self.temperature,
                                                      self.ce_weight, self.kd_weight)
-            self._step(optimizer, loss, counted=k == 0)
+            self.optimizer_step_manually(optimizer, loss, counted=k == 0)
             if self.sequential and k + 1 < self.num_peers:
                 with torch.no_grad():  # Algorithm 1: the next peers see peer k after its update
                     targets[k] = self.peers[k](x).detach()
@@ -225,6 +217,3 @@ class DeepMutualLearning(DistillationModule):
         super().on_test_epoch_end()
         self._log_peer_metrics("test")
 
-
-def _no_closure() -> None:
-    return None

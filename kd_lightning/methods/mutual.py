@@ -313,14 +313,6 @@ class MutualDistillation(DistillationModule):
         config = self.lr_scheduler_config(opt_theta)  # the student's schedule
         return optimizers if config is None else (optimizers, [config])
 
-    def _step(self, optimizer, loss: Tensor, counted: bool) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        if counted:
-            optimizer.step()  # LightningOptimizer: counted in global_step
-        else:  # same strategy/precision path, not counted as a training step
-            self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=_no_closure)
-
     def minibatch_step(self, batch, batch_idx: int):
         x, y, idx = batch
         opts = self.optimizers()
@@ -334,7 +326,7 @@ class MutualDistillation(DistillationModule):
         # Algorithm 1, line 5: the teacher, with the rule weights of Eq. (6) ...
         if "lambda" in opts:
             loss_lambda = rule_weight_loss(logits.detach(), r.detach(), self.rule_weights, y, self.C)
-            self._step(opts["lambda"], loss_lambda, counted=False)
+            self.optimizer_step_manually(opts["lambda"], loss_lambda, counted=False)
             with torch.no_grad():
                 self.rule_weights.clamp_(min=0.0)  # projection onto lambda >= 0
             terms["loss_lambda"] = loss_lambda
@@ -350,13 +342,13 @@ class MutualDistillation(DistillationModule):
                                                  self.temperature, self.ce_weight, self.kd_weight)
             terms["loss_kd"] = kd
         loss, ce, soft = mutual_student_loss(logits, y, q, pi, label_loss=label_loss)
-        self._step(opts["theta"], loss, counted=True)
+        self.optimizer_step_manually(opts["theta"], loss, counted=True)
         self._step_all_lr_schedulers("step", batch_idx + 1)
 
         # line 7: the knowledge, Eq. (5)
         if "phi" in opts:
             loss_phi = knowledge_loss(r, y, q, self.pi_prime, self.phi_objective)
-            self._step(opts["phi"], loss_phi, counted=False)
+            self.optimizer_step_manually(opts["phi"], loss_phi, counted=False)
             terms["loss_phi"] = loss_phi
 
         acc_q = labelled_mean((log_q.argmax(-1) == y).float(), y)
@@ -408,6 +400,3 @@ class MutualDistillation(DistillationModule):
         super().on_test_epoch_end()
         self._log_rule_metrics("test")
 
-
-def _no_closure() -> None:
-    return None

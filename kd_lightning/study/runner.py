@@ -40,6 +40,23 @@ from kd_lightning.study.spec import Budget, MethodSpec, StudySpec, budget_label,
 EPOCH_PROGRESS = "kd_lightning.study.child.EpochProgress"
 
 
+def delete_own_files(folder: Path, paths: list[Path]) -> None:
+    """``--overwrite``: delete ``paths`` (files or folders a tool wrote into ``folder``), never
+    ``folder`` itself, and nothing at all when ``folder`` is the working folder, one of its
+    parents, home or a root."""
+    where = Path(folder).resolve()
+    cwd = Path.cwd().resolve()
+    if where in {cwd, Path.home().resolve(), Path(where.anchor)} or where in cwd.parents:
+        raise KDConfigError(
+            f"--overwrite refuses to delete results in {folder} (the working folder, one of its "
+            f"parents, home or a root); give the run its own folder with --output.")
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
 class RunFailed(Exception):
     """A training of the study failed (the rows of finished runs are kept)."""
 
@@ -288,19 +305,7 @@ class StudyRunner:
         self._write_meta()
 
     def _delete_study_files(self) -> None:
-        folder = self.output.resolve()
-        protected = {Path.cwd().resolve(), Path.home().resolve(), Path(folder.anchor)}
-        if folder in protected or folder in Path.cwd().resolve().parents:
-            raise KDConfigError(
-                f"--overwrite refuses to delete study results in {self.output} (the working "
-                f"folder, one of its parents, home or a root); give the study its own folder "
-                f"with --output.")
-        for name in self.OWN_FILES:
-            path = self.output / name
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            elif path.exists() or path.is_symlink():
-                path.unlink()
+        delete_own_files(self.output, [self.output / name for name in self.OWN_FILES])
 
     def _write_meta(self, teacher: dict | None = None) -> None:
         meta = {"hash": self.study_hash, "identity": self.spec.identity()}
