@@ -378,8 +378,7 @@ class MutualDistillation(DistillationModule):
 
     def test_step(self, batch, batch_idx: int) -> None:
         self._eval_rules(batch, self._eval_step(batch, "test"), "test")
-        if self.teacher is not None:
-            self.test_teacher_acc.update(self.teacher_logits(batch[0]), batch[1])
+        self._test_teacher(batch)
 
     def _log_rule_metrics(self, prefix: str) -> None:
         q_metric, rule_metric = getattr(self, f"{prefix}_acc_q"), getattr(self, f"{prefix}_acc_rule")
