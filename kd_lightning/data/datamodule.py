@@ -105,8 +105,8 @@ class DistillDataModule(pl.LightningDataModule):
         if augment == "crop_flip" and dataset in ("mnist", "digits"):
             # a mirrored digit is another symbol (or none), and pad-4 crops are the CIFAR recipe
             raise KDConfigError(
-                f"augment=crop_flip (augment: true) flips images horizontally, which turns {dataset}'s "
-                f"digits into other symbols. Use augment=jitter (random translation by up to 2 "
+                f"augment=crop_flip (augment: true) flips images horizontally, and a mirrored digit of "
+                f"{dataset} is another symbol. Use augment=jitter (random translation by up to 2 "
                 f"pixels, no flip: the MNIST recipe) or augment=none.")
         if normalize not in NORMALIZATIONS:
             raise KDConfigError(
