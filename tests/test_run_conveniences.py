@@ -163,3 +163,37 @@ def test_crop_and_flip_is_refused_for_digits_with_jitter_suggested():
         with pytest.raises(KDConfigError, match="a mirrored digit of digits is another symbol. Use augment=jitter"):
             DistillDataModule("digits", augment=augment)
     assert DistillDataModule("digits", augment="jitter").augment == "jitter"
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_test_errors_are_summed_over_ddp_ranks(tmp_path):
+    """Two processes each test half of the 1000 MNIST-1D test examples; ``test/errors`` counts
+    the misclassified examples of both halves."""
+    import os
+    import subprocess
+
+    from kd_lightning.models import MLP
+    from tests.conftest import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run(
+        [sys.executable, "-m", "kd_lightning.cli", "fit", "--config", str(STUDENT), *TINY,
+         "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+         "--trainer.limit_test_batches", "1.0", "--data.eval_batch_size", "250"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    reported = {m.group(1): float(m.group(2))
+                for m in re.finditer(r"(test/\w+)\s*│\s*([\d.]+)", out.stdout)}
+    best = next(tmp_path.rglob("best.ckpt"))
+    state = torch.load(best, weights_only=True)["state_dict"]
+    student = MLP(input_dim=40, hidden_dims=[100, 100], num_classes=10)
+    student.load_state_dict({k[len("student."):]: v for k, v in state.items() if k.startswith("student.")})
+    dm = DistillDataModule("mnist1d", root=str(tmp_path / "data"))
+    dm.setup("test")
+    x, y, _ = dm.test_dataset.get_batch(torch.arange(len(dm.test_dataset)))
+    with torch.no_grad():
+        errors = int((student.eval()(x).argmax(-1) != y).sum())
+    assert len(y) == 1000
+    assert reported["test/errors"] == errors
+    assert reported["test/acc"] == pytest.approx(1 - errors / 1000, abs=1e-6)
