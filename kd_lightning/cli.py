@@ -12,16 +12,40 @@ Examples::
 from __future__ import annotations
 
 import os
+import re
 import sys
 import zipfile
 from pathlib import Path
 
-from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from kd_lightning import KDConfigError
 from kd_lightning.data import DistillDataModule
 from kd_lightning.methods import DistillationModule
+from kd_lightning.training.progress import EpochSummary
+
+#: a class_path that could not be imported, as jsonargparse reports it
+_IMPORT_PROBLEM = re.compile(
+    r"Problem with given class_path '([^']+)':\s*\n\s*((?:No module named|module '[^']*' has no "
+    r"attribute|cannot import name|Unable to import|[A-Za-z]*Error\b)[^\n]*)")
+
+
+class KDArgumentParser(LightningArgumentParser):
+    """Lightning's parser, reporting a ``class_path`` that cannot be imported in one line (instead
+    of the usage text and every alternative jsonargparse tried)."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        match = _IMPORT_PROBLEM.search(message or "")
+        if match is None or not self.exit_on_error:
+            return super().error(message, ex)
+        class_path, problem = match.group(1), match.group(2).strip()
+        print(f"kd-lightning: error: cannot import class_path '{class_path}': {problem}. A class in "
+              f"a .py file is found when kd-lightning runs in that file's folder (the working "
+              f"directory is importable) or when the folder is on PYTHONPATH; check the module and "
+              f"class names.", file=sys.stderr)
+        raise SystemExit(2)
 
 
 class KDLightningCLI(LightningCLI):
@@ -58,6 +82,13 @@ class KDLightningCLI(LightningCLI):
         if self.subcommand == "fit":
             check_log_folder(config)
             continue_run_folder(config)
+
+    def before_fit(self) -> None:
+        if not has_validation_data(self.datamodule):
+            quiet_without_validation(self.trainer)
+        if self.trainer.progress_bar_callback is None and not any(
+                isinstance(cb, EpochSummary) for cb in self.trainer.callbacks):
+            self.trainer.callbacks.append(EpochSummary())
 
     def after_fit(self) -> None:
         if self.config.get(self.subcommand, {}).get("test_after_fit", False) and not self.trainer.interrupted:
@@ -125,10 +156,39 @@ def continue_run_folder(config) -> None:
     expected = (Path(args.save_dir) / (args.get("name") or "")).resolve()
     if run_dir.parent == expected and run_dir.name.startswith("version_"):
         args.version = run_dir.name
+def has_validation_data(datamodule) -> bool:
+    """False when the data module holds out no validation examples (``data.val_split: 0``)."""
+    if datamodule is None or getattr(datamodule, "val_split", None) is None:
+        return True
+    return datamodule.val_split != 0
+
+
+def quiet_without_validation(trainer) -> None:
+    """Train without validation: no validation loop (and no empty-loader warnings), and every
+    checkpoint that would follow a validation metric keeps the latest weights instead, so
+    ``best.ckpt`` (tested after fit) holds the final weights."""
+    trainer.limit_val_batches = 0
+    trainer.num_sanity_val_steps = 0
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and _is_validation_metric(callback.monitor):
+            callback.monitor = None
+            if callback.save_top_k not in (-1, 0, 1):
+                callback.save_top_k = 1
+
+
+def _is_validation_metric(name: str | None) -> bool:
+    return name is not None and (name.startswith(("val/", "val_")) or name == "hp_metric")
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> KDLightningCLI | None:
-    """Entry point of ``kd-lightning``; ``args`` lets tests and notebooks drive it in-process."""
+    """Entry point of ``kd-lightning``; ``args`` lets tests and notebooks drive it in-process.
+
+    The working directory is importable, so that ``class_path: my_model.MyNet`` finds a
+    researcher's ``my_model.py`` beside the config without setting ``PYTHONPATH``.
+    """
+    cwd = os.getcwd()
+    if not any(os.path.abspath(p or ".") == cwd for p in sys.path):
+        sys.path.insert(0, cwd)
     try:
         # LightningCLI reads a checkpoint's hyperparameters while parsing: check it first
         argv = [str(a) for a in (sys.argv[1:] if args is None else args)]
@@ -139,7 +199,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> KDLightningCLI 
                 check_checkpoint_path(argv[i + 1])
         return KDLightningCLI(
             DistillationModule, DistillDataModule, subclass_mode_model=True,
-            save_config_kwargs={"overwrite": True}, args=args, run=run,
+            save_config_kwargs={"overwrite": True}, parser_class=KDArgumentParser, args=args, run=run,
         )
     except SIGTERMException:
         from kd_lightning.training import preemption

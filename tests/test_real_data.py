@@ -244,7 +244,8 @@ def test_augmentation_choice_and_teacher_cache(tiny_mnist):
     val1, _, _ = jit.val_dataset.get_batch(torch.arange(10))
     val2, _, _ = jit.val_dataset.get_batch(torch.arange(10))
     assert torch.equal(val1, val2)  # validation is never augmented
-    assert DistillDataModule("mnist", root=tiny_mnist, augment=True).augment == "crop_flip"
+    with pytest.raises(KDConfigError, match="a mirrored digit of mnist is another symbol. Use augment=jitter"):
+        DistillDataModule("mnist", root=tiny_mnist, augment=True)  # crop_flip would mirror digits
     assert DistillDataModule("mnist", root=tiny_mnist, augment=False).deterministic_train
     with pytest.raises(KDConfigError, match="unknown augment='shift'.*jitter"):
         DistillDataModule("mnist", root=tiny_mnist, augment="shift")

@@ -121,6 +121,12 @@ class DistillDataModule(pl.LightningDataModule):
         if augment != "none" and len(DATASET_INFO[dataset][1]) != 3:
             raise KDConfigError(f"augment={augment} is for image data sets; {dataset} is 1-D. Use "
                                 f"augment=none.")
+        if augment == "crop_flip" and dataset in ("mnist", "digits"):
+            # a mirrored digit is another symbol (or none), and pad-4 crops are the CIFAR recipe
+            raise KDConfigError(
+                f"augment=crop_flip (augment: true) flips images horizontally, and a mirrored digit of "
+                f"{dataset} is another symbol. Use augment=jitter (random translation by up to 2 "
+                f"pixels, no flip: the MNIST recipe) or augment=none.")
         if normalize not in NORMALIZATIONS:
             raise KDConfigError(
                 f"unknown normalize={normalize!r}. Valid values: standard (zero mean, unit "

@@ -28,6 +28,7 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
+from torchmetrics import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from kd_lightning import KDConfigError
@@ -38,6 +39,7 @@ from kd_lightning.models.teacher import FrozenTeacher
 from kd_lightning.methods.checks import check_class_counts
 from kd_lightning.training import (GroupedOptimization, Preemption, RandomStates, ScopedFitEnvironment, TermLog, TermLogging,
                                    lr_scheduler_config, run_group, use_fused_kernel)
+from kd_lightning.training.optim import build_lr_scheduler
 from kd_lightning.training.grouping import GroupedFit, move_batch
 from kd_lightning.training.lightning_compat import HOOK_BOOKKEEPING_ATTRIBUTES, attached_trainer
 
@@ -328,8 +330,9 @@ class DistillationModule(pl.LightningModule):
         if self.lr_scheduler_factory is None:
             return None
         monitor = self.plateau_monitor if self.automatic_optimization else None
-        return lr_scheduler_config(self.lr_scheduler_factory(optimizer),
-                                   self.hparams.lr_scheduler_interval, monitor)
+        interval = self.hparams.lr_scheduler_interval
+        scheduler = build_lr_scheduler(self.lr_scheduler_factory, optimizer, self.trainer_or_none, interval)
+        return lr_scheduler_config(scheduler, interval, monitor)
 
     def configure_optimizers(self):
         optimizer = self.build_optimizer(list(self.learnable_parameters()))
@@ -357,6 +360,9 @@ class DistillationModule(pl.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes=k, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=k, average="micro")
         self.test_teacher_acc = MulticlassAccuracy(num_classes=k, average="micro")
+        # misclassified test examples, as MNIST papers count them (summed over DDP ranks)
+        self.test_errors = SumMetric()
+        self.test_teacher_errors = SumMetric()
         self.top5 = k > 5
         if self.top5:
             self.val_acc5 = MulticlassAccuracy(num_classes=k, top_k=5, average="micro")
@@ -379,6 +385,8 @@ class DistillationModule(pl.LightningModule):
         self.log(f"{prefix}/loss", loss, on_step=False, on_epoch=True, sync_dist=True,
                  batch_size=y.numel())
         getattr(self, f"{prefix}_acc").update(logits, y)
+        if prefix == "test":
+            self.test_errors.update((logits.argmax(-1) != y).sum())
         if self.top5:
             getattr(self, f"{prefix}_acc5").update(logits, y)
         outputs = {"": (self.student, logits)}
@@ -388,6 +396,7 @@ class DistillationModule(pl.LightningModule):
             getattr(self, f"{prefix}_teacher_agreement").update(logits, t_logits.argmax(-1))
             if prefix == "test":
                 self.test_teacher_acc.update(t_logits, y)
+                self.test_teacher_errors.update((t_logits.argmax(-1) != y).sum())
             outputs["teacher_"] = (self.teacher, t_logits)
         if prefix == "test" and self.test_uncertainty is not None:
             self.test_uncertainty.update(x, y, outputs)
@@ -421,14 +430,17 @@ class DistillationModule(pl.LightningModule):
         self._eval_step(batch, "test")
 
     def on_test_epoch_end(self) -> None:
-        metrics = {"test/acc": self.test_acc.compute()}
+        metrics = {"test/acc": self.test_acc.compute(), "test/errors": self.test_errors.compute()}
         self.test_acc.reset()
+        self.test_errors.reset()
         if self.top5:
             metrics["test/acc_top5"] = self.test_acc5.compute()
             self.test_acc5.reset()
         if self.teacher is not None:
             metrics["test/teacher_acc"] = self.test_teacher_acc.compute()
+            metrics["test/teacher_errors"] = self.test_teacher_errors.compute()
             self.test_teacher_acc.reset()
+            self.test_teacher_errors.reset()
         metrics.update(self._teacher_metrics("test"))
         if self.test_uncertainty is not None:
             metrics.update({f"test/{k}": v for k, v in self.test_uncertainty.compute().items()})

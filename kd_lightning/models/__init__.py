@@ -1,4 +1,5 @@
-"""Model zoo: MNIST-1D MLP/CNN, LeNet-5, an MNIST CNN teacher, CIFAR ResNets and Wide ResNets.
+"""Model zoo: MNIST-1D MLP/CNN, LeNet-5, an MNIST CNN teacher, CIFAR ResNets and Wide ResNets;
+torchvision and timm models by name (``TorchvisionModel``, ``TimmModel``).
 
 Every model takes ``num_classes`` (and ``in_channels``) as keyword arguments, returns
 logits ``[B, num_classes]``, exposes ``feature_dim`` and ``forward_features(x)`` with
@@ -24,6 +25,7 @@ from kd_lightning.models.resnet_cifar import (
     resnet110,
 )
 from kd_lightning.models.taps import FeatureTaps, resolve_module
+from kd_lightning.models.timm_model import TimmModel
 from kd_lightning.models.torchvision_model import TorchvisionModel
 from kd_lightning.models.wrn import WideBasicBlock, WideResNet, wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2
 
@@ -53,6 +55,7 @@ __all__ = [
     "wrn_40_1",
     "wrn_40_2",
     "TorchvisionModel",
+    "TimmModel",
     "FeatureTaps",
     "resolve_module",
 ]

@@ -1,7 +1,34 @@
-"""Loading teacher weights from a ``kd-lightning fit`` checkpoint or a plain state_dict."""
+"""Loading teacher weights: ``kd-lightning fit`` checkpoints, plain state_dicts, RepDistiller files.
+
+Recognised layouts (the first whose keys fit the configured network exactly is used):
+
+- a Lightning checkpoint of this package: ``{"state_dict": {"student.conv1.weight": ...}}`` (the
+  network trained by :class:`~kd_lightning.methods.Supervised` is ``student``);
+- a plain ``state_dict``, with or without a ``module.`` / ``model.`` / ``net.`` prefix;
+- a checkpoint of RepDistiller (Tian et al., "Contrastive Representation Distillation", ICLR 2020;
+  the CIFAR-100 teachers most distillation papers start from): the weights under a ``model`` key,
+  beside training metadata (epoch, accuracy, optimizer state, an ``argparse.Namespace``). Its CIFAR
+  ResNets use the key names of :class:`~kd_lightning.models.CifarResNet`; its Wide ResNets name
+  the stages ``blockK.layer.i.`` (here ``layerK.i.``), the 1x1 shortcut ``convShortcut`` (here
+  ``downsample``) and the final BatchNorm ``bn1.`` (here ``bn.``), which :func:`repdistiller_wrn_keys`
+  maps. Files from PyTorch < 0.4.1 lack the BatchNorm ``num_batches_tracked`` counters, which do
+  not change an evaluated network; the model's own are kept.
+
+Safety: a file is only ever read with ``torch.load(weights_only=True)``, whose unpickler builds
+tensors, containers and primitive values and refuses every other Python object, so a checkpoint
+cannot run code. RepDistiller files also pickle the run's ``argparse.Namespace``; when (and only
+when) ``weights_only`` refuses that class, the file is read again with exactly
+``argparse.Namespace`` allowed through ``torch.serialization.safe_globals`` (a Namespace only sets
+attributes from already-unpickled values). Anything else is refused with
+:class:`~kd_lightning.KDConfigError`.
+"""
 
 from __future__ import annotations
 
+import argparse
+import pickle
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -9,33 +36,40 @@ from torch import nn
 
 from kd_lightning import KDConfigError
 
-#: prefixes under which a LightningModule of this package stores its trained network
+#: prefixes under which a LightningModule (or a wrapper such as DataParallel) stores a network
 _PREFIXES = ("student.", "model.", "net.", "module.")
+#: keys under which a training script stores the weights beside other state
+_WEIGHT_KEYS = ("state_dict", "model", "model_state_dict", "net", "weights")
+#: how many missing / unexpected keys an error names
+_SHOWN = 5
 
 
-def extract_state_dict(obj: dict, model: nn.Module) -> dict[str, torch.Tensor]:
-    """Find ``model``'s weights in a loaded checkpoint object.
+def repdistiller_wrn_keys(key: str) -> str:
+    """A RepDistiller Wide ResNet key in :class:`~kd_lightning.models.WideResNet`'s naming.
 
-    Accepts a Lightning checkpoint (``{"state_dict": {"student.conv1.weight": ...}}``, the
-    network trained by :class:`~kd_lightning.methods.Supervised` is ``student``) or a plain
-    ``state_dict`` with or without a ``module.``/``model.`` prefix.
+    ``blockK.layer.i.X`` -> ``layerK.i.X``, ``...convShortcut.`` -> ``...downsample.``, the final
+    BatchNorm ``bn1.`` (top level) -> ``bn.``; every other key is unchanged. The two networks
+    compute the same function: pre-activation blocks whose 1x1 shortcut (where the channel count
+    changes) takes the pre-activated input, a final BN-ReLU, 8x8 average pooling and ``fc``.
     """
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
-    if not isinstance(state, dict):
-        raise KDConfigError("the teacher checkpoint holds no state_dict.")
-    expected = set(model.state_dict())
-    if expected & set(state):
-        return {k: v for k, v in state.items() if k in expected or not any(
-            k.startswith(p) for p in _PREFIXES)}
-    for prefix in _PREFIXES:
-        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        if sub and expected & set(sub):
-            return sub
-    return state
+    key = re.sub(r"^block(\d+)\.layer\.", r"layer\1.", key)
+    key = key.replace(".convShortcut.", ".downsample.")
+    return re.sub(r"^bn1\.", "bn.", key)
 
 
-def load_teacher_weights(model: nn.Module, path: str | Path) -> None:
-    """Load ``path`` into ``model`` strictly, with errors that say what does not fit."""
+#: key renamings tried in order: (description, function)
+LAYOUTS: list[tuple[str, Callable[[str], str]]] = [
+    ("kd_lightning / plain state_dict", lambda key: key),
+    ("RepDistiller Wide ResNet", repdistiller_wrn_keys),
+]
+
+
+def read_checkpoint(path: str | Path) -> object:
+    """``torch.load(path, weights_only=True)``, allowing ``argparse.Namespace`` only if needed.
+
+    Raises :class:`KDConfigError` for a missing, empty, corrupt or truncated file, and for a file
+    that holds any other Python object (it is never unpickled, so it cannot run).
+    """
     path = Path(path)
     if not path.is_file():
         raise KDConfigError(
@@ -43,30 +77,124 @@ def load_teacher_weights(model: nn.Module, path: str | Path) -> None:
             f"`kd-lightning fit --config configs/mnist1d/teacher.yaml`, then point "
             f"model.init_args.teacher_checkpoint at the .ckpt it writes (see the run's "
             f"checkpoints/ folder), or at a plain state_dict file.")
+    size = path.stat().st_size
+    if size == 0:
+        raise KDConfigError(f"teacher checkpoint '{path}' is an empty file (0 bytes): it was not "
+                            f"written completely. Copy or save the checkpoint again.")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001
-        raise KDConfigError(f"cannot read teacher checkpoint '{path}' with weights_only=True: "
-                            f"{err}") from None
-    state = extract_state_dict(obj, model)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            if _refused_global(err) != "argparse.Namespace":
+                raise
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        name = _refused_global(err)
+        if name is None:
+            raise _corrupt(path, size, err) from None
+        raise KDConfigError(
+            f"teacher checkpoint '{path}' holds a Python object of type {name}, which is not "
+            f"loaded: checkpoints are read with torch.load(weights_only=True), which unpickles only "
+            f"tensors, containers, numbers, strings and argparse.Namespace, so that a file cannot "
+            f"run code. If you trust the file, save just its weights (the model's state_dict) with "
+            f"torch.save and point model.init_args.teacher_checkpoint at that file.") from None
+    except Exception as err:  # noqa: BLE001 - torch reports corruption as several exception types
+        raise _corrupt(path, size, err) from None
+
+
+def _refused_global(err: BaseException) -> str | None:
+    """The class or function name a ``weights_only`` load refused, if that was the failure."""
+    match = re.search(r"GLOBAL ([\w.]+)", str(err))
+    return match.group(1) if match else None
+
+
+def _corrupt(path: Path, size: int, err: BaseException) -> KDConfigError:
+    detail = (str(err).strip().splitlines() or [""])[0][:200]
+    return KDConfigError(
+        f"teacher checkpoint '{path}' ({size} bytes) is corrupt or truncated and cannot be read "
+        f"({type(err).__name__}{': ' + detail if detail else ''}). Copy or save the checkpoint "
+        f"again; a file written by torch.save or `kd-lightning fit` is expected.")
+
+
+def _weights_of(obj: object) -> dict[str, torch.Tensor]:
+    """The tensor dictionary inside a loaded checkpoint object."""
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    if isinstance(obj, dict):
+        for key in _WEIGHT_KEYS:
+            value = obj.get(key)
+            if isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
+                return value
+    raise KDConfigError(
+        f"the teacher checkpoint holds no state_dict: expected a dictionary of tensors, or one "
+        f"under one of the keys {', '.join(_WEIGHT_KEYS)}; found "
+        f"{type(obj).__name__}{' with keys ' + ', '.join(map(str, list(obj)[:8])) if isinstance(obj, dict) else ''}.")
+
+
+def _candidates(state: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """The state itself and each known prefix stripped from it."""
+    out = [state]
+    for prefix in _PREFIXES:
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if sub:
+            out.append(sub)
+    return out
+
+
+def extract_state_dict(obj: object, model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s weights in a loaded checkpoint object, renamed to ``model``'s key names.
+
+    Tries every recognised layout (see the module docstring) and returns the first whose keys are
+    exactly ``model``'s (missing ``num_batches_tracked`` counters are taken from ``model``). Raises
+    :class:`KDConfigError` naming the first missing and unexpected keys of the closest layout when
+    none fits.
+    """
+    state = _weights_of(obj)
     own = model.state_dict()
-    for key, value in own.items():
-        if key not in state:
-            raise KDConfigError(
-                f"teacher checkpoint '{path}' does not fit the configured teacher "
-                f"{type(model).__name__}: key '{key}' (shape {tuple(value.shape)}) is missing from "
-                f"the checkpoint. Configure the teacher architecture the checkpoint was trained with.")
+    expected = set(own)
+    best: tuple | None = None
+    for candidate in _candidates(state):
+        for name, rename in LAYOUTS:
+            mapped = {rename(k): v for k, v in candidate.items()}
+            missing = [k for k in own if k not in mapped]
+            unexpected = [k for k in mapped if k not in expected]
+            if not unexpected and all(k.endswith("num_batches_tracked") for k in missing):
+                return {**{k: own[k] for k in missing}, **mapped}
+            overlap = len(expected) - len(missing)
+            if best is None or overlap > best[0]:
+                best = (overlap, name, missing, unexpected, mapped)
+    _, name, missing, unexpected, mapped = best
+
+    def listing(keys: list[str], source: dict) -> str:
+        shown = ", ".join(f"'{k}' {tuple(source[k].shape)}" for k in keys[:_SHOWN])
+        return f"{len(keys)} ({shown}{', ...' if len(keys) > _SHOWN else ''})"
+
+    raise KDConfigError(
+        f"the teacher checkpoint matches no known layout for the configured teacher "
+        f"{type(model).__name__}. Closest layout ({name}): keys of the model missing from the "
+        f"checkpoint: {listing(missing, own) if missing else 0}; unexpected keys in the checkpoint: "
+        f"{listing(unexpected, mapped) if unexpected else 0}. Layouts tried: "
+        f"{', '.join(n for n, _ in LAYOUTS)}, each also without a {'/'.join(_PREFIXES)} prefix. "
+        f"Configure the teacher architecture the checkpoint was trained with.")
+
+
+def load_teacher_weights(model: nn.Module, path: str | Path) -> None:
+    """Load ``path`` into ``model`` strictly, with errors that say what does not fit.
+
+    See the module docstring for the recognised layouts and how files are read safely.
+    """
+    path = Path(path)
+    obj = read_checkpoint(path)
+    try:
+        state = extract_state_dict(obj, model)
+    except KDConfigError as err:
+        raise KDConfigError(f"teacher checkpoint '{path}': {err}") from None
+    for key, value in model.state_dict().items():
         if tuple(state[key].shape) != tuple(value.shape):
             raise KDConfigError(
                 f"teacher checkpoint '{path}' does not fit the configured teacher "
                 f"{type(model).__name__}: first mismatching key '{key}' has shape "
                 f"{tuple(state[key].shape)} in the checkpoint but {tuple(value.shape)} in the model. "
                 f"Configure the teacher architecture the checkpoint was trained with.")
-    unexpected = [k for k in state if k not in own]
-    if unexpected:
-        raise KDConfigError(
-            f"teacher checkpoint '{path}' does not fit the configured teacher "
-            f"{type(model).__name__}: it has unexpected key '{unexpected[0]}' "
-            f"(shape {tuple(state[unexpected[0]].shape)}). Configure the teacher architecture the "
-            f"checkpoint was trained with.")
     model.load_state_dict(state, strict=True)

@@ -1,6 +1,8 @@
 """Optimizer and LR-scheduler helpers shared by every method.
 
 - :func:`use_fused_kernel`: the same optimizer with torch's fused kernel (opt-in).
+- :func:`build_lr_scheduler`: the configured scheduler, with the run's length filled in where the
+  schedule needs it (OneCycleLR's ``total_steps``).
 - :func:`lr_scheduler_config`: Lightning's scheduler dictionary for a configured scheduler.
 - :func:`step_lr_schedulers`: the scheduler stepping Lightning does in automatic optimisation
   (interval, frequency, ReduceLROnPlateau's monitored metric), for optimisation a module does
@@ -9,7 +11,9 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
+import math
 
 import pytorch_lightning as pl
 import torch
@@ -46,6 +50,70 @@ def use_fused_kernel(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         return type(optimizer)(groups, **{**kwargs, "fused": True})
     except (RuntimeError, ValueError, TypeError):
         return optimizer
+
+
+def scheduler_steps_in_fit(trainer: pl.Trainer, interval: str) -> int:
+    """How often a scheduler of ``interval`` ("step" or "epoch") is stepped in this fit: optimizer
+    steps (as ``trainer.estimated_stepping_batches`` counts them, with every minibatch of a fit
+    with ``data.batches_per_step > 1`` counted) or epochs, both within ``max_steps``."""
+    from kd_lightning.training.grouping import batches_per_step, minibatches_per_epoch
+
+    steps = trainer.estimated_stepping_batches  # (loads the training data if needed)
+    k = batches_per_step(trainer)
+    epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else math.inf
+    per_epoch = trainer.num_training_batches / trainer.accumulate_grad_batches
+    if k > 1:  # a Lightning step trains k minibatches, one optimizer step each
+        per_epoch = minibatches_per_epoch(trainer, k)
+        steps = per_epoch * epochs if trainer.max_steps <= 0 else min(per_epoch * epochs, trainer.max_steps)
+    per_epoch = math.ceil(per_epoch) if math.isfinite(per_epoch) else per_epoch
+    if interval == "epoch":
+        steps = epochs if trainer.max_steps <= 0 else min(epochs, math.ceil(steps / max(per_epoch, 1)))
+    if not math.isfinite(steps):
+        raise KDConfigError(
+            "the length of this run is unknown (no trainer.max_epochs or trainer.max_steps, or a "
+            "training loader without a length), so the scheduler's length cannot be filled in: "
+            "set trainer.max_epochs or trainer.max_steps, or the scheduler's length (total_steps).")
+    return int(steps)
+
+
+def _scheduler_class_and_args(factory) -> tuple[type | None, dict]:
+    """The scheduler class a factory builds and the keyword arguments it was given."""
+    if isinstance(factory, type):
+        return factory, {}
+    if isinstance(factory, functools.partial):  # jsonargparse's LRSchedulerCallable is one
+        cls = next((a for a in (factory.func, *factory.args) if isinstance(a, type)), None)
+        return cls, dict(factory.keywords)
+    return None, {}
+
+
+def build_lr_scheduler(factory, optimizer: torch.optim.Optimizer, trainer: pl.Trainer | None,
+                       interval: str):
+    """``factory(optimizer)``, with the run's length given to schedules that need it.
+
+    ``OneCycleLR`` (Smith & Topin 2019) without ``total_steps`` (and without ``epochs`` and
+    ``steps_per_epoch``) gets ``total_steps`` = the number of times it will be stepped in this
+    fit (:func:`scheduler_steps_in_fit`), which changes with ``data.val_split``,
+    ``data.train_subset``, the batch size and the number of devices. A ``total_steps`` given by
+    hand that is smaller than that is refused before training (OneCycleLR would fail midway).
+    Without a trainer (a module used outside a fit) the factory is called as it is.
+    """
+    cls, kwargs = _scheduler_class_and_args(factory)
+    one_cycle = cls is not None and issubclass(cls, torch.optim.lr_scheduler.OneCycleLR)
+    if trainer is None or not one_cycle:
+        return factory(optimizer)
+    needed = scheduler_steps_in_fit(trainer, interval)
+    unit = "optimizer steps" if interval == "step" else "epochs"
+    given = kwargs.get("epochs") and kwargs.get("steps_per_epoch")
+    if kwargs.get("total_steps") is None and not given:
+        return factory(optimizer, total_steps=needed)
+    scheduler = factory(optimizer)
+    if scheduler.total_steps < needed:
+        raise KDConfigError(
+            f"OneCycleLR has total_steps={scheduler.total_steps} but this fit steps it {needed} times "
+            f"({unit}, lr_scheduler_interval={interval!r}); it would fail when the cycle ends. Leave "
+            f"total_steps (and epochs, steps_per_epoch) unset to use the run's length, or give at "
+            f"least {needed}.")
+    return scheduler
 
 
 def lr_scheduler_config(scheduler, interval: str, monitor: str | None) -> dict:

@@ -53,6 +53,19 @@ class TermLog:
         return (trainer.global_step - self.opened_at_step >= trainer.log_every_n_steps
                 or last_epoch or trainer.should_stop)
 
+    def mark(self) -> dict[tuple[str, ...], int]:
+        """A bookmark of what was recorded so far (for :meth:`mean` over the steps after it)."""
+        return {key: len(records) for key, records in self._records.items()}
+
+    def mean(self, name: str, since: dict[tuple[str, ...], int] | None = None) -> Tensor | None:
+        """Mean of term ``name`` over this window's steps recorded after the bookmark ``since``
+        (all of them without one); ``None`` if none of them has the term. With a bookmark taken
+        when an epoch began, this is the epoch's mean."""
+        since = since or {}
+        values = [record[names.index(name)] for names, records in self._records.items()
+                  if name in names for record in records[since.get(names, 0):]]
+        return torch.stack(values).float().mean() if values else None
+
     def means(self) -> dict[str, Tensor]:
         """``train/<name>``: each term's mean over the window's steps; ``train/acc``."""
         sums: dict[str, Tensor] = {}
