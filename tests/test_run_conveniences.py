@@ -99,7 +99,9 @@ def test_a_too_short_one_cycle_is_refused_before_training(cwd_not_on_path, capsy
 
 # ---- no validation split; progress line; error counts -------------------------------------------
 def test_training_without_validation_split_is_quiet_and_tests_the_final_weights(cwd_not_on_path, caplog):
-    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
+    # (the level of Lightning's own logger: a study or born-again run in the same process lowers it)
+    with warnings.catch_warnings(record=True) as caught, \
+            caplog.at_level(logging.INFO, logger="pytorch_lightning"):
         warnings.simplefilter("always")
         cli = run_cli(["fit", "--config", STUDENT, *TINY, "--trainer.max_epochs", "2",
                        "--data.val_split", "0"])
@@ -119,7 +121,7 @@ def test_training_without_validation_split_is_quiet_and_tests_the_final_weights(
 
 
 def test_progress_line_per_epoch_and_test_error_counts(cwd_not_on_path, caplog, mnist1d_teacher):
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="pytorch_lightning"):
         cli = run_cli(["fit", "--config", CONFIGS / "mnist1d" / "response.yaml", *TINY,
                        "--model.init_args.teacher_checkpoint", mnist1d_teacher, "--test_after_fit", "false"])
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
