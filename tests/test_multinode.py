@@ -241,11 +241,13 @@ def _slurm_job(tmp_path: Path, teacher: Path, kill_at: str | None) -> subprocess
     if kill_at:
         env.update(KD_TEST_KILL_AT=kill_at, KD_TEST_SIGNAL="SIGUSR1")
     args = _run_args(teacher, "--trainer.accelerator", "cpu",
-                     "--trainer.limit_train_batches", "6", "--trainer.callbacks+=kill_helpers.KillAt")
+                     "--trainer.limit_train_batches", "6", "--trainer.callbacks+=kill_helpers.KillAt",
+                     "--test_after_fit", "false")
     return subprocess.run(["bash", str(SLURM_DIR / "fit_ddp.sbatch"), *args[3:]], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_fit_sbatch_requeued_job_resumes_where_it_stopped(mnist1d_teacher, tmp_path):
     """SIGUSR1 before the time limit: Lightning's SLURM auto-requeue saves hpc_ckpt_1.ckpt and
     calls ``scontrol requeue 4242``; SLURM then stops the job with SIGTERM, kd-lightning saves
