@@ -202,12 +202,14 @@ def main() -> None:
     times = {"plain": [], "kd_lightning": []}
     diffs = []
     with tempfile.TemporaryDirectory() as tmp:
-        for r in range(repeats):
-            t_plain, s_plain = plain_run(dm, steps, warmup, r, device, channels_last)
-            t_kd, s_kd = kd_lightning_run(dm, steps, warmup, r, device, channels_last, tmp)
-            times["plain"].append(t_plain)
-            times["kd_lightning"].append(t_kd)
-            diffs.append(max_weight_diff(s_plain, s_kd))
+        for r in range(repeats):  # alternating which path goes first
+            students = {}
+            for name in (("plain", "kd_lightning") if r % 2 == 0 else ("kd_lightning", "plain")):
+                t, students[name] = (plain_run(dm, steps, warmup, r, device, channels_last)
+                                     if name == "plain" else
+                                     kd_lightning_run(dm, steps, warmup, r, device, channels_last, tmp))
+                times[name].append(t)
+            diffs.append(max_weight_diff(students["plain"], students["kd_lightning"]))
     images = (steps - warmup) * args.batch_size
     plain, kd = statistics.median(times["plain"]), statistics.median(times["kd_lightning"])
     print(json.dumps({
