@@ -79,6 +79,25 @@ def test_eval_loader_refuses_fewer_examples_than_ranks():
         dm._eval_loader(ds, "test")
 
 
+@needs_mnist1d
+def test_test_loss_is_the_mean_over_examples_with_unequal_batches(tmp_path, monkeypatch):
+    import torch.nn.functional as F
+
+    from tests.conftest import TINY, run_cli
+
+    (tmp_path / "data").symlink_to(REPO / "data", target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    # 1000 test examples in batches of 111: nine of 111 and one of 1
+    cli = run_cli(["fit", "--config", CONFIGS / "mnist1d/student.yaml", *TINY,
+                   "--trainer.limit_test_batches", "1.0", "--data.eval_batch_size", "111"])
+    ds = cli.datamodule.test_dataset
+    x, y = ds.get_batch(torch.arange(len(ds)))[:2]
+    cli.model.student.eval()
+    with torch.no_grad():
+        expected = F.cross_entropy(cli.model.student(x).float(), y)
+    assert float(cli.trainer.callback_metrics["test/loss"]) == pytest.approx(float(expected), rel=1e-5)
+
+
 def _csv_metrics(folder: Path) -> dict[str, float]:
     (path,) = folder.rglob("metrics.csv")
     out = {}
@@ -114,3 +133,53 @@ def test_test_accuracy_with_three_ranks_equals_one_rank(tmp_path):
     assert three["test/acc"] == one["test/acc"]
     assert three["test/errors"] == one["test/errors"]
     assert three["test/loss"] == pytest.approx(one["test/loss"], rel=1e-6)
+
+
+def _fit_ddp(workdir: Path, args: list, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    """A 2-process DDP ``fit``; with ``kill_at`` every rank SIGKILLs itself at that batch (rank 1
+    is rank 0's child: whatever survives the kill is stopped with the process group)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", KD_TEST_SIGNAL="SIGKILL")
+    env.pop("KD_TEST_KILL_AT", None)
+    if kill_at:
+        env["KD_TEST_KILL_AT"] = kill_at
+    cmd = [sys.executable, "-m", "kd_lightning.cli", "fit", *map(str, args), *QUIET, *_ddp(2),
+           "--trainer.deterministic", "true", "--seed_everything", "0",
+           "--trainer.callbacks+=tests.kill_helpers.KillAt"]
+    proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=1200)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the group this test started: any rank left over
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@needs_mnist1d
+@pytest.mark.slow
+@pytest.mark.ddp
+@pytest.mark.timeout(2400)
+def test_two_process_ddp_killed_resumes_to_the_same_student(tmp_path):
+    # dropout: every rank draws masks from its random state, which the resume must restore
+    args = ["--config", CONFIGS / "mnist1d/student.yaml", "--data.train_subset", "200",
+            "--data.batch_size", "20", "--data.batches_per_step", "1", "--trainer.max_epochs", "3",
+            "--model.init_args.student.init_args.dropout", "0.2",
+            "--trainer.logger.init_args.name", "ddp", "--test_after_fit", "false"]
+    full_dir, killed_dir = _workdir(tmp_path / "a"), _workdir(tmp_path / "b")
+    full = _fit_ddp(full_dir, args)
+    assert full.returncode == 0, full.stderr[-3000:]
+    # 200 examples, 2 ranks, 20 per batch: 5 batches per rank and epoch; killed in epoch 1
+    killed = _fit_ddp(killed_dir, args, kill_at="1:3")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    run = killed_dir / "runs/ddp/version_0/checkpoints"
+    assert torch.load(run / "last.ckpt", weights_only=True)["epoch"] == 0  # the kill lost epoch 1
+    resumed = _fit_ddp(killed_dir, [*args, "--ckpt_path", run / "last.ckpt"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = torch.load(full_dir / "runs/ddp/version_0/checkpoints/last.ckpt", weights_only=True)
+    b = torch.load(run / "last.ckpt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2 and a["global_step"] == b["global_step"]
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), f"{key} differs after resume"
