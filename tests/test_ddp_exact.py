@@ -110,30 +110,41 @@ def _csv_metrics(folder: Path) -> dict[str, float]:
 @needs_mnist1d
 @pytest.mark.slow
 @pytest.mark.ddp
-@pytest.mark.timeout(1800)
-def test_test_accuracy_with_three_ranks_equals_one_rank(tmp_path):
+@pytest.mark.timeout(2400)
+def test_validation_and_test_accuracy_with_three_ranks_equal_one_rank(tmp_path):
     work = _workdir(tmp_path)
     config = ["--config", CONFIGS / "mnist1d/student.yaml", "--data.train_subset", "200",
               "--data.batches_per_step", "1"]
-    fit = _cli(work, ["fit", *config, "--seed_everything", "0", "--trainer.max_epochs", "1",
-                      "--trainer.logger.init_args.name", "s", "--test_after_fit", "false"])
+    # trained on 3 ranks; 400 validation examples in batches of 133: rank 0 validates 134 in
+    # 2 batches, ranks 1 and 2 133 in 1
+    fit = _cli(work, ["fit", *config, *_ddp(3), "--seed_everything", "0", "--trainer.max_epochs", "1",
+                      "--data.eval_batch_size", "133", "--trainer.logger.init_args.name", "s",
+                      "--test_after_fit", "false"])
     assert fit.returncode == 0, fit.stderr[-3000:]
     ckpt = work / "runs/s/version_0/checkpoints/last.ckpt"
+    state = torch.load(ckpt, weights_only=True)
+    (val_acc_3,) = [s["best_model_score"] for k, s in state["callbacks"].items()
+                    if "ModelCheckpoint" in k and "val/acc" in k]
     figures = {}
     for devices in (1, 3):
-        # 111 per batch: rank 0 evaluates 334 examples in 4 batches, ranks 1 and 2 333 in 3
+        # 111 per batch: rank 0 evaluates 334 test examples in 4 batches, ranks 1 and 2 333 in 3
         test = _cli(work, ["test", *config, *_ddp(devices),
                            "--data.eval_batch_size", "111", "--ckpt_path", ckpt,
                            "--trainer.logger", "pytorch_lightning.loggers.CSVLogger",
                            "--trainer.logger.init_args.save_dir", f"eval{devices}"])
         assert test.returncode == 0, test.stderr[-3000:]
         figures[devices] = _csv_metrics(work / f"eval{devices}")
+    val = _cli(work, ["validate", *config, "--ckpt_path", ckpt,
+                      "--trainer.logger", "pytorch_lightning.loggers.CSVLogger",
+                      "--trainer.logger.init_args.save_dir", "val1"])
+    assert val.returncode == 0, val.stderr[-3000:]
     one, three = figures[1], figures[3]
     assert 0.1 < one["test/acc"] < 1.0  # a briefly trained model: duplicates would show
     assert three["test/acc"] == one["test/acc"]
     assert three["test/errors"] == one["test/errors"]
     assert three["test/loss"] == pytest.approx(one["test/loss"], rel=1e-6)
-
+    # the validation accuracy the 3-rank run saw is the single-process figure
+    assert float(val_acc_3) == _csv_metrics(work / "val1")["val/acc"]
 
 def _fit_ddp(workdir: Path, args: list, kill_at: str | None = None) -> subprocess.CompletedProcess:
     """A 2-process DDP ``fit``; with ``kill_at`` every rank SIGKILLs itself at that batch (rank 1
