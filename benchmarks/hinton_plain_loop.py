@@ -22,7 +22,7 @@ Prints the training loss and the test errors (``round((1 - acc) * 10000)``) ever
 non-finite loss and exits with status 1 when one occurs. Run from the repo root::
 
     OMP_NUM_THREADS=1 python benchmarks/hinton_plain_loop.py --root /work/data \\
-        --teacher runs/mnist_teacher/checkpoints/last.ckpt --normalize unit
+        --teacher runs/mnist_teacher/checkpoints/best.ckpt --normalize unit
 """
 
 from __future__ import annotations

@@ -296,10 +296,32 @@ class DistillDataModule(pl.LightningDataModule):
                             group=self.batches_per_step)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, self.eval_batch_size, False)
+        return self._eval_loader(self.val_dataset, "validation")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, self.eval_batch_size, False)
+        return self._eval_loader(self.test_dataset, "test")
+
+    def _eval_loader(self, ds: IndexedTensorDataset, split: str) -> DataLoader:
+        """Under DDP every example is evaluated exactly once: rank r takes examples r, r + R,
+        r + 2R, ... (Lightning's ``UnrepeatedDistributedSampler``) instead of the
+        ``DistributedSampler`` Lightning would inject, which pads the split with repeated examples
+        so every rank gets as many. Ranks may then run one batch more than others; the metrics
+        allow it (torchmetrics and epoch-level ``sync_dist`` reduce once, at the epoch end)."""
+        loader = self._loader(ds, self.eval_batch_size, False)
+        trainer = getattr(self, "trainer", None)
+        kwargs = trainer.distributed_sampler_kwargs if trainer is not None else None
+        if not kwargs or kwargs.get("num_replicas", 1) < 2 or not len(ds):
+            return loader
+        from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+
+        if len(ds) < kwargs["num_replicas"]:
+            raise KDConfigError(
+                f"the {split} split has {len(ds)} examples, fewer than the {kwargs['num_replicas']} "
+                f"processes that evaluate it; use fewer devices or a larger split.")
+        sampler = UnrepeatedDistributedSampler(loader.dataset, shuffle=False, **kwargs)
+        return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler,
+                          collate_fn=loader.collate_fn, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()

@@ -28,7 +28,7 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torchmetrics import SumMetric
+from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from kd_lightning import KDConfigError
@@ -359,6 +359,7 @@ class DistillationModule(pl.LightningModule):
     def _build_metrics(self, k: int) -> None:
         self.val_acc = MulticlassAccuracy(num_classes=k, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=k, average="micro")
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.test_teacher_acc = MulticlassAccuracy(num_classes=k, average="micro")
         # misclassified test examples, as MNIST papers count them (summed over DDP ranks)
         self.test_errors = SumMetric()
@@ -382,8 +383,11 @@ class DistillationModule(pl.LightningModule):
         x, y, _ = batch
         logits = self.student(x)
         loss = F.cross_entropy(logits.float(), y)
-        self.log(f"{prefix}/loss", loss, on_step=False, on_epoch=True, sync_dist=True,
-                 batch_size=y.numel())
+        # the per-example mean over every rank (a metric object: DDP ranks may hold unequal
+        # numbers of examples, which Lightning's epoch mean of logged tensors rounds on gloo)
+        mean_loss = getattr(self, f"{prefix}_loss")
+        mean_loss.update(loss, weight=y.numel())
+        self.log(f"{prefix}/loss", mean_loss, on_step=False, on_epoch=True)
         getattr(self, f"{prefix}_acc").update(logits, y)
         if prefix == "test":
             self.test_errors.update((logits.argmax(-1) != y).sum())

@@ -4,11 +4,12 @@ optimizer/scheduler helpers, LR schedules, and the one module that touches Light
 from kd_lightning.training.grouping import GroupedOptimization, minibatches_per_epoch, run_group
 from kd_lightning.training.lightning_compat import ScopedFitEnvironment
 from kd_lightning.training.preemption import Preemption
+from kd_lightning.training.publish import PublishBest
 from kd_lightning.training.random_states import RandomStates
 from kd_lightning.training.optim import lr_scheduler_config, step_lr_schedulers, use_fused_kernel
 from kd_lightning.training.schedulers import LinearWarmupCosineAnnealingLR
 from kd_lightning.training.term_log import TermLog, TermLogging, TrainingDiverged
 
-__all__ = ["GroupedOptimization", "LinearWarmupCosineAnnealingLR", "Preemption", "RandomStates", "ScopedFitEnvironment", "TermLog",
+__all__ = ["GroupedOptimization", "LinearWarmupCosineAnnealingLR", "Preemption", "PublishBest", "RandomStates", "ScopedFitEnvironment", "TermLog",
            "TermLogging", "TrainingDiverged", "lr_scheduler_config", "minibatches_per_epoch",
            "run_group", "step_lr_schedulers", "use_fused_kernel"]
