@@ -107,30 +107,35 @@ def matrix_pairs_figure(teacher: Sequence[Tensor], student: Sequence[Tensor],
 
 def attention_maps_figure(teacher: Sequence[Tensor], student: Sequence[Tensor],
                           names: Sequence[str], labels: Tensor | None = None) -> Figure:
-    """Teacher vs student attention maps, one row per example, two columns (teacher, student)
-    per layer. Each map is ``[L]`` (1D features, drawn as a curve) or ``[H, W]`` (an image), one
-    per example: ``teacher[j]`` is ``[N, L]`` or ``[N, H, W]`` for layer ``names[j]``. Maps are
+    """Teacher vs student attention maps, one row per example. ``teacher[j]`` and ``student[j]``
+    are the maps of layer ``names[j]``, ``[N, L]`` (1D features: one panel per layer with both
+    curves) or ``[N, H, W]`` (images: a teacher and a student panel per layer). Maps are
     L2-normalised per example, as attention transfer compares them."""
     n = teacher[0].shape[0]
-    layers = len(names)
-    fig, axes = new_figure(2.6 * 2 * layers, 2.0 * n, n, 2 * layers)
+    one_d = teacher[0].dim() == 2
+    per_layer = 1 if one_d else 2
+    cols = per_layer * len(names)
+    fig, axes = new_figure(3.2 * cols if one_d else 2.2 * cols, 2.0 * n, n, cols)
     for j, (t, s, name) in enumerate(zip(teacher, student, names)):
         t, s = _l2_normalised(t), _l2_normalised(s)
         for i in range(n):
+            suffix = f" (y={int(labels[i])})" if labels is not None else ""
+            if one_d:
+                ax = axes[i, j]
+                ax.plot(t[i].numpy(), label="teacher")
+                ax.plot(s[i].numpy(), label="student")
+                ax.set_ylim(0, max(t[i].max().item(), s[i].max().item()) * 1.05 + 1e-12)
+                ax.set_title(f"{name}{suffix}", fontsize=8)
+                ax.tick_params(labelsize=6)
+                if i == 0 and j == 0:
+                    ax.legend(fontsize=7)
+                continue
             for col, (m, who) in enumerate(((t[i], "teacher"), (s[i], "student"))):
                 ax = axes[i, 2 * j + col]
-                if m.dim() == 1:
-                    ax.plot(m.numpy(), color="tab:blue" if who == "teacher" else "tab:orange")
-                    ax.set_ylim(0, max(t[i].max().item(), s[i].max().item()) * 1.05 + 1e-12)
-                else:
-                    ax.imshow(m.numpy(), cmap="inferno")
-                    ax.set_xticks([])
-                    ax.set_yticks([])
-                title = f"{name} {who}"
-                if labels is not None:
-                    title += f" (y={int(labels[i])})"
-                ax.set_title(title, fontsize=8)
-                ax.tick_params(labelsize=6)
+                ax.imshow(m.numpy(), cmap="inferno")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                ax.set_title(f"{name} {who}{suffix}", fontsize=8)
     fig.tight_layout()
     return fig
 
