@@ -24,6 +24,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from kd_lightning import KDConfigError
 from kd_lightning.data import DistillDataModule
 from kd_lightning.methods import DistillationModule
+from kd_lightning.training.figures import InspectionFigures, tensorboard_logger
 from kd_lightning.training.progress import EpochSummary
 
 #: a class_path that could not be imported, as jsonargparse reports it
@@ -57,6 +58,8 @@ class KDLightningCLI(LightningCLI):
             help="after `fit`, test the best checkpoint (by val/acc) on the test split")
         parser.link_arguments("data.num_classes", "model.init_args.num_classes",
                               apply_on="instantiate")
+        # figures and final-metric hparams in TensorBoard (attached only with a TensorBoardLogger)
+        parser.add_class_arguments(InspectionFigures, "inspection")
         parser.set_defaults({
             "trainer.logger": {
                 "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
@@ -89,12 +92,31 @@ class KDLightningCLI(LightningCLI):
         if self.trainer.progress_bar_callback is None and not any(
                 isinstance(cb, EpochSummary) for cb in self.trainer.callbacks):
             self.trainer.callbacks.append(EpochSummary())
+        self.attach_inspection()
+
+    def before_validate(self) -> None:
+        self.attach_inspection()
+
+    def before_test(self) -> None:
+        self.attach_inspection()
+
+    def attach_inspection(self) -> None:
+        """Add the configured :class:`InspectionFigures` when the run logs to TensorBoard (and the
+        trainer has none yet); other loggers get no figures."""
+        inspection = self.config_init.get(self.subcommand, {}).get("inspection")
+        if isinstance(inspection, InspectionFigures) and tensorboard_logger(self.trainer) is not None \
+                and not any(isinstance(cb, InspectionFigures) for cb in self.trainer.callbacks):
+            self.trainer.callbacks.append(inspection)
 
     def after_fit(self) -> None:
         if self.config.get(self.subcommand, {}).get("test_after_fit", False) and not self.trainer.interrupted:
             ckpt = "best" if self.trainer.checkpoint_callback is not None and \
                 self.trainer.checkpoint_callback.best_model_path else None
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
+        else:  # no test: the hparams tab gets the last validation metrics
+            for callback in self.trainer.callbacks:
+                if isinstance(callback, InspectionFigures):
+                    callback.write_hparams(self.trainer, self.model)
 
 
 def check_checkpoint_path(ckpt: str | None) -> None:

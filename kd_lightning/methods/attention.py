@@ -4,7 +4,7 @@ Performance of Convolutional Neural Networks via Attention Transfer", ICLR 2017.
 from __future__ import annotations
 
 from kd_lightning import KDConfigError
-from kd_lightning.losses.feature import at_loss
+from kd_lightning.losses.feature import at_loss, attention_map
 from kd_lightning.methods.feature import FeatureDistillation, Shape, describe, is_map, paired_layers
 
 
@@ -50,3 +50,14 @@ class AttentionTransfer(FeatureDistillation):
 
     def transfer_loss(self, feats, t_feats):
         return "loss_at", at_loss(feats, t_feats)
+
+    def inspection_figures(self, batch):
+        """Attention maps of the tapped layers, teacher vs student, for the shown examples."""
+        from kd_lightning.training.figures import attention_maps_figure
+
+        x, y = batch[0], batch[1]
+        _, feats = self.student_forward(x)
+        _, t_feats = self.teacher_forward(x)
+        names = [s if s == t else f"{s} / {t}" for s, t in zip(self.student_layers, self.teacher_layers)]
+        return {"attention_maps": attention_maps_figure([attention_map(f) for f in t_feats],
+                                                        [attention_map(f) for f in feats], names, y)}

@@ -259,6 +259,13 @@ class DistillationModule(pl.LightningModule):
         """Callbacks a method needs for every run (none by default)."""
         return []
 
+    def inspection_figures(self, batch) -> dict:
+        """Hook: the method's own TensorBoard figures (matplotlib ``Figure`` by name, logged as
+        ``inspect/<name>``) for a few fixed validation examples ``(x, y, index)``; called without
+        gradient, in eval mode, by :class:`~kd_lightning.training.figures.InspectionFigures` at
+        the validation epochs that draw. None by default."""
+        return {}
+
     def log_terms(self, logits: Tensor | None = None, targets: Tensor | None = None,
                   **terms: Tensor) -> None:
         """Record loss terms (and the training accuracy) for the per-window log

@@ -117,3 +117,16 @@ class FSP(TwoStageFeatureDistillation):
         g_s = [fsp_matrix(feats[a], feats[b], self.pool) for a, b in self._s_idx]
         g_t = [fsp_matrix(t_feats[a], t_feats[b], self.pool) for a, b in self._t_idx]
         return "loss_fsp", fsp_loss(g_s, g_t, self.layer_weights)
+
+    def inspection_figures(self, batch):
+        """The FSP matrices of every pair, teacher vs student, averaged over the shown examples."""
+        from kd_lightning.training.figures import matrix_pairs_figure
+
+        x = batch[0]
+        _, feats = self.student_forward(x)
+        _, t_feats = self.teacher_forward(x)
+        g_s = [fsp_matrix(feats[a], feats[b], self.pool).mean(0) for a, b in self._s_idx]
+        g_t = [fsp_matrix(t_feats[a], t_feats[b], self.pool).mean(0) for a, b in self._t_idx]
+        names = [f"{sp[0]} x {sp[1]}" + ("" if sp == tp else f" (teacher {tp[0]} x {tp[1]})")
+                 for sp, tp in zip(self.student_pairs, self.teacher_pairs)]
+        return {"fsp_matrices": matrix_pairs_figure(g_t, g_s, names)}

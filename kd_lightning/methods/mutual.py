@@ -211,6 +211,8 @@ class MutualDistillation(DistillationModule):
                 UserWarning, stacklevel=2)
         self.rule_cache_store = PerExampleCache()  # [num_source_examples, L, K] rule values
         self._last_pi = 0.0
+        #: (global step, [lambda_l], pi) at every logged window, for the inspection figure
+        self.weight_history: list[tuple[int, list[float], float]] = []
 
     # ---- metrics ------------------------------------------------------------------------------
     def _build_metrics(self, k: int) -> None:
@@ -367,6 +369,28 @@ class MutualDistillation(DistillationModule):
         values["train/pi"] = float(self._last_pi)
         values["train/pi_prime"] = float(self.pi_prime)
         self.log_dict(values, on_step=False, on_epoch=True)
+        self._record_weights()
+
+    def _record_weights(self) -> None:
+        if not self.weight_history or self.weight_history[-1][0] != self.global_step:
+            self.weight_history.append((self.global_step, self.rule_weights.detach().cpu().tolist(),
+                                        float(self._last_pi)))
+
+    def inspection_figures(self, batch):
+        """Every rule weight lambda_l and the imitation weight pi over the training steps so far
+        (one chart, so the rules can be read against each other and against pi)."""
+        from kd_lightning.training.figures import weights_over_time_figure
+
+        if self.global_step > 0:
+            self._record_weights()
+        if not self.weight_history:
+            return {}
+        steps = [h[0] for h in self.weight_history]
+        series = {f"lambda_{i} ({getattr(r, 'rule_name', None) or type(r).__name__})":
+                  [h[1][i] for h in self.weight_history] for i, r in enumerate(self.rules)}
+        series["pi"] = [h[2] for h in self.weight_history]
+        return {"rule_weights_and_pi": weights_over_time_figure(
+            steps, series, "MutualDistillation: rule weights lambda_l and imitation weight pi")}
 
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()

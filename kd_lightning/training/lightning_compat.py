@@ -93,3 +93,12 @@ class ScopedFitEnvironment(Callback):
         if value is not None:
             os.environ[cuda_check_env_var()] = value
         self._saved = None
+
+
+def defer_tensorboard_hparams(logger) -> None:
+    """Stop a TensorBoardLogger from writing its placeholder ``hp_metric = -1`` hparams session
+    at the start of a run (``log_hyperparams(params)`` then only records the parameters for
+    ``hparams.yaml``). TensorBoard keeps the first hparams session of a run and ignores later
+    ones, so the session with the final metrics must be the first one written."""
+    if hasattr(logger, "_default_hp_metric"):
+        logger._default_hp_metric = False
