@@ -109,6 +109,21 @@ def test_images_of_different_sizes_are_refused_with_the_fix(tmp_path):
 
 
 # ---- torchvision FakeData -----------------------------------------------------------------
+def test_a_transform_giving_float_tensors_is_used_as_it_is():
+    to_float = {"class_path": "torchvision.transforms.v2.Compose", "init_args": {"transforms": [
+        {"class_path": "torchvision.transforms.v2.ToImage"},
+        {"class_path": "torchvision.transforms.v2.ToDtype",
+         "init_args": {"dtype": "float32", "scale": True}}]}}
+    as_uint8 = DistillDataModule(fake_data(), val_split=0).splits()
+    spec = fake_data()
+    spec["init_args"] = {**spec["init_args"], "transform": to_float}
+    as_float = DistillDataModule(spec, val_split=0)
+    as_float.setup("fit")
+    x, _, idx = as_float.train_dataset.get_batch(torch.arange(10))
+    assert x.dtype == torch.float32 and type(x) is torch.Tensor
+    assert torch.allclose(x, as_uint8.x_train[idx].float() / 255)
+
+
 def test_fake_data_labels_by_iteration_and_num_classes_from_the_class():
     import torchvision
 
@@ -358,7 +373,7 @@ def test_real_mnist_by_class_path_equals_the_built_in_set(cls, name, folder):
     if not (raw / "train-images-idx3-ubyte").is_file():
         pytest.skip(f"{cls} idx files not found in {raw} (scripts/prepare_real_data.py writes them)")
     spec = {"class_path": f"torchvision.datasets.{cls}", "init_args": {"root": str(DATA_ROOT)}}
-    dm = DistillDataModule(spec, train_subset=100)
+    dm = DistillDataModule(spec, train_subset=100, batch_size=32)
     built_in = load_source(name, str(DATA_ROOT))
     s = dm.splits()
     assert dm.num_classes == 10 and dm.input_shape == (1, 28, 28) and len(s.y_train) == 60_000

@@ -96,7 +96,7 @@ def instantiate(value):
                 raise KDConfigError(f"{value['class_path']}: a class_path entry takes only "
                                     f"class_path and init_args, got also {sorted(extra)}.")
             cls = import_class(value["class_path"], "transform/argument")
-            kwargs = instantiate(dict(value.get("init_args") or {}))
+            kwargs = {k: _dtype_or_value(k, v) for k, v in instantiate(dict(value.get("init_args") or {})).items()}
             try:
                 return cls(**kwargs)
             except Exception as err:  # noqa: BLE001
@@ -105,6 +105,16 @@ def instantiate(value):
         return {k: instantiate(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return type(value)(instantiate(v) for v in value)
+    return value
+
+
+def _dtype_or_value(name: str, value):
+    """A torch dtype written as text in YAML (``torch.float32``, or ``float32`` for an argument
+    named ``dtype``, as ``ToDtype`` takes) as the dtype; any other value as it is."""
+    if isinstance(value, str):
+        short = value[len("torch."):] if value.startswith("torch.") else (value if name == "dtype" else None)
+        if short is not None and isinstance(getattr(torch, short, None), torch.dtype):
+            return getattr(torch, short)
     return value
 
 
