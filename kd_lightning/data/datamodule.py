@@ -288,7 +288,7 @@ class DistillDataModule(pl.LightningDataModule):
             "split_seed": self.split_seed, "num_examples": int(len(self.labelled_indices)),
             "indices": [int(i) for i in self.labelled_indices],
             "unlabelled": self.unlabelled, "num_unlabelled": int(len(self.unlabelled_indices)),
-            "unlabelled_indices": [int(i) for i in self.unlabelled_indices]}))
+            "unlabelled_indices": [int(i) for i in self.unlabelled_indices]}, default=repr))
 
     def _loader(self, ds: IndexedTensorDataset, batch_size: int, shuffle: bool,
                 drop_last: bool = False, group: int = 1) -> DataLoader:
