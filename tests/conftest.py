@@ -73,6 +73,26 @@ def write_cifar(root: Path, num_classes: int = 10, n_train: int = 50, n_test: in
     return train, np.asarray(y_train)
 
 
+def write_image_folder(root: Path, classes: tuple[str, ...] = ("bird", "cat", "dog"),
+                       per_class: tuple[int, ...] = (5, 4, 3), size: tuple[int, int] = (8, 8),
+                       mode: str = "RGB", seed: int = 0) -> dict[str, list[np.ndarray]]:
+    """Write ``root/<class>/<class>_<i>.png`` images (torchvision's ImageFolder layout); returns
+    each class's pixel arrays in file order (ImageFolder's order)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": (3,), "L": ()}[mode]
+    out = {}
+    for name, n in zip(classes, per_class):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        out[name] = []
+        for i in range(n):
+            pixels = rng.integers(0, 256, size=(size[1], size[0], *channels), dtype=np.uint8)
+            Image.fromarray(pixels, mode).save(root / name / f"{name}_{i:03d}.png")
+            out[name].append(pixels)
+    return out
+
+
 def run_cli(args: list[str]):
     """Run ``kd-lightning`` in-process; returns the LightningCLI object."""
     from kd_lightning.cli import cli_main

@@ -14,7 +14,8 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import CONFIGS, REPO, TINY, run_cli, run_cli_error, write_cifar, write_mnist_idx
+from tests.conftest import (CONFIGS, REPO, TINY, run_cli, run_cli_error, write_cifar, write_image_folder,
+                            write_mnist_idx)
 
 # every `kd-lightning fit` config (the born-again config is kd-lightning-born-again's: it gets its
 # teacher per generation, tests/test_born_again.py runs it)
@@ -40,6 +41,12 @@ def _prepare(config: Path, workdir: Path) -> dict:
     """Write what a config needs into ``workdir``: fake CIFAR files and a teacher state_dict."""
     cfg = yaml.safe_load(config.read_text())
     dataset = cfg.get("data", {}).get("dataset", "mnist1d")
+    if isinstance(dataset, dict):  # an ImageFolder config: small PNG folders, one per class
+        k = cfg["model"]["init_args"]["student"]["init_args"]["num_classes"]
+        for split, n in (("train", 6), ("test", 2)):
+            write_image_folder(workdir / dataset[split]["root"], tuple(f"c{i}" for i in range(k)),
+                               (n,) * k, size=(12, 10))
+        dataset = ""
     if dataset.startswith("cifar"):
         write_cifar(workdir / "data", 100 if dataset == "cifar100" else 10, n_train=200, n_test=40)
     if dataset in ("mnist", "fashion_mnist"):

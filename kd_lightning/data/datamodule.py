@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
 from kd_lightning import KDConfigError
+from kd_lightning.data.custom import CustomSource
 from kd_lightning.data.dataset import (AUGMENTATIONS, NORMALIZATIONS, IndexedTensorDataset,
                                        MinibatchGroups, PerSampleDataset, batch_collate)
 from kd_lightning.data.sources import SOURCES, Splits, load_source, source_input_shape
@@ -36,7 +37,12 @@ class DistillDataModule(pl.LightningDataModule):
     Args:
         dataset: one of ``mnist1d``, ``digits``, ``mnist``, ``fashion_mnist``, ``cifar10``,
             ``cifar100``. The first two are generated/bundled offline; the torchvision sets read
-            their original files under ``root``.
+            their original files under ``root``. Or any map-style dataset returning ``(x, y)``,
+            as a mapping ``{class_path, init_args, train, test, num_classes, mean, std,
+            memory_budget_mb}`` (a torchvision dataset class, ``ImageFolder``, a class of one's
+            own): see :mod:`kd_lightning.data.custom`. It is held in memory when it fits
+            ``memory_budget_mb`` (default 2048), otherwise read per sample in ``num_workers``
+            worker processes (``min(4, CPUs)`` when 0).
         root: folder holding (or receiving) the data files.
         download: let torchvision download missing files (needs a network).
         batch_size: training batch size (per device under DDP).
@@ -89,7 +95,7 @@ class DistillDataModule(pl.LightningDataModule):
             :func:`~kd_lightning.data.sources.load_multiview`).
     """
 
-    def __init__(self, dataset: str = "mnist1d", root: str = "data", download: bool = False,
+    def __init__(self, dataset: str | dict = "mnist1d", root: str = "data", download: bool = False,
                  batch_size: int = 100, eval_batch_size: int | None = None,
                  train_subset: int | None = None, subset_seed: int = 0,
                  val_split: int | float = 0.1, split_seed: int = 0, augment: bool | str = False,
@@ -98,7 +104,9 @@ class DistillDataModule(pl.LightningDataModule):
                  source_options: dict | None = None,
                  unlabelled: int | str | None = None) -> None:
         super().__init__()
-        if dataset not in DATASET_INFO:
+        # a dataset by class_path is opened (labels read, examples checked) here
+        self._custom = CustomSource(dataset, normalize) if isinstance(dataset, dict) else None
+        if self._custom is None and dataset not in DATASET_INFO:
             raise KDConfigError(
                 f"unknown dataset '{dataset}'. Valid names: {', '.join(sorted(DATASET_INFO))}.")
         if batch_size < 1:
@@ -106,10 +114,12 @@ class DistillDataModule(pl.LightningDataModule):
         if batches_per_step < 1:
             raise KDConfigError(f"batches_per_step must be >= 1, got {batches_per_step}; 1 gives "
                                 f"one minibatch per Lightning step.")
-        k = DATASET_INFO[dataset][0]
+        info = (self._custom.num_classes, self._custom.input_shape) if self._custom else DATASET_INFO[dataset]
+        k = info[0]
         if train_subset is not None and train_subset < k:
             raise KDConfigError(
-                f"train_subset={train_subset} is smaller than the number of classes of {dataset} "
+                f"train_subset={train_subset} is smaller than the number of classes of "
+                f"{self._custom.name if self._custom else dataset} "
                 f"({k}): a stratified subset needs at least one example per class. Use "
                 f"train_subset >= {k}, or null for the full training set.")
         unlabelled = _check_unlabelled(unlabelled, train_subset)
@@ -118,7 +128,7 @@ class DistillDataModule(pl.LightningDataModule):
             raise KDConfigError(
                 f"unknown augment={augment!r}. Valid values: {', '.join(AUGMENTATIONS)} (true means "
                 f"crop_flip, false none).")
-        if augment != "none" and len(DATASET_INFO[dataset][1]) != 3:
+        if augment != "none" and len(info[1]) != 3:
             raise KDConfigError(f"augment={augment} is for image data sets; {dataset} is 1-D. Use "
                                 f"augment=none.")
         if augment == "crop_flip" and dataset in ("mnist", "digits"):
@@ -166,10 +176,14 @@ class DistillDataModule(pl.LightningDataModule):
     # ---- facts for linking ---------------------------------------------------------------
     @property
     def num_classes(self) -> int:
+        if self._custom is not None:
+            return self._custom.num_classes
         return DATASET_INFO[self.dataset][0]
 
     @property
     def input_shape(self) -> tuple[int, ...]:
+        if self._custom is not None:
+            return self._custom.input_shape
         return source_input_shape(self.dataset, self.source_options) or DATASET_INFO[self.dataset][1]
 
     @property
@@ -189,10 +203,12 @@ class DistillDataModule(pl.LightningDataModule):
 
     # ---- data ------------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        if self.download:  # fetch once on rank 0; setup() then reads the files on every rank
+        if self.download and self._custom is None:  # fetch once on rank 0; setup() then reads the files on every rank
             load_source(self.dataset, self.root, download=True, options=self.source_options)
 
     def splits(self) -> Splits:
+        if self._splits is None and self._custom is not None:
+            self._splits = self._custom.splits()
         if self._splits is None:
             self._splits = load_source(self.dataset, self.root, download=False,
                                        options=self.source_options)
@@ -211,7 +227,7 @@ class DistillDataModule(pl.LightningDataModule):
         labelled, unlabelled = pool, pool[:0]
         if self.train_subset is not None:
             chosen = stratified_subset(s.y_train[pool].numpy(), self.train_subset,
-                                       self.subset_seed, s.num_classes)
+                                       self.subset_seed, s.num_classes, s.class_names)
             labelled = pool[chosen]
             if self.unlabelled is not None:
                 unlabelled = pool[unlabelled_subset(len(pool), chosen, self.unlabelled,
@@ -272,7 +288,7 @@ class DistillDataModule(pl.LightningDataModule):
             "split_seed": self.split_seed, "num_examples": int(len(self.labelled_indices)),
             "indices": [int(i) for i in self.labelled_indices],
             "unlabelled": self.unlabelled, "num_unlabelled": int(len(self.unlabelled_indices)),
-            "unlabelled_indices": [int(i) for i in self.unlabelled_indices]}))
+            "unlabelled_indices": [int(i) for i in self.unlabelled_indices]}, default=repr))
 
     def _loader(self, ds: IndexedTensorDataset, batch_size: int, shuffle: bool,
                 drop_last: bool = False, group: int = 1) -> DataLoader:
@@ -281,15 +297,17 @@ class DistillDataModule(pl.LightningDataModule):
             # size, so the groups hold exactly the batches a k = 1 loader would yield, in order
             grouped = MinibatchGroups(ds if self.batched else PerSampleDataset(ds), batch_size, drop_last)
             return DataLoader(grouped, batch_size=batch_size * group, shuffle=shuffle,
-                              collate_fn=batch_collate, num_workers=self.num_workers,
-                              persistent_workers=self.num_workers > 0)
+                              collate_fn=batch_collate, **self._worker_options())
         if self.batched:
             return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                              collate_fn=batch_collate, num_workers=self.num_workers,
-                              persistent_workers=self.num_workers > 0)
+                              collate_fn=batch_collate, **self._worker_options())
         return DataLoader(PerSampleDataset(ds), batch_size=batch_size, shuffle=shuffle,
-                          drop_last=drop_last, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+                          drop_last=drop_last, **self._worker_options())
+
+    def _worker_options(self) -> dict:
+        if self._custom is not None:
+            return self._custom.loader_options(self.num_workers, self.trainer)
+        return {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, self.batch_size, True, self.drop_last,

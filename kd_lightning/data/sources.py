@@ -34,6 +34,8 @@ class Splits:
     num_classes: int
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    #: names of the classes, in label order, when the source has them (for messages)
+    class_names: tuple[str, ...] | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:

@@ -21,7 +21,8 @@ def _as_labels(labels: Sequence[int] | np.ndarray) -> np.ndarray:
 
 
 def stratified_subset(labels: Sequence[int] | np.ndarray, m: int, seed: int = 0,
-                      num_classes: int | None = None) -> np.ndarray:
+                      num_classes: int | None = None,
+                      class_names: Sequence[str] | None = None) -> np.ndarray:
     """Return ``m`` positions into ``labels``, stratified per class, as a sorted int64 array.
 
     Each class gets ``m // K`` examples (``K`` = number of classes); the ``m % K`` left over go
@@ -29,7 +30,8 @@ def stratified_subset(labels: Sequence[int] | np.ndarray, m: int, seed: int = 0,
     random choice without replacement. The result depends only on ``(labels, m, seed)``.
 
     Raises :class:`KDConfigError` if ``m`` is smaller than the number of classes, larger than the
-    number of labels, or asks a class for more examples than it has.
+    number of labels, or asks a class for more examples than it has (naming the class, by
+    ``class_names`` when given, and its count).
     """
     y = _as_labels(labels)
     k = int(num_classes) if num_classes is not None else int(y.max()) + 1
@@ -50,10 +52,14 @@ def stratified_subset(labels: Sequence[int] | np.ndarray, m: int, seed: int = 0,
     short = np.nonzero(per_class > counts)[0]
     if len(short):
         c = int(short[0])
+        name = f" ({class_names[c]!r})" if class_names is not None and c < len(class_names) else ""
+        fix = (f"Use a smaller train_subset (at most {int(counts.min()) * k} keeps every class "
+               f"feasible) or a smaller val_split." if counts.min() > 0 else
+               f"A stratified subset needs every class: give class {c} training examples, or "
+               f"relabel the data without it.")
         raise KDConfigError(
-            f"train_subset={m} asks for {per_class[c]} examples of class {c}, but the training set "
-            f"(after the validation split) has only {counts[c]}. Use a smaller train_subset "
-            f"(at most {int(counts.min()) * k} keeps every class feasible) or a smaller val_split.")
+            f"train_subset={m} asks for {per_class[c]} examples of class {c}{name}, but the "
+            f"training set (after the validation split) has only {counts[c]}. {fix}")
     chosen = []
     for c in range(k):
         pos = np.nonzero(y == c)[0]
