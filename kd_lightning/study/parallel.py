@@ -120,10 +120,6 @@ class RayRuns:
         """``ray.init``, tried again when a busy machine makes a local instance miss Ray's startup
         deadlines (its node manager waits a fixed time for its agents)."""
         ray = self.ray
-        # how long Ray's node manager waits for its agents to register (Ray's default is short
-        # for a loaded machine); a value set in the environment wins
-        os.environ.setdefault("RAY_agent_register_timeout_ms", "300000")
-        os.environ.setdefault("RAY_raylet_start_wait_time_s", "300")
         for attempt in range(attempts):
             try:
                 ray.init(**kwargs)
