@@ -202,8 +202,10 @@ def _is_validation_metric(name: str | None) -> bool:
     return name is not None and (name.startswith(("val/", "val_")) or name == "hp_metric")
 
 
-def cli_main(args: list[str] | None = None, run: bool = True) -> KDLightningCLI | None:
-    """Entry point of ``kd-lightning``; ``args`` lets tests and notebooks drive it in-process.
+def cli_main(args: list[str] | None = None, run: bool = True,
+             cli_class: type[KDLightningCLI] | None = None) -> KDLightningCLI | None:
+    """Entry point of ``kd-lightning``; ``args`` lets tests and notebooks drive it in-process
+    (``cli_class``: a subclass of :class:`KDLightningCLI` to run instead).
 
     The working directory is importable, so that ``class_path: my_model.MyNet`` finds a
     researcher's ``my_model.py`` beside the config without setting ``PYTHONPATH``.
@@ -219,7 +221,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> KDLightningCLI 
                 check_checkpoint_path(arg.split("=", 1)[1])
             elif arg == "--ckpt_path" and i + 1 < len(argv):
                 check_checkpoint_path(argv[i + 1])
-        return KDLightningCLI(
+        return (cli_class or KDLightningCLI)(
             DistillationModule, DistillDataModule, subclass_mode_model=True,
             save_config_kwargs={"overwrite": True}, parser_class=KDArgumentParser, args=args, run=run,
         )

@@ -168,6 +168,25 @@ def test_killed_study_resumes_without_redoing_runs(tmp_path, teachers):
     assert rows[: len(first)] == first  # completed runs kept as they were
 
 
+def test_runs_in_one_process_share_one_parser_and_train_as_a_fresh_cli(tmp_path, monkeypatch):
+    """The study's in-process runs build the kd-lightning parser once; a run gives the metrics a
+    fresh `kd-lightning fit` gives (same seed, same student)."""
+    from kd_lightning.cli import cli_main
+    from kd_lightning.study import child
+    from tests.conftest import TINY
+
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", str(CONFIGS / "mnist1d/student.yaml"), *TINY, "--seed_everything", "3",
+            "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
+            "--trainer.callbacks", "[]", "--data.train_subset", "40", "--data.subset_seed", "3"]
+    first = child.run(args)
+    parser = child._study_cli()._parsers.copy()
+    second = child.run(args)
+    assert child._study_cli()._parsers == parser and len(parser) == 1  # built once, reused
+    fresh = {k: float(v) for k, v in cli_main(args).trainer.callback_metrics.items()}
+    assert "test/acc" in first and first == second == fresh
+
+
 def test_runs_in_a_subprocess_when_the_strategy_needs_one(tmp_path, monkeypatch, capsys):
     """Multi-process strategies re-launch their command: such runs go through
     `python -m kd_lightning.study.child`, with the teacher's progress and the metrics passed back."""

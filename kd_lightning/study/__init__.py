@@ -67,6 +67,7 @@ weights of chosen candidates are kept (``runs/.../final.ckpt``), the others dele
 Modules: :mod:`~kd_lightning.study.spec` (the YAML, presets, checks; each method's config parsed
 once), :mod:`~kd_lightning.study.runner` (the teacher, then every run, resumably),
 :mod:`~kd_lightning.study.child` (one run, in this process or as ``python -m``),
+:mod:`~kd_lightning.study.parallel` (the runs as Ray tasks: ``--workers N``, ``--address``),
 :mod:`~kd_lightning.study.results` (results.csv and the choice of a grid candidate),
 :mod:`~kd_lightning.study.report` (results.md, plot), :mod:`~kd_lightning.study.cli` (the
 command line).

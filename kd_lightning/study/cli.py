@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -35,6 +36,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run these seeds only (default: the config's); the results belong to "
                              "the same study, so processes or machines given different seeds can "
                              "share one output folder")
+    ray = parser.add_argument_group(
+        "parallel runs on Ray (pip install kd_lightning[ray])",
+        "Each run is a Ray task; the teacher is trained first, results.csv is written by this "
+        "process alone. Without --workers/--address the runs go one after another here.")
+    ray.add_argument("--workers", type=int, default=None, metavar="N",
+                     help="start a local Ray instance with N CPUs and run the study on it")
+    ray.add_argument("--address", default=None,
+                     help="join the Ray cluster at ADDR (e.g. auto, or HEAD_IP:6379 of `ray start "
+                          "--head`); the output folder and teacher cache must be on a file system "
+                          "every node sees")
+    ray.add_argument("--cpus-per-run", type=float, default=1.0, metavar="C",
+                     help="CPUs of each run (its torch/OpenMP threads; default 1)")
+    ray.add_argument("--gpus-per-run", type=float, default=0.0, metavar="G",
+                     help="GPUs of each run; a fraction (e.g. 0.25) lets runs share a GPU "
+                          "(default 0)")
     parser.add_argument("--stop-on-failure", action="store_true",
                         help="stop the study at the first failed run (default: record it as failed, "
                              "leave it out of the table, and go on; a rerun tries it again)")
@@ -80,12 +96,21 @@ def main(argv: list[str] | None = None) -> int:
             table = report_only(spec, output)
         else:
             cache = Path(args.teacher_cache) if args.teacher_cache else output.parent / "_teachers"
+            runs = None
+            if args.workers is not None or args.address is not None:
+                from kd_lightning.study.parallel import RayRuns
+
+                runs = RayRuns(args.workers, args.address, args.cpus_per_run, args.gpus_per_run)
+            elif (args.cpus_per_run, args.gpus_per_run) != (1.0, 0.0):
+                raise KDConfigError("--cpus-per-run and --gpus-per-run declare the resources of "
+                                    "Ray tasks; give them with --workers N or --address ADDR.")
             runner = StudyRunner(spec, output, rest, args.overwrite, cache,
                                  progress=not args.no_progress,
-                                 keep_going=not args.stop_on_failure)
+                                 keep_going=not args.stop_on_failure, runs=runs)
             logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
             logging.getLogger("lightning_fabric").setLevel(logging.ERROR)
-            runner.run()
+            with runs or contextlib.nullcontext():
+                runner.run()
             table = write_report(spec, runner.study_hash, runner.results.rows(), output,
                                  runner.teacher_acc)
             failed = failures(runner.results.rows())

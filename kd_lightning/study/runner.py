@@ -261,8 +261,12 @@ class StudyRunner:
     """Trains a study's runs into ``output`` (results.csv, study.json, runs/)."""
 
     def __init__(self, spec: StudySpec, output: Path, trainer_args: list[str], overwrite: bool,
-                 teacher_cache: Path, progress: bool = True, keep_going: bool = True) -> None:
+                 teacher_cache: Path, progress: bool = True, keep_going: bool = True,
+                 runs=None) -> None:
         self.spec, self.output, self.trainer_args = spec, Path(output), list(trainer_args)
+        #: where runs execute: None in this process, one after another; or a
+        #: :class:`kd_lightning.study.parallel.RayRuns`, several at once as Ray tasks
+        self.runs = runs
         #: on a failed run (diverged, crashed): record it as failed and go on, or stop the study
         self.keep_going = keep_going
         self.overwrite, self.teacher_cache, self.progress = overwrite, Path(teacher_cache), progress
@@ -444,17 +448,25 @@ class StudyRunner:
                  **kwargs) -> tuple[dict[str, float], float]:
         start = time.perf_counter()
         log_file = plan.run_dir / log
+        if self.runs is not None:  # a Ray task, waited for
+            result = self.runs.run(args or plan.args, log_file, plan.isolate, **kwargs)
+            if "error" in result:
+                raise self._failure(plan, result["error"], log_file)
+            return result["metrics"], result["seconds"]
         try:
             metrics = run_kd_lightning(args or plan.args, log_file, plan.isolate, **kwargs)
         except RunFailed as err:
-            hint = ""
-            if "teacher" in str(err).lower():
-                hint = (f" The study's teacher is trained from {self.spec.teacher_config} "
-                        f"(teacher: in {self.spec.path}) and cached at {self._teacher_ckpt}.")
-            raise RunFailed(f"run {plan.describe()} failed: {err} (log: {log_file}).{hint} "
-                            f"Finished runs are kept in {self.results.path}; rerun the same "
-                            f"command to continue.") from None
+            raise self._failure(plan, err, log_file) from None
         return metrics, time.perf_counter() - start
+
+    def _failure(self, plan: RunPlan, err, log_file: Path) -> RunFailed:
+        hint = ""
+        if "teacher" in str(err).lower():
+            hint = (f" The study's teacher is trained from {self.spec.teacher_config} "
+                    f"(teacher: in {self.spec.path}) and cached at {self._teacher_ckpt}.")
+        return RunFailed(f"run {plan.describe()} failed: {err} (log: {log_file}).{hint} "
+                         f"Finished runs are kept in {self.results.path}; rerun the same "
+                         f"command to continue.")
 
     def _row(self, plan: RunPlan, metrics: dict, seconds: float, **values) -> dict:
         def pct(key: str) -> Any:
@@ -480,14 +492,25 @@ class StudyRunner:
         except RunFailed as err:
             if not self.keep_going:
                 raise
-            error = " ".join(str(err).split())
-            self._row(plan, {}, time.perf_counter() - start, kind=FAILED, error=error[:2000])
-            display.finished(f"{plan.describe()}: FAILED, recorded as failed (not a result); "
-                             f"the study goes on. {error}")
+            self._record_failure(plan, err, time.perf_counter() - start, display)
             return
+        self._record(plan, metrics, seconds, display)
+
+    def _record(self, plan: RunPlan, metrics: dict, seconds: float, display: _Display) -> None:
         row = self._row(plan, metrics, seconds)
-        display.finished(f"{plan.describe()}: test acc {row['test_acc']:.2f}% "
-                         f"({seconds:.0f} s, {plan.epochs} epochs)")
+        if plan.kind == CANDIDATE:
+            display.finished(f"{plan.describe()}: val acc {row['val_acc']:.2f}% "
+                             f"({seconds:.0f} s, {plan.epochs} epochs; a candidate)")
+        else:
+            display.finished(f"{plan.describe()}: test acc {row['test_acc']:.2f}% "
+                             f"({seconds:.0f} s, {plan.epochs} epochs)")
+
+    def _record_failure(self, plan: RunPlan, err: RunFailed, seconds: float,
+                        display: _Display) -> None:
+        error = " ".join(str(err).split())
+        self._row(plan, {}, seconds, kind=FAILED, error=error[:2000])
+        display.finished(f"{plan.describe()}: FAILED, recorded as failed (not a result); "
+                         f"the study goes on. {error}")
 
     def _select(self, method: MethodSpec, budget: Budget, display: _Display) -> None:
         """Train the grid's candidates, choose one by validation accuracy, test only it."""
@@ -500,9 +523,7 @@ class StudyRunner:
                     continue
                 display.starting(plan.describe())
                 metrics, seconds = self._execute(plan, validate=True, save_weights=plan.weights)
-                row = self._row(plan, metrics, seconds)
-                display.finished(f"{plan.describe()}: val acc {row['val_acc']:.2f}% "
-                                 f"({seconds:.0f} s, {plan.epochs} epochs; a candidate)")
+                self._record(plan, metrics, seconds, display)
         keys = [candidate_key(c) for c in candidates]
         rows = self.results.rows()
         chosen, means = choose(rows, method.name, label, keys, spec.seeds)
@@ -544,6 +565,10 @@ class StudyRunner:
                               str(self._teacher_ckpt), "test_acc": self.teacher_acc})
             total, finished = self._todo()
             display.runs(total, finished)
+            if self.runs is not None:
+                display.print(self.runs.describe())
+                self._run_parallel(display)
+                return
             done = self.results.done()
             for budget in self.spec.budgets:
                 for method in self.spec.methods:
@@ -554,3 +579,47 @@ class StudyRunner:
                         plan = self.plan(method, budget, seed, {}, RUN, self._teacher_ckpt)
                         if plan.key not in done:
                             self._train(plan, display)
+
+    def _run_parallel(self, display: _Display) -> None:
+        """Every run not done as a task at once (grid candidates included), in study order; the
+        driver writes each row as its run finishes. Then, per grid, the chosen candidate's tests
+        (:meth:`_select`, whose candidates are all done by then)."""
+        done, plans = self.results.done(), []
+        for budget in self.spec.budgets:
+            for method in self.spec.methods:
+                kind = CANDIDATE if method.grid else RUN
+                for candidate in self.spec.candidates(method, budget):
+                    for seed in self.spec.seeds:
+                        plan = self.plan(method, budget, seed, candidate, kind, self._teacher_ckpt)
+                        if plan.key not in done:
+                            plans.append(plan)
+        pending, stop = {}, None
+        for plan in plans:
+            extra = dict(validate=True, save_weights=plan.weights) if plan.kind == CANDIDATE else {}
+            pending[self.runs.submit(plan.args, plan.run_dir / "run.log", plan.isolate,
+                                     **extra)] = plan
+        display.starting(f"{len(plans)} runs on Ray")
+        try:
+            while pending:
+                ref, result = self.runs.next(pending)
+                plan = pending.pop(ref)
+                if "error" not in result:
+                    self._record(plan, result["metrics"], result["seconds"], display)
+                    continue
+                err = self._failure(plan, result["error"], plan.run_dir / "run.log")
+                if plan.kind == CANDIDATE or not self.keep_going:
+                    # a grid's choice needs every candidate; --stop-on-failure stops the study
+                    stop = stop or err
+                    if not self.keep_going:
+                        break
+                    continue
+                self._record_failure(plan, err, result.get("seconds", 0.0), display)
+        finally:
+            if pending:  # stopped or interrupted: the runs still going are abandoned
+                self.runs.cancel(pending)
+        if stop is not None:
+            raise stop
+        for budget in self.spec.budgets:
+            for method in self.spec.methods:
+                if method.grid:
+                    self._select(method, budget, display)
