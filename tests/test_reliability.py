@@ -164,3 +164,34 @@ def test_unwritable_log_folder_is_one_clear_message(tmp_path, monkeypatch, capsy
                              "--trainer.logger.init_args.save_dir", tmp_path / "file" / "runs"],
                             capsys)
     assert "log folder" in message and "save_dir" in message
+
+
+@pytest.mark.parametrize("sig, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_during_a_run_stops_the_study_and_the_rerun_finishes_it(
+        sig, code, tmp_path, monkeypatch, capsys, teachers, request):
+    """Ctrl-C or pre-emption stops a sequential study (status 130 / 143): the interrupted run is
+    not recorded (as failed or otherwise), Ctrl-C works again afterwards, no checkpoint lands in the
+    working directory, and the rerun trains what is missing."""
+    import signal
+
+    monkeypatch.chdir(tmp_path)
+    cfg = write_study(tmp_path, methods=[STUDENT], budgets=[20], seeds=[0, 1])
+    argv = ["--config", str(cfg), "--no-progress", "--teacher-cache", str(teachers),
+            "--trainer.callbacks+=tests.kill_helpers.KillAt"]
+    # the second epoch's first batch: the students train 4 epochs, the (cached) teacher 1
+    monkeypatch.setenv("KD_TEST_KILL_AT", "1:0")
+    monkeypatch.setenv("KD_TEST_SIGNAL", sig)
+    # Ctrl-C as in a terminal (a test process started in the background may ignore SIGINT)
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, outer))
+    sigint = signal.getsignal(signal.SIGINT)
+    assert main(argv) == code
+    assert "interrupted; finished runs are kept" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is sigint
+    results = tmp_path / "out" / "results.csv"  # the interrupted run is not recorded as failed
+    assert not results.exists() or read_rows(tmp_path / "out") == []
+    assert not list(tmp_path.glob("*.ckpt"))
+    monkeypatch.delenv("KD_TEST_KILL_AT")
+    assert main(argv) == 0
+    assert sorted((r["seed"], r["kind"]) for r in read_rows(tmp_path / "out")) == [
+        ("0", "run"), ("1", "run")]

@@ -120,11 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailed as err:
         print(f"kd-lightning-study: error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM reaching a run (StudyInterrupted)
         where = f" in {output / 'results.csv'}" if output else ""
         print(f"\nkd-lightning-study: interrupted; finished runs are kept{where}. Rerun the same "
               f"command to continue.", file=sys.stderr)
-        return 130
+        return getattr(err, "exit_code", 130)
     print()
     print(table)
     if not args.report_only and failed:

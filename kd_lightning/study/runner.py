@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -59,6 +60,19 @@ def delete_own_files(folder: Path, paths: list[Path]) -> None:
 
 class RunFailed(Exception):
     """A training of the study failed (the rows of finished runs are kept)."""
+
+
+class StudyInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM reached a run: the study stops (the run is not recorded, so a rerun
+    trains it again); ``exit_code`` is 130 (SIGINT) or 143 (SIGTERM)."""
+
+    def __init__(self, exit_code: int) -> None:
+        super().__init__(exit_code)
+        self.exit_code = exit_code
+
+
+#: exit statuses of a run stopped by SIGINT / SIGTERM (the CLI's 130 / 143, or the signal itself)
+_INTERRUPTED = {130: 130, -signal.SIGINT: 130, 143: 143, -signal.SIGTERM: 143}
 
 
 # ------------------------------------------------------------------------------------------
@@ -105,18 +119,43 @@ def run_kd_lightning(args: list[str], log_file: Path, isolate: bool, *, validate
     from kd_lightning.study import child
 
     buffer = io.StringIO()
+    # Lightning answers Ctrl-C during fit with a graceful stop and exit status 1, which alone is
+    # not told apart from a failure: a handler of ours notes the signal first
+    sigints: list[int] = []
+
+    def on_sigint(signum, frame):
+        sigints.append(signum)
+        raise KeyboardInterrupt
+
+    # (a process that ignores SIGINT, e.g. started in the background, keeps ignoring it)
+    previous = None if signal.getsignal(signal.SIGINT) is signal.SIG_IGN else _set_sigint(on_sigint)
     try:
         with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer), \
                 warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return child.run(args, validate=validate, save_weights=weights, on_epoch=on_epoch)
-    except SystemExit as exc:  # argument or configuration error inside the run
+    except SystemExit as exc:  # argument or configuration error inside the run, or a signal
+        if sigints:
+            raise StudyInterrupted(130) from None
+        if exc.code == 143:  # SIGTERM (pre-emption): the CLI's exit status
+            raise StudyInterrupted(143) from None
         raise RunFailed(f"exit status {exc.code}: {_error_lines(buffer.getvalue())}") from None
     except Exception as exc:  # noqa: BLE001 - any failure of the training itself
         buffer.write(traceback.format_exc())
         raise RunFailed(f"{type(exc).__name__}: {exc}") from None
     finally:
+        if previous is not None:
+            _set_sigint(previous)
         log_file.write_text(buffer.getvalue())
+
+
+def _set_sigint(handler):
+    """Install a SIGINT handler; returns the previous one (``None`` off the main thread, where
+    signals cannot be handled, e.g. inside a Ray worker's task thread)."""
+    try:
+        return signal.signal(signal.SIGINT, handler)
+    except ValueError:
+        return None
 
 
 def _run_subprocess(args, log_file, validate, weights, on_epoch) -> dict[str, float]:
@@ -155,6 +194,8 @@ def _run_subprocess(args, log_file, validate, weights, on_epoch) -> dict[str, fl
         except BaseException:
             proc.kill()
             raise
+    if code in _INTERRUPTED:
+        raise StudyInterrupted(_INTERRUPTED[code])
     if code != 0 or not metrics_file.is_file():
         raise RunFailed(f"exit status {code}: {_error_lines(log_file.read_text())}")
     return json.loads(metrics_file.read_text())

@@ -34,8 +34,10 @@ class Preemption(Callback):
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
             return
         callback = trainer.checkpoint_callback
+        # beside the run's checkpoints, else in its log folder (never the working directory
+        # when a logger has a folder of its own)
         folder = Path(callback.dirpath) if callback is not None and callback.dirpath else \
-            Path(trainer.default_root_dir)
+            Path(trainer.log_dir or trainer.default_root_dir)
         path = folder / "interrupted.ckpt"
         try:
             trainer.save_checkpoint(path)
