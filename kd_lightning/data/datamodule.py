@@ -11,8 +11,9 @@ import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
 from kd_lightning import KDConfigError
+from kd_lightning.data.augment import Mixing, augment_training_batch, resolve_augment
 from kd_lightning.data.custom import CustomSource
-from kd_lightning.data.dataset import (AUGMENTATIONS, NORMALIZATIONS, IndexedTensorDataset,
+from kd_lightning.data.dataset import (NORMALIZATIONS, IndexedTensorDataset,
                                        MinibatchGroups, PerSampleDataset, batch_collate)
 from kd_lightning.data.sources import SOURCES, Splits, load_source, source_input_shape
 from kd_lightning.data.subset import stratified_subset, train_val_split, unlabelled_subset
@@ -67,11 +68,20 @@ class DistillDataModule(pl.LightningDataModule):
         split_seed: seed of the validation split (kept fixed across few-data runs so every run is
             validated on the same examples).
         augment: augmentation of the training images: ``"none"`` (or ``false``), ``"crop_flip"``
-            (or ``true``; zero-pad 4, random crop, random horizontal flip: the CIFAR recipe), or
+            (or ``true``; zero-pad 4, random crop, random horizontal flip: the CIFAR recipe),
             ``"jitter"`` (random translation by up to +-2 pixels in each direction, zero fill: the
-            MNIST recipe of Hinton et al. 2015's teacher). Validation and test images are never
-            augmented. Augmented inputs differ at every epoch, so methods do not cache teacher
-            outputs per example when it is on (:attr:`deterministic_train`).
+            MNIST recipe of Hinton et al. 2015's teacher), ``"autoaugment_cifar"``,
+            ``"randaugment"``, ``"cutout"``, or a list of transforms (``class_path`` +
+            ``init_args``, e.g. ``torchvision.transforms.v2.RandomErasing``) applied per example
+            on the training device before scaling (:mod:`kd_lightning.data.augment`). Validation
+            and test images are never augmented. Augmented inputs differ at every epoch, so methods
+            do not cache teacher outputs per example when it is on (:attr:`deterministic_train`).
+        mixup: MixUp's Beta ``alpha`` (0: off): each training batch is blended with a permutation
+            of itself, and every label term becomes ``lam L(y_a) + (1 - lam) L(y_b)``; the teacher
+            sees the mixed input (:class:`~kd_lightning.data.augment.Mixing`).
+        cutmix: CutMix's Beta ``alpha`` (0: off; images only): a box of the permuted batch is
+            pasted in. With ``mixup`` too, each mixed batch uses one of them at random.
+        mix_prob: the probability that a training batch is mixed (default 1).
         normalize: scaling of the pixels ``p`` (0..255) of the image sets (``mnist``,
             ``fashion_mnist``, ``cifar10``, ``cifar100``): ``"standard"`` (default)
             ``(p / 255 - mean) / std`` with the per-channel training-set statistics (MNIST: 0.1307
@@ -98,11 +108,13 @@ class DistillDataModule(pl.LightningDataModule):
     def __init__(self, dataset: str | dict = "mnist1d", root: str = "data", download: bool = False,
                  batch_size: int = 100, eval_batch_size: int | None = None,
                  train_subset: int | None = None, subset_seed: int = 0,
-                 val_split: int | float = 0.1, split_seed: int = 0, augment: bool | str = False,
+                 val_split: int | float = 0.1, split_seed: int = 0,
+                 augment: bool | str | list | None = False,
                  normalize: str = "standard", batched: bool = True, num_workers: int = 0,
                  drop_last: bool = False, batches_per_step: int = 1,
                  source_options: dict | None = None,
-                 unlabelled: int | str | None = None) -> None:
+                 unlabelled: int | str | None = None, mixup: float = 0.0, cutmix: float = 0.0,
+                 mix_prob: float = 1.0) -> None:
         super().__init__()
         # a dataset by class_path is opened (labels read, examples checked) here
         self._custom = CustomSource(dataset, normalize) if isinstance(dataset, dict) else None
@@ -123,20 +135,9 @@ class DistillDataModule(pl.LightningDataModule):
                 f"({k}): a stratified subset needs at least one example per class. Use "
                 f"train_subset >= {k}, or null for the full training set.")
         unlabelled = _check_unlabelled(unlabelled, train_subset)
-        augment = {True: "crop_flip", False: "none"}.get(augment, augment)
-        if augment not in AUGMENTATIONS:
-            raise KDConfigError(
-                f"unknown augment={augment!r}. Valid values: {', '.join(AUGMENTATIONS)} (true means "
-                f"crop_flip, false none).")
-        if augment != "none" and len(info[1]) != 3:
-            raise KDConfigError(f"augment={augment} is for image data sets; {dataset} is 1-D. Use "
-                                f"augment=none.")
-        if augment == "crop_flip" and dataset in ("mnist", "digits"):
-            # a mirrored digit is another symbol (or none), and pad-4 crops are the CIFAR recipe
-            raise KDConfigError(
-                f"augment=crop_flip (augment: true) flips images horizontally, and a mirrored digit of "
-                f"{dataset} is another symbol. Use augment=jitter (random translation by up to 2 "
-                f"pixels, no flip: the MNIST recipe) or augment=none.")
+        name = self._custom.name if self._custom else dataset
+        augmentation = resolve_augment(augment, name, info[1])
+        mixing = Mixing.from_config(mixup, cutmix, mix_prob, name, info[1])
         if normalize not in NORMALIZATIONS:
             raise KDConfigError(
                 f"unknown normalize={normalize!r}. Valid values: standard (zero mean, unit "
@@ -153,7 +154,9 @@ class DistillDataModule(pl.LightningDataModule):
         self.train_subset, self.subset_seed = train_subset, subset_seed
         self.unlabelled = unlabelled
         self.val_split, self.split_seed = val_split, split_seed
-        self.augment, self.normalize, self.batched = augment, normalize, batched
+        self.augment, self.normalize, self.batched = augmentation, normalize, batched
+        #: MixUp/CutMix of the training batches (None: off)
+        self.mixing = mixing
         self.num_workers, self.drop_last = num_workers, drop_last
         self.batches_per_step = batches_per_step
         self.source_options = dict(source_options or {})
@@ -172,6 +175,8 @@ class DistillDataModule(pl.LightningDataModule):
             # load now (all sets are in memory anyway) so that missing files or an impossible
             # subset are reported before a Trainer, a logger or a run directory exists
             self._draw_indices()
+            if not isinstance(augmentation, str):  # each transform runs on a few training images
+                augmentation.check(self.splits().x_train[self.train_indices[:4]])
 
     # ---- facts for linking ---------------------------------------------------------------
     @property
@@ -197,9 +202,9 @@ class DistillDataModule(pl.LightningDataModule):
 
     @property
     def deterministic_train(self) -> bool:
-        """True when a training example always maps to the same input tensor (no augmentation),
-        so per-example teacher outputs can be cached."""
-        return self.augment == "none"
+        """True when a training example always maps to the same input tensor (no augmentation,
+        no mixing), so per-example teacher outputs can be cached."""
+        return isinstance(self.augment, str) and self.augment == "none" and self.mixing is None
 
     # ---- data ------------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -343,6 +348,15 @@ class DistillDataModule(pl.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Training batches, on their device: the transform pipeline, the scaling, then
+        MixUp/CutMix (:mod:`kd_lightning.data.augment`); other batches pass unchanged."""
+        trainer = getattr(self, "trainer", None)
+        if (isinstance(self.augment, str) and self.mixing is None) or trainer is None or not trainer.training:
+            return batch
+        device_augment = None if isinstance(self.augment, str) else self.augment
+        return augment_training_batch(batch, device_augment, self.train_dataset.finish, self.mixing)
 
     def state_dict(self) -> dict:
         return {"train_subset": self.train_subset, "subset_seed": self.subset_seed,

@@ -76,6 +76,9 @@ class IndexedTensorDataset(Dataset):
         augment: a name of :data:`AUGMENTATIONS` (``True`` means ``"crop_flip"``, ``False``
             ``"none"``); images only. On ``uint8`` images it is applied to the pixels in [0, 1]
             before normalisation, so padding is black, as with torchvision's transforms on images.
+            A callable (a :class:`~kd_lightning.data.augment.BatchAugmentation`) is applied on the
+            training device instead: the loader then serves the raw inputs (``uint8`` pixels as
+            they are) and the data module applies it and :meth:`finish`.
         normalize: scaling of ``uint8`` pixels ``p``: ``"standard"`` ``(p / 255 - mean) / std``,
             ``"unit"`` ``p / 255`` (in [0, 1]), ``"none"`` ``p`` as a float (0..255).
     """
@@ -86,6 +89,10 @@ class IndexedTensorDataset(Dataset):
         self.x, self.y = x, y
         self.indices = (torch.arange(len(y)) if indices is None
                         else torch.as_tensor(indices, dtype=torch.int64))
+        #: applied to the raw batches on the device (the loader serves them unscaled), or None
+        self.device_augment = augment if callable(augment) else None
+        if self.device_augment is not None:
+            augment = "none"
         augment = {True: "crop_flip", False: "none"}.get(augment, augment)
         if augment not in AUGMENTATIONS:
             raise ValueError(f"augment must be one of {sorted(AUGMENTATIONS)}, got {augment!r}")
@@ -96,8 +103,10 @@ class IndexedTensorDataset(Dataset):
         shape = (1, -1) + (1,) * (x.ndim - 2)
         self._mean = torch.tensor(mean, dtype=torch.float32).view(shape) if mean is not None else None
         self._std = torch.tensor(std, dtype=torch.float32).view(shape) if std is not None else None
-        if self._augment_fn is not None and x.ndim != 4:
+        if (self._augment_fn is not None or self.device_augment is not None) and x.ndim != 4:
             raise ValueError(f"augment={augment!r} needs image inputs [N, C, H, W]")
+        if hasattr(self.device_augment, "check"):
+            self.device_augment.check(x[self.indices[:4]])
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -114,16 +123,36 @@ class IndexedTensorDataset(Dataset):
             xb = xb.sub_(self._mean).div_(self._std)
         return xb
 
+    def finish(self, xb: Tensor) -> Tensor:
+        """Model inputs from a raw (device-augmented) batch: the scaling of ``normalize``."""
+        if xb.dtype != torch.uint8:
+            return xb
+        xb = xb.float()
+        if self.normalize != "none":
+            xb = xb.div_(255.0)
+        if self.normalize == "standard" and self._mean is not None:
+            xb = xb.sub_(self._mean.to(xb.device)).div_(self._std.to(xb.device))
+        return xb
+
     def get_batch(self, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Batch for ``positions`` (positions into this dataset, not source indices)."""
+        """Batch for ``positions`` (positions into this dataset, not source indices), as the
+        model takes it (without a device augmentation)."""
         idx = self.indices[positions]
         return self._prepare(self.x[idx]), self.y[idx], idx
 
+    def loader_batch(self, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Batch for ``positions`` as the loader serves it: :meth:`get_batch`, or the raw inputs
+        when a device augmentation follows."""
+        if self.device_augment is None:
+            return self.get_batch(positions)
+        idx = self.indices[positions]
+        return self.x[idx], self.y[idx], idx
+
     def __getitems__(self, positions: list[int]) -> tuple[Tensor, Tensor, Tensor]:
-        return self.get_batch(torch.as_tensor(positions, dtype=torch.int64))
+        return self.loader_batch(torch.as_tensor(positions, dtype=torch.int64))
 
     def __getitem__(self, position: int) -> tuple[Tensor, Tensor, Tensor]:
-        x, y, idx = self.get_batch(torch.tensor([int(position)]))
+        x, y, idx = self.loader_batch(torch.tensor([int(position)]))
         return x[0], y[0], idx[0]
 
 
@@ -159,8 +188,8 @@ class MinibatchGroups(Dataset):
         chunks = [positions[i:i + b] for i in range(0, len(positions), b)]
         if self.drop_last and chunks and len(chunks[-1]) < b:
             chunks.pop()
-        if hasattr(self.base, "get_batch"):
-            return [self.base.get_batch(torch.as_tensor(c, dtype=torch.int64)) for c in chunks]
+        if hasattr(self.base, "loader_batch"):
+            return [self.base.loader_batch(torch.as_tensor(c, dtype=torch.int64)) for c in chunks]
         return [default_collate([self.base[i] for i in c]) for c in chunks]
 
     def __getitem__(self, position: int):

@@ -5,7 +5,11 @@ method: student forward, frozen teacher's outputs, loss terms from :mod:`kd_ligh
 the base sums the named terms, logs them and hands the sum to the optimizer. An unlabelled
 training example (``data.unlabelled``) has ``y = UNLABELLED`` (-1): a method's label terms skip it
 (:meth:`DistillationModule.labelled_rows`, :func:`~kd_lightning.losses.labelled_cross_entropy`),
-its distillation terms use it.
+its distillation terms use it. Under MixUp/CutMix (``data.mixup`` / ``data.cutmix``) ``y`` is a
+:class:`~kd_lightning.losses.labels.MixedTargets`: the label losses of
+:mod:`kd_lightning.losses.labels` take it as it is (``lam L(y_a) + (1 - lam) L(y_b)``), any other
+use of the labels goes through :func:`~kd_lightning.losses.labels.mixed`, and a method that cannot
+use mixed targets says why in :meth:`DistillationModule.mixing_refusal`.
 
 A method is a subclass that holds its hyperparameters and implements ``compute_losses``; the base
 owns the rest once: the frozen teacher (:class:`~kd_lightning.models.teacher.FrozenTeacher`), which
@@ -32,7 +36,8 @@ from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from kd_lightning import KDConfigError
-from kd_lightning.losses.labels import labelled_mask
+from kd_lightning.data.augment import check_mixing
+from kd_lightning.losses.labels import labelled_mask, target_classes
 from kd_lightning.metrics import DistillationError, TestUncertainty, dropout_modules
 from kd_lightning.models.taps import FeatureTaps
 from kd_lightning.models.teacher import FrozenTeacher
@@ -206,6 +211,12 @@ class DistillationModule(pl.LightningModule):
         unlabelled transfer examples (``y == UNLABELLED``), for distillation terms only."""
         return labelled_mask(y)
 
+    def mixing_refusal(self) -> str | None:
+        """Why this method (as configured) cannot train on MixUp/CutMix batches, or ``None``
+        when it can (the default: its label terms take
+        :class:`~kd_lightning.losses.labels.MixedTargets`). Checked when a fit starts."""
+        return None
+
     def minibatch_step(self, batch, batch_idx: int) -> Tensor:
         """One minibatch: the method's terms, summed and logged; returns the loss to minimise.
         (A method with ``optimizes_itself = True`` overrides this and runs its own steps.)"""
@@ -252,6 +263,7 @@ class DistillationModule(pl.LightningModule):
         # mode stays, so that trainer.global_step keeps counting that fit's optimizer steps)
         if self.trainer.state.fn == TrainerFn.FITTING:
             self.grouped_fit = None
+            check_mixing(self, self.trainer.datamodule)
         return [ScopedFitEnvironment(), GroupedOptimization(), TermLogging(), RandomStates(),
                 Preemption(), *self.extra_callbacks()]
 
@@ -270,7 +282,7 @@ class DistillationModule(pl.LightningModule):
                   **terms: Tensor) -> None:
         """Record loss terms (and the training accuracy) for the per-window log
         (:mod:`kd_lightning.training.term_log`)."""
-        self.term_log.record(logits, targets, terms)
+        self.term_log.record(logits, None if targets is None else target_classes(targets), terms)
         if self.log_step_terms:
             self.log_dict({f"train_step/{k}": v.detach() for k, v in terms.items()},
                           on_step=True, on_epoch=False)

@@ -161,6 +161,13 @@ class CRD(FeatureDistillation):
                 f"module's training source has {source} examples; remove num_data (it is then "
                 f"taken from the data) or set it to {source}.")
 
+    def mixing_refusal(self) -> str | None:
+        if self.class_aware_negatives:
+            return ("class_aware_negatives draws each anchor's negatives from the other classes, "
+                    "and a mixed input has two classes. Set model.init_args.class_aware_negatives: "
+                    "false (uniform negatives, the paper's description) or turn mixing off.")
+        return None
+
     def on_train_start(self) -> None:
         super().on_train_start()
         ds = getattr(getattr(self.trainer, "datamodule", None), "train_dataset", None)
@@ -255,8 +262,8 @@ class CRD(FeatureDistillation):
         t_logits, (f_t,) = self.teacher_forward(x, index)
         v_s, v_t = self.embed_s(f_s), self.embed_t(f_t)
         world, rank = self._world()
-        idx_all, y_all, vs_all, vt_all = self._gather(index, y, v_s.detach(), v_t.detach())
-        targets = y_all if self.class_aware_negatives else None
+        idx_all, vs_all, vt_all = self._gather(index, v_s.detach(), v_t.detach())
+        targets = self._gather(y)[0] if self.class_aware_negatives else None
         k = self._negatives_per_example or self.negatives_per_example()
         negatives = self.bank.sample_negatives(idx_all, k, self._sampler(), targets=targets)
         b = index.shape[0]

@@ -11,6 +11,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from kd_lightning import KDConfigError
 from kd_lightning.losses import deep_mutual_learning_loss
+from kd_lightning.losses.labels import target_classes
 from kd_lightning.methods.base import DistillationModule, check_temperature, check_weights
 from kd_lightning.training import step_lr_schedulers
 from kd_lightning.training.lightning_compat import ddp_finds_unused_parameters, drop_hyperparameter
@@ -165,7 +166,7 @@ class DeepMutualLearning(DistillationModule):
                 with torch.no_grad():  # Algorithm 1: the next peers see peer k after its update
                     targets[k] = self.peers[k](x).detach()
             total = total + loss.detach()
-            acc = (logits[k].detach().argmax(-1) == y).float().mean()
+            acc = (logits[k].detach().argmax(-1) == target_classes(y)).float().mean()
             logged.update({f"loss_ce_peer{k}": ce.detach(), f"loss_kl_peer{k}": kl.detach(),
                            f"acc_peer{k}": acc})
         self._step_lr_schedulers("step", batch_idx + 1)

@@ -12,7 +12,7 @@ import torch
 from kd_lightning import KDConfigError
 from kd_lightning.losses.decoupled import dkd_terms, dkd_warmup_weight
 from kd_lightning.losses.dist import dist_terms
-from kd_lightning.losses.labels import UNLABELLED, labelled_cross_entropy
+from kd_lightning.losses.labels import UNLABELLED, labelled_cross_entropy, mixed
 from kd_lightning.losses.logit_standardization import standardized_kd_loss
 from kd_lightning.methods.base import DistillationModule, Losses, check_temperature, check_weights
 from kd_lightning.methods.response import ResponseKD
@@ -40,6 +40,10 @@ class DecoupledKD(DistillationModule):
     class ``t``; there the teacher's predicted class :math:`\arg\max_k z^T_k` stands in for it
     (KD = TCKD + (1 - p^T_t) NCKD holds for any split, so this is still a decomposition of the
     teacher's response), and the distillation terms use every row; the cross-entropy skips them.
+
+    MixUp/CutMix batches (two labels per input, weights ``lam`` and ``1 - lam``): every term is
+    ``lam`` times the term split at the first label plus ``1 - lam`` times the term split at the
+    second, as for the cross-entropy.
 
     Logged terms (weighted): ``loss``, ``loss_ce``, ``loss_tckd`` (:math:`w(e)\,\alpha\,
     \mathrm{TCKD}`), ``loss_nckd`` (:math:`w(e)\,\beta\,\mathrm{NCKD}`).
@@ -80,8 +84,8 @@ class DecoupledKD(DistillationModule):
         logits = self.student(x)
         t_logits = self.teacher_logits(x, index)
         # unlabelled rows split at the teacher's predicted class (see the class docstring)
-        split = torch.where(y == UNLABELLED, t_logits.argmax(-1), y)
-        tckd, nckd = dkd_terms(logits, t_logits, split, self.temperature)
+        tckd, nckd = mixed(lambda t: dkd_terms(logits, t_logits, torch.where(
+            t == UNLABELLED, t_logits.argmax(-1), t), self.temperature), y)
         w = self.warmup_weight
         return Losses(logits, {"loss_ce": self.ce_weight * labelled_cross_entropy(logits, y),
                                "loss_tckd": (w * self.target_weight) * tckd,

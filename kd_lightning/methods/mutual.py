@@ -23,6 +23,7 @@ from kd_lightning.losses import (
     rule_regularized_teacher,
     rule_weight_loss,
 )
+from kd_lightning.losses.labels import mixed, target_classes
 from kd_lightning.methods.base import DistillationModule, check_temperature, check_weights
 from kd_lightning.models.teacher import PerExampleCache
 from kd_lightning.rules.base import Rule, evaluate_rules, rule_label
@@ -349,11 +350,12 @@ class MutualDistillation(DistillationModule):
 
         # line 7: the knowledge, Eq. (5)
         if "phi" in opts:
-            loss_phi = knowledge_loss(r, y, q, self.pi_prime, self.phi_objective)
+            loss_phi = mixed(lambda t: knowledge_loss(r, t, q, self.pi_prime, self.phi_objective), y)
             self.optimizer_step_manually(opts["phi"], loss_phi, counted=False)
             terms["loss_phi"] = loss_phi
 
-        acc_q = labelled_mean((log_q.argmax(-1) == y).float(), y)
+        y_acc = target_classes(y)
+        acc_q = labelled_mean((log_q.argmax(-1) == y_acc).float(), y_acc)
         self.log_terms(logits, y, loss=loss, loss_ce=ce, loss_q=soft, acc_q=acc_q, **terms)
         return loss.detach()
 
