@@ -389,3 +389,37 @@ def test_real_mnist_by_class_path_equals_the_built_in_set(cls, name, folder):
     for d in (dm, lazy):
         d.setup("fit")
     assert_same_batches(all_batches(dm.train_dataloader()), all_batches(lazy.train_dataloader()))
+
+
+@pytest.mark.parametrize("budget_mb", [2048, 0], ids=["in_memory", "per_sample"])
+def test_a_dataset_by_class_path_trains_with_a_transform_list_and_mixup(budget_mb, tmp_path,
+                                                                          monkeypatch):
+    """Augmentation and mixing work on a dataset given by class_path, on both loading paths, and
+    in the first epoch both paths train the same student (same examples, same random draws; the
+    per-sample path's persistent workers take their seed from the global generator once per run,
+    not once per epoch, so the augmentation draws of later epochs differ between the paths)."""
+    monkeypatch.chdir(tmp_path)
+    augment = [{"class_path": "torchvision.transforms.v2.RandomCrop",
+                "init_args": {"size": 8, "padding": 1}}, "crop_flip"]
+    config = {
+        "seed_everything": 0,
+        "model": {"class_path": "kd_lightning.methods.Supervised", "init_args": {
+            "student": {"class_path": "kd_lightning.models.MLP",
+                        "init_args": {"input_dim": 192, "hidden_dims": [16], "num_classes": 4}},
+            "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1}}}},
+        "data": {"dataset": fake_data(memory_budget_mb=budget_mb), "batch_size": 10,
+                 "val_split": 0, "augment": augment, "mixup": 0.4},
+    }
+    path = tmp_path / "fake.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = run_cli(["fit", "--config", path, *TINY, "--trainer.max_epochs", "1",
+                   "--trainer.limit_train_batches", "1.0", "--data.num_workers", "0"])
+    assert cli.trainer.global_step == 6  # 60 examples / batch 10
+    assert cli.datamodule.deterministic_train is False  # the teacher cache would be off
+    weights = torch.cat([p.detach().flatten() for p in cli.model.student.parameters()])
+    assert torch.isfinite(weights).all()
+    reference = tmp_path.parent / "class_path_aug_mixup_weights.pt"
+    if reference.exists():  # the other loading path ran first: the same student
+        assert torch.equal(torch.load(reference), weights)
+    else:
+        torch.save(weights, reference)
