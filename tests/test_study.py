@@ -143,21 +143,29 @@ def test_rerunning_a_finished_study_runs_nothing(tmp_path, monkeypatch, teachers
     assert read_rows(tmp_path / "out") == before
 
 
-def test_killed_study_resumes_without_redoing_runs(tmp_path, teachers):
-    cfg = write_study(tmp_path, seeds=[0, 1], steps=10)
+def start_and_kill_study(tmp_path: Path, cfg: Path, teachers: Path, *extra: str, timeout: float = 240,
+                         new_session: bool = False):
+    """Start ``kd-lightning-study`` in a subprocess, SIGKILL it (the driver only) once at least two
+    rows are in results.csv; returns the process and ``(cmd, env)`` for the rerun."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "kd_lightning.study", "--config", str(cfg), "--no-progress",
-           "--teacher-cache", str(teachers)]
+           "--teacher-cache", str(teachers), *extra]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, start_new_session=new_session)
     csv_path = tmp_path / "out" / "results.csv"
-    deadline = time.time() + 240
+    deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         if csv_path.is_file() and len(read_rows(tmp_path / "out")) >= 2:
             break
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    return proc, cmd, env
+
+
+def test_killed_study_resumes_without_redoing_runs(tmp_path, teachers):
+    cfg = write_study(tmp_path, seeds=[0, 1], steps=10)
+    _, cmd, env = start_and_kill_study(tmp_path, cfg, teachers)
     first = read_rows(tmp_path / "out")
     assert 2 <= len(first) < 8, "the study should have been killed part-way"
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

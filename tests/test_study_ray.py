@@ -8,13 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from kd_lightning.study import main
-from tests.conftest import REPO
-from tests.test_study import KD, STUDENT, read_rows, write_study
+from tests.test_study import KD, STUDENT, read_rows, start_and_kill_study, write_study
 
 ray = pytest.importorskip("ray")
 
@@ -50,19 +48,8 @@ def test_ray_study_equals_the_sequential_one(tmp_path, monkeypatch, teachers):
 @pytest.mark.slow
 def test_killed_ray_driver_resumes_without_duplicates(tmp_path, teachers):
     cfg = write_study(tmp_path, seeds=[0, 1, 2], steps=10)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "kd_lightning.study", "--config", str(cfg), "--no-progress",
-           "--teacher-cache", str(teachers), "--workers", "2"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    csv_path = tmp_path / "out" / "results.csv"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if csv_path.is_file() and len(read_rows(tmp_path / "out")) >= 2:
-            break
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)  # the driver only
-    proc.wait()
+    proc, cmd, env = start_and_kill_study(tmp_path, cfg, teachers, "--workers", "2", timeout=300,
+                                          new_session=True)
     with contextlib.suppress(ProcessLookupError):  # what is left of its Ray instance
         os.killpg(proc.pid, signal.SIGKILL)
     first = read_rows(tmp_path / "out")
