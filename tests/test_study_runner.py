@@ -195,3 +195,76 @@ def test_results_of_the_previous_csv_layout_are_resumed(tmp_path, monkeypatch):
 ])
 def test_multi_process_runs_go_to_a_subprocess(trainer, expected):
     assert runner.needs_subprocess(SimpleNamespace(trainer=SimpleNamespace(**trainer))) is expected
+
+
+class FakeRay:
+    """Stands in for RayRuns: keeps up to ``window()`` runs submitted, finishes them first in,
+    first out through ``run_kd_lightning`` (a :class:`FakeRuns`), and says a run took
+    ``seconds[method]``. ``events`` logs each submission and the teacher's training."""
+
+    def __init__(self, seconds: dict[str, float], events: list[tuple[str, str]]) -> None:
+        self.seconds, self.events, self.submitted = seconds, events, {}
+
+    def describe(self) -> str:
+        return "fake Ray"
+
+    def window(self) -> int:
+        return 2
+
+    def submit(self, args, log_file, isolate, **kwargs):
+        ref = object()
+        self.submitted[ref] = (args, log_file, isolate, kwargs)
+        self.events.append(("submit", flag(args, "trainer.logger.init_args.name")))
+        return ref
+
+    def next(self, pending):
+        ref = next(iter(pending))
+        args, log_file, isolate, kwargs = self.submitted.pop(ref)
+        metrics = runner.run_kd_lightning(args, log_file, isolate, **kwargs)
+        method = flag(args, "trainer.logger.init_args.name").split("/")[0]
+        return ref, {"metrics": metrics, "seconds": self.seconds[method]}
+
+    def cancel(self, pending) -> None:
+        raise AssertionError("nothing to cancel in a study that finishes")
+
+
+def test_parallel_study_starts_teacher_free_runs_first_and_the_longest_runs_early(tmp_path,
+                                                                                   monkeypatch):
+    from kd_lightning.study.spec import load_study
+
+    events: list[tuple[str, str]] = []
+    fake = FakeRuns()
+
+    def logged(args, *rest, **kwargs):
+        if flag([str(a) for a in args], "trainer.logger.init_args.name") == "teacher":
+            events.append(("teacher", ""))
+        return fake(args, *rest, **kwargs)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(runner, "run_kd_lightning", logged)
+    slow = {**KD, "name": "SlowKD"}
+    spec = load_study(write_study(tmp_path, methods=[STUDENT, KD, slow]))
+    ray_runs = FakeRay({"student_alone": 1.0, "ResponseKD": 1.0, "SlowKD": 10.0}, events)
+    study = runner.StudyRunner(spec, tmp_path / "out", [], False, tmp_path / "t", progress=False,
+                               runs=ray_runs)
+    study.run()
+
+    teacher_at = events.index(("teacher", ""))
+    before = [name for kind, name in events[:teacher_at]]
+    assert len(before) == 2 and all(n.startswith("student_alone/M50/") for n in before)
+    order = [name for kind, name in events[teacher_at + 1:]]
+    # one run of each method not started yet goes first, at the largest budget ...
+    assert order[:2] == ["ResponseKD/M50/seed0", "SlowKD/M50/seed0"]
+    # ... then the longest expected: ResponseKD's second run while SlowKD's first is still going
+    # (assumed as slow as the slowest known), and once SlowKD is known to take 10x longer, all
+    # its runs before the 1-second ones
+    assert order[2:] == ["ResponseKD/M50/seed1", "SlowKD/M50/seed1", "SlowKD/M20/seed0",
+                         "SlowKD/M20/seed1", "student_alone/M20/seed0", "student_alone/M20/seed1",
+                         "ResponseKD/M20/seed0", "ResponseKD/M20/seed1"]
+    rows = read_rows(tmp_path / "out")
+    assert len(rows) == 12 == len({(r["method"], r["M"], r["seed"]) for r in rows})
+    # runs with a teacher got the study's teacher checkpoint, the student alone none
+    for call in fake.calls:
+        has_teacher = flag(call.args, "model.init_args.teacher_checkpoint") is not None
+        assert has_teacher == (not flag(call.args, "trainer.logger.init_args.name")
+                               .startswith("student_alone"))

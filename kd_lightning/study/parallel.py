@@ -90,6 +90,7 @@ class RayRuns:
         self.threads = max(1, int(cpus_per_run))
         self._remote = None
         self._started = False
+        self._have: dict[str, float] = {}
 
     def __enter__(self) -> "RayRuns":
         ray = self.ray
@@ -110,6 +111,7 @@ class RayRuns:
                 self.__exit__(None, None, None)
                 raise KDConfigError(f"{flag} {need} asks for more {name}s than the Ray cluster has "
                                     f"({have.get(name, 0):g}); no run could start.")
+        self._have = have
         # a run that fails is recorded as failed (a rerun of the study tries it again): not
         # retried by Ray, so a crash costs one run's time and says so
         self._remote = ray.remote(run_cell).options(num_cpus=self.cpus, num_gpus=self.gpus,
@@ -134,6 +136,21 @@ class RayRuns:
         if self._started:
             self._started = False
             self.ray.shutdown()
+
+    def slots(self) -> int:
+        """How many runs the cluster holds at once (its CPUs and GPUs over a run's)."""
+        have = self._have
+        n = have.get("CPU", 0) / self.cpus
+        if self.gpus:
+            n = min(n, have.get("GPU", 0) / self.gpus)
+        return max(1, int(n + 1e-9))
+
+    def window(self) -> int:
+        """How many runs the driver keeps submitted: every slot busy and as many queued, so a
+        worker that finishes starts its next run without waiting for the driver, while the
+        order of the rest is still the driver's to choose (see
+        :class:`kd_lightning.study.runner.LongestFirst`)."""
+        return 2 * self.slots()
 
     def describe(self) -> str:
         where = f"a local Ray instance with {self.workers} CPUs" if self.workers is not None \

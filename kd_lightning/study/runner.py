@@ -224,6 +224,8 @@ class RunPlan:
     run_dir: Path
     isolate: bool
     key: tuple = field(default=())
+    #: whether the run distils from the study's teacher (it waits for the teacher checkpoint)
+    needs_teacher: bool = True
 
     @property
     def label(self) -> str:
@@ -236,6 +238,58 @@ class RunPlan:
     def describe(self) -> str:
         extra = f" {candidate_label(self.candidate)}" if self.candidate else ""
         return f"{self.method.name} M={self.label} seed={self.seed}{extra}"
+
+
+
+class LongestFirst:
+    """The order in which a parallel study starts its runs: the longest expected run first.
+
+    Starting the longest jobs first (LPT scheduling) keeps the runs left at the end short, so no
+    worker idles while one long run finishes. A run's length is estimated from the runs already
+    finished, as seconds per optimizer step of its method at its budget (else the method's
+    slowest budget so far) times its steps. A method none of whose runs has started yet comes
+    first (one run of it measures its cost); one whose first run is still going is assumed as
+    slow as the slowest method so far. Ties go to the larger budget, then study order.
+    """
+
+    def __init__(self, plans) -> None:
+        self.plans: list[RunPlan] = []
+        self._rate: dict[tuple[str, str], float] = {}  # (method, budget) -> seconds per step
+        self._started: set[str] = set()
+        self.extend(plans)
+
+    def __bool__(self) -> bool:
+        return bool(self.plans)
+
+    def extend(self, plans) -> None:
+        self.plans.extend(plans)
+        # larger budgets first among equals: a step there costs at least as much
+        self.plans.sort(key=lambda p: -(math.inf if p.budget is None else p.budget))
+
+    def observe(self, plan: RunPlan, seconds: float) -> None:
+        """A run finished in ``seconds``."""
+        self._rate[(plan.method.name, plan.label)] = seconds / max(plan.steps, 1)
+
+    def estimate(self, plan: RunPlan) -> float:
+        """Expected seconds of ``plan`` (``inf`` for a method not started yet)."""
+        name = plan.method.name
+        rate = self._rate.get((name, plan.label))
+        if rate is None:
+            rates = [r for (m, _), r in self._rate.items() if m == name]
+            if rates:
+                rate = max(rates)
+            elif name not in self._started:
+                return math.inf
+            else:
+                rate = max(self._rate.values(), default=0.0)
+        return rate * plan.steps
+
+    def pop(self) -> RunPlan:
+        """The run to start next (removed from the queue)."""
+        best = max(range(len(self.plans)), key=lambda i: (self.estimate(self.plans[i]), -i))
+        plan = self.plans.pop(best)
+        self._started.add(plan.method.name)
+        return plan
 
 
 class _Display:
@@ -465,7 +519,8 @@ class StudyRunner:
         args += self.trainer_args
         return RunPlan(method, budget, seed, candidate, kind, args, epochs, epochs * per_epoch,
                        self.output / "runs" / name, needs_subprocess(config),
-                       Results.key(method.name, label, seed, kind, candidate_key(candidate)))
+                       Results.key(method.name, label, seed, kind, candidate_key(candidate)),
+                       needs_teacher=config.model.init_args.get("teacher") is not None)
 
     def _todo(self) -> tuple[int, int]:
         """(all runs of the study, runs done): a grid adds candidate runs and chosen tests."""
@@ -601,15 +656,11 @@ class StudyRunner:
         self.check_budgets()
         self.prepare_output()
         with _Display(self.progress) as display:
-            self._teacher_ckpt, self.teacher_acc = self.teacher_checkpoint(display)
-            self._write_meta({"config": self.spec.teacher_config, "checkpoint":
-                              str(self._teacher_ckpt), "test_acc": self.teacher_acc})
-            total, finished = self._todo()
-            display.runs(total, finished)
             if self.runs is not None:
-                display.print(self.runs.describe())
                 self._run_parallel(display)
                 return
+            self._prepare_teacher(display)
+            display.runs(*self._todo())
             done = self.results.done()
             for budget in self.spec.budgets:
                 for method in self.spec.methods:
@@ -621,31 +672,58 @@ class StudyRunner:
                         if plan.key not in done:
                             self._train(plan, display)
 
-    def _run_parallel(self, display: _Display) -> None:
-        """Every run not done as a task at once (grid candidates included), in study order; the
-        driver writes each row as its run finishes. Then, per grid, the chosen candidate's tests
-        (:meth:`_select`, whose candidates are all done by then)."""
+    def _prepare_teacher(self, display: _Display) -> None:
+        self._teacher_ckpt, self.teacher_acc = self.teacher_checkpoint(display)
+        self._write_meta({"config": self.spec.teacher_config, "checkpoint":
+                          str(self._teacher_ckpt), "test_acc": self.teacher_acc})
+
+    def _plans(self, teacher_ckpt: Path | None) -> list[RunPlan]:
+        """Every run not done yet (grid candidates included), in study order; with
+        ``teacher_ckpt=None`` only the runs that need no teacher."""
         done, plans = self.results.done(), []
         for budget in self.spec.budgets:
             for method in self.spec.methods:
                 kind = CANDIDATE if method.grid else RUN
                 for candidate in self.spec.candidates(method, budget):
                     for seed in self.spec.seeds:
-                        plan = self.plan(method, budget, seed, candidate, kind, self._teacher_ckpt)
-                        if plan.key not in done:
+                        plan = self.plan(method, budget, seed, candidate, kind, teacher_ckpt)
+                        if plan.key not in done and (teacher_ckpt or not plan.needs_teacher):
                             plans.append(plan)
+        return plans
+
+    def _run_parallel(self, display: _Display) -> None:
+        """The runs as Ray tasks, longest first (:class:`LongestFirst`); the driver writes each
+        row as its run finishes. The runs that need no teacher start at once and train while the
+        driver trains (or loads) the teacher. Then, per grid, the chosen candidate's tests
+        (:meth:`_select`, whose candidates are all done by then)."""
+        display.print(self.runs.describe())
+        queue = LongestFirst(self._plans(None))
         pending, stop = {}, None
-        for plan in plans:
-            extra = dict(validate=True, save_weights=plan.weights) if plan.kind == CANDIDATE else {}
-            pending[self.runs.submit(plan.args, plan.run_dir / "run.log", plan.isolate,
-                                     **extra)] = plan
-        display.starting(f"{len(plans)} runs on Ray")
+
+        def fill() -> None:
+            while queue and len(pending) < self.runs.window():
+                plan = queue.pop()
+                extra = dict(validate=True, save_weights=plan.weights) \
+                    if plan.kind == CANDIDATE else {}
+                pending[self.runs.submit(plan.args, plan.run_dir / "run.log", plan.isolate,
+                                         **extra)] = plan
+
         try:
+            fill()
+            self._prepare_teacher(display)
+            queued = {p.key for p in queue.plans} | {p.key for p in pending.values()}
+            queue.extend(p for p in self._plans(self._teacher_ckpt) if p.key not in queued)
+            total, finished = self._todo()
+            display.runs(total, finished)
+            display.starting(f"{total - finished} runs on Ray")
+            fill()
             while pending:
                 ref, result = self.runs.next(pending)
                 plan = pending.pop(ref)
                 if "error" not in result:
+                    queue.observe(plan, result["seconds"])
                     self._record(plan, result["metrics"], result["seconds"], display)
+                    fill()
                     continue
                 err = self._failure(plan, result["error"], plan.run_dir / "run.log")
                 if plan.kind == CANDIDATE or not self.keep_going:
@@ -653,10 +731,12 @@ class StudyRunner:
                     stop = stop or err
                     if not self.keep_going:
                         break
+                    fill()
                     continue
                 self._record_failure(plan, err, result.get("seconds", 0.0), display)
+                fill()
         finally:
-            if pending:  # stopped or interrupted: the runs still going are abandoned
+            if pending:  # stopped, interrupted, or the teacher failed: the runs going are abandoned
                 self.runs.cancel(pending)
         if stop is not None:
             raise stop
