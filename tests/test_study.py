@@ -285,3 +285,60 @@ def test_grid_study_under_ddp_on_two_cpu_processes(tmp_path, monkeypatch, teache
     rows = read_rows(tmp_path / "out")
     assert [r["kind"] for r in rows] == ["candidate", "candidate", "chosen"]
     assert all(r["val_acc"] for r in rows) and rows[-1]["test_acc"]
+
+
+def test_parse_cache_gives_every_run_of_the_quick_preset_the_configuration_a_full_parse_gives(
+        tmp_path, monkeypatch, capsys):
+    """Each method's configuration is parsed once; its other runs (other seeds, budgets, epochs,
+    names) reuse it with their own values, and the result equals parsing the run's arguments
+    from scratch, for every run of the quick preset."""
+    from kd_lightning.cli import cli_main
+    from kd_lightning.study import child
+    from kd_lightning.study.spec import load_study
+
+    monkeypatch.chdir(REPO)
+    spec = load_study(REPO / "configs/studies/mnist1d.yaml", "quick")
+    study = runner.StudyRunner(spec, tmp_path / "out", [], False, tmp_path / "t", progress=False)
+    teacher = tmp_path / "teacher.ckpt"
+    teacher.write_bytes(b"")
+    plans = [study.plan(m, b, s, {}, "run", teacher)
+             for b in spec.budgets for m in spec.methods for s in spec.seeds]
+    with pytest.raises(SystemExit):  # builds the study CLI's parser
+        cli_main(["fit", "--print_config"], cli_class=child._study_cli())
+    capsys.readouterr()
+    (parser, _, _), = child._study_cli()._parsers.values()
+    cache = child.ParseCache()
+    for plan in plans:
+        assert cache.parse(parser, plan.args) == parser.parse_args(plan.args), plan.describe()
+    # one full parse per method with a budget, one with the full split (data.train_subset null)
+    assert len(plans) == 104 and cache.full == 2 * len(spec.methods) and cache.reused == 104 - 26
+
+
+def test_parse_cache_parses_in_full_what_it_cannot_replace_exactly():
+    from jsonargparse import Namespace
+
+    from kd_lightning.study.child import ParseCache
+
+    parsed = []
+
+    class Parser:
+        def parse_args(self, args):
+            parsed.append(args)
+            return Namespace(fit=Namespace(epochs=float(args[2]), name=args[4]))
+
+    parser, cache = Parser(), ParseCache()
+    base = ["fit", "--epochs", "5", "--name", "a"]
+    assert cache.parse(parser, base).fit.epochs == 5 and cache.full == 1
+    next(iter(cache._entries.values()))[0][1].fit.epochs = 5  # an int field
+    again = cache.parse(parser, ["fit", "--epochs", "7", "--name", "b"])
+    assert (again.fit.epochs, again.fit.name, cache.full, cache.reused) == (7, "b", 1, 1)
+    assert cache.parse(parser, base).fit.epochs == 5  # the cached configuration is unchanged
+    for bad in (["fit", "--epochs", "7.5", "--name", "a"],     # not an int where an int was
+                ["fit", "--epochs", "5", "--name", "null"],    # null, not a str
+                ["fit", "--epochs", "5", "--name", "12"],      # a number, not a str
+                ["fit", "--epochs", "5", "--name", "[a, b]"],  # YAML, not a plain str
+                ["fit", "--epochs", "5", "--nope", "a"],       # another layout
+                ["test", "--epochs", "5", "--name", "a"]):     # another subcommand
+        n = len(parsed)
+        cache.parse(parser, bad)
+        assert len(parsed) == n + 1, bad

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from pytorch_lightning.callbacks import Callback
 
@@ -35,8 +36,105 @@ class EpochProgress(Callback):
                    "val_acc": None if val is None else float(val)})
 
 
+class ParseCache:
+    """Parses each method's configuration once per process instead of once per run.
+
+    The runs of a study differ from each other in a few scalar arguments (seed, budget, epochs,
+    log folder name, epoch-scaled schedule lengths); checking a whole configuration (every
+    ``class_path`` and its arguments) is most of the parsing time. So a command line is parsed in
+    full once per *layout* (the same tokens, except the values of ``--name value`` pairs), and
+    a later command line of that layout reuses a checked configuration with only its differing
+    values replaced. A value is replaced only where the result is certain to equal a
+    full parse: the key holds a plain ``int``, ``float`` or ``str`` there, and the new text reads
+    as that type the way the parser reads it (an integer for an ``int``, a number for a
+    ``float``; for a ``str``, text that is not null, a boolean, a number or YAML syntax).
+    Any other difference (``--config``, a class, a list, a null, ``+=``) is parsed in full.
+    """
+
+    _INT = re.compile(r"[-+]?\d+")
+    _SPECIAL = {"null", "none", "true", "false", "yes", "no", "on", "off", "~", ""}
+    _YAML = re.compile(r"[:{}\[\],#&*!|>'\"%@`]|^\s|\s$")
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple, list[tuple[list[str], Any]]] = {}
+        #: parses done in full / from the cache (for tests and benchmarks)
+        self.full = self.reused = 0
+
+    @staticmethod
+    def _layout(args: list[str]) -> tuple:
+        layout = list(args)
+        for i in range(1, len(args)):
+            if ParseCache._value_flag(args[i - 1]) and not args[i].startswith("--"):
+                layout[i] = None
+        return tuple(layout)
+
+    @staticmethod
+    def _value_flag(token: str) -> bool:
+        return token.startswith("--") and "=" not in token and token not in ("--config", "--ckpt_path")
+
+    @classmethod
+    def _read(cls, text: str, old: Any) -> Any:
+        """``text`` read as the parser reads it where it read ``old``; ``cls`` if unsure."""
+        if type(old) is int:
+            return int(text) if cls._INT.fullmatch(text) else cls
+        if type(old) is float:
+            try:
+                value = float(text)
+            except ValueError:
+                return cls
+            return value if value == value and abs(value) != float("inf") else cls
+        if type(old) is str:
+            try:
+                float(text)
+                return cls
+            except ValueError:
+                pass
+            special = text.lower() in cls._SPECIAL or cls._YAML.search(text)
+            return cls if special else text
+        return cls
+
+    def parse(self, parser, args: list[str]):
+        """The parsed configuration of ``args`` (a command line with a subcommand first)."""
+        args = [str(a) for a in args]
+        entries = self._entries.setdefault((id(parser), self._layout(args)), [])
+        for base_args, base in entries:
+            config = self._replaced(base_args, base, args)
+            if config is not None:
+                self.reused += 1
+                return config
+        config = parser.parse_args(args)
+        self.full += 1
+        if len(entries) < self.ENTRIES:
+            entries.append((args, config.clone()))
+        return config
+
+    #: full parses kept per layout (e.g. one with a budget and one with the full split)
+    ENTRIES = 4
+
+    def _replaced(self, base_args: list[str], base, args: list[str]):
+        """``base`` with the values in which ``args`` differ from ``base_args``, or ``None``."""
+        if args[0] != base_args[0]:
+            return None
+        config = base.clone()
+        for i, (was, now) in enumerate(zip(base_args, args)):
+            if was == now:
+                continue
+            name = f"{args[0]}.{args[i - 1][2:]}"
+            old = base.get(name, self)
+            value = self._read(now, old)
+            if old is self or value is ParseCache:
+                return None
+            config[name] = value
+        return config
+
+
+#: the parse cache of this process's study runs
+parse_cache = ParseCache()
+
+
 def _study_cli():
-    """:class:`kd_lightning.cli.KDLightningCLI` whose argument parser is built once per process.
+    """:class:`kd_lightning.cli.KDLightningCLI` whose argument parser is built once per process,
+    and whose runs parse each configuration once (:class:`ParseCache`).
 
     Building the parser (every Trainer, model and data argument, for four subcommands) costs
     about a third of a short run's fixed cost; the parser is the same for every run, and parsing
@@ -48,6 +146,11 @@ def _study_cli():
 
         class StudyCLI(KDLightningCLI):
             _parsers: dict = {}
+
+            def parse_arguments(self, parser, args) -> None:
+                if not isinstance(args, list):
+                    return super().parse_arguments(parser, args)
+                self.config = parse_cache.parse(parser, args)
 
             def setup_parser(self, add_subcommands, main_kwargs, subparser_kwargs) -> None:
                 key = (add_subcommands, repr(main_kwargs), repr(subparser_kwargs))
