@@ -268,3 +268,24 @@ def test_parallel_study_starts_teacher_free_runs_first_and_the_longest_runs_earl
         has_teacher = flag(call.args, "model.init_args.teacher_checkpoint") is not None
         assert has_teacher == (not flag(call.args, "trainer.logger.init_args.name")
                                .startswith("student_alone"))
+
+
+def test_callbacks_a_method_adds_reach_its_runs(tmp_path, monkeypatch, capsys):
+    """The study drops the callbacks of a method's config (no checkpoints, no progress bars) but
+    keeps those its arguments add."""
+    from kd_lightning.cli import cli_main
+    from kd_lightning.study import child
+
+    fake = FakeRuns()
+    kd = {**KD, "args": ["--trainer.callbacks+=pytorch_lightning.callbacks.LearningRateMonitor"]}
+    assert run_study(tmp_path, monkeypatch, fake, methods=[STUDENT, kd], budgets=[20],
+                     seeds=[0]) == 0
+    with pytest.raises(SystemExit):  # builds the study CLI's parser
+        cli_main(["fit", "--print_config"], cli_class=child._study_cli())
+    capsys.readouterr()
+    (parser, _, _), = child._study_cli()._parsers.values()
+    callbacks = {flag(c.args, "trainer.logger.init_args.name").split("/")[0]:
+                 [cb.class_path for cb in parser.parse_args(c.args).fit.trainer.callbacks]
+                 for c in fake.calls}
+    assert callbacks == {"student_alone": [],
+                         "ResponseKD": ["pytorch_lightning.callbacks.LearningRateMonitor"]}

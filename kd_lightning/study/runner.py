@@ -499,14 +499,16 @@ class StudyRunner:
         name = f"{_slug(method.name)}/M{label}/seed{seed}"
         if candidate:
             name += "/" + _slug(candidate_label(candidate).replace(", ", "_"))
-        args = ["fit", "--config", spec.resolve(method.config), *spec.args, *method.args,
-                *override_args(settings),
+        # the config's callbacks are dropped first, so callbacks the study's or the method's
+        # arguments add (--trainer.callbacks+=...) reach the run
+        args = ["fit", "--config", spec.resolve(method.config), "--trainer.callbacks", "[]",
+                *spec.args, *method.args, *override_args(settings),
                 "--seed_everything", str(seed),
                 "--data.train_subset", "null" if budget is None else str(budget),
                 "--data.subset_seed", str(seed),
                 "--trainer.max_epochs", str(epochs), "--trainer.max_steps", "-1",
                 "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
-                "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false",
+                "--trainer.enable_checkpointing", "false",
                 "--trainer.enable_progress_bar", "false",
                 "--trainer.enable_model_summary", "false",
                 "--trainer.logger.init_args.save_dir", str(self.output / "runs"),
