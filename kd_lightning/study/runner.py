@@ -240,7 +240,6 @@ class RunPlan:
         return f"{self.method.name} M={self.label} seed={self.seed}{extra}"
 
 
-
 class LongestFirst:
     """The order in which a parallel study starts its runs: the longest expected run first.
 
