@@ -228,8 +228,7 @@ class FakeRay:
         raise AssertionError("nothing to cancel in a study that finishes")
 
 
-def test_parallel_study_starts_teacher_free_runs_first_and_the_longest_runs_early(tmp_path,
-                                                                                   monkeypatch):
+def test_parallel_study_starts_teacher_free_runs_first_and_longest_runs_early(tmp_path, monkeypatch):
     from kd_lightning.study.spec import load_study
 
     events: list[tuple[str, str]] = []
