@@ -3,8 +3,9 @@ r"""``kd-lightning-born-again``: self-distillation over generations (born-again 
 Furlanello, Lipton, Tschannen, Itti & Anandkumar, "Born Again Neural Networks", ICML 2018.
 Generation 0 is trained on the labels alone; generation ``k >= 1`` has the same architecture and
 is distilled from generation ``k - 1`` as a frozen teacher (the "teacher as student, unchanged"
-of the seed's teacher-student architectures). The ensemble of generations averages their softmax
-outputs, :math:`p_{ens}(x) = \frac{1}{k+1} \sum_{i=0}^{k} p_i(x)` (the paper's BAN ensembles).
+of the teacher-student architectures listed in the CS 541 scribe notes of November 9, 2021). The
+ensemble of generations averages their softmax outputs,
+:math:`p_{ens}(x) = \frac{1}{k+1} \sum_{i=0}^{k} p_i(x)` (the paper's BAN ensembles).
 
 Usage::
 

@@ -23,8 +23,8 @@ def true_class_probability(logits: Tensor, target: Tensor, temperature: float = 
 
 
 class DistillationError(Metric):
-    r"""The distillation error of seed 001, section 7 (Hsu, Ji, Telgarsky & Wang, "Generalization
-    Bounds via Distillation", ICLR 2021):
+    r"""The distillation error (Hsu, Ji, Telgarsky & Wang, "Generalization Bounds via
+    Distillation", ICLR 2021; section 7 of the CS 541 scribe notes of November 9, 2021):
 
     .. math::
         \Phi_{\gamma,n}(f, g) = \frac{1}{n} \sum_{i=1}^n
@@ -33,9 +33,9 @@ class DistillationError(Metric):
         \phi_\gamma(f(x), y) = \frac{\exp(f(x)_y / \gamma)}{\sum_{j=1}^k \exp(f(x)_j / \gamma)},
 
     the mean absolute gap between the probabilities two predictors give to the *true* class at
-    temperature :math:`\gamma > 0`; in the seed :math:`f` is the complex network (here the
+    temperature :math:`\gamma > 0`; in the paper :math:`f` is the complex network (here the
     teacher) and :math:`g` the simpler one distilled from it (here the student). It enters the
-    seed's bound on the test error of :math:`f` as :math:`8\,\Phi_{\gamma,n}(f, g)`: test error
+    paper's bound on the test error of :math:`f` as :math:`8\,\Phi_{\gamma,n}(f, g)`: test error
     <= training error + distillation error + distillation complexity. 0 when the student
     reproduces the teacher's true-class probability on every example, at most 1 (symmetric in
     the two predictors).
@@ -82,10 +82,11 @@ def dropout_modules(net: nn.Module) -> list[nn.Module]:
 
 @torch.no_grad()
 def mc_dropout_probs(net: nn.Module, x: Tensor, samples: int) -> Tensor:
-    r"""MC dropout (Gal & Ghahramani, "Dropout as a Bayesian Approximation", ICML 2016; seed 002,
-    part 2): the predictive distribution :math:`\frac{1}{T}\sum_{t=1}^T \mathrm{softmax}(f_{\hat
-    W_t}(x))`, each :math:`\hat W_t` a fresh dropout mask. Only the dropout layers sample (they
-    are switched to training mode for the passes); every other layer -- batch norm in
+    r"""MC dropout (Gal & Ghahramani, "Dropout as a Bayesian Approximation", ICML 2016; part 2 of
+    Liu's "Introduction to Some Parts of Deep Learning", Sheffield): the predictive distribution
+    :math:`\frac{1}{T}\sum_{t=1}^T \mathrm{softmax}(f_{\hat W_t}(x))`, each :math:`\hat W_t` a fresh
+    dropout mask. Only the dropout layers sample (they are switched to training mode for the
+    passes); every other layer -- batch norm in
     particular -- stays in eval mode. Each module's mode is restored afterwards.
 
     Returns ``[B, K]`` probabilities (float32).

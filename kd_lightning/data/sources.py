@@ -175,11 +175,11 @@ def _load_torchvision(name: str, root: str | None, download: bool) -> Splits:
 
 
 # --------------------------------------------------------------------------------------------
-# The multi-view distribution of seed 001 ("CS 541 Artificial Intelligence", scribe notes of
+# The multi-view distribution of the CS 541 "Artificial Intelligence" scribe notes (Shen,
 # November 9, 2021), section 9 "Empirical Perspective" -- generated offline, deterministic by seed
 
-#: the seed's table: for each label, (probability, coefficients of v1, v2, v3, v4); a feature the
-#: seed does not list in a case is absent (coefficient 0)
+#: the notes' table: for each label, (probability, coefficients of v1, v2, v3, v4); a feature
+#: the notes do not list in a case is absent (coefficient 0)
 MULTIVIEW_MIXTURE: tuple[tuple[tuple[float, tuple[float, float, float, float]], ...], ...] = (
     # first label: "v1, v2 = 1, v3, v4 = 0.1 w.p. 80%; v1 = 1, v3, v4 = 0.1 w.p. 10%;
     #               v2 = 1, v3, v4 = 0.1 w.p. 10%"
@@ -215,9 +215,9 @@ def multiview_features(patch_dim: int, seed: int = 0) -> Tensor:
 
 def make_multiview(n: int, patch_dim: int = 100, patches: int = 4, noise: float = 1.0,
                    seed: int = 0, stream: int = 0) -> MultiViewSample:
-    r"""``n`` examples of the two-label, four-feature distribution of seed 001, section 9.
+    r"""``n`` examples of the two-label, four-feature distribution of the CS 541 scribe notes, section 9.
 
-    The seed's construction ("Knowledge Distillation and Ensemble do not aid generalization when
+    The notes' construction ("Knowledge Distillation and Ensemble do not aid generalization when
     the input is Gaussian or Gaussian-like. Consider a binary classification problem, where the
     data contains 4 features, v = {v1, v2, v3, v4}"):
 
@@ -226,11 +226,11 @@ def make_multiview(n: int, patch_dim: int = 100, patches: int = 4, noise: float 
     - second label: ``v3, v4 = 1, v1, v2 = 0.1`` w.p. 80%; ``v3 = 1, v1, v2 = 0.1`` w.p. 10%;
       ``v4 = 1, v1, v2 = 0.1`` w.p. 10%.
 
-    A feature the seed does not name in a case is absent (coefficient 0). The labels are
+    A feature the notes do not name in a case is absent (coefficient 0). The labels are
     balanced (``n // 2`` and ``n - n // 2`` examples, in random order) and each example's case is
     drawn independently with the probabilities above (:data:`MULTIVIEW_MIXTURE`).
 
-    Embedding (the seed gives none; this follows the patch structure of multi-view data): the
+    Embedding (the notes give none; this follows the patch structure of multi-view data): the
     features are orthonormal vectors of ``R^patch_dim`` (:func:`multiview_features`); an input has
     ``patches >= 4`` patches of ``patch_dim`` values; each of the four features is written into a
     patch of its own, chosen at random per example, scaled by its coefficient; every value then

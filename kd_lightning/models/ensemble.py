@@ -43,7 +43,7 @@ class EnsembleTeacher(nn.Module):
     a class out vetoes it, and the result is generally sharper than the mixture when members
     disagree; at temperature :math:`T` it equals the geometric mean of the members' tempered
     distributions (averaging commutes with the temperature). It is the average used by
-    Allen-Zhu & Li's analysis of ensembles (seed 001, section 9), offered as ``"logits"``.
+    Allen-Zhu & Li's analysis of ensembles (CS 541 scribe notes, section 9), offered as ``"logits"``.
 
     The ensemble is a teacher for *response-based* methods (ResponseKD, DKD, DIST,
     StandardizedKD, LogitMatching, WassersteinKD, ...). It has no single feature map, so a
