@@ -254,6 +254,7 @@ class LongestFirst:
     def __init__(self, plans) -> None:
         self.plans: list[RunPlan] = []
         self._rate: dict[tuple[str, str], float] = {}  # (method, budget) -> seconds per step
+        self._slowest: dict[str, float] = {}  # method -> its slowest budget's seconds per step
         self._started: set[str] = set()
         self.extend(plans)
 
@@ -267,20 +268,18 @@ class LongestFirst:
 
     def observe(self, plan: RunPlan, seconds: float) -> None:
         """A run finished in ``seconds``."""
-        self._rate[(plan.method.name, plan.label)] = seconds / max(plan.steps, 1)
+        name, rate = plan.method.name, seconds / max(plan.steps, 1)
+        self._rate[(name, plan.label)] = rate
+        self._slowest[name] = max(rate, self._slowest.get(name, 0.0))
 
     def estimate(self, plan: RunPlan) -> float:
         """Expected seconds of ``plan`` (``inf`` for a method not started yet)."""
         name = plan.method.name
-        rate = self._rate.get((name, plan.label))
+        rate = self._rate.get((name, plan.label), self._slowest.get(name))
         if rate is None:
-            rates = [r for (m, _), r in self._rate.items() if m == name]
-            if rates:
-                rate = max(rates)
-            elif name not in self._started:
+            if name not in self._started:
                 return math.inf
-            else:
-                rate = max(self._rate.values(), default=0.0)
+            rate = max(self._slowest.values(), default=0.0)
         return rate * plan.steps
 
     def pop(self) -> RunPlan:
