@@ -54,6 +54,8 @@ class ParseCache:
     _INT = re.compile(r"[-+]?\d+")
     _SPECIAL = {"null", "none", "true", "false", "yes", "no", "on", "off", "~", ""}
     _YAML = re.compile(r"[:{}\[\],#&*!|>'\"%@`]|^\s|\s$")
+    #: full parses kept per layout (e.g. one with a budget and one with the full split)
+    ENTRIES = 4
 
     def __init__(self) -> None:
         self._entries: dict[tuple, list[tuple[list[str], Any]]] = {}
@@ -107,9 +109,6 @@ class ParseCache:
         if len(entries) < self.ENTRIES:
             entries.append((args, config.clone()))
         return config
-
-    #: full parses kept per layout (e.g. one with a budget and one with the full split)
-    ENTRIES = 4
 
     def _replaced(self, base_args: list[str], base, args: list[str]):
         """``base`` with the values in which ``args`` differ from ``base_args``, or ``None``."""
