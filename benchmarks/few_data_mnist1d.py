@@ -13,7 +13,7 @@ the full training split) is trained first if its checkpoint is missing.
 
 Two test accuracies are recorded per run: the checkpoint with the best validation accuracy (what
 ``kd-lightning fit`` tests by default) and the last checkpoint (no use of validation labels).
-The script prints markdown tables in the layout of seed 004's tables (rows M, columns methods,
+The script prints markdown tables in Kong et al.'s (2020) layout (rows M, columns methods,
 mean ± std over seeds, test accuracy in %) and writes ``results.md``, ``results.csv`` and one
 JSON file per run under ``--out`` (runs already there are not repeated). Each run is a separate
 process with one thread; ``--jobs`` of them run at once (default 2)::

@@ -1,7 +1,10 @@
-"""The multi-view experiment of seed 001, section 9, on the ``multiview`` data set.
+"""The multi-view experiment on the ``multiview`` data set.
 
-The seed's claim: on data whose labels each have two features (v1, v2 for the first label, v3, v4
-for the second; both present in 80% of the examples, only one in 10% each), a single network
+The claim of Allen-Zhu & Li ("Towards Understanding Ensemble, Knowledge Distillation and
+Self-Distillation in Deep Learning", ICLR 2023), in the small instance of the course's lecture
+notes on ensembles and distillation (the quotations are the notes'): on data whose labels each
+have two features (v1, v2 for the first label, v3, v4 for the second; both present in 80% of the
+examples, only one in 10% each), a single network
 "quickly picks up one of the features" per label and "memorizes the remaining 10% of the training
 examples without learning any new features": 100% training and 90% test accuracy. An ensemble,
 knowledge distillation from the ensemble and self-distillation learn the missing features and

@@ -7,12 +7,13 @@ For each seed, trains in-process (Lightning ``Trainer``, no checkpoints, the las
 * ``student + KD``     -- the same student distilled from the teacher with ResponseKD (T = 4,
   kd_weight 0.9, ce_weight 0.1, as configs/mnist1d/response.yaml).
 
-Every network is tested deterministically (dropout off) and with MC dropout (Gal & Ghahramani
-2016; seed 002, part 2): the mean of ``--samples`` softmax outputs with fresh dropout masks, batch
-norm (if any) in eval mode. Reported per row (mean ± std over seeds): accuracy, expected
-calibration error (15 bins), negative log-likelihood and predictive entropy (nats), each
-deterministic and MC, plus the distillation error (seed 001, section 7, gamma = 1) and top-1
-agreement of each student with the teacher. All numbers come from the methods' own test-time
+Every network is tested deterministically (dropout off) and with MC dropout (Gal & Ghahramani,
+"Dropout as a Bayesian Approximation", ICML 2016): the mean of ``--samples`` softmax outputs with
+fresh dropout masks, batch norm (if any) in eval mode. Reported per row (mean ± std over seeds):
+accuracy, expected calibration error (15 bins), negative log-likelihood and predictive entropy
+(nats), each deterministic and MC, plus the distillation error (the course's lecture notes on
+distillation error, gamma = 1) and, as this project's addition, the top-1 agreement of each
+student with the teacher. All numbers come from the methods' own test-time
 metrics (``mc_dropout_samples``, ``test/ece``, ``test/mc_ece``, ``test/distill_error``, ...);
 the student alone is run as ``Supervised`` with the teacher attached only to be measured against.
 
