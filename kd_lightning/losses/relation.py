@@ -1,7 +1,7 @@
 """Relation-based distillation: Relational Knowledge Distillation (RKD).
 
 Park, Kim, Lu & Cho, "Relational Knowledge Distillation", CVPR 2019 (arXiv:1904.05068).
-Seed 001, section 3.3: :math:`L_R(F_t, F_s) = L(\\phi_t(t_i, t_j), \\phi_s(s_i, s_j))` -- the
+Park et al., section 3: :math:`L_R(F_t, F_s) = L(\\phi_t(t_i, t_j), \\phi_s(s_i, s_j))` -- the
 student matches the *relations* between examples of a batch, not the teacher's features, so the
 two embeddings may have different widths.
 

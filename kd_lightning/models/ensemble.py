@@ -1,7 +1,7 @@
 """An ensemble of networks as one teacher: the average prediction of its members.
 
-Seed 001, section 9 (after Allen-Zhu & Li, "Towards Understanding Ensemble, Knowledge Distillation
-and Self-Distillation in Deep Learning", 2020): an ensemble of independently trained networks
+Allen-Zhu & Li, "Towards Understanding Ensemble, Knowledge Distillation and Self-Distillation in
+Deep Learning", ICLR 2023 (arXiv:2012.09816): an ensemble of independently trained networks
 learns more of the features that carry the label than any one member, and a single student
 distilled from the ensemble's average prediction can learn them too.
 """
@@ -43,7 +43,7 @@ class EnsembleTeacher(nn.Module):
     a class out vetoes it, and the result is generally sharper than the mixture when members
     disagree; at temperature :math:`T` it equals the geometric mean of the members' tempered
     distributions (averaging commutes with the temperature). It is the average used by
-    Allen-Zhu & Li's analysis of ensembles (CS 541 scribe notes, section 9), offered as ``"logits"``.
+    Allen-Zhu & Li's analysis of ensembles (ICLR 2023), offered as ``"logits"``.
 
     The ensemble is a teacher for *response-based* methods (ResponseKD, DKD, DIST,
     StandardizedKD, LogitMatching, WassersteinKD, ...). It has no single feature map, so a
