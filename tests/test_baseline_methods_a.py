@@ -266,6 +266,23 @@ def test_dkd_warmup_resumes_from_the_checkpoint_epoch(tmp_path):
     assert resumed["train/dkd_warmup"] == pytest.approx([0.5, 0.75])
 
 
+def test_dkd_warmup_as_a_fraction_of_max_epochs(monkeypatch):
+    epoch = {"e": 0}
+    monkeypatch.setattr(DecoupledKD, "current_epoch", property(lambda self: epoch["e"]))
+    m = _method(DecoupledKD, warmup_epochs=0.25)
+    m.trainer = pl.Trainer(max_epochs=40, logger=False, enable_checkpointing=False,
+                           enable_progress_bar=False, enable_model_summary=False)
+    for e, w in ((0, 1 / 10), (4, 5 / 10), (9, 1.0), (30, 1.0)):  # 0.25 of 40 = 10 epochs
+        epoch["e"] = e
+        assert m.warmup_weight == pytest.approx(w)
+    m.trainer.fit_loop.max_epochs = 6  # 1.5 epochs, unrounded: the ramp ends within epoch 1
+    epoch["e"] = 0
+    assert m.warmup_weight == pytest.approx(1 / 1.5)
+    m.trainer.fit_loop.max_epochs = -1
+    with pytest.raises(KDConfigError, match="warmup_epochs=0.25 is a fraction of trainer.max_epochs"):
+        m.warmup_weight
+
+
 # ---- gradients ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("cls", ALL, ids=name)
 def test_gradients_reach_the_student_never_the_teacher(cls):
@@ -344,6 +361,7 @@ BAD_ARGS = [
     (CorrelationCongruence, {"kernel_gamma": 0.0}, "kernel_gamma must be a finite number > 0"),
     (ProbabilisticKnowledgeTransfer, {"ce_weight": -1.0}, "ce_weight must be >= 0"),
     (DecoupledKD, {"warmup_epochs": -1}, "warmup_epochs must be an integer >= 0"),
+    (DecoupledKD, {"warmup_epochs": 1.5}, "warmup_epochs=1.5 is a float, which means a fraction of max_epochs"),
     (DecoupledKD, {"target_weight": -1.0}, "target_weight must be >= 0"),
     (DecoupledKD, {"temperature": 0.0}, "temperature must be > 0"),
     (DIST, {"intra_weight": -1.0}, "intra_weight must be >= 0"),

@@ -417,7 +417,7 @@ BAD = [
       "margin_source: data"]),
     ("ofd.yaml", ["--model.init_args.margin_source", "mean"], ["margin_source must be 'bn'"]),
     ("ofd.yaml", ["--model.init_args.stage_weights", "[1.0, 1.0]"], ["one weight >= 0 per layer (3)"]),
-    ("reviewkd.yaml", ["--model.init_args.warmup_epochs", "-1"], ["warmup_epochs must be an int >= 0"]),
+    ("reviewkd.yaml", ["--model.init_args.warmup_epochs", "-1"], ["ReviewKD: warmup_epochs must be an integer >= 0"]),
     ("reviewkd.yaml", ["--model.init_args.student_pre_activation", "[false, true]"],
      ["student_pre_activation must be one bool or one per layer (3)"]),
     ("reviewkd.yaml", ["--model.init_args.teacher_layers", "[relu1, relu2]"],

@@ -4,6 +4,7 @@ upgrade that changes one fails here instead of silently changing training."""
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from functools import partial
 
@@ -103,3 +104,61 @@ def test_a_failed_fit_restores_the_process_settings_too():
         _trainer().fit(Failing(student=MLP(), num_classes=10), DistillDataModule("mnist1d", train_subset=200))
     assert os.environ.get(compat.cuda_check_env_var()) == "1"
     assert warnings.filters == filters
+
+
+def test_batch_norm_base_is_the_base_of_every_batch_norm():
+    for layer in (torch.nn.BatchNorm1d(4), torch.nn.BatchNorm2d(4), torch.nn.BatchNorm3d(4),
+                  torch.nn.SyncBatchNorm(4), torch.nn.LazyBatchNorm1d()):
+        assert isinstance(layer, compat.BATCH_NORM_BASE)
+    assert not isinstance(torch.nn.LayerNorm(4), compat.BATCH_NORM_BASE)
+    assert not isinstance(torch.nn.GroupNorm(2, 4), compat.BATCH_NORM_BASE)
+
+
+def test_a_cli_without_seeding_leaves_the_process_seed_alone(monkeypatch):
+    from pytorch_lightning.cli import LightningCLI
+
+    monkeypatch.setattr(sys, "argv", ["kd-lightning"])
+
+    class ParseOnly(LightningCLI):
+        def instantiate_classes(self) -> None:
+            pass
+
+    class ParseOnlyNoSeed(compat.NoCLISeeding, ParseOnly):
+        pass
+
+    seeds = {}
+    for cls in (ParseOnly, ParseOnlyNoSeed):
+        torch.manual_seed(7)
+        cls(Supervised, DistillDataModule, run=False,
+            args=["--seed_everything", "123", "--model.student", "kd_lightning.models.MLP"])
+        seeds[cls] = torch.initial_seed()
+    assert seeds == {ParseOnly: 123, ParseOnlyNoSeed: 7}  # LightningCLI seeds; the mixin stops it
+
+
+def test_cli_parsers_built_once_serve_a_second_cli(tmp_path, monkeypatch):
+    """A CLI that reuses the parsers (main and subcommand ones) a first CLI built runs its
+    subcommand the same way."""
+    from kd_lightning.cli import KDLightningCLI, cli_main
+
+    built, cache = [], {}
+
+    class Reusing(KDLightningCLI):
+        def setup_parser(self, add_subcommands, main_kwargs, subparser_kwargs) -> None:
+            if add_subcommands not in cache:
+                super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+                built.append(add_subcommands)
+                cache[add_subcommands] = compat.cli_parsers(self)
+            compat.reuse_cli_parsers(self, cache[add_subcommands])
+
+    args = ["fit", "--model", "kd_lightning.methods.Supervised", "--model.student", "kd_lightning.models.MLP",
+            "--data.train_subset", "200", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+            "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar",
+            "false", "--trainer.enable_model_summary", "false", "--trainer.accelerator", "cpu",
+            "--trainer.devices", "1", "--trainer.default_root_dir", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", ["kd-lightning"])
+    monkeypatch.chdir(tmp_path)  # the default logger writes to ./runs
+    first, second = cli_main(args, cli_class=Reusing), cli_main(args, cli_class=Reusing)
+    parser, subcommand_parsers, method_arguments = cache[True]
+    assert built == [True] and second.parser is first.parser is parser
+    assert set(subcommand_parsers) == set(method_arguments) == {"fit", "validate", "test", "predict"}
+    assert first.trainer.global_step == second.trainer.global_step == 2

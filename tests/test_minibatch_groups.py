@@ -186,7 +186,7 @@ class _ForgetfulSupervised(Supervised):
 
     def setup(self, stage):  # noqa: D102 - deliberately no super()
         self.num_classes = 10
-        self._build_metrics(10)
+        self.build_metrics(10)
 
     def on_train_epoch_end(self):
         pass

@@ -1,21 +1,42 @@
-"""The base class every distillation method builds on.
+"""The contract every distillation method implements: :class:`DistillationModule` and :class:`Losses`.
 
-Data flows one way: a batch ``(x, y, index)`` -> :meth:`DistillationModule.compute_losses` (the
-method: student forward, frozen teacher's outputs, loss terms from :mod:`kd_lightning.losses`) ->
-the base sums the named terms, logs them and hands the sum to the optimizer. An unlabelled
-training example (``data.unlabelled``) has ``y = UNLABELLED`` (-1): a method's label terms skip it
-(:meth:`DistillationModule.labelled_rows`, :func:`~kd_lightning.losses.labelled_cross_entropy`),
-its distillation terms use it. Under MixUp/CutMix (``data.mixup`` / ``data.cutmix``) ``y`` is a
-:class:`~kd_lightning.losses.labels.MixedTargets`: the label losses of
-:mod:`kd_lightning.losses.labels` take it as it is (``lam L(y_a) + (1 - lam) L(y_b)``), any other
-use of the labels goes through :func:`~kd_lightning.losses.labels.mixed`, and a method that cannot
-use mixed targets says why in :meth:`DistillationModule.mixing_refusal`.
+Data flows one way: a batch ``(x, y, index)`` -> ``compute_losses`` (student forward, frozen
+teacher's outputs, loss terms from :mod:`kd_lightning.losses`) -> the base sums the named terms,
+logs them and hands the sum to the optimizer. Label terms skip unlabelled rows (``y = -1``,
+:func:`~kd_lightning.losses.labelled_cross_entropy`) and take MixUp/CutMix targets as they are
+(:mod:`kd_lightning.losses.labels`; any other use of ``y`` goes through ``labels.mixed``).
 
-A method is a subclass that holds its hyperparameters and implements ``compute_losses``; the base
-owns the rest once: the frozen teacher (:class:`~kd_lightning.models.teacher.FrozenTeacher`), which
-parameters are learnable, optimizer/scheduler injection, metrics and evaluation. The training loop
-machinery lives in :mod:`kd_lightning.training` and is attached as callbacks, so a method that
-overrides a Lightning hook cannot switch it off.
+**Hooks.** A method subclasses :class:`DistillationModule`, checks its hyperparameters in
+``__init__`` (:mod:`kd_lightning.methods.checks`) and implements ``compute_losses(x, y, index)
+-> Losses`` (required). Optional, where it needs them (the defaults do nothing):
+
+- ``requires_teacher = True``: the method distils from a network teacher (refused without one);
+  it reads it with ``teacher_logits``, ``teacher_forward`` and ``tap_teacher`` (frozen, no
+  gradient, cached per example when the inputs are deterministic);
+- ``mixing_refusal() -> str | None``: why the method cannot train on MixUp/CutMix batches;
+- ``extra_callbacks() -> list[Callback]``: callbacks the method needs for every run;
+- ``inspection_figures(batch) -> dict``: the method's own TensorBoard figures;
+- ``log_window_closes() -> bool``: close the loss terms' logging window at this epoch's end;
+- ``on_train_terms_logged()``: log more values (e.g. a schedule) next to the loss terms;
+- ``learnable_parameters()``: what the optimizer trains (default: everything but the teacher);
+- ``plateau_monitor``: the metric a ReduceLROnPlateau scheduler follows (``"val/loss"``);
+- ``build_metrics(k)``, ``eval_step(batch, prefix)``: evaluate more than the student
+  (:class:`~kd_lightning.methods.evaluation.Evaluation`, calling ``super()``);
+- ``configure_optimizers()``: several optimizers, from ``build_optimizer`` and
+  ``lr_scheduler_config``;
+- any other Lightning hook (``setup``, ``on_train_start``, ...), calling ``super()``.
+
+**The second form: methods that optimise themselves** (several optimizers stepped in an order:
+``MutualDistillation``, ``DeepMutualLearning``) set ``optimizes_itself = True`` and implement
+``minibatch_step(batch, batch_idx)`` instead of ``compute_losses``: they step each optimizer with
+``optimizer_step_manually``, their schedulers with
+:func:`~kd_lightning.training.optim.step_manual_lr_schedulers`, and record terms with ``log_terms``.
+
+A method never overrides ``training_step`` or ``configure_callbacks`` (refused). The rest is
+inherited from beside the contract: evaluation (:mod:`kd_lightning.methods.evaluation`), the
+grouped fit (:mod:`kd_lightning.training.grouping`), optimizers and schedulers
+(:mod:`kd_lightning.training.optim`), and the training-loop machinery, attached as callbacks so
+that a method overriding a Lightning hook cannot switch it off.
 """
 
 from __future__ import annotations
@@ -27,26 +48,20 @@ from typing import NamedTuple
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.trainer.states import TrainerFn
-from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torchmetrics import MeanMetric, SumMetric
-from torchmetrics.classification import MulticlassAccuracy
 
 from kd_lightning import KDConfigError
 from kd_lightning.data.augment import check_mixing
 from kd_lightning.losses.labels import labelled_mask, target_classes
-from kd_lightning.metrics import DistillationError, TestUncertainty, dropout_modules
+from kd_lightning.methods.checks import check_base_arguments, check_data, check_mc_dropout
+from kd_lightning.methods.evaluation import Evaluation
 from kd_lightning.models.taps import FeatureTaps
 from kd_lightning.models.teacher import FrozenTeacher
-from kd_lightning.methods.checks import check_class_counts
-from kd_lightning.training import (GroupedOptimization, Preemption, RandomStates, ScopedFitEnvironment, TermLog, TermLogging,
-                                   lr_scheduler_config, run_group, use_fused_kernel)
-from kd_lightning.training.optim import build_lr_scheduler
-from kd_lightning.training.grouping import GroupedFit, move_batch
-from kd_lightning.training.lightning_compat import HOOK_BOOKKEEPING_ATTRIBUTES, attached_trainer
+from kd_lightning.training import TermLog, optim, standard_callbacks
+from kd_lightning.training.grouping import GroupedSteps, run_group
+from kd_lightning.training.lightning_compat import FastHookBookkeeping, attached_trainer
 
 
 class Losses(NamedTuple):
@@ -64,37 +79,8 @@ class Losses(NamedTuple):
     logged: dict[str, Tensor] = {}
 
 
-def check_weights(method: str, **weights: float) -> None:
-    """Every loss weight must be a number >= 0."""
-    for name, value in weights.items():
-        if not value >= 0:
-            raise KDConfigError(f"{method}: {name} must be >= 0, got {value}.")
-
-
-def check_temperature(method: str, temperature: float) -> None:
-    if not temperature > 0:
-        raise KDConfigError(f"{method}: temperature must be > 0, got {temperature}; Hinton et al. "
-                            f"use 1-20 (default 4).")
-
-
-def check_mc_dropout(samples: int, student: nn.Module, teacher: nn.Module | None) -> None:
-    """``mc_dropout_samples`` must be an int >= 0, and > 0 only with a student that has dropout."""
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
-        raise KDConfigError(f"mc_dropout_samples must be an integer >= 0 (0 = off), got {samples!r}.")
-    if samples == 0:
-        return
-    if not dropout_modules(student):
-        raise KDConfigError(
-            f"mc_dropout_samples={samples} asks for MC-dropout predictions, but the student "
-            f"({type(student).__name__}) has no dropout layer (nn.Dropout* with p > 0); give it "
-            f"dropout (e.g. kd_lightning.models.MLP with dropout: 0.2) or set mc_dropout_samples: 0.")
-    if teacher is not None and not dropout_modules(teacher):
-        rank_zero_warn(f"mc_dropout_samples: the teacher ({type(teacher).__name__}) has no dropout "
-                       f"layer, so only its deterministic calibration is reported.")
-
-
-class DistillationModule(pl.LightningModule):
-    """Base LightningModule for knowledge distillation.
+class DistillationModule(Evaluation, GroupedSteps, FastHookBookkeeping, pl.LightningModule):
+    """Base LightningModule for knowledge distillation (the contract: see the module docstring).
 
     Args:
         student: the network being trained (any ``nn.Module`` mapping inputs to logits).
@@ -157,20 +143,8 @@ class DistillationModule(pl.LightningModule):
                  mc_dropout_samples: int = 0) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["student", "teacher", "optimizer", "lr_scheduler"])
-        if self.requires_teacher and teacher is None:
-            raise KDConfigError(
-                f"{type(self).__name__} distils from a teacher network, but no teacher was given. "
-                f"Set model.init_args.teacher (class_path + init_args) and "
-                f"model.init_args.teacher_checkpoint (a checkpoint of `kd-lightning fit` with "
-                f"kd_lightning.methods.Supervised).")
-        if teacher is None and teacher_checkpoint is not None:
-            raise KDConfigError("teacher_checkpoint is set but teacher is not: give the teacher "
-                                "architecture as model.init_args.teacher.")
-        if lr_scheduler_interval not in ("epoch", "step"):
-            raise KDConfigError(
-                f"lr_scheduler_interval must be 'epoch' or 'step', got {lr_scheduler_interval!r}.")
-        if not distill_error_temperature > 0:
-            raise KDConfigError(f"distill_error_temperature must be > 0, got {distill_error_temperature}.")
+        check_base_arguments(type(self), teacher, teacher_checkpoint, lr_scheduler_interval,
+                             distill_error_temperature)
         check_mc_dropout(mc_dropout_samples, student, teacher)
         self.distill_error_temperature = distill_error_temperature
         self.mc_dropout_samples = mc_dropout_samples
@@ -179,26 +153,14 @@ class DistillationModule(pl.LightningModule):
         self.teacher = teacher
         self.frozen_teacher = FrozenTeacher(teacher, teacher_checkpoint) if teacher is not None else None
         self.num_classes = num_classes
-        self.optimizer_factory = optimizer
-        self.lr_scheduler_factory = lr_scheduler
-        self.teacher_cache = teacher_cache
-        self.teacher_cache_mb = teacher_cache_mb
-        self.fused_optimizer = fused_optimizer
-        self.log_step_terms = log_step_terms
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        self.teacher_cache, self.teacher_cache_mb = teacher_cache, teacher_cache_mb
+        self.fused_optimizer, self.log_step_terms = fused_optimizer, log_step_terms
         self.term_log = TermLog()
         #: whether the last fit read the teacher's outputs from the per-example cache
         self.teacher_cache_used: bool | None = None
-        #: set by GroupedOptimization for a fit with data.batches_per_step > 1
-        self.grouped_fit: GroupedFit | None = None
-        self._metrics_built = False
         if num_classes is not None:
-            self._build_metrics(num_classes)
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in HOOK_BOOKKEEPING_ATTRIBUTES:  # a plain string Lightning sets per hook call
-            self.__dict__[name] = value
-        else:
-            super().__setattr__(name, value)
+            self.build_metrics(num_classes)
 
     # ---- the training step: one template for every method -------------------------------------
     def compute_losses(self, x: Tensor, y: Tensor, index: Tensor) -> Losses:
@@ -207,14 +169,11 @@ class DistillationModule(pl.LightningModule):
 
     @staticmethod
     def labelled_rows(y: Tensor) -> Tensor:
-        """``[B]`` bool mask of the rows of a training batch that carry a label; the others are
-        unlabelled transfer examples (``y == UNLABELLED``), for distillation terms only."""
+        """``[B]`` mask of the labelled rows (the others, ``y == UNLABELLED``, are for distillation only)."""
         return labelled_mask(y)
 
     def mixing_refusal(self) -> str | None:
-        """Why this method (as configured) cannot train on MixUp/CutMix batches, or ``None``
-        when it can (the default: its label terms take
-        :class:`~kd_lightning.losses.labels.MixedTargets`). Checked when a fit starts."""
+        """Why this method cannot train on MixUp/CutMix batches (checked when a fit starts); ``None``: it can."""
         return None
 
     def minibatch_step(self, batch, batch_idx: int) -> Tensor:
@@ -227,35 +186,14 @@ class DistillationModule(pl.LightningModule):
         return loss
 
     def optimizer_step_manually(self, optimizer, loss: Tensor, counted: bool = True) -> None:
-        """For methods that optimise themselves: backward ``loss`` and step ``optimizer`` (a
-        LightningOptimizer). A ``counted`` step is a training step (``global_step``); the others
-        (auxiliary optimizers, further peers) take the same strategy/precision path uncounted."""
-        optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        if counted:
-            optimizer.step()
-        else:
-            self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=_no_closure)
+        """Backward ``loss``, step ``optimizer`` (:func:`~kd_lightning.training.optim.manual_optimizer_step`)."""
+        optim.manual_optimizer_step(self, optimizer, loss, counted)
 
     def training_step(self, batch, batch_idx: int):
         """One Lightning step: one minibatch, or ``data.batches_per_step`` of them."""
         if self.grouped_fit is None:
             return self.minibatch_step(batch, batch_idx)
         return run_group(self, batch, batch_idx, self.minibatch_step)
-
-    @property
-    def declared_automatic_optimization(self) -> bool:
-        return self._automatic_optimization
-
-    @property
-    def automatic_optimization(self) -> bool:
-        """Lightning optimises (``True``) unless the method optimises itself or this fit trains
-        several minibatches per step (then :func:`~kd_lightning.training.run_group` does)."""
-        return self._automatic_optimization and self.grouped_fit is None
-
-    @automatic_optimization.setter
-    def automatic_optimization(self, value: bool) -> None:
-        self._automatic_optimization = value
 
     def configure_callbacks(self):
         # called at the start of every fit/validate/test/predict, before Lightning checks the
@@ -264,40 +202,31 @@ class DistillationModule(pl.LightningModule):
         if self.trainer.state.fn == TrainerFn.FITTING:
             self.grouped_fit = None
             check_mixing(self, self.trainer.datamodule)
-        return [ScopedFitEnvironment(), GroupedOptimization(), TermLogging(), RandomStates(),
-                Preemption(), *self.extra_callbacks()]
+        return [*standard_callbacks(), *self.extra_callbacks()]
 
     def extra_callbacks(self) -> list[pl.Callback]:
         """Callbacks a method needs for every run (none by default)."""
         return []
 
     def inspection_figures(self, batch) -> dict:
-        """Hook: the method's own TensorBoard figures (matplotlib ``Figure`` by name, logged as
-        ``inspect/<name>``) for a few fixed validation examples ``(x, y, index)``; called without
-        gradient, in eval mode, by :class:`~kd_lightning.training.figures.InspectionFigures` at
-        the validation epochs that draw. None by default."""
+        """The method's figures (matplotlib ``Figure`` by name, logged as ``inspect/<name>``) for
+        a few fixed validation examples ``(x, y, index)``, drawn without gradient in eval mode by
+        :class:`~kd_lightning.training.figures.InspectionFigures`. None by default."""
         return {}
 
-    def log_terms(self, logits: Tensor | None = None, targets: Tensor | None = None,
-                  **terms: Tensor) -> None:
-        """Record loss terms (and the training accuracy) for the per-window log
-        (:mod:`kd_lightning.training.term_log`)."""
+    def log_terms(self, logits: Tensor | None = None, targets: Tensor | None = None, **terms: Tensor) -> None:
+        """Record loss terms and the training accuracy for the per-window log (``training.term_log``)."""
         self.term_log.record(logits, None if targets is None else target_classes(targets), terms)
         if self.log_step_terms:
             self.log_dict({f"train_step/{k}": v.detach() for k, v in terms.items()},
                           on_step=True, on_epoch=False)
 
     def log_window_closes(self) -> bool:
-        """True at an epoch whose end must log the running term means even if the logging window
-        is not full (e.g. a stage boundary)."""
+        """True at an epoch whose end must log the term means with the window not full (a stage's end)."""
         return False
 
     def on_train_terms_logged(self) -> None:
         """Hook: called right after the running means of the loss terms were logged."""
-
-    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
-        moved = move_batch(batch, device)
-        return super().transfer_batch_to_device(batch, device, dataloader_idx) if moved is None else moved
 
     # ---- teacher ---------------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -341,17 +270,11 @@ class DistillationModule(pl.LightningModule):
 
     def build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         """The configured optimizer over ``params`` (its fused kernel with ``fused_optimizer``)."""
-        optimizer = self.optimizer_factory(params)
-        return use_fused_kernel(optimizer) if self.fused_optimizer else optimizer
+        return optim.configured_optimizer(self, params)
 
     def lr_scheduler_config(self, optimizer: torch.optim.Optimizer) -> dict | None:
         """Lightning's scheduler config for the configured LR scheduler (``None`` without one)."""
-        if self.lr_scheduler_factory is None:
-            return None
-        monitor = self.plateau_monitor if self.automatic_optimization else None
-        interval = self.hparams.lr_scheduler_interval
-        scheduler = build_lr_scheduler(self.lr_scheduler_factory, optimizer, self.trainer_or_none, interval)
-        return lr_scheduler_config(scheduler, interval, monitor)
+        return optim.configured_lr_scheduler(self, optimizer)
 
     def configure_optimizers(self):
         optimizer = self.build_optimizer(list(self.learnable_parameters()))
@@ -361,119 +284,10 @@ class DistillationModule(pl.LightningModule):
     # ---- checks ---------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None)
-        k_data = getattr(dm, "num_classes", None)
-        if self.num_classes is None and k_data is not None:
-            self.num_classes = k_data
-        if not self._metrics_built:
-            if self.num_classes is None:
-                raise KDConfigError("num_classes is unknown: set model.init_args.num_classes.")
-            self._build_metrics(self.num_classes)
-        shape = getattr(dm, "input_shape", None)
-        if shape is not None:
-            check_class_counts(self.student, self.teacher, shape, k_data, self.num_classes, self.device)
-            if self.frozen_teacher is not None and self.frozen_teacher.taps is not None:
-                self.frozen_teacher.taps.pop()  # the probe's features are not a training batch's
-
-    # ---- metrics and evaluation -----------------------------------------------------------
-    def _build_metrics(self, k: int) -> None:
-        self.val_acc = MulticlassAccuracy(num_classes=k, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes=k, average="micro")
-        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
-        self.test_teacher_acc = MulticlassAccuracy(num_classes=k, average="micro")
-        # misclassified test examples, as MNIST papers count them (summed over DDP ranks)
-        self.test_errors = SumMetric()
-        self.test_teacher_errors = SumMetric()
-        self.top5 = k > 5
-        if self.top5:
-            self.val_acc5 = MulticlassAccuracy(num_classes=k, top_k=5, average="micro")
-            self.test_acc5 = MulticlassAccuracy(num_classes=k, top_k=5, average="micro")
-        if self.teacher is not None:
-            for prefix in ("val", "test"):
-                setattr(self, f"{prefix}_distill_error", DistillationError(self.distill_error_temperature))
-                setattr(self, f"{prefix}_teacher_agreement", MulticlassAccuracy(num_classes=k, average="micro"))
-        self.test_uncertainty = None
-        if self.mc_dropout_samples:
-            networks = {"": True, **({"teacher_": bool(dropout_modules(self.teacher))}
-                                     if self.teacher is not None else {})}
-            self.test_uncertainty = TestUncertainty(k, self.mc_dropout_samples, networks)
-        self._metrics_built = True
-
-    def _eval_step(self, batch, prefix: str) -> Tensor:
-        x, y, _ = batch
-        logits = self.student(x)
-        loss = F.cross_entropy(logits.float(), y)
-        # the per-example mean over every rank (a metric object: DDP ranks may hold unequal
-        # numbers of examples, which Lightning's epoch mean of logged tensors rounds on gloo)
-        mean_loss = getattr(self, f"{prefix}_loss")
-        mean_loss.update(loss, weight=y.numel())
-        self.log(f"{prefix}/loss", mean_loss, on_step=False, on_epoch=True)
-        getattr(self, f"{prefix}_acc").update(logits, y)
-        if prefix == "test":
-            self.test_errors.update((logits.argmax(-1) != y).sum())
-        if self.top5:
-            getattr(self, f"{prefix}_acc5").update(logits, y)
-        outputs = {"": (self.student, logits)}
-        if self.teacher is not None:  # the frozen teacher's eval-mode logits (never the cache)
-            t_logits = self.teacher_logits(x)
-            getattr(self, f"{prefix}_distill_error").update(logits, t_logits, y)
-            getattr(self, f"{prefix}_teacher_agreement").update(logits, t_logits.argmax(-1))
-            if prefix == "test":
-                self.test_teacher_acc.update(t_logits, y)
-                self.test_teacher_errors.update((t_logits.argmax(-1) != y).sum())
-            outputs["teacher_"] = (self.teacher, t_logits)
-        if prefix == "test" and self.test_uncertainty is not None:
-            self.test_uncertainty.update(x, y, outputs)
-        return logits
-
-    def _teacher_metrics(self, prefix: str) -> dict[str, Tensor]:
-        """The epoch's distillation error and teacher agreement (reset); {} without a teacher."""
-        if self.teacher is None:
-            return {}
-        metrics = {}
-        for name in ("distill_error", "teacher_agreement"):
-            metric = getattr(self, f"{prefix}_{name}")
-            metrics[f"{prefix}/{name}"] = metric.compute()
-            metric.reset()
-        return metrics
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def on_validation_epoch_end(self) -> None:
-        acc = self.val_acc.compute()
-        self.val_acc.reset()
-        metrics = {"val/acc": acc, "hp_metric": acc}
-        if self.top5:
-            metrics["val/acc_top5"] = self.val_acc5.compute()
-            self.val_acc5.reset()
-        metrics.update(self._teacher_metrics("val"))
-        self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def on_test_epoch_end(self) -> None:
-        metrics = {"test/acc": self.test_acc.compute(), "test/errors": self.test_errors.compute()}
-        self.test_acc.reset()
-        self.test_errors.reset()
-        if self.top5:
-            metrics["test/acc_top5"] = self.test_acc5.compute()
-            self.test_acc5.reset()
-        if self.teacher is not None:
-            metrics["test/teacher_acc"] = self.test_teacher_acc.compute()
-            metrics["test/teacher_errors"] = self.test_teacher_errors.compute()
-            self.test_teacher_acc.reset()
-            self.test_teacher_errors.reset()
-        metrics.update(self._teacher_metrics("test"))
-        if self.test_uncertainty is not None:
-            metrics.update({f"test/{k}": v for k, v in self.test_uncertainty.compute().items()})
-            self.test_uncertainty.reset()
-        self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)
-
-    def predict_step(self, batch, batch_idx: int) -> dict[str, Tensor]:
-        x, _, idx = batch
-        logits = self.student(x)
-        return {"index": idx, "logits": logits, "pred": logits.argmax(-1)}
+        if self.num_classes is None and getattr(dm, "num_classes", None) is not None:
+            self.num_classes = dm.num_classes
+        self.ensure_metrics()
+        check_data(self, dm)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.student(x)
@@ -482,8 +296,3 @@ class DistillationModule(pl.LightningModule):
     def trainer_or_none(self) -> pl.Trainer | None:
         """The attached trainer, or ``None`` outside a fit."""
         return attached_trainer(self)
-
-
-def _no_closure() -> None:
-    """The closure of an uncounted manual step: the gradients are already there."""
-    return None

@@ -12,8 +12,9 @@ from torchmetrics.classification import MulticlassAccuracy
 from kd_lightning import KDConfigError
 from kd_lightning.losses import deep_mutual_learning_loss
 from kd_lightning.losses.labels import target_classes
-from kd_lightning.methods.base import DistillationModule, check_temperature, check_weights
-from kd_lightning.training import step_lr_schedulers
+from kd_lightning.methods.base import DistillationModule
+from kd_lightning.methods.checks import check_temperature, check_weights
+from kd_lightning.training.optim import step_manual_lr_schedulers
 from kd_lightning.training.lightning_compat import ddp_finds_unused_parameters, drop_hyperparameter
 
 
@@ -101,7 +102,7 @@ class DeepMutualLearning(DistillationModule):
         self.peers = nn.ModuleList(peers)
         self.ce_weight, self.kd_weight = ce_weight, kd_weight
         self.temperature, self.sequential = temperature, sequential
-        if self._metrics_built:
+        if self.metrics_built:
             self._build_peer_metrics(self.num_classes)
 
     @property
@@ -109,9 +110,9 @@ class DeepMutualLearning(DistillationModule):
         return len(self.peers)
 
     # ---- metrics --------------------------------------------------------------------------------
-    def _build_metrics(self, k: int) -> None:
-        super()._build_metrics(k)
-        if "peers" in self._modules:  # else __init__ builds them once the peers exist
+    def build_metrics(self, k: int) -> None:
+        super().build_metrics(k)
+        if hasattr(self, "peers"):  # else __init__ builds them once the peers exist
             self._build_peer_metrics(k)
 
     def _build_peer_metrics(self, k: int) -> None:
@@ -169,25 +170,18 @@ class DeepMutualLearning(DistillationModule):
             acc = (logits[k].detach().argmax(-1) == target_classes(y)).float().mean()
             logged.update({f"loss_ce_peer{k}": ce.detach(), f"loss_kl_peer{k}": kl.detach(),
                            f"acc_peer{k}": acc})
-        self._step_lr_schedulers("step", batch_idx + 1)
+        step_manual_lr_schedulers(self, "step", batch_idx + 1)
         self.log_terms(logits[0].detach(), y, loss=total, **logged)
         return total
 
-    def _step_lr_schedulers(self, interval: str, count: int) -> None:
-        """Manual optimisation: step this interval's schedulers (every peer's); ReduceLROnPlateau
-        only once ``val/loss`` exists (skipped before, not an error)."""
-        step_lr_schedulers(self.trainer, interval, count)
-        step_lr_schedulers(self.trainer, interval, count, plateau=True,
-                           default_monitor=self.plateau_monitor, strict=False)
-
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()
-        self._step_lr_schedulers("epoch", self.current_epoch + 1)
+        step_manual_lr_schedulers(self, "epoch", self.current_epoch + 1)  # every peer's
 
     # ---- evaluation: every peer and their ensemble -----------------------------------------------
     def _eval_peers(self, batch, prefix: str) -> None:
         x, y, _ = batch
-        logits = self._eval_step(batch, prefix)  # peer 0: <prefix>/loss, <prefix>/acc (+ top-5)
+        logits = self.eval_step(batch, prefix)  # peer 0: <prefix>/loss, <prefix>/acc (+ top-5)
         probs = 0.0
         for k, (peer, metric) in enumerate(zip(self.peers, getattr(self, f"{prefix}_acc_peers"))):
             logits = logits if k == 0 else peer(x)

@@ -20,7 +20,7 @@ from kd_lightning.methods.relation import _embedding_layer
 from kd_lightning.models.taps import resolve_module
 
 
-class EmbeddingDistillation(FeatureDistillation):
+class _EmbeddingDistillation(FeatureDistillation):
     """Base of the embedding-relation methods: taps one embedding per network.
 
     By default the embedding is the *input* of the network's last ``nn.Linear`` (its classifier),
@@ -65,7 +65,7 @@ class EmbeddingDistillation(FeatureDistillation):
         """Any embedding shapes work (flattened per example; the widths may differ)."""
 
 
-class ProbabilisticKnowledgeTransfer(EmbeddingDistillation):
+class ProbabilisticKnowledgeTransfer(_EmbeddingDistillation):
     r"""Probabilistic knowledge transfer, PKT (Passalis & Tefas, ECCV 2018).
 
     .. math::
@@ -87,9 +87,10 @@ class ProbabilisticKnowledgeTransfer(EmbeddingDistillation):
     Args:
         transfer_weight: :math:`w` (default 30000, the CRD benchmark's CIFAR-100 value; the
             paper has no CIFAR-100 run).
-        **kwargs: ``student_layer``, ``teacher_layer``, ``layer_input`` (see
-            :class:`EmbeddingDistillation`), ``ce_weight`` (1), ``kd_weight`` (0: CE + PKT as in
-            the CRD benchmark), ``temperature``, ``input_shape`` and
+        **kwargs: ``student_layer``, ``teacher_layer`` (module paths of the embeddings;
+            default: the input of the last ``nn.Linear``), ``layer_input`` (tap those modules'
+            inputs), ``ce_weight`` (1), ``kd_weight`` (0: CE + PKT as in the CRD benchmark),
+            ``temperature``, ``input_shape`` and
             :class:`~kd_lightning.methods.base.DistillationModule`'s arguments.
     """
 
@@ -100,7 +101,7 @@ class ProbabilisticKnowledgeTransfer(EmbeddingDistillation):
         return "loss_pkt", pkt_loss(feats[0], t_feats[0])
 
 
-class CorrelationCongruence(EmbeddingDistillation):
+class CorrelationCongruence(_EmbeddingDistillation):
     r"""Correlation congruence, CC (Peng et al., ICCV 2019).
 
     .. math::
@@ -136,9 +137,9 @@ class CorrelationCongruence(EmbeddingDistillation):
         kernel_gamma: :math:`\gamma > 0` of the RBF kernel (default 0.4).
         taylor_order: :math:`P`, an integer >= 1 (default 2).
         normalize_embeddings: L2-normalise each embedding before the expansion (default true).
-        **kwargs: ``student_layer``, ``teacher_layer``, ``layer_input`` (see
-            :class:`EmbeddingDistillation`), ``ce_weight`` (1), ``kd_weight`` (0),
-            ``temperature``, ``input_shape`` and
+        **kwargs: ``student_layer``, ``teacher_layer`` (module paths of the embeddings;
+            default: the input of the last ``nn.Linear``), ``layer_input`` (tap those modules'
+            inputs), ``ce_weight`` (1), ``kd_weight`` (0), ``temperature``, ``input_shape`` and
             :class:`~kd_lightning.methods.base.DistillationModule`'s arguments.
     """
 

@@ -29,7 +29,6 @@ stage 1, the connectors in stage 2): use ``--trainer.strategy ddp_find_unused_pa
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -37,9 +36,11 @@ from torch import Tensor
 
 from kd_lightning import KDConfigError
 from kd_lightning.losses import response_terms
-from kd_lightning.methods.base import DistillationModule, Losses, check_temperature, check_weights
+from kd_lightning.methods.base import DistillationModule, Losses
+from kd_lightning.methods.checks import check_temperature, check_weights
 from kd_lightning.models.connectors import build_connector
 from kd_lightning.models.taps import FeatureTaps
+from kd_lightning.training.epochs import check_epochs, resolve_epochs
 
 Shape = tuple[int, ...]
 
@@ -234,32 +235,17 @@ class TwoStageFeatureDistillation(FeatureDistillation):
     """
 
     def __init__(self, stage1_epochs: int | float = 0, **kwargs) -> None:
-        if isinstance(stage1_epochs, bool) or not isinstance(stage1_epochs, (int, float)):
-            raise KDConfigError(f"stage1_epochs must be an int (epochs) or a float in [0, 1) "
-                                f"(fraction of max_epochs), got {stage1_epochs!r}.")
-        if isinstance(stage1_epochs, int) and stage1_epochs < 0:
-            raise KDConfigError(f"stage1_epochs must be >= 0, got {stage1_epochs}.")
-        if isinstance(stage1_epochs, float) and not 0.0 <= stage1_epochs < 1.0:
-            raise KDConfigError(
-                f"stage1_epochs={stage1_epochs} is a float, which means a fraction of max_epochs "
-                f"and must be in [0, 1). Give a number of epochs as an integer (e.g. "
-                f"{int(stage1_epochs)}).")
+        check_epochs(stage1_epochs, "stage1_epochs", type(self).__name__)
         super().__init__(**kwargs)
         self.stage1_epochs = stage1_epochs
 
     def resolved_stage1_epochs(self) -> int:
-        """``stage1_epochs`` in epochs (a fraction is resolved against ``trainer.max_epochs``)."""
-        if isinstance(self.stage1_epochs, int):
-            return self.stage1_epochs
+        """``stage1_epochs`` in epochs (a fraction of ``trainer.max_epochs``, rounded)."""
         trainer = self.trainer_or_none
-        max_epochs = getattr(trainer, "max_epochs", None)
-        if max_epochs is None or max_epochs < 0:
-            if trainer is None:  # used outside a Trainer: epoch 0 is in stage 1 if there is one
-                return 1 if self.stage1_epochs > 0 else 0
-            raise KDConfigError(
-                f"stage1_epochs={self.stage1_epochs} is a fraction of trainer.max_epochs, which is "
-                f"not set; set trainer.max_epochs or give stage1_epochs in epochs (an integer).")
-        return int(math.floor(self.stage1_epochs * max_epochs + 0.5))
+        if trainer is None and isinstance(self.stage1_epochs, float):
+            return 1 if self.stage1_epochs > 0 else 0  # outside a Trainer: epoch 0 is in stage 1
+        return resolve_epochs(self.stage1_epochs, getattr(trainer, "max_epochs", None),
+                              "stage1_epochs", type(self).__name__)
 
     def compute_losses(self, x, y, index):
         if not self.single_stage:

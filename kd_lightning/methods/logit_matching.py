@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-
 from kd_lightning.losses import labelled_cross_entropy, logit_matching_loss
-from kd_lightning.methods.base import DistillationModule, Losses, check_weights
+from kd_lightning.methods.base import DistillationModule, Losses
+from kd_lightning.methods.checks import check_weights
 
 
 class LogitMatching(DistillationModule):

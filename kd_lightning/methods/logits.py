@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from kd_lightning import KDConfigError
 from kd_lightning.losses.decoupled import dkd_terms, dkd_warmup_weight
 from kd_lightning.losses.dist import dist_terms
 from kd_lightning.losses.labels import UNLABELLED, labelled_cross_entropy, mixed
 from kd_lightning.losses.logit_standardization import standardized_kd_loss
-from kd_lightning.methods.base import DistillationModule, Losses, check_temperature, check_weights
+from kd_lightning.methods.base import DistillationModule, Losses
+from kd_lightning.methods.checks import check_temperature, check_weights
 from kd_lightning.methods.response import ResponseKD
+from kd_lightning.training.epochs import check_epochs, resolve_epochs
 
 
 class DecoupledKD(DistillationModule):
@@ -55,22 +56,22 @@ class DecoupledKD(DistillationModule):
             for ResNet56 / ResNet110 teachers).
         temperature: :math:`T > 0` (default 4).
         ce_weight: weight of the cross-entropy with the labels (default 1).
-        warmup_epochs: :math:`E_w`, epochs of the linear warm-up of the DKD term (default 20;
-            0 turns it off).
+        warmup_epochs: :math:`E_w`, epochs of the linear warm-up of the DKD term: an int
+            (default 20, the paper's CIFAR-100 value; 0 turns it off) or a float in [0, 1), that
+            fraction of ``trainer.max_epochs`` (unrounded, as for
+            :class:`~kd_lightning.methods.ReviewKD`).
         **kwargs: see :class:`~kd_lightning.methods.base.DistillationModule`.
     """
 
     requires_teacher = True
 
     def __init__(self, target_weight: float = 1.0, non_target_weight: float = 8.0,
-                 temperature: float = 4.0, ce_weight: float = 1.0, warmup_epochs: int = 20,
+                 temperature: float = 4.0, ce_weight: float = 1.0, warmup_epochs: int | float = 20,
                  **kwargs) -> None:
         check_weights("DecoupledKD", target_weight=target_weight,
                       non_target_weight=non_target_weight, ce_weight=ce_weight)
         check_temperature("DecoupledKD", temperature)
-        if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or warmup_epochs < 0:
-            raise KDConfigError(f"DecoupledKD: warmup_epochs must be an integer >= 0 (epochs of the "
-                                f"linear warm-up; 0 turns it off), got {warmup_epochs!r}.")
+        check_epochs(warmup_epochs, "warmup_epochs", "DecoupledKD")
         super().__init__(**kwargs)
         self.target_weight, self.non_target_weight = target_weight, non_target_weight
         self.temperature, self.ce_weight, self.warmup_epochs = temperature, ce_weight, warmup_epochs
@@ -78,7 +79,9 @@ class DecoupledKD(DistillationModule):
     @property
     def warmup_weight(self) -> float:
         """:math:`w(e)` of the current epoch."""
-        return dkd_warmup_weight(self.current_epoch, self.warmup_epochs)
+        epochs = resolve_epochs(self.warmup_epochs, getattr(self.trainer_or_none, "max_epochs", None),
+                                "warmup_epochs", "DecoupledKD", exact=True)
+        return dkd_warmup_weight(self.current_epoch, epochs)
 
     def compute_losses(self, x, y, index):
         logits = self.student(x)

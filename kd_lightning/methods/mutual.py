@@ -24,10 +24,12 @@ from kd_lightning.losses import (
     rule_weight_loss,
 )
 from kd_lightning.losses.labels import mixed, target_classes
-from kd_lightning.methods.base import DistillationModule, check_temperature, check_weights
+from kd_lightning.methods.base import DistillationModule
+from kd_lightning.methods.checks import check_temperature, check_weights
 from kd_lightning.models.teacher import PerExampleCache
 from kd_lightning.rules.base import Rule, evaluate_rules, rule_label
-from kd_lightning.training import minibatches_per_epoch, step_lr_schedulers
+from kd_lightning.training.epochs import minibatches_per_epoch
+from kd_lightning.training.optim import step_manual_lr_schedulers
 from kd_lightning.training.lightning_compat import ddp_finds_unused_parameters, drop_hyperparameter
 
 
@@ -216,8 +218,8 @@ class MutualDistillation(DistillationModule):
         self.weight_history: list[tuple[int, list[float], float]] = []
 
     # ---- metrics ------------------------------------------------------------------------------
-    def _build_metrics(self, k: int) -> None:
-        super()._build_metrics(k)
+    def build_metrics(self, k: int) -> None:
+        super().build_metrics(k)
         for prefix in ("val", "test"):
             setattr(self, f"{prefix}_acc_q", MulticlassAccuracy(num_classes=k, average="micro"))
             setattr(self, f"{prefix}_acc_rule", MulticlassAccuracy(num_classes=k, average="micro"))
@@ -346,7 +348,7 @@ class MutualDistillation(DistillationModule):
             terms["loss_kd"] = kd
         loss, ce, soft = mutual_student_loss(logits, y, q, pi, label_loss=label_loss)
         self.optimizer_step_manually(opts["theta"], loss, counted=True)
-        self._step_all_lr_schedulers("step", batch_idx + 1)
+        step_manual_lr_schedulers(self, "step", batch_idx + 1)
 
         # line 7: the knowledge, Eq. (5)
         if "phi" in opts:
@@ -358,13 +360,6 @@ class MutualDistillation(DistillationModule):
         acc_q = labelled_mean((log_q.argmax(-1) == y_acc).float(), y_acc)
         self.log_terms(logits, y, loss=loss, loss_ce=ce, loss_q=soft, acc_q=acc_q, **terms)
         return loss.detach()
-
-    def _step_all_lr_schedulers(self, interval: str, count: int) -> None:
-        """Manual optimisation: step this interval's schedulers; ReduceLROnPlateau only once
-        ``val/loss`` exists (skipped before, not an error)."""
-        step_lr_schedulers(self.trainer, interval, count)
-        step_lr_schedulers(self.trainer, interval, count, plateau=True,
-                           default_monitor=self.plateau_monitor, strict=False)
 
     def on_train_terms_logged(self) -> None:
         values = {f"train/lambda_{i}": w for i, w in enumerate(self.rule_weights.detach())}
@@ -396,7 +391,7 @@ class MutualDistillation(DistillationModule):
 
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()
-        self._step_all_lr_schedulers("epoch", self.current_epoch + 1)
+        step_manual_lr_schedulers(self, "epoch", self.current_epoch + 1)
 
     # ---- evaluation: student p (base), teacher q and the rules alone ---------------------------
     def _eval_rules(self, batch, logits: Tensor, prefix: str) -> None:
@@ -406,10 +401,10 @@ class MutualDistillation(DistillationModule):
         getattr(self, f"{prefix}_acc_rule").update(self.rule_predictions(r), y)
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_rules(batch, self._eval_step(batch, "val"), "val")
+        self._eval_rules(batch, self.eval_step(batch, "val"), "val")
 
     def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_rules(batch, self._eval_step(batch, "test"), "test")
+        self._eval_rules(batch, self.eval_step(batch, "test"), "test")
 
     def _log_rule_metrics(self, prefix: str) -> None:
         q_metric, rule_metric = getattr(self, f"{prefix}_acc_q"), getattr(self, f"{prefix}_acc_rule")

@@ -13,6 +13,7 @@ from kd_lightning.losses.ofd import ofd_loss, ofd_margin, ofd_margin_from_bn
 from kd_lightning.methods.feature import FeatureDistillation, Shape, describe, paired_layers
 from kd_lightning.models.connectors import ConvConnector
 from kd_lightning.models.taps import FeatureTaps, resolve_module
+from kd_lightning.training.lightning_compat import BATCH_NORM_BASE
 
 MARGIN_SOURCES = ("bn", "data")
 
@@ -214,7 +215,7 @@ def _batch_norms_feeding(net: nn.Module, layer: str, pre_activation: bool,
     """Batch norms whose outputs reach the tapped tensor through residual additions, copies and
     views only (found in the autograd graph of one eval-mode forward pass of zeros)."""
     bns = {name: m for name, m in net.named_modules()
-           if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+           if isinstance(m, BATCH_NORM_BASE)}
     outputs: dict[str, Tensor] = {}
     hooks = [m.register_forward_hook(lambda _m, _i, out, name=name: outputs.__setitem__(name, out))
              for name, m in bns.items()]

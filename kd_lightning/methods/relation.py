@@ -6,7 +6,8 @@ from torch import nn
 
 from kd_lightning import KDConfigError
 from kd_lightning.losses import kd_loss, labelled_cross_entropy, rkd_loss
-from kd_lightning.methods.base import DistillationModule, Losses, check_temperature, check_weights
+from kd_lightning.methods.base import DistillationModule, Losses
+from kd_lightning.methods.checks import check_temperature, check_weights
 from kd_lightning.models.taps import FeatureTaps
 
 

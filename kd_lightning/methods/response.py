@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from kd_lightning.losses import response_terms
-from kd_lightning.methods.base import DistillationModule, Losses, check_temperature, check_weights
+from kd_lightning.methods.base import DistillationModule, Losses
+from kd_lightning.methods.checks import check_temperature, check_weights
 
 
 class ResponseKD(DistillationModule):

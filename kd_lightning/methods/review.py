@@ -10,6 +10,7 @@ from kd_lightning.losses.review import build_abfs, hcl_loss, review_chain
 from kd_lightning.methods.base import Losses
 from kd_lightning.methods.feature import FeatureDistillation, Shape, describe, is_map, paired_layers
 from kd_lightning.models.taps import FeatureTaps
+from kd_lightning.training.epochs import check_epochs, resolve_epochs
 
 
 def _flags(name: str, value: bool | Sequence[bool], n: int) -> list[bool]:
@@ -79,11 +80,7 @@ class ReviewKD(FeatureDistillation):
         n = len(student_layers)
         s_flags = _flags("student_pre_activation", student_pre_activation, n)
         t_flags = _flags("teacher_pre_activation", teacher_pre_activation, n)
-        if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, (int, float)) or \
-                warmup_epochs < 0 or (isinstance(warmup_epochs, float) and warmup_epochs >= 1):
-            raise KDConfigError(f"ReviewKD: warmup_epochs must be an int >= 0 (epochs; the paper "
-                                f"uses 20) or a float in [0, 1) (fraction of max_epochs), got "
-                                f"{warmup_epochs!r}.")
+        check_epochs(warmup_epochs, "warmup_epochs", "ReviewKD")
         if mid_channels is not None and int(mid_channels) < 1:
             raise KDConfigError(f"ReviewKD: mid_channels must be a positive integer (or null for "
                                 f"min(512, C_deepest)), got {mid_channels}.")
@@ -125,15 +122,8 @@ class ReviewKD(FeatureDistillation):
 
     def warmup_factor(self) -> float:
         """:math:`\\min(1, (e + 1) / E_w)` for the current epoch ``e`` (1 without warm-up)."""
-        epochs = self.warmup_epochs
-        if isinstance(epochs, float):
-            trainer = self.trainer_or_none
-            max_epochs = getattr(trainer, "max_epochs", None)
-            if max_epochs is None or max_epochs < 0:
-                raise KDConfigError(f"ReviewKD: warmup_epochs={epochs} is a fraction of "
-                                    f"trainer.max_epochs, which is not set; give warmup_epochs in "
-                                    f"epochs (an integer) or set trainer.max_epochs.")
-            epochs = epochs * max_epochs
+        epochs = resolve_epochs(self.warmup_epochs, getattr(self.trainer_or_none, "max_epochs", None),
+                                "warmup_epochs", "ReviewKD", exact=True)
         if epochs == 0:
             return 1.0
         return dkd_warmup_weight(self.current_epoch, epochs)

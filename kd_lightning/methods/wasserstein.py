@@ -8,7 +8,8 @@ import torch
 
 from kd_lightning import KDConfigError
 from kd_lightning.losses import kd_loss, labelled_cross_entropy, wasserstein_kd_loss
-from kd_lightning.methods.base import DistillationModule, Losses, check_temperature, check_weights
+from kd_lightning.methods.base import DistillationModule, Losses
+from kd_lightning.methods.checks import check_temperature, check_weights
 
 
 class NonFiniteGradientError(KDConfigError):

@@ -12,20 +12,24 @@ module can hand over ``k`` consecutive minibatches per Lightning step (exactly t
   manual-optimisation API, with the hooks automatic optimisation calls (``on_before_zero_grad``,
   ``optimizer_zero_grad``, ``optimizer_step`` with a closure, backward hooks), so precision
   plugins, DDP gradient all-reduce, callbacks and ``global_step`` behave as with ``k = 1``, and
-  the student is bit-identical to a ``k = 1`` run.
+  the student is bit-identical to a ``k = 1`` run;
+- :class:`GroupedSteps` (a base of :class:`~kd_lightning.methods.DistillationModule`) reports
+  the optimisation mode of the current fit to Lightning and moves a group of minibatches to the
+  device in one call.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
 from kd_lightning import KDConfigError
+from kd_lightning.training.epochs import batches_per_step
 from kd_lightning.training.optim import step_lr_schedulers
 
 
@@ -36,11 +40,6 @@ class GroupedFit:
 
     k: int
     drives_optimizer: bool
-
-
-def batches_per_step(trainer: pl.Trainer) -> int:
-    dm = getattr(trainer, "datamodule", None)
-    return int(getattr(dm, "batches_per_step", 1) or 1)
 
 
 class GroupedOptimization(Callback):
@@ -113,14 +112,26 @@ def move_batch(batch, device):
     return None
 
 
-def minibatches_per_epoch(trainer: pl.Trainer, k: int) -> float:
-    """Optimizer-step minibatches per training epoch (per device) with ``k`` minibatches per
-    Lightning step; ``inf`` when unknown."""
-    n = trainer.num_training_batches
-    if k == 1 or not math.isfinite(n):
-        return n
-    dm = trainer.datamodule
-    sampler = getattr(trainer.train_dataloader, "sampler", None)  # per rank under DDP
-    per_rank = len(sampler) if hasattr(sampler, "__len__") else n * k * dm.batch_size
-    full = per_rank // dm.batch_size if dm.drop_last else math.ceil(per_rank / dm.batch_size)
-    return min(n * k, full)
+class GroupedSteps:
+    """The grouped-fit side of a LightningModule (a base class placed before
+    ``pl.LightningModule``): the optimisation mode Lightning sees, and the device transfer of a
+    group of minibatches. The module sets ``grouped_fit`` (``None`` outside a grouped fit)."""
+
+    #: set by :class:`GroupedOptimization` for a fit with ``data.batches_per_step > 1``
+    grouped_fit: GroupedFit | None = None
+    #: the optimisation mode the module declares (``self.automatic_optimization = ...``)
+    declared_automatic_optimization: bool = True
+
+    @property
+    def automatic_optimization(self) -> bool:
+        """Lightning optimises (``True``) unless the module optimises itself or this fit trains
+        several minibatches per step (then :func:`run_group` does)."""
+        return self.declared_automatic_optimization and self.grouped_fit is None
+
+    @automatic_optimization.setter
+    def automatic_optimization(self, value: bool) -> None:
+        self.declared_automatic_optimization = value
+
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        moved = move_batch(batch, device)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx) if moved is None else moved

@@ -7,6 +7,10 @@
 - :func:`step_lr_schedulers`: the scheduler stepping Lightning does in automatic optimisation
   (interval, frequency, ReduceLROnPlateau's monitored metric), for optimisation a module does
   itself (grouped minibatches, MutualDistillation).
+- :func:`configured_optimizer`, :func:`configured_lr_scheduler`: what a
+  :class:`~kd_lightning.methods.DistillationModule`'s ``optimizer``, ``fused_optimizer`` and
+  ``lr_scheduler`` arguments build; :func:`manual_optimizer_step` and
+  :func:`step_manual_lr_schedulers`: the steps of a module that optimises itself.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import pytorch_lightning as pl
 import torch
 
 from kd_lightning import KDConfigError
-from kd_lightning.training.lightning_compat import fused_kernel_devices
+from kd_lightning.training.epochs import batches_per_step, minibatches_per_epoch
+from kd_lightning.training.lightning_compat import attached_trainer, fused_kernel_devices
 
 ReduceLROnPlateau = torch.optim.lr_scheduler.ReduceLROnPlateau
 
@@ -56,8 +61,6 @@ def scheduler_steps_in_fit(trainer: pl.Trainer, interval: str) -> int:
     """How often a scheduler of ``interval`` ("step" or "epoch") is stepped in this fit: optimizer
     steps (as ``trainer.estimated_stepping_batches`` counts them, with every minibatch of a fit
     with ``data.batches_per_step > 1`` counted) or epochs, both within ``max_steps``."""
-    from kd_lightning.training.grouping import batches_per_step, minibatches_per_epoch
-
     steps = trainer.estimated_stepping_batches  # (loads the training data if needed)
     k = batches_per_step(trainer)
     epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else math.inf
@@ -150,3 +153,47 @@ def step_lr_schedulers(trainer: pl.Trainer, interval: str, count: int, plateau: 
                     f"or use another scheduler.")
             continue
         config.scheduler.step(value)
+
+
+def configured_optimizer(module, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """``module``'s configured optimizer over ``params`` (its fused kernel with
+    ``fused_optimizer``, see :func:`use_fused_kernel`)."""
+    optimizer = module.optimizer_factory(params)
+    return use_fused_kernel(optimizer) if module.fused_optimizer else optimizer
+
+
+def configured_lr_scheduler(module, optimizer: torch.optim.Optimizer) -> dict | None:
+    """Lightning's scheduler config for ``module``'s configured LR scheduler on ``optimizer``
+    (``None`` without one); a ReduceLROnPlateau follows ``module.plateau_monitor``."""
+    if module.lr_scheduler_factory is None:
+        return None
+    monitor = module.plateau_monitor if module.automatic_optimization else None
+    interval = module.hparams.lr_scheduler_interval
+    scheduler = build_lr_scheduler(module.lr_scheduler_factory, optimizer, attached_trainer(module), interval)
+    return lr_scheduler_config(scheduler, interval, monitor)
+
+
+def manual_optimizer_step(module, optimizer, loss: torch.Tensor, counted: bool = True) -> None:
+    """Backward ``loss`` and step ``optimizer`` (a LightningOptimizer) under manual optimisation.
+    A ``counted`` step is a training step (``global_step``); the others (auxiliary optimizers,
+    further peers) take the same strategy/precision path uncounted."""
+    optimizer.zero_grad(set_to_none=True)
+    module.manual_backward(loss)
+    if counted:
+        optimizer.step()
+    else:
+        module.trainer.strategy.optimizer_step(optimizer.optimizer, closure=_no_closure)
+
+
+def _no_closure() -> None:
+    """The closure of an uncounted manual step: the gradients are already there."""
+    return None
+
+
+def step_manual_lr_schedulers(module, interval: str, count: int) -> None:
+    """For a module that optimises itself: step this interval's schedulers; a ReduceLROnPlateau
+    only once its metric (``module.plateau_monitor`` by default) exists (skipped before, not an
+    error)."""
+    step_lr_schedulers(module.trainer, interval, count)
+    step_lr_schedulers(module.trainer, interval, count, plateau=True,
+                       default_monitor=module.plateau_monitor, strict=False)

@@ -1,0 +1,144 @@
+"""Validation, test and prediction of a :class:`~kd_lightning.methods.DistillationModule`.
+
+:class:`Evaluation` is a base class of the distillation base class (as
+:class:`~kd_lightning.training.grouping.GroupedSteps` is for the grouped fit): a method inherits
+it and only extends it when it evaluates more (:class:`~kd_lightning.methods.MutualDistillation`
+its rules, :class:`~kd_lightning.methods.DeepMutualLearning` every peer), through
+:meth:`Evaluation.build_metrics` and :meth:`Evaluation.eval_step`.
+
+Logged at every validation epoch: ``val/loss``, ``val/acc`` (also as ``hp_metric``),
+``val/acc_top5`` (more than 5 classes) and, with a teacher, ``val/distill_error`` and
+``val/teacher_agreement``; at test: the same under ``test/`` plus ``test/errors`` (misclassified
+examples), ``test/teacher_acc`` and ``test/teacher_errors``, and with ``mc_dropout_samples > 0``
+the predictive uncertainty of :class:`~kd_lightning.metrics.TestUncertainty`.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import MeanMetric, SumMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from kd_lightning import KDConfigError
+from kd_lightning.metrics import DistillationError, TestUncertainty, dropout_modules
+
+
+class Evaluation:
+    """Evaluation metrics and the validation/test/predict steps (a base class placed before
+    ``pl.LightningModule``). Uses the module's ``student``, ``teacher``, ``teacher_logits``,
+    ``distill_error_temperature`` and ``mc_dropout_samples``."""
+
+    #: whether :meth:`build_metrics` ran (at ``__init__`` with ``num_classes``, else at ``setup``)
+    metrics_built: bool = False
+
+    def build_metrics(self, k: int) -> None:
+        """Create the metrics for ``k`` classes. A method that logs more extends this (calling
+        ``super().build_metrics(k)``)."""
+        self.val_acc = MulticlassAccuracy(num_classes=k, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=k, average="micro")
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+        self.test_teacher_acc = MulticlassAccuracy(num_classes=k, average="micro")
+        # misclassified test examples, as MNIST papers count them (summed over DDP ranks)
+        self.test_errors = SumMetric()
+        self.test_teacher_errors = SumMetric()
+        self.top5 = k > 5
+        if self.top5:
+            self.val_acc5 = MulticlassAccuracy(num_classes=k, top_k=5, average="micro")
+            self.test_acc5 = MulticlassAccuracy(num_classes=k, top_k=5, average="micro")
+        if self.teacher is not None:
+            for prefix in ("val", "test"):
+                setattr(self, f"{prefix}_distill_error", DistillationError(self.distill_error_temperature))
+                setattr(self, f"{prefix}_teacher_agreement", MulticlassAccuracy(num_classes=k, average="micro"))
+        self.test_uncertainty = None
+        if self.mc_dropout_samples:
+            networks = {"": True, **({"teacher_": bool(dropout_modules(self.teacher))}
+                                     if self.teacher is not None else {})}
+            self.test_uncertainty = TestUncertainty(k, self.mc_dropout_samples, networks)
+        self.metrics_built = True
+
+    def ensure_metrics(self) -> None:
+        """Build the metrics (at ``setup``) if ``__init__`` could not: ``num_classes`` is known now."""
+        if not self.metrics_built:
+            if self.num_classes is None:
+                raise KDConfigError("num_classes is unknown: set model.init_args.num_classes.")
+            self.build_metrics(self.num_classes)
+
+    def eval_step(self, batch, prefix: str) -> Tensor:
+        """Update the ``prefix`` ("val" or "test") metrics with one batch; returns the student's
+        logits (for a method that evaluates more)."""
+        x, y, _ = batch
+        logits = self.student(x)
+        loss = F.cross_entropy(logits.float(), y)
+        # the per-example mean over every rank (a metric object: DDP ranks may hold unequal
+        # numbers of examples, which Lightning's epoch mean of logged tensors rounds on gloo)
+        mean_loss = getattr(self, f"{prefix}_loss")
+        mean_loss.update(loss, weight=y.numel())
+        self.log(f"{prefix}/loss", mean_loss, on_step=False, on_epoch=True)
+        getattr(self, f"{prefix}_acc").update(logits, y)
+        if prefix == "test":
+            self.test_errors.update((logits.argmax(-1) != y).sum())
+        if self.top5:
+            getattr(self, f"{prefix}_acc5").update(logits, y)
+        outputs = {"": (self.student, logits)}
+        if self.teacher is not None:  # the frozen teacher's eval-mode logits (never the cache)
+            t_logits = self.teacher_logits(x)
+            getattr(self, f"{prefix}_distill_error").update(logits, t_logits, y)
+            getattr(self, f"{prefix}_teacher_agreement").update(logits, t_logits.argmax(-1))
+            if prefix == "test":
+                self.test_teacher_acc.update(t_logits, y)
+                self.test_teacher_errors.update((t_logits.argmax(-1) != y).sum())
+            outputs["teacher_"] = (self.teacher, t_logits)
+        if prefix == "test" and self.test_uncertainty is not None:
+            self.test_uncertainty.update(x, y, outputs)
+        return logits
+
+    def _teacher_metrics(self, prefix: str) -> dict[str, Tensor]:
+        """The epoch's distillation error and teacher agreement (reset); {} without a teacher."""
+        if self.teacher is None:
+            return {}
+        metrics = {}
+        for name in ("distill_error", "teacher_agreement"):
+            metric = getattr(self, f"{prefix}_{name}")
+            metrics[f"{prefix}/{name}"] = metric.compute()
+            metric.reset()
+        return metrics
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self.eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        acc = self.val_acc.compute()
+        self.val_acc.reset()
+        metrics = {"val/acc": acc, "hp_metric": acc}
+        if self.top5:
+            metrics["val/acc_top5"] = self.val_acc5.compute()
+            self.val_acc5.reset()
+        metrics.update(self._teacher_metrics("val"))
+        self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self.eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        metrics = {"test/acc": self.test_acc.compute(), "test/errors": self.test_errors.compute()}
+        self.test_acc.reset()
+        self.test_errors.reset()
+        if self.top5:
+            metrics["test/acc_top5"] = self.test_acc5.compute()
+            self.test_acc5.reset()
+        if self.teacher is not None:
+            metrics["test/teacher_acc"] = self.test_teacher_acc.compute()
+            metrics["test/teacher_errors"] = self.test_teacher_errors.compute()
+            self.test_teacher_acc.reset()
+            self.test_teacher_errors.reset()
+        metrics.update(self._teacher_metrics("test"))
+        if self.test_uncertainty is not None:
+            metrics.update({f"test/{k}": v for k, v in self.test_uncertainty.compute().items()})
+            self.test_uncertainty.reset()
+        self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)
+
+    def predict_step(self, batch, batch_idx: int) -> dict[str, Tensor]:
+        x, _, idx = batch
+        logits = self.student(x)
+        return {"index": idx, "logits": logits, "pred": logits.argmax(-1)}
