@@ -7,9 +7,9 @@ teacher (no checkpoint) and a tiny training subset. For each method:
 - a fit of one step per epoch trains: every logged term is finite, the student changes, its
   parameters receive gradients and the teacher receives none and stays as it was (weights and
   buffers); a two-stage method gets one step in each stage;
-- a batch with unlabelled rows (``y = UNLABELLED``) and a MixUp batch
-  (:class:`~kd_lightning.losses.labels.MixedTargets`) each train, or are refused before any step
-  with a :class:`~kd_lightning.KDConfigError` that names the method;
+- a batch with unlabelled rows (``y = UNLABELLED``) and MixUp batches
+  (:class:`~kd_lightning.losses.labels.MixedTargets`, two minibatches per step) each train, or are
+  refused before any step with a :class:`~kd_lightning.KDConfigError` that names the method;
 - a ``bf16-mixed`` step gives finite terms;
 - a checkpoint loaded into a fresh instance built from the same config gives the student's
   outputs exactly.
@@ -20,7 +20,6 @@ whose ``model.class_path`` names it; this file then checks it.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
@@ -121,8 +120,9 @@ class Recorder:
 
         def record_batch(batch, dataloader_idx):
             batch = transfer(batch, dataloader_idx)
-            if dm.trainer.training:
-                self.targets.append(batch[1])
+            if dm.trainer.training:  # a batch (x, y, index), or a group of them
+                group = [batch] if isinstance(batch[0], torch.Tensor) else batch
+                self.targets += [minibatch[1] for minibatch in group]
             return batch
 
         model.log_terms = record_terms
@@ -166,8 +166,8 @@ def test_a_step_trains_the_student_and_never_the_teacher(name):
 
 
 def _trains_or_refuses(name: str, model: DistillationModule, dm) -> Recorder:
-    """Fit one step per epoch (per stage); either it trains (finite terms, student changed) or the method refuses the
-    data before any step with a KDConfigError that names it."""
+    """Fit one step per epoch (per stage): either it trains (finite terms, the student changes)
+    or the method refuses the data before any step with a KDConfigError that names it."""
     record = Recorder(model, dm)
     student = _state(model.student)
     trainer = _trainer()
@@ -177,6 +177,7 @@ def _trains_or_refuses(name: str, model: DistillationModule, dm) -> Recorder:
         assert name in str(err), f"the refusal does not name the method: {err}"
         assert trainer.global_step == 0 and not _changed(student, model.student)
         return record
+    assert record.targets, "no training batch reached the method"
     record.assert_finite()
     assert _changed(student, model.student), "the student did not change"
     return record
@@ -201,9 +202,12 @@ def test_a_batch_with_unlabelled_rows_trains_or_is_refused(name):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_a_mixup_batch_trains_or_is_refused(name):
-    model, dm = _build(name, "--data.mixup", "0.4")
+    # two minibatches per step: each is mixed on its own
+    model, dm = _build(name, "--data.mixup", "0.4", "--data.batches_per_step", "2")
     record = _trains_or_refuses(name, model, dm)
     assert all(isinstance(y, MixedTargets) for y in record.targets)
+    if record.targets:  # trained: mixed inputs are never served from a teacher cache
+        assert getattr(model, "teacher_cache_used", None) in (False, None)
 
 
 @pytest.mark.parametrize("name", METHODS)
