@@ -1,18 +1,24 @@
-"""Shared helpers: small data files in the genuine on-disk formats, CLI drivers."""
+"""Shared helpers: small data files in the genuine on-disk formats, CLI drivers (in process and
+as a subprocess), the 2-process DDP harness, TensorBoard read-back."""
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
-
 import pickle
-import sys
-from unittest import mock
+import re
+import signal
 import struct
+import subprocess
+import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -93,6 +99,40 @@ def write_image_folder(root: Path, classes: tuple[str, ...] = ("bird", "cat", "d
     return out
 
 
+def build_class_path(spec: dict) -> torch.nn.Module:
+    module, name = spec["class_path"].rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)(**spec.get("init_args", {}))
+
+
+def prepare_config(config: Path, workdir: Path) -> dict:
+    """Write what a config needs into ``workdir``: fake CIFAR / MNIST files or image folders, and
+    a teacher state_dict (random weights) at its ``teacher_checkpoint`` and ensemble members'."""
+    cfg = yaml.safe_load(config.read_text())
+    dataset = cfg.get("data", {}).get("dataset", "mnist1d")
+    if isinstance(dataset, dict):  # an ImageFolder config: small PNG folders, one per class
+        k = cfg["model"]["init_args"]["student"]["init_args"]["num_classes"]
+        for split, n in (("train", 6), ("test", 2)):
+            write_image_folder(workdir / dataset[split]["root"], tuple(f"c{i}" for i in range(k)),
+                               (n,) * k, size=(12, 10))
+        dataset = ""
+    if dataset.startswith("cifar"):
+        write_cifar(workdir / "data", 100 if dataset == "cifar100" else 10, n_train=200, n_test=40)
+    if dataset in ("mnist", "fashion_mnist"):
+        write_mnist_idx(workdir / "data", "MNIST" if dataset == "mnist" else "FashionMNIST",
+                        n_train=200, n_test=40)
+    init = cfg["model"]["init_args"]
+    if init.get("teacher_checkpoint"):
+        path = workdir / init["teacher_checkpoint"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(build_class_path(init["teacher"]).state_dict(), path)  # plain state_dict path
+    ensemble = init.get("teacher", {}).get("init_args", {})  # an EnsembleTeacher's members
+    for member, ckpt in zip(ensemble.get("members") or [], ensemble.get("checkpoints") or []):
+        if ckpt:
+            (workdir / ckpt).parent.mkdir(parents=True, exist_ok=True)
+            torch.save(build_class_path(member).state_dict(), workdir / ckpt)
+    return cfg
+
+
 def run_cli(args: list[str]):
     """Run ``kd-lightning`` in-process; returns the LightningCLI object."""
     from kd_lightning.cli import cli_main
@@ -111,6 +151,72 @@ def run_cli_error(args: list[str], capsys) -> str:
     assert len(lines) == 1, err  # one paragraph, on one line
     assert "Traceback" not in err
     return lines[0]
+
+
+def run_cli_subprocess(args: list, cwd: Path, env: dict[str, str | None] | None = None,
+                       timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run ``python -m kd_lightning.cli <args>`` in ``cwd``, with the repository and ``cwd`` on the
+    path (so a callback module written into ``cwd`` loads) and one OpenMP thread per process;
+    ``env`` sets (or, with ``None``, removes) further variables. The run has its own process
+    group, stopped when it returns: no DDP rank outlives the test, even after a kill or a
+    timeout."""
+    full_env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{cwd}", "PYTHONWARNINGS": "ignore",
+                "OMP_NUM_THREADS": "1"}
+    for key, value in (env or {}).items():
+        if value is None:
+            full_env.pop(key, None)
+        else:
+            full_env[key] = value
+    cmd = [sys.executable, "-m", "kd_lightning.cli", *map(str, args)]
+    proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the group this call started: any rank left over
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def run_ddp(args: list, cwd: Path, callback: str, strategy: str = "ddp", devices: int = 2,
+            timeout: float = 900) -> tuple[list[dict], subprocess.CompletedProcess]:
+    """``kd-lightning <args>`` as ``devices`` CPU processes under ``strategy`` (gloo), with the
+    callback defined in the Python source ``callback`` (one ``pytorch_lightning.Callback``
+    subclass that writes what each process has to compare into ``rank<global_rank>.json`` in the
+    working directory) added to the trainer. Asserts the run succeeded; returns every rank's JSON,
+    in rank order, and the finished process."""
+    name = re.search(r"^class (\w+)\(", callback, re.M).group(1)
+    (cwd / "ddp_dump.py").write_text(callback)
+    out = run_cli_subprocess([*args, "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
+                              "--trainer.strategy", strategy, f"--trainer.callbacks+=ddp_dump.{name}"],
+                             cwd, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [json.loads((cwd / f"rank{r}.json").read_text()) for r in range(devices)], out
+
+
+#: a DDP callback: each rank's optimizer step count and the sum of each student parameter
+DUMP_WEIGHTS = '''
+import json, os
+from pytorch_lightning import Callback
+
+class DumpWeights(Callback):
+    def on_train_end(self, trainer, pl_module):
+        path = os.path.join(os.getcwd(), f"rank{trainer.global_rank}.json")
+        with open(path, "w") as f:
+            json.dump({"step": trainer.global_step,
+                       "weights": [float(p.double().sum()) for p in pl_module.student.parameters()]}, f)
+'''
+
+
+def tb_scalars(log_dir: Path) -> dict[str, list[float]]:
+    """Every scalar series TensorBoard would show for a run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 @pytest.fixture(autouse=True)

@@ -20,8 +20,7 @@ from kd_lightning.losses.decoupled import dkd_terms
 from kd_lightning.losses.labels import UNLABELLED, MixedTargets
 from kd_lightning.methods import DecoupledKD, ResponseKD, Supervised
 from kd_lightning.models import MLP
-from tests.conftest import CONFIGS, TINY, run_cli, run_cli_error, write_mnist_idx
-from tests.test_cli import _prepare
+from tests.conftest import CONFIGS, TINY, prepare_config, run_cli, run_cli_error, write_mnist_idx
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
@@ -236,52 +235,11 @@ def test_mixing_probability_and_choice():
     assert isinstance(ym, MixedTargets) and torch.allclose(xm, ym.lam * x + (1 - ym.lam) * x[ym.b])
 
 
-# ---- every method with MixUp on -----------------------------------------------------------------
-#: one config per method (the abstract FeatureDistillation bases have none)
-METHOD_CONFIGS = ["ab", "at", "cc", "crd", "dist", "dkd", "dml", "fitnet", "fsp", "ft",
-                  "logit_matching", "mutual_learnable", "nst", "ofd", "pkt", "relation", "response",
-                  "reviewkd", "sp", "standardized_kd", "student", "vid", "wasserstein"]
-
-
-def test_the_smoke_list_covers_every_method():
-    import yaml
-
-    import kd_lightning.methods as methods
-
-    covered = {yaml.safe_load((CONFIGS / "mnist1d" / f"{c}.yaml").read_text())["model"]["class_path"]
-               .rsplit(".", 1)[1] for c in METHOD_CONFIGS}
-    abstract = {"DistillationModule", "NonFiniteGradientError", "FeatureDistillation",
-                "TwoStageFeatureDistillation"}
-    assert covered == set(methods.__all__) - abstract
-
-
-@pytest.mark.parametrize("config", METHOD_CONFIGS)
-def test_every_method_takes_a_step_on_mixed_batches(config, tmp_path, monkeypatch):
-    from kd_lightning.cli import cli_main
-
-    monkeypatch.chdir(tmp_path)
-    _prepare(CONFIGS / "mnist1d" / f"{config}.yaml", tmp_path)
-    extra = ["--model.init_args.class_aware_negatives", "false"] if config == "crd" else []
-    cli = cli_main(["--config", str(CONFIGS / "mnist1d" / f"{config}.yaml"),
-                    "--data.mixup", "0.4", "--data.train_subset", "100", "--data.batch_size", "10",
-                    "--data.batches_per_step", "2", *extra], run=False)
-    seen = []
-    step = cli.model.log_terms
-    monkeypatch.setattr(cli.model, "log_terms", lambda logits=None, targets=None, **terms: (
-        seen.append(terms), step(logits, targets, **terms)))
-    calls = []
-    real = Mixing.__call__
-    monkeypatch.setattr(Mixing, "__call__", lambda self, x, y: calls.append(1) or real(self, x, y))
-    before = [p.detach().clone() for p in cli.model.student.parameters()]
-    _trainer(max_steps=1, limit_train_batches=1).fit(cli.model, cli.datamodule)
-    assert calls and cli.model.teacher_cache_used in (False, None)
-    assert seen and all(torch.isfinite(v).all() for v in seen[0].values())
-    assert any(not torch.equal(p, q) for p, q in zip(before, cli.model.student.parameters()))
-
-
+# ---- a method that refuses mixed batches ---------------------------------------------------------
+# (every method trains on MixUp batches or refuses them with its own message: tests/test_conformance.py)
 def test_crd_with_class_aware_negatives_refuses_mixing_before_writing(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    _prepare(CONFIGS / "mnist1d" / "crd.yaml", tmp_path)
+    prepare_config(CONFIGS / "mnist1d" / "crd.yaml", tmp_path)
     err = run_cli_error(["fit", "--config", CONFIGS / "mnist1d" / "crd.yaml", *TINY,
                          "--data.mixup", "0.4", "--trainer.logger.init_args.save_dir", "logs"], capsys)
     assert "CRD cannot train on mixed batches" in err and "class_aware_negatives: false" in err

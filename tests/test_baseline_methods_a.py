@@ -5,7 +5,6 @@ and bf16-mixed), bad input, and 2-process DDP."""
 from __future__ import annotations
 
 import copy
-import json
 import math
 import re
 from pathlib import Path
@@ -40,7 +39,8 @@ from kd_lightning.methods import (
     StandardizedKD,
 )
 from kd_lightning.models import MLP, ConvNet1D, FeatureTaps
-from tests.conftest import CONFIGS, TINY, assert_mnist1d_config_refused, run_cli
+from tests.conftest import (CONFIGS, DUMP_WEIGHTS, TINY, assert_mnist1d_config_refused, run_cli, run_ddp,
+                            tb_scalars)
 
 FEATURE_METHODS = [SimilarityPreserving, ProbabilisticKnowledgeTransfer, CorrelationCongruence,
                    NeuronSelectivityTransfer]
@@ -60,14 +60,6 @@ TERMS = {SimilarityPreserving: ["loss_ce", "loss_sp"],
 
 def name(cls: type) -> str:
     return cls.__name__
-
-
-def tb_scalars(log_dir: Path) -> dict[str, list[float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(log_dir))
-    acc.Reload()
-    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def _teacher() -> ConvNet1D:
@@ -395,18 +387,10 @@ def test_embedding_methods_need_a_classifier_or_an_explicit_layer(cls):
 def test_ddp_two_cpu_processes_end_with_identical_students(cls, mnist1d_teacher, tmp_path):
     """2-process CPU DDP: the gradients of every term (the relation terms computed within each
     rank's share of the batch) are all-reduced, so both ranks end with the same student."""
-    from tests.test_cli import DUMP_WEIGHTS, _subprocess
-
-    (tmp_path / "dump_weights.py").write_text(DUMP_WEIGHTS)
-    out = _subprocess(["fit", "--config", CONFIGS / "mnist1d" / CONFIG[cls], *TINY,
-                       "--model.init_args.teacher_checkpoint", mnist1d_teacher,
-                       "--data.train_subset", "400", "--data.batch_size", "50",
-                       "--data.batches_per_step", "2", "--trainer.accelerator", "cpu",
-                       "--trainer.devices", "2", "--trainer.strategy", "ddp",
-                       "--test_after_fit", "false", "--trainer.limit_val_batches", "0",
-                       "--trainer.callbacks+=dump_weights.DumpWeights"], tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
-    r0 = json.loads((tmp_path / "weights0.json").read_text())
-    r1 = json.loads((tmp_path / "weights1.json").read_text())
+    (r0, r1), _ = run_ddp(["fit", "--config", CONFIGS / "mnist1d" / CONFIG[cls], *TINY,
+                           "--model.init_args.teacher_checkpoint", mnist1d_teacher,
+                           "--data.train_subset", "400", "--data.batch_size", "50",
+                           "--data.batches_per_step", "2", "--test_after_fit", "false",
+                           "--trainer.limit_val_batches", "0"], tmp_path, DUMP_WEIGHTS)
     assert r0["step"] == r1["step"] == 4  # 2 groups x 2 minibatches per rank
     assert r0["weights"] == r1["weights"]

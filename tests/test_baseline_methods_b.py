@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,21 +19,13 @@ from kd_lightning.losses import hcl_loss, ofd_loss, ofd_margin, ofd_margin_from_
 from kd_lightning.losses.vid import vid_loss
 from kd_lightning.methods import CRD, OFD, VID, FactorTransfer, ReviewKD
 from kd_lightning.models import ConvNet1D, resnet8, wrn_16_1
-from tests.conftest import CONFIGS, REPO, TINY, assert_mnist1d_config_refused, run_cli
+from tests.conftest import CONFIGS, TINY, assert_mnist1d_config_refused, run_cli, run_ddp, tb_scalars
 
 LAYERS3 = ["relu1", "relu2", "relu3"]
 CONFIG = {VID: "vid.yaml", FactorTransfer: "ft.yaml", CRD: "crd.yaml", OFD: "ofd.yaml",
           ReviewKD: "reviewkd.yaml"}
 TERM = {VID: "loss_vid", FactorTransfer: "loss_ft", CRD: "loss_crd", OFD: "loss_ofd",
         ReviewKD: "loss_review"}
-
-
-def tb_scalars(log_dir: Path) -> dict[str, list[float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(log_dir))
-    acc.Reload()
-    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def _trainer(**kw) -> pl.Trainer:
@@ -455,18 +444,11 @@ class DumpState(Callback):
 
 
 def _ddp(config: str, teacher: Path, tmp_path: Path, strategy: str, *extra: str) -> dict:
-    (tmp_path / "dump_state.py").write_text(DUMP_STATE)
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{tmp_path}", "PYTHONWARNINGS": "ignore",
-           "OMP_NUM_THREADS": "1"}
-    args = ["fit", "--config", CONFIGS / "mnist1d" / config, *TINY, "--trainer.limit_train_batches", "3",
-            "--model.init_args.teacher_checkpoint", teacher, "--data.train_subset", "200",
-            "--data.batch_size", "20", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
-            "--trainer.strategy", strategy, "--test_after_fit", "false",
-            "--trainer.callbacks+=dump_state.DumpState", *extra]
-    out = subprocess.run([sys.executable, "-m", "kd_lightning.cli", *map(str, args)], cwd=tmp_path,
-                         env=env, capture_output=True, text=True, timeout=400)
-    assert out.returncode == 0, out.stderr[-3000:]
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    (r0, r1), _ = run_ddp(["fit", "--config", CONFIGS / "mnist1d" / config, *TINY,
+                           "--trainer.limit_train_batches", "3", "--model.init_args.teacher_checkpoint",
+                           teacher, "--data.train_subset", "200", "--data.batch_size", "20",
+                           "--test_after_fit", "false", *extra], tmp_path, DUMP_STATE, strategy=strategy,
+                          timeout=400)
     assert r0["world"] == r1["world"] == 2 and r0["steps"] == r1["steps"]
     assert r0["params"] == r1["params"]  # identical weights (student and auxiliary modules)
     assert r0["state"] == r1["state"]  # and identical buffers

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from tests.conftest import (CONFIGS, REPO, TINY, run_cli, run_cli_error, write_cifar, write_image_folder,
-                            write_mnist_idx)
+from tests.conftest import (CONFIGS, DUMP_WEIGHTS, TINY, prepare_config, run_cli, run_cli_error,
+                            run_cli_subprocess, run_ddp, tb_scalars, write_cifar)
 
 # every `kd-lightning fit` config (the born-again config is kd-lightning-born-again's: it gets its
 # teacher per generation, tests/test_born_again.py runs it)
@@ -23,52 +19,10 @@ ALL_CONFIGS = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.glob("*/
                      if p.parent.name != "studies" and p.name != "born_again.yaml")
 
 
-def tb_scalars(log_dir: Path) -> dict[str, list[float]]:
-    """Every scalar series TensorBoard would show for a run."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(log_dir))
-    acc.Reload()
-    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-
-
-def _build(spec: dict) -> torch.nn.Module:
-    module, name = spec["class_path"].rsplit(".", 1)
-    return getattr(importlib.import_module(module), name)(**spec.get("init_args", {}))
-
-
-def _prepare(config: Path, workdir: Path) -> dict:
-    """Write what a config needs into ``workdir``: fake CIFAR files and a teacher state_dict."""
-    cfg = yaml.safe_load(config.read_text())
-    dataset = cfg.get("data", {}).get("dataset", "mnist1d")
-    if isinstance(dataset, dict):  # an ImageFolder config: small PNG folders, one per class
-        k = cfg["model"]["init_args"]["student"]["init_args"]["num_classes"]
-        for split, n in (("train", 6), ("test", 2)):
-            write_image_folder(workdir / dataset[split]["root"], tuple(f"c{i}" for i in range(k)),
-                               (n,) * k, size=(12, 10))
-        dataset = ""
-    if dataset.startswith("cifar"):
-        write_cifar(workdir / "data", 100 if dataset == "cifar100" else 10, n_train=200, n_test=40)
-    if dataset in ("mnist", "fashion_mnist"):
-        write_mnist_idx(workdir / "data", "MNIST" if dataset == "mnist" else "FashionMNIST",
-                        n_train=200, n_test=40)
-    init = cfg["model"]["init_args"]
-    if init.get("teacher_checkpoint"):
-        path = workdir / init["teacher_checkpoint"]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(_build(init["teacher"]).state_dict(), path)  # plain state_dict path
-    ensemble = init.get("teacher", {}).get("init_args", {})  # an EnsembleTeacher's members
-    for member, ckpt in zip(ensemble.get("members") or [], ensemble.get("checkpoints") or []):
-        if ckpt:
-            (workdir / ckpt).parent.mkdir(parents=True, exist_ok=True)
-            torch.save(_build(member).state_dict(), workdir / ckpt)
-    return cfg
-
-
 @pytest.mark.parametrize("config", ALL_CONFIGS)
 def test_every_config_fits_end_to_end(config, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    _prepare(CONFIGS / config, tmp_path)
+    prepare_config(CONFIGS / config, tmp_path)
     cli = run_cli(["fit", "--config", CONFIGS / config, *TINY, "--data.batch_size", "8",
                    "--data.eval_batch_size", "16"])
     metrics = cli.trainer.callback_metrics
@@ -226,14 +180,9 @@ def test_bad_input_gives_one_paragraph_error(extra, message, teacher_ckpt, tmp_p
 
 
 # ---- precision and multi-process, through the console script in a subprocess ----------------
-def _subprocess(args: list, cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{cwd}", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "kd_lightning.cli", *map(str, args)], cwd=cwd,
-                          env=env, capture_output=True, text=True, timeout=timeout)
-
-
 def test_bf16_mixed_runs_response_kd(teacher_ckpt, tmp_path):
-    out = _subprocess(_response_args(teacher_ckpt, "--trainer.precision", "bf16-mixed"), tmp_path)
+    out = run_cli_subprocess(_response_args(teacher_ckpt, "--trainer.precision", "bf16-mixed"), tmp_path,
+                             timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "test/acc" in out.stdout
 
@@ -254,44 +203,19 @@ class DumpSubset(Callback):
 
 @pytest.mark.ddp
 def test_ddp_two_cpu_processes_train_on_the_same_subset(teacher_ckpt, tmp_path):
-    (tmp_path / "dump_subset.py").write_text(DUMP_CALLBACK)
-    out = _subprocess(_response_args(
-        teacher_ckpt, "--trainer.accelerator", "cpu", "--trainer.devices", "2",
-        "--trainer.strategy", "ddp", "--data.train_subset", "200", "--data.subset_seed", "3",
-        "--trainer.callbacks+=dump_subset.DumpSubset"), tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
-    r0 = json.loads((tmp_path / "rank0.json").read_text())
-    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    (r0, r1), out = run_ddp(_response_args(teacher_ckpt, "--data.train_subset", "200",
+                                           "--data.subset_seed", "3"), tmp_path, DUMP_CALLBACK)
     assert r0["world"] == r1["world"] == 2
     assert r0["indices"] == r1["indices"] and len(r0["indices"]) == 200
     assert "test/acc" in out.stdout
-
-
-DUMP_WEIGHTS = '''
-import json, os
-from pytorch_lightning import Callback
-
-class DumpWeights(Callback):
-    def on_train_end(self, trainer, pl_module):
-        path = os.path.join(os.getcwd(), f"weights{trainer.global_rank}.json")
-        with open(path, "w") as f:
-            json.dump({"step": trainer.global_step,
-                       "weights": [float(p.double().sum()) for p in pl_module.student.parameters()]}, f)
-'''
 
 
 @pytest.mark.ddp
 def test_ddp_with_several_minibatches_per_step_keeps_ranks_in_sync(teacher_ckpt, tmp_path):
     """batches_per_step > 1 under DDP: every minibatch's gradient is all-reduced, so both ranks
     (which see different shards) end with the same student and count the same optimizer steps."""
-    (tmp_path / "dump_weights.py").write_text(DUMP_WEIGHTS)
-    out = _subprocess(_response_args(
-        teacher_ckpt, "--trainer.accelerator", "cpu", "--trainer.devices", "2",
-        "--trainer.strategy", "ddp", "--data.train_subset", "600", "--data.batch_size", "50",
-        "--data.batches_per_step", "3", "--trainer.limit_train_batches", "2",
-        "--trainer.callbacks+=dump_weights.DumpWeights"), tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
-    r0 = json.loads((tmp_path / "weights0.json").read_text())
-    r1 = json.loads((tmp_path / "weights1.json").read_text())
+    (r0, r1), _ = run_ddp(_response_args(
+        teacher_ckpt, "--data.train_subset", "600", "--data.batch_size", "50",
+        "--data.batches_per_step", "3", "--trainer.limit_train_batches", "2"), tmp_path, DUMP_WEIGHTS)
     assert r0["step"] == r1["step"] == 6  # 2 groups of 3 minibatches
     assert r0["weights"] == r1["weights"]

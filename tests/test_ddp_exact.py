@@ -7,17 +7,15 @@ gloo), on MNIST-1D with a small training subset."""
 from __future__ import annotations
 
 import csv
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from tests.conftest import CONFIGS, REPO
+from tests.conftest import CONFIGS, REPO, run_cli_subprocess
 
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 needs_mnist1d = pytest.mark.skipif(not (REPO / "data" / "mnist1d").exists(),
@@ -31,14 +29,8 @@ def _workdir(folder: Path) -> Path:
     return folder
 
 
-def _cli(workdir: Path, args: list, kill_at: str | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    env.pop("KD_TEST_KILL_AT", None)
-    env.pop("KD_TEST_SIGNAL", None)
-    if kill_at:
-        env["KD_TEST_KILL_AT"] = kill_at
-    cmd = [sys.executable, "-m", "kd_lightning.cli", *map(str, args), *QUIET]
-    return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
+def _cli(workdir: Path, args: list) -> subprocess.CompletedProcess:
+    return run_cli_subprocess([*args, *QUIET], workdir, {"KD_TEST_KILL_AT": None, "KD_TEST_SIGNAL": None})
 
 
 def _ddp(devices: int) -> list[str]:
@@ -149,23 +141,10 @@ def test_validation_and_test_accuracy_with_three_ranks_equal_one_rank(tmp_path):
 def _fit_ddp(workdir: Path, args: list, kill_at: str | None = None) -> subprocess.CompletedProcess:
     """A 2-process DDP ``fit``; with ``kill_at`` every rank SIGKILLs itself at that batch (rank 1
     is rank 0's child: whatever survives the kill is stopped with the process group)."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", KD_TEST_SIGNAL="SIGKILL")
-    env.pop("KD_TEST_KILL_AT", None)
-    if kill_at:
-        env["KD_TEST_KILL_AT"] = kill_at
-    cmd = [sys.executable, "-m", "kd_lightning.cli", "fit", *map(str, args), *QUIET, *_ddp(2),
-           "--trainer.deterministic", "true", "--seed_everything", "0",
-           "--trainer.callbacks+=tests.kill_helpers.KillAt"]
-    proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=1200)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # the group this test started: any rank left over
-        except ProcessLookupError:
-            pass
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return run_cli_subprocess(["fit", *args, *QUIET, *_ddp(2), "--trainer.deterministic", "true",
+                               "--seed_everything", "0", "--trainer.callbacks+=tests.kill_helpers.KillAt"],
+                              workdir, {"KD_TEST_SIGNAL": "SIGKILL", "KD_TEST_KILL_AT": kill_at},
+                              timeout=1200)
 
 
 @needs_mnist1d

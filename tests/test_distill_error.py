@@ -13,8 +13,7 @@ from kd_lightning.data import DistillDataModule
 from kd_lightning.methods import ResponseKD, Supervised
 from kd_lightning.metrics import DistillationError
 from kd_lightning.models import MLP, ConvNet1D
-from tests.conftest import CONFIGS, TINY, run_cli
-from tests.test_cli import tb_scalars
+from tests.conftest import CONFIGS, TINY, run_cli, tb_scalars
 
 # two examples, three classes
 TEACHER = torch.tensor([[0.0, 0.0, 0.0], [0.0, math.log(3.0), 0.0]])  # true-class p: 1/3, 3/5

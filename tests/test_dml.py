@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -16,7 +15,7 @@ from kd_lightning.data import DistillDataModule
 from kd_lightning.losses import deep_mutual_learning_loss
 from kd_lightning.methods import DeepMutualLearning
 from kd_lightning.models import MLP
-from tests.conftest import CONFIGS, TINY, run_cli, run_cli_error
+from tests.conftest import CONFIGS, TINY, run_cli, run_cli_error, run_ddp
 
 
 def _mlp(width: int = 16) -> nn.Module:
@@ -216,23 +215,9 @@ class DumpPeers(Callback):
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_ddp_keeps_every_peer_identical_on_every_process(tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO
-
-    (tmp_path / "dump_peers.py").write_text(DUMP_PEERS)
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{tmp_path}", "PYTHONWARNINGS": "ignore"}
-    args = ["fit", "--config", CONFIGS / "mnist1d/dml.yaml", *TINY,
-            "--trainer.limit_train_batches", "3", "--trainer.accelerator", "cpu",
-            "--trainer.devices", "2", "--trainer.strategy", "ddp_find_unused_parameters_true",
-            "--test_after_fit", "false", "--trainer.callbacks+=dump_peers.DumpPeers"]
-    out = subprocess.run([sys.executable, "-m", "kd_lightning.cli", *map(str, args)], cwd=tmp_path,
-                         env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    r0 = json.loads((tmp_path / "rank0.json").read_text())
-    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    (r0, r1), _ = run_ddp(["fit", "--config", CONFIGS / "mnist1d/dml.yaml", *TINY,
+                           "--trainer.limit_train_batches", "3", "--test_after_fit", "false"], tmp_path,
+                          DUMP_PEERS, strategy="ddp_find_unused_parameters_true")
     assert r0 == r1 and r0["step"] == 3
     assert r0["peers"][0] != r0["peers"][1]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -15,7 +14,8 @@ from kd_lightning import KDConfigError
 from kd_lightning.data import DistillDataModule
 from kd_lightning.methods import FSP, ActivationBoundary, AttentionTransfer, FitNet
 from kd_lightning.models import MLP, ConvNet1D, LinearConnector, resnet8
-from tests.conftest import CONFIGS, TINY, assert_mnist1d_config_refused, run_cli
+from tests.conftest import (CONFIGS, DUMP_WEIGHTS, TINY, assert_mnist1d_config_refused, run_cli, run_ddp,
+                            tb_scalars)
 
 LAYERS = {  # the MNIST-1D configs' layers
     FitNet: {"student_layers": ["relu2"]},
@@ -25,14 +25,6 @@ LAYERS = {  # the MNIST-1D configs' layers
 }
 CONFIG = {FitNet: "fitnet.yaml", FSP: "fsp.yaml", ActivationBoundary: "ab.yaml",
           AttentionTransfer: "at.yaml"}
-
-
-def tb_scalars(log_dir: Path) -> dict[str, list[float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(log_dir))
-    acc.Reload()
-    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 
@@ -241,20 +233,12 @@ def test_bf16_mixed_runs_each_method_in_both_stages(cls, mnist1d_teacher, tmp_pa
 def test_two_stage_fitnet_under_ddp_keeps_ranks_identical(mnist1d_teacher, tmp_path):
     """Stage 1 trains student + connector, stage 2 the student alone: under DDP (with the
     documented ddp_find_unused_parameters_true) both processes end with the same weights."""
-    from tests.test_cli import DUMP_WEIGHTS, _subprocess
-
-    (tmp_path / "dump_weights.py").write_text(DUMP_WEIGHTS)
-    out = _subprocess(["fit", "--config", CONFIGS / "mnist1d/fitnet.yaml", *TINY,
-                       "--trainer.max_epochs", "2", "--model.init_args.stage1_epochs", "1",
-                       "--model.init_args.teacher_checkpoint", mnist1d_teacher,
-                       "--data.train_subset", "400", "--data.batch_size", "50",
-                       "--data.batches_per_step", "2", "--trainer.accelerator", "cpu",
-                       "--trainer.devices", "2", "--trainer.strategy", "ddp_find_unused_parameters_true",
-                       "--test_after_fit", "false", "--trainer.callbacks+=dump_weights.DumpWeights"],
-                      tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
-    r0 = json.loads((tmp_path / "weights0.json").read_text())
-    r1 = json.loads((tmp_path / "weights1.json").read_text())
+    (r0, r1), _ = run_ddp(["fit", "--config", CONFIGS / "mnist1d/fitnet.yaml", *TINY,
+                           "--trainer.max_epochs", "2", "--model.init_args.stage1_epochs", "1",
+                           "--model.init_args.teacher_checkpoint", mnist1d_teacher,
+                           "--data.train_subset", "400", "--data.batch_size", "50",
+                           "--data.batches_per_step", "2", "--test_after_fit", "false"], tmp_path,
+                          DUMP_WEIGHTS, strategy="ddp_find_unused_parameters_true")
     assert r0["step"] == r1["step"] == 8  # 2 epochs x 2 groups x 2 minibatches per rank
     assert r0["weights"] == r1["weights"]
 

@@ -144,7 +144,7 @@ def test_fused_optimizer_is_opt_in_and_matches_the_loop_version():
 
 def test_train_terms_logged_per_window_and_at_the_last_epoch(tmp_path):
     from pytorch_lightning.loggers import TensorBoardLogger
-    from tests.test_cli import tb_scalars
+    from tests.conftest import tb_scalars
 
     pl.seed_everything(0)
     model = Supervised(student=MLP())

@@ -27,7 +27,7 @@ from kd_lightning.losses import (
 from kd_lightning.methods import MutualDistillation
 from kd_lightning.models import MLP, ConvNet1D
 from kd_lightning.rules import MNIST1DLearnableTemplateRule, MNIST1DTemplateRule, Rule
-from tests.conftest import CONFIGS, TINY, run_cli, run_cli_error
+from tests.conftest import CONFIGS, TINY, run_cli, run_cli_error, run_ddp, tb_scalars
 
 K = 4  # classes of the synthetic problems
 
@@ -284,14 +284,6 @@ def _mutual_args(config: str, *extra) -> list:
             "--data.train_subset", "100", "--test_after_fit", "false", *extra]
 
 
-def tb_scalars(log_dir: Path) -> dict[str, list[float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(log_dir))
-    acc.Reload()
-    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-
-
 def test_fit_logs_lambda_pi_and_q_and_rule_accuracy(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli = run_cli(_mutual_args("mutual_learnable", "--test_after_fit", "true"))
@@ -407,22 +399,7 @@ class DumpState(Callback):
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_ddp_keeps_theta_phi_and_lambda_identical_on_every_process(tmp_path):
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO
-
-    (tmp_path / "dump_state.py").write_text(DUMP_STATE)
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{tmp_path}", "PYTHONWARNINGS": "ignore"}
-    args = ["fit", "--config", CONFIGS / "mnist1d/mutual_learnable.yaml", *TINY,
-            "--trainer.limit_train_batches", "3", "--trainer.accelerator", "cpu",
-            "--trainer.devices", "2", "--trainer.strategy", "ddp_find_unused_parameters_true",
-            "--test_after_fit", "false", "--trainer.callbacks+=dump_state.DumpState"]
-    out = subprocess.run([sys.executable, "-m", "kd_lightning.cli", *map(str, args)], cwd=tmp_path,
-                         env=env, capture_output=True, text=True, timeout=240)
-    assert out.returncode == 0, out.stderr[-3000:]
-    r0 = json.loads((tmp_path / "rank0.json").read_text())
-    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    (r0, r1), _ = run_ddp(["fit", "--config", CONFIGS / "mnist1d/mutual_learnable.yaml", *TINY,
+                           "--trainer.limit_train_batches", "3", "--test_after_fit", "false"], tmp_path,
+                          DUMP_STATE, strategy="ddp_find_unused_parameters_true", timeout=240)
     assert r0 == r1 and r0["step"] == 3 and r0["lambda"] != [1.0]

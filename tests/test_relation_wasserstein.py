@@ -5,11 +5,7 @@ from __future__ import annotations
 import importlib
 
 import itertools
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -33,7 +29,7 @@ from kd_lightning.losses import (
 )
 from kd_lightning.methods import NonFiniteGradientError, RelationKD, ResponseKD, WassersteinKD
 from kd_lightning.models import MLP, ConvNet1D, LeNet5, LeNet5Half, TorchvisionModel, resnet8
-from tests.conftest import CONFIGS, REPO, TINY, run_cli, run_cli_error, write_mnist_idx
+from tests.conftest import CONFIGS, TINY, run_cli, run_cli_error, run_ddp, tb_scalars, write_mnist_idx
 
 F64 = torch.float64
 
@@ -383,14 +379,6 @@ def _args(config: str, teacher: Path, *extra) -> list:
             *extra]
 
 
-def _scalars(log_dir: Path) -> dict[str, list[float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(log_dir))
-    acc.Reload()
-    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-
-
 TERMS = {"mnist1d/wasserstein.yaml": ["loss", "loss_kd", "loss_w", "grad_norm"],
          "mnist1d/relation.yaml": ["loss", "loss_ce", "loss_rkd_d", "loss_rkd_a"]}
 
@@ -401,7 +389,7 @@ def test_cli_runs_log_every_term(config, precision, mnist1d_teacher, tmp_path, m
     monkeypatch.chdir(tmp_path)
     cli = run_cli(_args(config, mnist1d_teacher, "--trainer.precision", precision,
                         "--trainer.max_epochs", "2"))
-    scalars = _scalars(Path(cli.trainer.log_dir))
+    scalars = tb_scalars(Path(cli.trainer.log_dir))
     for term in TERMS[config]:
         values = scalars[f"train/{term}"]
         assert values and all(map(math.isfinite, values)), term
@@ -473,7 +461,7 @@ def test_fashion_mnist_configs_fit_end_to_end(config, tmp_path, monkeypatch):
     cli = run_cli(["fit", "--config", config, *TINY, "--data.batch_size", "8",
                    "--data.eval_batch_size", "16", *extra])
     assert 0 <= float(cli.trainer.callback_metrics["test/acc"]) <= 1
-    scalars = _scalars(Path(cli.trainer.log_dir))
+    scalars = tb_scalars(Path(cli.trainer.log_dir))
     assert all(map(math.isfinite, scalars["train/loss"])) and "val/acc" in scalars
 
 
@@ -495,22 +483,10 @@ class DumpWeights(Callback):
 '''
 
 
-def _subprocess(args: list, cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{cwd}", "PYTHONWARNINGS": "ignore",
-           "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "kd_lightning.cli", *map(str, args)], cwd=cwd,
-                          env=env, capture_output=True, text=True, timeout=timeout)
-
-
 def _ddp_run(config: str, teacher: Path, tmp_path: Path) -> None:
-    (tmp_path / "dump_weights.py").write_text(HASH_CALLBACK)
-    out = _subprocess(_args(config, teacher, "--trainer.accelerator", "cpu", "--trainer.devices", "2",
-                            "--trainer.strategy", "ddp", "--data.train_subset", "200",
-                            "--trainer.limit_train_batches", "3", "--data.batch_size", "20",
-                            "--trainer.callbacks+=dump_weights.DumpWeights"), tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
-    r0 = json.loads((tmp_path / "rank0.json").read_text())
-    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    (r0, r1), out = run_ddp(_args(config, teacher, "--data.train_subset", "200",
+                                  "--trainer.limit_train_batches", "3", "--data.batch_size", "20"),
+                            tmp_path, HASH_CALLBACK, timeout=240)
     assert r0["world"] == r1["world"] == 2 and r0["steps"] == r1["steps"] == 3
     assert r0["student"] == r1["student"]  # the (double-backprop) gradients were all-reduced
     assert "test/acc" in out.stdout
