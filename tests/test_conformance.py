@@ -183,15 +183,7 @@ def _trains_or_refuses(name: str, model: DistillationModule, dm) -> Recorder:
     return record
 
 
-# a raw crash this file found; strict, so the fix turns it into a failure until the mark goes
-UNLABELLED_CRASH = pytest.mark.xfail(
-    strict=True, raises=IndexError,
-    reason="deep_mutual_learning_loss takes F.cross_entropy of the raw targets, not "
-           "labelled_cross_entropy: an unlabelled row (-1) is an out-of-range class")
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=UNLABELLED_CRASH)
-                                  if n == "DeepMutualLearning" else n for n in METHODS])
+@pytest.mark.parametrize("name", METHODS)
 def test_a_batch_with_unlabelled_rows_trains_or_is_refused(name):
     model, dm = _build(name, "--data.train_subset", "10", "--data.unlabelled", "10",
                        "--data.batch_size", "20")

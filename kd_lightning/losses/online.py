@@ -7,10 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch.nn.functional as F
 from torch import Tensor
 
-from kd_lightning.losses.labels import mixed
+from kd_lightning.losses.labels import labelled_cross_entropy
 from kd_lightning.losses.response import kd_loss
 
 
@@ -34,7 +33,8 @@ def deep_mutual_learning_loss(logits: Tensor, peer_logits: Sequence[Tensor], tar
     Args:
         logits: ``[B, C]`` logits of peer :math:`k`.
         peer_logits: the ``K - 1 >= 1`` other peers' ``[B, C]`` logits.
-        targets: ``[B]`` class labels (or a mixed batch's
+        targets: ``[B]`` class labels, ``UNLABELLED`` (-1) for a transfer example, which the
+            cross-entropy skips (or a mixed batch's
             :class:`~kd_lightning.losses.labels.MixedTargets`: ``lam CE(a) + (1 - lam) CE(b)``).
         temperature: ``T > 0`` of the softmax in the KL term.
         ce_weight, kd_weight: :math:`w_{ce}`, :math:`w_{kd}`.
@@ -44,6 +44,6 @@ def deep_mutual_learning_loss(logits: Tensor, peer_logits: Sequence[Tensor], tar
     """
     if len(peer_logits) < 1:
         raise ValueError("deep mutual learning needs at least one other peer's logits")
-    ce = mixed(lambda t: F.cross_entropy(logits.float(), t), targets)
+    ce = labelled_cross_entropy(logits, targets)
     kl = sum(kd_loss(logits, other, temperature) for other in peer_logits) / len(peer_logits)
     return ce_weight * ce + kd_weight * kl, ce, kl
