@@ -292,10 +292,7 @@ def run_parser():
 
     class ParserOnly(KDLightningCLI):
         def parse_arguments(self, parser, args) -> None:
-            self.config = {}
-
-        def _set_seed(self) -> None:  # parsing must not seed this process
-            pass
+            self.config = {"seed_everything": False}  # parse nothing, seed nothing
 
         def instantiate_classes(self) -> None:
             pass
