@@ -184,21 +184,6 @@ def test_results_of_the_previous_csv_layout_are_resumed(tmp_path, monkeypatch):
     assert [(r["seed"], r["kind"]) for r in rows] == [("0", ""), ("1", "run")]
 
 
-@pytest.mark.parametrize("trainer, expected", [
-    ({"strategy": "auto", "devices": 1, "num_nodes": 1, "accelerator": "cpu"}, False),
-    ({"strategy": "auto", "devices": "auto", "num_nodes": 1, "accelerator": "cpu"}, False),
-    ({"strategy": "ddp", "devices": 2, "num_nodes": 1, "accelerator": "cpu"}, True),
-    ({"strategy": "auto", "devices": 2, "num_nodes": 1, "accelerator": "cpu"}, True),
-    ({"strategy": "auto", "devices": "0,1", "num_nodes": 1, "accelerator": "gpu"}, True),
-    ({"strategy": "auto", "devices": "1", "num_nodes": 1, "accelerator": "gpu"}, False),
-    ({"strategy": "auto", "devices": 1, "num_nodes": 2, "accelerator": "gpu"}, True),
-    ({"strategy": SimpleNamespace(class_path="pytorch_lightning.strategies.DDPStrategy"), "devices": 1,
-      "num_nodes": 1, "accelerator": "cpu"}, True),
-])
-def test_multi_process_runs_go_to_a_subprocess(trainer, expected):
-    assert jobs.needs_subprocess(SimpleNamespace(trainer=SimpleNamespace(**trainer))) is expected
-
-
 class FakeRay:
     """Stands in for RayExecutor: keeps up to two runs submitted, finishes them first in, first
     out through ``jobs.run_job`` (a :class:`FakeRuns`), and says a run took
