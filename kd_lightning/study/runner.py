@@ -102,15 +102,12 @@ class Queue:
 
 
 class LongestFirst(Queue):
-    """The order in which a parallel study starts its runs: the longest expected run first.
-
-    Starting the longest jobs first (LPT scheduling) keeps the runs left at the end short, so no
-    worker idles while one long run finishes. A run's length is estimated from the runs already
-    finished, as seconds per optimizer step of its method at its budget (else the method's
-    slowest budget so far) times its steps. A method none of whose runs has started yet comes
-    first (one run of it measures its cost); one whose first run is still going is assumed as
-    slow as the slowest method so far. Ties go to the larger budget, then study order.
-    """
+    """A parallel study's order: the longest expected run first (LPT scheduling), so no worker
+    idles at the end while one long run finishes. A run's length is estimated as seconds per
+    optimizer step of its method at its budget (else at the method's slowest budget so far) times
+    its steps. A method none of whose runs has started comes first (one run measures its cost);
+    one whose first run is still going is assumed as slow as the slowest method so far. Ties go
+    to the larger budget, then study order."""
 
     def __init__(self) -> None:
         super().__init__()
