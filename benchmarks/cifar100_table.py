@@ -5,7 +5,8 @@ wrn_40_2 -> wrn_16_2) this trains the teacher with ``configs/cifar100/teacher_<t
 it: ``--teacher-ckpt <t>=PATH``, or the checkpoint of an earlier run of this script), trains the
 student alone with ``student_<s>.yaml`` and distils with every method config
 ``<key>_<t>_<s>.yaml`` (the 240-epoch recipe of the CRD benchmark is in those configs). Every run
-is ``kd-lightning fit --config <config>`` (in-process on one device; a subprocess under DDP), whose
+is ``kd-lightning fit --config <config>`` through :func:`kd_lightning.jobs.run_job` (in-process on
+one device; a subprocess under DDP), whose
 test accuracy is that of the best checkpoint by validation accuracy. The markdown table (rows:
 methods, columns: pairs) prints the measured figure beside the published one
 (``benchmarks/cifar100_published.yaml``, with its source per row); a method whose config does not
@@ -38,12 +39,9 @@ import json
 import os
 import pickle
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
-import traceback
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,7 +52,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a plain script from a checkout
     sys.path.insert(0, str(REPO))
 
-from kd_lightning import KDConfigError  # noqa: E402
+from kd_lightning import KDConfigError, jobs  # noqa: E402
 
 CONFIG_DIR = REPO / "configs" / "cifar100"
 PUBLISHED = Path(__file__).with_name("cifar100_published.yaml")
@@ -287,75 +285,6 @@ def _has_teacher(config: Path) -> bool:
 # running
 
 
-def _child(argv: list[str]) -> None:
-    """Subprocess entry (``_child METRICS_JSON fit ...``): one CLI run; rank 0 writes the metrics.
-
-    Lightning's DDP launcher re-executes this same command line for ranks 1..N-1."""
-    from kd_lightning.cli import cli_main
-
-    metrics_file, args = Path(argv[0]), argv[1:]
-    cli = cli_main(args)
-    if cli.trainer.global_rank == 0:
-        metrics_file.write_text(json.dumps({k: float(v) for k, v in cli.trainer.callback_metrics.items()}))
-
-
-def run_fit(args: list[str], log_file: Path, isolate: bool) -> dict[str, float]:
-    """One ``kd-lightning fit``; returns its final callback metrics. Output goes to ``log_file``."""
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    if isolate:
-        metrics_file = log_file.with_suffix(".metrics.json")
-        metrics_file.unlink(missing_ok=True)
-        cmd = [sys.executable, str(Path(__file__).resolve()), "_child", str(metrics_file), *args]
-        with open(log_file, "w") as log:
-            log.write(shlex.join(cmd) + "\n")
-            log.flush()
-            code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
-        if code != 0 or not metrics_file.is_file():
-            raise RuntimeError(f"exit status {code}: {_tail(log_file)}")
-        return json.loads(metrics_file.read_text())
-    from kd_lightning.cli import cli_main
-
-    with open(log_file, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), \
-            _log_handlers_to(log), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        print("kd-lightning " + shlex.join(args), flush=True)
-        try:
-            cli = cli_main(args)
-        except SystemExit as exc:  # a configuration error, already printed into the log
-            log.flush()
-            raise RuntimeError(f"exit status {exc.code}: {_tail(log_file)}") from None
-        except Exception:
-            traceback.print_exc()  # into the run's log
-            raise
-    return {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
-
-
-@contextlib.contextmanager
-def _log_handlers_to(stream):
-    """Point the console handlers of Lightning's and torchmetrics' loggers at ``stream``.
-
-    They hold the ``sys.stderr`` of import time, so ``redirect_stderr`` alone misses them."""
-    import logging
-
-    handlers = [h for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch",
-                               "lightning.fabric", "torchmetrics")
-                for h in logging.getLogger(name).handlers
-                if type(h) is logging.StreamHandler]
-    old = [h.stream for h in handlers]
-    for h in handlers:
-        h.setStream(stream)
-    try:
-        yield
-    finally:
-        for h, s in zip(handlers, old):
-            h.setStream(s)
-
-
-def _tail(log_file: Path, n: int = 3) -> str:
-    lines = [line for line in log_file.read_text(errors="replace").splitlines() if line.strip()]
-    return " / ".join(lines[-n:])
-
-
 class Results:
     """``results.jsonl``: one line per finished run, appended (and fsynced) as it finishes."""
 
@@ -393,8 +322,8 @@ def execute(run: Run, out: Path, data_root: Path, results: Results, isolate: boo
           f"{run_dir / 'run.log'}", flush=True)
     start = time.perf_counter()
     try:
-        metrics = run_fit(args, run_dir / "run.log", isolate)
-    except Exception as err:  # noqa: BLE001 - one failing method must not stop the table
+        metrics = jobs.run_job(jobs.Job(args, run_dir / "run.log", isolate)).metrics
+    except jobs.JobFailed as err:  # one failing method must not stop the table
         run.status, run.note = "failed", f"{err} (log: {run_dir / 'run.log'})"
         print(f"[failed]  {run.pair:22s} {run.key:10s} {run.note}", file=sys.stderr, flush=True)
         return
@@ -601,9 +530,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["_child"]:
-        _child(argv[1:])
-        return 0
     try:
         args = parse_args(argv)
     except KDConfigError as err:

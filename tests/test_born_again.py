@@ -9,9 +9,9 @@ import pytest
 import torch
 import yaml
 
-from kd_lightning import KDConfigError
-from kd_lightning import born_again
-from kd_lightning.born_again import checkpoint_dir, generation_config, main, run_generations
+from kd_lightning import KDConfigError, jobs
+from kd_lightning.study import born_again
+from kd_lightning.study.born_again import checkpoint_dir, generation_config, main, run_generations
 from tests.conftest import CONFIGS, TINY
 
 CONFIG = CONFIGS / "mnist1d" / "born_again.yaml"
@@ -64,13 +64,13 @@ def test_generations_distil_from_the_previous_one_and_reruns_skip_finished_ones(
 
     # a rerun trains nothing that is finished; a third generation starts from generation 1
     calls = []
-    real = born_again_run()
+    real = jobs.run_job
 
-    def spy(args, log_file, isolate, **kw):
-        calls.append(args)
-        return real(args, log_file, isolate, **kw)
+    def spy(job, on_epoch=None):
+        calls.append(job.args)
+        return real(job, on_epoch)
 
-    monkeypatch.setattr("kd_lightning.study.runner.run_kd_lightning", spy)
+    monkeypatch.setattr(jobs, "run_job", spy)
     rows = run_generations(CONFIG, 3, out, extra, log=lambda s: None)
     assert len(calls) == 1 and str(out / "gen2.yaml") in calls[0]
     gen2_teacher = _student_state(checkpoint_dir(out, 2) / "best.ckpt", "teacher.")
@@ -89,12 +89,6 @@ def test_generations_distil_from_the_previous_one_and_reruns_skip_finished_ones(
     with pytest.raises(KDConfigError, match="another configuration"):
         run_generations(CONFIG, 3, out, [*extra, "--data.subset_seed", "1"], log=lambda s: None)
     assert (out / "gen0" / "result.json").is_file()
-
-
-def born_again_run():
-    from kd_lightning.study import runner
-
-    return runner.run_kd_lightning
 
 
 def test_the_ensemble_averages_the_generations_softmax(tmp_path, monkeypatch):

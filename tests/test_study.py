@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import kd_lightning.study.runner as runner
+from kd_lightning import jobs
 from kd_lightning.study import main
 from tests.conftest import CONFIGS, REPO
 
@@ -85,9 +85,8 @@ def test_tiny_study_end_to_end_per_budget_settings_and_teacher_cache(tmp_path, m
 
     # a second study with the same teacher reuses the cached teacher
     calls = []
-    real = runner.run_kd_lightning
-    monkeypatch.setattr(runner, "run_kd_lightning",
-                        lambda args, *a, **k: calls.append(args) or real(args, *a, **k))
+    real = jobs.run_job
+    monkeypatch.setattr(jobs, "run_job", lambda job, *a: calls.append(job.args) or real(job, *a))
     cfg2 = write_study(tmp_path, "study2.yaml", output=str(tmp_path / "out2"), budgets=[30], seeds=[0])
     assert main(["--config", str(cfg2), "--no-progress", "--teacher-cache", str(teachers)]) == 0
     assert len(calls) == 2  # the two student runs only: no teacher run
@@ -127,7 +126,7 @@ def test_grid_chooses_on_validation_and_tests_the_chosen_weights(tmp_path, monke
     # --report-only rebuilds the same results.md from results.csv, training nothing
     (out / "results.md").unlink()
     (out / "accuracy_vs_m.png").unlink()
-    monkeypatch.setattr(runner, "run_kd_lightning", lambda *a, **k: pytest.fail("nothing may train"))
+    monkeypatch.setattr(jobs, "run_job", lambda *a, **k: pytest.fail("nothing may train"))
     assert main(["--config", str(cfg), "--report-only"]) == 0
     assert (out / "results.md").read_text() == md
     assert (out / "accuracy_vs_m.png").stat().st_size > 1000
@@ -138,7 +137,7 @@ def test_rerunning_a_finished_study_runs_nothing(tmp_path, monkeypatch, teachers
     cfg = write_study(tmp_path, budgets=[20], seeds=[0])
     assert main(["--config", str(cfg), "--no-progress", "--teacher-cache", str(teachers)]) == 0
     before = read_rows(tmp_path / "out")
-    monkeypatch.setattr(runner, "run_kd_lightning", lambda *a, **k: pytest.fail("nothing should run again"))
+    monkeypatch.setattr(jobs, "run_job", lambda *a, **k: pytest.fail("nothing should run again"))
     assert main(["--config", str(cfg), "--no-progress", "--teacher-cache", str(teachers)]) == 0
     assert read_rows(tmp_path / "out") == before
 
@@ -176,37 +175,18 @@ def test_killed_study_resumes_without_redoing_runs(tmp_path, teachers):
     assert rows[: len(first)] == first  # completed runs kept as they were
 
 
-def test_runs_in_one_process_share_one_parser_and_train_as_a_fresh_cli(tmp_path, monkeypatch):
-    """The study's in-process runs build the kd-lightning parser once; a run gives the metrics a
-    fresh `kd-lightning fit` gives (same seed, same student)."""
-    from kd_lightning.cli import cli_main
-    from kd_lightning.study import child
-    from tests.conftest import TINY
-
-    monkeypatch.chdir(tmp_path)
-    args = ["fit", "--config", str(CONFIGS / "mnist1d/student.yaml"), *TINY, "--seed_everything", "3",
-            "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
-            "--trainer.callbacks", "[]", "--data.train_subset", "40", "--data.subset_seed", "3"]
-    first = child.run(args)
-    parser = child._study_cli()._parsers.copy()
-    second = child.run(args)
-    assert child._study_cli()._parsers == parser and len(parser) == 1  # built once, reused
-    fresh = {k: float(v) for k, v in cli_main(args).trainer.callback_metrics.items()}
-    assert "test/acc" in first and first == second == fresh
-
-
 def test_runs_in_a_subprocess_when_the_strategy_needs_one(tmp_path, monkeypatch, capsys):
     """Multi-process strategies re-launch their command: such runs go through
-    `python -m kd_lightning.study.child`, with the teacher's progress and the metrics passed back."""
+    `python -m kd_lightning.jobs`, with the teacher's progress and the metrics passed back."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(runner, "needs_subprocess", lambda run_config: True)
+    monkeypatch.setattr(jobs, "needs_subprocess", lambda run_config: True)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     cfg = write_study(tmp_path, methods=[KD], budgets=[20], seeds=[0])
     assert main(["--config", str(cfg), "--no-progress", "--teacher-cache", str(tmp_path / "t")]) == 0
     assert "teacher: epoch 1/1" in capsys.readouterr().out  # forwarded from the subprocess
     (row,) = read_rows(tmp_path / "out")
     assert 0 <= float(row["test_acc"]) <= 100 and row["teacher_acc"] != ""
-    assert (Path(row["run_dir"]) / "run.metrics.json").is_file()
+    assert (Path(row["run_dir"]) / "run.result.json").is_file()
 
 
 # ---- bad input and failures ------------------------------------------------------------------
@@ -275,7 +255,7 @@ def test_failing_run_stops_the_study_with_its_error_on_request(tmp_path, monkeyp
 @pytest.mark.ddp
 def test_grid_study_under_ddp_on_two_cpu_processes(tmp_path, monkeypatch, teachers):
     """--trainer.strategy=ddp --trainer.devices 2: candidates are fitted, validated, saved and the
-    chosen one tested, each in a `python -m kd_lightning.study.child` process group."""
+    chosen one tested, each in a `python -m kd_lightning.jobs` process group."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     kd = {**KD, "grid": {"model.init_args.temperature": [1.0, 4.0]}}
@@ -285,60 +265,3 @@ def test_grid_study_under_ddp_on_two_cpu_processes(tmp_path, monkeypatch, teache
     rows = read_rows(tmp_path / "out")
     assert [r["kind"] for r in rows] == ["candidate", "candidate", "chosen"]
     assert all(r["val_acc"] for r in rows) and rows[-1]["test_acc"]
-
-
-def test_parse_cache_gives_every_run_of_the_quick_preset_the_configuration_a_full_parse_gives(
-        tmp_path, monkeypatch, capsys):
-    """Each method's configuration is parsed once; its other runs (other seeds, budgets, epochs,
-    names) reuse it with their own values, and the result equals parsing the run's arguments
-    from scratch, for every run of the quick preset."""
-    from kd_lightning.cli import cli_main
-    from kd_lightning.study import child
-    from kd_lightning.study.spec import load_study
-
-    monkeypatch.chdir(REPO)
-    spec = load_study(REPO / "configs/studies/mnist1d.yaml", "quick")
-    study = runner.StudyRunner(spec, tmp_path / "out", [], False, tmp_path / "t", progress=False)
-    teacher = tmp_path / "teacher.ckpt"
-    teacher.write_bytes(b"")
-    plans = [study.plan(m, b, s, {}, "run", teacher)
-             for b in spec.budgets for m in spec.methods for s in spec.seeds]
-    with pytest.raises(SystemExit):  # builds the study CLI's parser
-        cli_main(["fit", "--print_config"], cli_class=child._study_cli())
-    capsys.readouterr()
-    (parser, _, _), = child._study_cli()._parsers.values()
-    cache = child.ParseCache()
-    for plan in plans:
-        assert cache.parse(parser, plan.args) == parser.parse_args(plan.args), plan.describe()
-    # one full parse per method with a budget, one with the full split (data.train_subset null)
-    assert len(plans) == 104 and cache.full == 2 * len(spec.methods) and cache.reused == 104 - 26
-
-
-def test_parse_cache_parses_in_full_what_it_cannot_replace_exactly():
-    from jsonargparse import Namespace
-
-    from kd_lightning.study.child import ParseCache
-
-    parsed = []
-
-    class Parser:
-        def parse_args(self, args):
-            parsed.append(args)
-            return Namespace(fit=Namespace(epochs=float(args[2]), name=args[4]))
-
-    parser, cache = Parser(), ParseCache()
-    base = ["fit", "--epochs", "5", "--name", "a"]
-    assert cache.parse(parser, base).fit.epochs == 5 and cache.full == 1
-    next(iter(cache._entries.values()))[0][1].fit.epochs = 5  # an int field
-    again = cache.parse(parser, ["fit", "--epochs", "7", "--name", "b"])
-    assert (again.fit.epochs, again.fit.name, cache.full, cache.reused) == (7, "b", 1, 1)
-    assert cache.parse(parser, base).fit.epochs == 5  # the cached configuration is unchanged
-    for bad in (["fit", "--epochs", "7.5", "--name", "a"],     # not an int where an int was
-                ["fit", "--epochs", "5", "--name", "null"],    # null, not a str
-                ["fit", "--epochs", "5", "--name", "12"],      # a number, not a str
-                ["fit", "--epochs", "5", "--name", "[a, b]"],  # YAML, not a plain str
-                ["fit", "--epochs", "5", "--nope", "a"],       # another layout
-                ["test", "--epochs", "5", "--name", "a"]):     # another subcommand
-        n = len(parsed)
-        cache.parse(parser, bad)
-        assert len(parsed) == n + 1, bad

@@ -11,7 +11,9 @@ from types import SimpleNamespace
 import pytest
 
 import kd_lightning.study.runner as runner
+from kd_lightning import jobs
 from kd_lightning.study import main
+from kd_lightning.study.executors import execute
 from kd_lightning.study.results import choose
 from tests.test_study import KD, STUDENT, read_rows, write_study
 
@@ -28,21 +30,21 @@ def flag(args: list[str], name: str) -> str | None:
 
 
 class FakeRuns:
-    """Stands in for run_kd_lightning: records every run; metrics from ``metrics(call)``."""
+    """Stands in for jobs.run_job: records every job; metrics from ``metrics(call)``."""
 
     def __init__(self, metrics=None, interrupt_at: int | None = None) -> None:
         self.calls: list[SimpleNamespace] = []
         self.metrics = metrics or (lambda call: {"test/acc": 0.5})
         self.interrupt_at = interrupt_at
 
-    def __call__(self, args, log_file, isolate, *, validate=False, save_weights=None, on_epoch=None):
-        args = [str(a) for a in args]
+    def __call__(self, job, on_epoch=None):
+        args, save_weights = [str(a) for a in job.args], job.save_weights
         if flag(args, "trainer.logger.init_args.name") == "teacher":
             ckpt = Path(flag(args, "trainer.logger.init_args.save_dir")) / "teacher/version_0/checkpoints"
             ckpt.mkdir(parents=True, exist_ok=True)
             (ckpt / "best.ckpt").write_text("weights")
-            return {"test/acc": 0.9}
-        call = SimpleNamespace(args=args, validate=validate, save_weights=save_weights,
+            return jobs.JobResult({"test/acc": 0.9}, checkpoints=[str(ckpt / "best.ckpt")])
+        call = SimpleNamespace(args=args, validate=job.validate, save_weights=save_weights,
                                subcommand=args[0], ckpt=flag(args, "ckpt_path"))
         self.calls.append(call)
         if self.interrupt_at is not None and len(self.calls) == self.interrupt_at:
@@ -50,12 +52,12 @@ class FakeRuns:
         if save_weights:
             Path(save_weights).parent.mkdir(parents=True, exist_ok=True)
             Path(save_weights).write_text("weights")
-        return self.metrics(call)
+        return jobs.JobResult(self.metrics(call))
 
 
 def run_study(tmp_path, monkeypatch, fake: FakeRuns, *extra, **over) -> int:
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(runner, "run_kd_lightning", fake)
+    monkeypatch.setattr(jobs, "run_job", fake)
     cfg = write_study(tmp_path, **over)
     return main(["--config", str(cfg), "--no-progress", "--teacher-cache", str(tmp_path / "t"), *extra])
 
@@ -182,50 +184,38 @@ def test_results_of_the_previous_csv_layout_are_resumed(tmp_path, monkeypatch):
     assert [(r["seed"], r["kind"]) for r in rows] == [("0", ""), ("1", "run")]
 
 
-@pytest.mark.parametrize("trainer, expected", [
-    ({"strategy": "auto", "devices": 1, "num_nodes": 1, "accelerator": "cpu"}, False),
-    ({"strategy": "auto", "devices": "auto", "num_nodes": 1, "accelerator": "cpu"}, False),
-    ({"strategy": "ddp", "devices": 2, "num_nodes": 1, "accelerator": "cpu"}, True),
-    ({"strategy": "auto", "devices": 2, "num_nodes": 1, "accelerator": "cpu"}, True),
-    ({"strategy": "auto", "devices": "0,1", "num_nodes": 1, "accelerator": "gpu"}, True),
-    ({"strategy": "auto", "devices": "1", "num_nodes": 1, "accelerator": "gpu"}, False),
-    ({"strategy": "auto", "devices": 1, "num_nodes": 2, "accelerator": "gpu"}, True),
-    ({"strategy": SimpleNamespace(class_path="pytorch_lightning.strategies.DDPStrategy"), "devices": 1,
-      "num_nodes": 1, "accelerator": "cpu"}, True),
-])
-def test_multi_process_runs_go_to_a_subprocess(trainer, expected):
-    assert runner.needs_subprocess(SimpleNamespace(trainer=SimpleNamespace(**trainer))) is expected
-
-
 class FakeRay:
-    """Stands in for RayRuns: keeps up to ``window()`` runs submitted, finishes them first in,
-    first out through ``run_kd_lightning`` (a :class:`FakeRuns`), and says a run took
+    """Stands in for RayExecutor: keeps up to two runs submitted, finishes them first in, first
+    out through ``jobs.run_job`` (a :class:`FakeRuns`), and says a run took
     ``seconds[method]``. ``events`` logs each submission and the teacher's training."""
 
+    concurrent = True
+
     def __init__(self, seconds: dict[str, float], events: list[tuple[str, str]]) -> None:
-        self.seconds, self.events, self.submitted = seconds, events, {}
+        self.seconds, self.events, self.pending = seconds, events, []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        assert not self.pending, "nothing to cancel in a study that finishes"
 
     def describe(self) -> str:
         return "fake Ray"
 
-    def window(self) -> int:
-        return 2
+    def room(self) -> int:
+        return 2 - len(self.pending)
 
-    def submit(self, args, log_file, isolate, **kwargs):
-        ref = object()
-        self.submitted[ref] = (args, log_file, isolate, kwargs)
-        self.events.append(("submit", flag(args, "trainer.logger.init_args.name")))
-        return ref
+    def submit(self, plan) -> None:
+        self.pending.append(plan)
+        self.events.append(("submit", flag(plan.jobs[-1].args, "trainer.logger.init_args.name")))
 
-    def next(self, pending):
-        ref = next(iter(pending))
-        args, log_file, isolate, kwargs = self.submitted.pop(ref)
-        metrics = runner.run_kd_lightning(args, log_file, isolate, **kwargs)
-        method = flag(args, "trainer.logger.init_args.name").split("/")[0]
-        return ref, {"metrics": metrics, "seconds": self.seconds[method]}
-
-    def cancel(self, pending) -> None:
-        raise AssertionError("nothing to cancel in a study that finishes")
+    def results(self):
+        while self.pending:
+            plan = self.pending.pop(0)
+            result = execute(plan.jobs)
+            result.seconds = self.seconds[plan.run_dir.relative_to(plan.run_dir.parents[2]).parts[0]]
+            yield plan, result
 
 
 def test_parallel_study_starts_teacher_free_runs_first_and_longest_runs_early(tmp_path, monkeypatch):
@@ -234,18 +224,18 @@ def test_parallel_study_starts_teacher_free_runs_first_and_longest_runs_early(tm
     events: list[tuple[str, str]] = []
     fake = FakeRuns()
 
-    def logged(args, *rest, **kwargs):
-        if flag([str(a) for a in args], "trainer.logger.init_args.name") == "teacher":
+    def logged(job, on_epoch=None):
+        if flag([str(a) for a in job.args], "trainer.logger.init_args.name") == "teacher":
             events.append(("teacher", ""))
-        return fake(args, *rest, **kwargs)
+        return fake(job, on_epoch)
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(runner, "run_kd_lightning", logged)
+    monkeypatch.setattr(jobs, "run_job", logged)
     slow = {**KD, "name": "SlowKD"}
     spec = load_study(write_study(tmp_path, methods=[STUDENT, KD, slow]))
     ray_runs = FakeRay({"student_alone": 1.0, "ResponseKD": 1.0, "SlowKD": 10.0}, events)
     study = runner.StudyRunner(spec, tmp_path / "out", [], False, tmp_path / "t", progress=False,
-                               runs=ray_runs)
+                               executor=ray_runs)
     study.run()
 
     teacher_at = events.index(("teacher", ""))
@@ -272,19 +262,14 @@ def test_parallel_study_starts_teacher_free_runs_first_and_longest_runs_early(tm
 def test_callbacks_a_method_adds_reach_its_runs(tmp_path, monkeypatch, capsys):
     """The study drops the callbacks of a method's config (no checkpoints, no progress bars) but
     keeps those its arguments add."""
-    from kd_lightning.cli import cli_main
-    from kd_lightning.study import child
+    from kd_lightning.study.spec import run_parser
 
     fake = FakeRuns()
     kd = {**KD, "args": ["--trainer.callbacks+=pytorch_lightning.callbacks.LearningRateMonitor"]}
     assert run_study(tmp_path, monkeypatch, fake, methods=[STUDENT, kd], budgets=[20],
                      seeds=[0]) == 0
-    with pytest.raises(SystemExit):  # builds the study CLI's parser
-        cli_main(["fit", "--print_config"], cli_class=child._study_cli())
-    capsys.readouterr()
-    (parser, _, _), = child._study_cli()._parsers.values()
     callbacks = {flag(c.args, "trainer.logger.init_args.name").split("/")[0]:
-                 [cb.class_path for cb in parser.parse_args(c.args).fit.trainer.callbacks]
+                 [cb.class_path for cb in run_parser().parse_args(c.args[1:]).trainer.callbacks]
                  for c in fake.calls}
     assert callbacks == {"student_alone": [],
                          "ResponseKD": ["pytorch_lightning.callbacks.LearningRateMonitor"]}

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import logging
 import sys
 from pathlib import Path
 
-from kd_lightning import KDConfigError
+from kd_lightning import KDConfigError, jobs
 from kd_lightning.study.report import failures, write_report
 from kd_lightning.study.results import Results
 from kd_lightning.study.runner import RunFailed, StudyRunner
@@ -96,21 +94,20 @@ def main(argv: list[str] | None = None) -> int:
             table = report_only(spec, output)
         else:
             cache = Path(args.teacher_cache) if args.teacher_cache else output.parent / "_teachers"
-            runs = None
+            executor = None
             if args.workers is not None or args.address is not None:
-                from kd_lightning.study.parallel import RayRuns
+                from kd_lightning.study.executors import RayExecutor
 
-                runs = RayRuns(args.workers, args.address, args.cpus_per_run, args.gpus_per_run)
+                executor = RayExecutor(args.workers, args.address, args.cpus_per_run,
+                                       args.gpus_per_run)
             elif (args.cpus_per_run, args.gpus_per_run) != (1.0, 0.0):
                 raise KDConfigError("--cpus-per-run and --gpus-per-run declare the resources of "
                                     "Ray tasks; give them with --workers N or --address ADDR.")
             runner = StudyRunner(spec, output, rest, args.overwrite, cache,
                                  progress=not args.no_progress,
-                                 keep_going=not args.stop_on_failure, runs=runs)
-            logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
-            logging.getLogger("lightning_fabric").setLevel(logging.ERROR)
-            with runs or contextlib.nullcontext():
-                runner.run()
+                                 keep_going=not args.stop_on_failure, executor=executor)
+            jobs.quiet_lightning()
+            runner.run()
             table = write_report(spec, runner.study_hash, runner.results.rows(), output,
                                  runner.teacher_acc)
             failed = failures(runner.results.rows())
@@ -120,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailed as err:
         print(f"kd-lightning-study: error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM reaching a run (StudyInterrupted)
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM reaching a run (JobInterrupted)
         where = f" in {output / 'results.csv'}" if output else ""
         print(f"\nkd-lightning-study: interrupted; finished runs are kept{where}. Rerun the same "
               f"command to continue.", file=sys.stderr)

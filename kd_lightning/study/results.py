@@ -57,13 +57,16 @@ class Results:
         return {self.key(r["method"], r["M"], r["seed"], r["kind"], r["candidate"])
                 for r in self.rows() if r["kind"] != FAILED}
 
-
     @staticmethod
     def key(method: str, label: str, seed: Any, kind: str, candidate: str) -> tuple:
         return method, str(label), int(seed), kind, candidate
 
     def append(self, row: dict) -> None:
-        self._cut_torn_line()
+        if self.path.is_file():  # a torn last line is cut, so the row starts on a line of its own
+            with open(self.path, "rb+") as f:
+                data = f.read()
+                if data and not data.endswith(b"\n"):
+                    f.truncate(data.rfind(b"\n") + 1)
         fields, old = self._read()
         if fields and fields != CSV_FIELDS:  # an older file: rewrite it with today's columns
             with open(self.path, "w", newline="") as f:
@@ -78,16 +81,6 @@ class Results:
             writer.writerow(row)
             f.flush()
             os.fsync(f.fileno())
-
-
-    def _cut_torn_line(self) -> None:
-        """Remove a torn last line, so the next row starts on a line of its own."""
-        if not self.path.is_file():
-            return
-        with open(self.path, "rb+") as f:
-            data = f.read()
-            if data and not data.endswith(b"\n"):
-                f.truncate(data.rfind(b"\n") + 1)
 
 
 def _valid(row: dict) -> bool:

@@ -1,11 +1,10 @@
-"""The study spec: the YAML file, its presets, and the checks that run before any training.
+"""The study spec: the YAML file (format: ``configs/studies/README.md``), its presets, and the
+checks that run before any training.
 
-:func:`load_study` reads the file, applies a preset, checks every entry and parses every method's
-``kd-lightning fit`` configuration once, with the CLI's own parser (so run arguments are
-understood in every form the CLI accepts: ``--data.batch_size 50``, ``--data.batch_size=50``,
-``--model.init_args.eps 2``). The parsed configuration is kept on the :class:`MethodSpec`; the
-runner derives everything it needs about a run (data set size, batch size, whether there is a
-teacher) from it. The YAML format is described in :mod:`kd_lightning.study`.
+:func:`load_study` parses every method's ``kd-lightning fit`` configuration once, with the CLI's
+own parser, so run arguments are understood in every form the CLI accepts
+(``--data.batch_size 50``, ``--data.batch_size=50``); the runner derives what it needs about a
+run (data set size, batch size, whether there is a teacher) from that parsed configuration.
 """
 
 from __future__ import annotations
@@ -24,81 +23,51 @@ import yaml
 
 from kd_lightning import KDConfigError
 
-FULL = "full"
-DEFAULT = "default"
-DEFAULT_STEPS = 2000
-
+FULL, DEFAULT, DEFAULT_STEPS = "full", "default", 2000
 #: run settings the study gives every run itself; a spec may not set them
 CONTROLLED = ("seed_everything", "data.train_subset", "data.subset_seed", "trainer.max_epochs",
               "trainer.max_steps", "model.init_args.teacher_checkpoint", "test_after_fit")
 STUDY_KEYS = ("name", "output", "teacher", "budgets", "seeds", "steps", "epochs", "args", "set",
               "epoch_args", "methods", "presets")
 METHOD_KEYS = ("name", "config", "method", "reference", "args", "set", "grid", "epoch_args")
-
 Budget = int | None  # None is the full training split
+NO_DEFAULT = object()
 
 
 def budget_label(budget: Budget) -> str:
     return FULL if budget is None else str(budget)
 
 
-# ------------------------------------------------------------------------------------------
-# values that depend on the budget
-
-
-class _NoDefault:
-    def __repr__(self) -> str:
-        return "no default"
-
-
-NO_DEFAULT = _NoDefault()
-
-
 @dataclass(frozen=True)
 class PerBudget:
-    """A setting whose value depends on the budget M, written ``{50: 500, full: 3000}``.
-
-    Keys are budgets (positive integers or ``full``); an optional ``default`` entry serves every
-    budget the mapping does not name.
-    """
+    """A setting whose value depends on the budget M, written ``{50: 500, full: 3000}``; an
+    optional ``default`` entry serves every budget the mapping does not name."""
 
     values: dict  # budget (None for full) -> value
     default: Any = NO_DEFAULT
-
-    def names(self, budget: Budget) -> bool:
-        return budget in self.values
 
     def covers(self, budget: Budget) -> bool:
         return budget in self.values or self.default is not NO_DEFAULT
 
     def at(self, budget: Budget) -> Any:
-        if budget in self.values:
-            return self.values[budget]
-        if self.default is NO_DEFAULT:
+        if not self.covers(budget):
             raise KeyError(budget)
-        return self.default
+        return self.values.get(budget, self.default)
 
     def raw(self) -> dict[str, Any]:
         """The mapping as written (string keys, for the study's identity)."""
         out = {budget_label(b): v for b, v in self.values.items()}
-        if self.default is not NO_DEFAULT:
-            out[DEFAULT] = self.default
-        return out
+        return out if self.default is NO_DEFAULT else {**out, DEFAULT: self.default}
 
 
 def _budget_key(key: Any) -> Budget | str:
     """A per-budget mapping's key as a budget (or ``default``); ValueError if it is not one."""
-    if isinstance(key, bool):
-        raise ValueError(key)
-    if isinstance(key, int) and key >= 1:
+    if isinstance(key, int) and not isinstance(key, bool) and key >= 1:
         return key
-    if isinstance(key, str):
-        if key.lower() == FULL:
-            return None
-        if key.lower() == DEFAULT:
-            return DEFAULT
-        if key.isdigit() and int(key) >= 1:
-            return int(key)
+    if isinstance(key, str) and key.lower() in (FULL, DEFAULT):
+        return None if key.lower() == FULL else DEFAULT
+    if isinstance(key, str) and key.isdigit() and int(key) >= 1:
+        return int(key)
     raise ValueError(key)
 
 
@@ -111,8 +80,8 @@ def per_budget(value: Any, where: str) -> Any:
         try:
             keys[key] = _budget_key(key)
         except ValueError:
-            keys[key] = ValueError
-    bad = [k for k, v in keys.items() if v is ValueError]
+            pass
+    bad = [k for k in value if k not in keys]
     if len(bad) == len(value):
         return value  # an ordinary mapping value (e.g. a class_path/init_args block)
     if bad:
@@ -120,9 +89,8 @@ def per_budget(value: Any, where: str) -> Any:
             f"{where} mixes budgets and other keys ({', '.join(map(repr, bad))}). A per-budget "
             f"value is a mapping from budgets (positive integers or '{FULL}') and optionally "
             f"'{DEFAULT}' to values, e.g. {{50: 2.0, {FULL}: 0.3}}.")
-    values = {b: value[k] for k, b in keys.items() if b != DEFAULT}
-    default = next((value[k] for k, b in keys.items() if b == DEFAULT), NO_DEFAULT)
-    return PerBudget(values, default)
+    return PerBudget({b: value[k] for k, b in keys.items() if b != DEFAULT},
+                     next((value[k] for k, b in keys.items() if b == DEFAULT), NO_DEFAULT))
 
 
 def at_budget(value: Any, budget: Budget) -> Any:
@@ -133,15 +101,10 @@ def _raw(value: Any) -> Any:
     return value.raw() if isinstance(value, PerBudget) else value
 
 
-def cli_value(value: Any) -> str:
-    """``value`` written as a command-line value of ``kd-lightning``."""
-    if isinstance(value, str):
-        return value
-    return json.dumps(value)  # true/false/null, numbers, and lists/mappings as JSON
-
-
-# ------------------------------------------------------------------------------------------
-# the spec
+def override_args(settings: dict[str, Any]) -> list[str]:
+    """``--key value`` for each setting (strings as they are; other values as JSON)."""
+    return [tok for key, value in settings.items()
+            for tok in (f"--{key}", value if isinstance(value, str) else json.dumps(value))]
 
 
 @dataclass
@@ -179,7 +142,6 @@ class StudySpec:
     teacher_run_config: Any = None
     _run_configs: dict = field(default_factory=dict, repr=False)
 
-    # ---- files --------------------------------------------------------------------------
     def resolve(self, path: str) -> str:
         """A config path as written, if it exists from here; else relative to the study file."""
         p = Path(path)
@@ -193,39 +155,30 @@ class StudySpec:
         def digest(path: str) -> str:
             return hashlib.sha256(Path(self.resolve(path)).read_bytes()).hexdigest()[:16]
 
+        def settings(owner) -> dict:
+            return {k: {key: _raw(v) for key, v in getattr(owner, k).items()}
+                    for k in ("set", "grid") if getattr(owner, k, None)}
+
         ident: dict[str, Any] = {
             "name": self.name,
             "teacher": {"config": digest(self.teacher_config), "args": self.teacher_args},
             "steps": _raw(self.steps), "args": self.args, "epoch_args": self.epoch_args,
-            "methods": [],
-        }
+            "methods": [{"name": m.name, "config": digest(m.config), "args": m.args,
+                         "epoch_args": m.epoch_args, **settings(m)} for m in self.methods],
+            **settings(self)}
         if self.epochs is not None:
             ident["epochs"] = _raw(self.epochs)
-        if self.set:
-            ident["set"] = {k: _raw(v) for k, v in self.set.items()}
-        for m in self.methods:
-            entry = {"name": m.name, "config": digest(m.config), "args": m.args,
-                     "epoch_args": m.epoch_args}
-            if m.set:
-                entry["set"] = {k: _raw(v) for k, v in m.set.items()}
-            if m.grid:
-                entry["grid"] = {k: _raw(v) for k, v in m.grid.items()}
-            ident["methods"].append(entry)
         return ident
 
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:12]
 
-    # ---- what each run gets ---------------------------------------------------------------
     def length(self, budget: Budget) -> tuple[str, int]:
-        """``("steps", n)`` or ``("epochs", n)``: how long a run at this budget trains.
-
-        ``epochs`` or ``steps`` naming the budget wins; otherwise the one with a plain value (or
-        a ``default``) applies.
-        """
-        named = [(kind, v) for kind, v in (("epochs", self.epochs), ("steps", self.steps))
-                 if isinstance(v, PerBudget) and v.names(budget)]
-        fallback = [(kind, v) for kind, v in (("epochs", self.epochs), ("steps", self.steps))
+        """``("steps", n)`` or ``("epochs", n)``: how long a run at this budget trains; the one
+        naming the budget wins, else the one with a plain value (or a ``default``)."""
+        both = (("epochs", self.epochs), ("steps", self.steps))
+        named = [(k, v) for k, v in both if isinstance(v, PerBudget) and budget in v.values]
+        fallback = [(k, v) for k, v in both
                     if v is not None and not (isinstance(v, PerBudget) and not v.covers(budget))]
         label = budget_label(budget)
         if len(named) == 2:
@@ -235,11 +188,10 @@ class StudySpec:
             raise KDConfigError(
                 f"both 'steps' and 'epochs' apply to M={label} in {self.path}; give one of them, "
                 f"or name the budgets, e.g. steps: 3000 with epochs: {{{FULL}: 60}}.")
-        chosen = named or fallback
-        if not chosen:
+        if not (named or fallback):
             raise KDConfigError(f"no training length for M={label} in {self.path}: give it in "
                                 f"'steps' (optimizer steps) or 'epochs'.")
-        kind, value = chosen[0]
+        kind, value = (named or fallback)[0]
         n = at_budget(value, budget)
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise KDConfigError(f"'{kind}' for M={label} in {self.path} is {n!r}; it must be a "
@@ -250,16 +202,12 @@ class StudySpec:
         """The ``set`` values of a run: the study's (where the method's config has the key), then
         the method's own."""
         out = {k: at_budget(v, budget) for k, v in self.set.items() if k in method.run_config}
-        out.update({k: at_budget(v, budget) for k, v in method.set.items()})
-        return out
+        return {**out, **{k: at_budget(v, budget) for k, v in method.set.items()}}
 
     def candidates(self, method: MethodSpec, budget: Budget) -> list[dict[str, Any]]:
         """The grid of a method at this budget, one dict per candidate, in grid order."""
-        if not method.grid:
-            return [{}]
-        keys = list(method.grid)
-        lists = [at_budget(method.grid[k], budget) for k in keys]
-        return [dict(zip(keys, combo)) for combo in itertools.product(*lists)]
+        lists = [at_budget(v, budget) for v in method.grid.values()]
+        return [dict(zip(method.grid, combo)) for combo in itertools.product(*lists)]
 
     def epoch_fractions(self, method: MethodSpec) -> dict[str, float]:
         """``epoch_args`` of a method's runs: the study's and its own, for keys its config has."""
@@ -271,16 +219,12 @@ class StudySpec:
         args = override_args(overrides)
         key = (method.name, tuple(args))
         if key not in self._run_configs:
-            self._run_configs[key] = parse_overrides(method.run_config, args)
+            base = method.run_config
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._run_configs[key] = run_parser().parse_args(args, namespace=base.clone()) \
+                    if args else base
         return self._run_configs[key]
-
-
-def override_args(settings: dict[str, Any]) -> list[str]:
-    return [tok for key, value in settings.items() for tok in (f"--{key}", cli_value(value))]
-
-
-# ------------------------------------------------------------------------------------------
-# parsing run configurations with the kd-lightning parser
 
 
 @functools.lru_cache(maxsize=1)
@@ -292,10 +236,7 @@ def run_parser():
 
     class ParserOnly(KDLightningCLI):
         def parse_arguments(self, parser, args) -> None:
-            self.config = {}
-
-        def _set_seed(self) -> None:  # parsing must not seed this process
-            pass
+            self.config = {"seed_everything": False}  # parse nothing, seed nothing
 
         def instantiate_classes(self) -> None:
             pass
@@ -310,8 +251,7 @@ def _parse_error_text(err: BaseException) -> str:
     noise = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:",
              "Given value type:", "Given value:", "Expected a <class 'NoneType'>")
     lines = [line.strip().removeprefix("- ") for line in str(err).splitlines()]
-    kept = [line for line in lines if line and not line.startswith(noise)]
-    return re.sub(r"\s+", " ", " ".join(kept)).strip()
+    return re.sub(r"\s+", " ", " ".join(x for x in lines if x and not x.startswith(noise))).strip()
 
 
 def parse_run(config: str, args: list[str], where: str):
@@ -325,22 +265,8 @@ def parse_run(config: str, args: list[str], where: str):
                             f"{args} does not parse: {_parse_error_text(err)}") from None
 
 
-def parse_overrides(base, args: list[str]):
-    """``base`` with more command-line arguments applied, as the CLI would apply them."""
-    if not args:
-        return base
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return run_parser().parse_args(args, namespace=base.clone())
-
-
-# ------------------------------------------------------------------------------------------
-# loading and checking
-
-
 def available_methods() -> dict[str, type]:
-    """Every method of :mod:`kd_lightning.methods`: the subclasses of the base class, without the
-    shared bases that are not methods themselves (they are never a study's method)."""
+    """Every method of :mod:`kd_lightning.methods` (the shared bases are not methods)."""
     import kd_lightning.methods as methods
 
     bases = {methods.DistillationModule, methods.FeatureDistillation,
@@ -350,32 +276,23 @@ def available_methods() -> dict[str, type]:
             and obj not in bases}
 
 
-def _budget(value: Any, path: Path) -> Budget:
-    try:
-        key = _budget_key(value)
-    except ValueError:
-        key = DEFAULT
-    if key == DEFAULT:
-        raise KDConfigError(f"budget {value!r} in {path} is not a positive integer or '{FULL}'.")
-    return key
-
-
-def _str_list(value: Any, where: str) -> list[str]:
+def _checked(value: Any, kind: type, where: str, example: str) -> Any:
+    """``value`` (``None``: empty) if it is a ``kind`` (list or mapping), else a config error."""
     if value is None:
-        return []
-    if not isinstance(value, list):
-        raise KDConfigError(f"{where} must be a list of command-line arguments, e.g. "
-                            f"[--data.batch_size, 50], got {value!r}.")
-    return [str(a) for a in value]
+        return kind()
+    if not isinstance(value, kind):
+        what = "a list of command-line arguments" if kind is list else \
+            "a mapping of dotted run arguments to values"
+        raise KDConfigError(f"{where} must be {what}, e.g. {example}, got {value!r}.")
+    return [str(a) for a in value] if kind is list else value
 
 
-def _mapping(value: Any, where: str) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise KDConfigError(f"{where} must be a mapping of dotted run arguments to values, e.g. "
-                            f"{{model.init_args.eps: 2.0}}, got {value!r}.")
-    return value
+def _args(value, where):
+    return _checked(value, list, where, "[--data.batch_size, 50]")
+
+
+def _mapping(value, where):
+    return _checked(value, dict, where, "{model.init_args.eps: 2.0}")
 
 
 def _unknown_keys(entry: dict, valid: tuple[str, ...], where: str) -> None:
@@ -404,8 +321,7 @@ def load_study(path: str | Path, preset: str | None = None,
 
     ``preset`` replaces top-level keys with those of ``presets: {NAME: ...}`` and suffixes the
     study's name and output folder with ``-NAME``. ``run_args`` are the extra ``kd-lightning``
-    arguments every run gets (the command line's ``--trainer.*`` flags); they are parsed with
-    each method's configuration.
+    arguments every run gets (the command line's ``--trainer.*`` flags).
     """
     path = Path(path)
     if not path.is_file():
@@ -415,17 +331,17 @@ def load_study(path: str | Path, preset: str | None = None,
         raise KDConfigError(f"study config {path} must be a YAML mapping (name, teacher, methods, "
                             f"...), got {type(raw).__name__}.")
     _unknown_keys(raw, STUDY_KEYS, f"study config {path}")
-    name = str(raw.get("name", path.stem))
-    output = str(raw.get("output", f"studies/{path.stem}"))
+    name, output = str(raw.get("name", path.stem)), str(raw.get("output", f"studies/{path.stem}"))
     if preset is not None:
         presets = raw.get("presets") or {}
         if preset not in presets:
             raise KDConfigError(f"preset '{preset}' is not defined in {path}; defined presets: "
                                 f"{', '.join(presets) or 'none'}.")
-        _unknown_keys(presets[preset] or {}, STUDY_KEYS[:-1], f"preset '{preset}' of {path}")
-        raw = {**raw, **(presets[preset] or {})}
-        name = str(raw["name"]) if "name" in presets[preset] else f"{name}-{preset}"
-        output = str(raw["output"]) if "output" in presets[preset] else f"{output}-{preset}"
+        chosen = presets[preset] or {}
+        _unknown_keys(chosen, STUDY_KEYS[:-1], f"preset '{preset}' of {path}")
+        raw = {**raw, **chosen}
+        name = str(raw["name"]) if "name" in chosen else f"{name}-{preset}"
+        output = str(raw["output"]) if "output" in chosen else f"{output}-{preset}"
     for key in ("teacher", "methods"):
         if not raw.get(key):
             raise KDConfigError(f"study config {path} has no '{key}' section.")
@@ -434,7 +350,15 @@ def load_study(path: str | Path, preset: str | None = None,
         raise KDConfigError(f"'teacher' in {path} must be a mapping with 'config' (a kd-lightning "
                             f"fit config) and optionally 'args', got {teacher!r}.")
     _unknown_keys(teacher, ("config", "args"), f"'teacher' in {path}")
-    budgets = [_budget(b, path) for b in raw.get("budgets", [50, 100, 500, 1000, FULL])]
+    budgets = []
+    for b in raw.get("budgets", [50, 100, 500, 1000, FULL]):
+        try:
+            key = _budget_key(b)
+        except ValueError:
+            key = DEFAULT
+        if key == DEFAULT:
+            raise KDConfigError(f"budget {b!r} in {path} is not a positive integer or '{FULL}'.")
+        budgets.append(key)
     seeds = raw.get("seeds", [0, 1, 2])
     if not budgets or not seeds:
         raise KDConfigError(f"study config {path} needs at least one budget and one seed.")
@@ -445,13 +369,12 @@ def load_study(path: str | Path, preset: str | None = None,
         raise KDConfigError(f"seeds in {path} must be integers, got {seeds}.")
     steps = per_budget(raw.get("steps"), f"'steps' in {path}")
     epochs = per_budget(raw.get("epochs"), f"'epochs' in {path}")
-    if steps is None and epochs is None:
-        steps = DEFAULT_STEPS
     spec = StudySpec(
         name=name, output=output, teacher_config=str(teacher["config"]),
-        teacher_args=_str_list(teacher.get("args"), f"'teacher: args' in {path}"),
-        budgets=budgets, seeds=list(seeds), steps=steps, epochs=epochs, methods=[],
-        args=_str_list(raw.get("args"), f"'args' in {path}"),
+        teacher_args=_args(teacher.get("args"), f"'teacher: args' in {path}"),
+        budgets=budgets, seeds=list(seeds), methods=[], epochs=epochs,
+        steps=DEFAULT_STEPS if steps is None and epochs is None else steps,
+        args=_args(raw.get("args"), f"'args' in {path}"),
         set={k: per_budget(v, f"'set: {k}' in {path}")
              for k, v in _mapping(raw.get("set"), f"'set' in {path}").items()},
         epoch_args={str(k): float(v) for k, v in
@@ -463,7 +386,6 @@ def load_study(path: str | Path, preset: str | None = None,
     if controlled:
         raise KDConfigError(f"'set' in {path} sets {controlled[0]}, which the study sets itself "
                             f"for every run (controlled: {', '.join(CONTROLLED)}).")
-
     teacher_cfg = spec.resolve(spec.teacher_config)
     if not Path(teacher_cfg).is_file():
         raise KDConfigError(f"teacher config '{spec.teacher_config}' (in {path}) does not exist.")
@@ -472,8 +394,7 @@ def load_study(path: str | Path, preset: str | None = None,
     if not isinstance(raw["methods"], list):
         raise KDConfigError(f"'methods' in {path} must be a list of entries with name and config.")
     valid = available_methods()
-    for entry in raw["methods"]:
-        spec.methods.append(_load_method(entry, spec, path, valid, list(run_args)))
+    spec.methods = [_load_method(entry, spec, path, valid, list(run_args)) for entry in raw["methods"]]
     names = [m.name for m in spec.methods]
     if len(set(names)) != len(names):
         raise KDConfigError(f"method names in {path} must be unique, got {names}.")
@@ -493,7 +414,7 @@ def _load_method(entry: Any, spec: StudySpec, path: Path, valid: dict[str, type]
     _unknown_keys(entry, METHOD_KEYS, where)
     m = MethodSpec(
         name=str(entry["name"]), config=str(entry["config"]),
-        args=_str_list(entry.get("args"), f"'args' of {where}"),
+        args=_args(entry.get("args"), f"'args' of {where}"),
         set={k: per_budget(v, f"'set: {k}' of {where}")
              for k, v in _mapping(entry.get("set"), f"'set' of {where}").items()},
         grid={k: per_budget(v, f"'grid: {k}' of {where}")
@@ -512,21 +433,16 @@ def _load_method(entry: Any, spec: StudySpec, path: Path, valid: dict[str, type]
     if m.method is not None and class_path.rsplit(".", 1)[-1] != m.method:
         raise KDConfigError(f"{where} says method: {m.method} but its config {m.config} trains "
                             f"{class_path}.")
-    for key in m.set:
-        _check_key(key, m.run_config, f"'set' of {where}", m.config)
-    for key in m.grid:
-        _check_key(key, m.run_config, f"'grid' of {where}", m.config)
-        if key in m.set:
-            raise KDConfigError(f"{where} gives {key} in both 'set' and 'grid'; keep one.")
-    for key in m.epoch_args:
-        _check_key(key, m.run_config, f"'epoch_args' of {where}", m.config)
+    for kind in ("set", "grid", "epoch_args"):
+        for key in getattr(m, kind):
+            _check_key(key, m.run_config, f"'{kind}' of {where}", m.config)
+            if kind == "grid" and key in m.set:
+                raise KDConfigError(f"{where} gives {key} in both 'set' and 'grid'; keep one.")
     for b in spec.budgets:
         label = budget_label(b)
         for key, value in m.grid.items():
-            try:
-                values = at_budget(value, b)
-            except KeyError:
-                values = None
+            values = at_budget(value, b) if not isinstance(value, PerBudget) or value.covers(b) \
+                else None
             if not isinstance(values, list) or not values:
                 raise KDConfigError(
                     f"'grid: {key}' of {where} has no list of candidates for M={label}: give a "
@@ -543,23 +459,18 @@ def _load_method(entry: Any, spec: StudySpec, path: Path, valid: dict[str, type]
             except Exception as err:  # noqa: BLE001
                 raise KDConfigError(f"{where} at M={label}: the values {values} do not parse: "
                                     f"{_parse_error_text(err)}") from None
-    _check_teacher_fits(m, spec, where)
-    return m
-
-
-def _check_teacher_fits(m: MethodSpec, spec: StudySpec, where: str) -> None:
-    """A method that distils from a teacher network must configure the network the study's
-    teacher trains, or the cached teacher weights will not load into it."""
+    # a method distilling from a teacher network must configure the network the study's teacher
+    # trains, or the cached teacher weights will not load into it
     wanted = m.run_config.model.init_args.get("teacher")
     trained = spec.teacher_run_config.model.init_args.get("student")
-    if wanted is None or trained is None or not hasattr(wanted, "as_dict"):
-        return
-    if hasattr(trained, "as_dict") and wanted.as_dict() != trained.as_dict():
+    if hasattr(wanted, "as_dict") and hasattr(trained, "as_dict") \
+            and wanted.as_dict() != trained.as_dict():
         raise KDConfigError(
             f"{where} distils from the teacher network {_describe(wanted)} but the study's "
             f"teacher (teacher: config: {spec.teacher_config}) trains {_describe(trained)}, whose "
             f"weights would not fit. Make model.init_args.teacher of {m.config} the network of "
             f"model.init_args.student in {spec.teacher_config}.")
+    return m
 
 
 def _describe(net) -> str:

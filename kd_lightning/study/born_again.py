@@ -2,8 +2,7 @@ r"""``kd-lightning-born-again``: self-distillation over generations (born-again 
 
 Furlanello, Lipton, Tschannen, Itti & Anandkumar, "Born Again Neural Networks", ICML 2018.
 Generation 0 is trained on the labels alone; generation ``k >= 1`` has the same architecture and
-is distilled from generation ``k - 1`` as a frozen teacher (the "teacher as student, unchanged"
-of the teacher-student architectures listed in the CS 541 scribe notes of November 9, 2021). The
+is distilled from generation ``k - 1`` as a frozen teacher. The
 ensemble of generations averages their softmax outputs,
 :math:`p_{ens}(x) = \frac{1}{k+1} \sum_{i=0}^{k} p_i(x)` (the paper's BAN ensembles).
 
@@ -15,7 +14,7 @@ Usage::
 The config is an ordinary ``kd-lightning fit`` config of a method that distils from a teacher
 (``kd_lightning.methods.ResponseKD``: CE + KL; ``--pure-kd`` trains generations ``>= 1`` on the
 teacher's soft targets alone, the paper's BAN loss), without a ``teacher``: this command sets
-it. Every generation runs ``kd-lightning fit`` (through :func:`kd_lightning.study.runner.run_kd_lightning`,
+it. Every generation runs ``kd-lightning fit`` (through :func:`kd_lightning.jobs.run_job`,
 in a subprocess of its own under DDP) with the config it writes to ``<output>/gen<k>.yaml``:
 
 - generation 0: ``kd_lightning.methods.Supervised`` with the config's student, optimiser and
@@ -37,24 +36,23 @@ ensemble of generations ``0..k``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import csv
 import hashlib
+import importlib
 import inspect
 import io
 import json
-import logging
 import sys
 import tempfile
-import warnings
 from pathlib import Path
-from unittest import mock
 
 import torch
 import yaml
 
-from kd_lightning import KDConfigError
+from kd_lightning import KDConfigError, jobs
+from kd_lightning.study.runner import delete_own_files
+from kd_lightning.study.spec import parse_run
 
 SUPERVISED = "kd_lightning.methods.Supervised"
 
@@ -78,8 +76,6 @@ def _load_config(path: Path) -> dict:
 
 
 def _method_class(class_path: str):
-    import importlib
-
     module, _, name = class_path.rpartition(".")
     try:
         return getattr(importlib.import_module(module), name)
@@ -131,8 +127,6 @@ def _identity(config: Path, extra: list[str], pure_kd: bool) -> str:
 
 
 def _claim_output(output: Path, identity: str, overwrite: bool) -> None:
-    from kd_lightning.study.runner import delete_own_files
-
     meta = output / "born_again.json"
     if meta.is_file():
         saved = json.loads(meta.read_text()).get("identity")
@@ -153,9 +147,6 @@ def run_generations(config: str | Path, generations: int, output: str | Path,
                     overwrite: bool = False, log=print) -> list[dict]:
     """Train generations ``0..generations-1`` (skipping finished ones), then evaluate each and the
     ensembles of generations ``0..k`` on the test split. Returns one row per generation."""
-    from kd_lightning.study.runner import RunFailed, needs_subprocess, run_kd_lightning
-    from kd_lightning.study.spec import parse_run
-
     config, output, extra = Path(config), Path(output).resolve(), list(extra or [])
     if generations < 1:
         raise KDConfigError(f"born-again: --generations must be >= 1, got {generations}.")
@@ -184,16 +175,17 @@ def run_generations(config: str | Path, generations: int, output: str | Path,
             log(f"generation {k}: resuming from {last}")
         else:
             log(f"generation {k}: training" + (" (labels only)" if k == 0 else f" from generation {k - 1}"))
+        job = jobs.Job(args, output / f"gen{k}" / "run.log", jobs.needs_subprocess(parsed[k]))
         try:
-            metrics = run_kd_lightning(args, output / f"gen{k}" / "run.log", needs_subprocess(parsed[k]))
-        except RunFailed as err:
-            raise KDConfigError(f"born-again: generation {k} failed ({err}); see "
-                                f"{output / f'gen{k}' / 'run.log'}. Finished generations are kept; "
-                                f"rerun the command to continue.") from None
+            metrics = jobs.run_job(job).metrics
+        except jobs.JobFailed as err:
+            raise KDConfigError(f"born-again: generation {k} failed ({err}); see {job.log}. "
+                                f"Finished generations are kept; rerun the command to "
+                                f"continue.") from None
         best = checkpoint_dir(output, k) / "best.ckpt"
         if not best.is_file() or "test/acc" not in metrics:
             raise KDConfigError(f"born-again: generation {k} wrote no {best} or no test/acc (is "
-                                f"validation switched off?); see {output / f'gen{k}' / 'run.log'}.")
+                                f"validation switched off?); see {job.log}.")
         done.write_text(json.dumps({"test_acc": metrics["test/acc"], "checkpoint": str(best)}))
         log(f"generation {k}: test accuracy {metrics['test/acc']:.4f}")
 
@@ -211,13 +203,10 @@ def evaluate_generations(gen0_config: Path, checkpoints: list[Path], extra: list
     generations ``0..k``, on the test split of the generation-0 config's data module."""
     from kd_lightning.cli import cli_main
 
-    quiet = io.StringIO()
-    with mock.patch.object(sys, "argv", ["kd-lightning"]), contextlib.redirect_stdout(quiet), \
-            contextlib.redirect_stderr(quiet), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cli = cli_main(["--config", str(gen0_config), *extra, "--trainer.logger", "false",
-                        "--trainer.devices", "1", "--trainer.strategy", "auto",
-                        "--trainer.accelerator", "cpu"], run=False)
+    with jobs.output_to(io.StringIO()):
+        cli = cli_main(args=["--config", str(gen0_config), *extra, "--trainer.logger", "false",
+                             "--trainer.devices", "1", "--trainer.strategy", "auto",
+                             "--trainer.accelerator", "cpu"], run=False)
     student, dm = cli.model.student, cli.datamodule
     dm.setup("test")
     loader = dm.test_dataloader()
@@ -276,10 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="delete an output folder that holds another configuration's generations")
     args, extra = parser.parse_known_args(argv)
     output = Path(args.output or Path("born_again") / Path(args.config).stem)
-    import pytorch_lightning  # noqa: F401 - sets its loggers' levels on import; quieter below
-
-    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
-    logging.getLogger("lightning_fabric").setLevel(logging.ERROR)
+    jobs.quiet_lightning()
     try:
         rows = run_generations(args.config, args.generations, output, extra, args.pure_kd,
                                args.overwrite)

@@ -1,0 +1,306 @@
+"""The run layer: one ``kd-lightning`` job, in this process or in a subprocess, and its outcome.
+
+:func:`run_job` runs ``kd-lightning ARGS`` (``fit``/``validate``/``test`` with any CLI
+arguments) through :func:`kd_lightning.cli.cli_main`, exactly as the command line would, with
+its output in a log file, and returns a :class:`JobResult` (final metrics, seconds, the run
+folder, the checkpoints written, the log). A job that fails raises :class:`JobFailed` (exit
+status, the run's own error line, the log); one stopped by Ctrl-C or SIGTERM raises
+:class:`JobInterrupted`. The study, ``kd-lightning-born-again`` and
+``benchmarks/cifar100_table.py`` run every training through it.
+
+Multi-process strategies (DDP) start their other processes by re-running the command that
+started the first one, so such jobs (``Job.isolate``; :func:`needs_subprocess` tells from a
+parsed configuration) run in a subprocess of their own::
+
+    python -m kd_lightning.jobs --result R.json [--progress P.jsonl] [--validate] \\
+        [--save-weights W.ckpt] -- fit --config ... (the kd-lightning arguments)
+
+Every process of the job runs the same code; rank 0 writes the result file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from pytorch_lightning.callbacks import Callback
+
+#: Lightning's loggers, whose console handlers hold the ``sys.stderr`` of import time
+LOGGERS = ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lightning.fabric",
+           "torchmetrics")
+
+
+@dataclass
+class Job:
+    """``kd-lightning ARGS``, its output to ``log``; ``isolate``: in a subprocess.
+
+    ``validate``: afterwards measure the final weights on the validation split (``val/acc``);
+    ``save_weights``: write the final weights there (a checkpoint without optimizer state).
+    """
+
+    args: list[str]
+    log: Path
+    isolate: bool = False
+    validate: bool = False
+    save_weights: Path | None = None
+
+
+@dataclass
+class JobResult:
+    metrics: dict[str, float]
+    seconds: float = 0.0
+    log: str = ""
+    #: the logger's folder of the run (TensorBoard files, hparams.yaml); "" without a logger
+    run_dir: str = ""
+    #: the checkpoints the run's ModelCheckpoint callbacks wrote (best first, as configured)
+    checkpoints: list[str] = field(default_factory=list)
+
+
+class JobFailed(Exception):
+    """A job failed: its exit status (``None`` for an exception), what it said, its log."""
+
+    def __init__(self, message: str, exit_code: int | None = None, log: Path | None = None):
+        super().__init__(message)
+        self.exit_code, self.log = exit_code, log
+
+
+class JobInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped a job; ``exit_code`` 130 (SIGINT) or 143 (SIGTERM)."""
+
+    def __init__(self, exit_code: int) -> None:
+        super().__init__(exit_code)
+        self.exit_code = exit_code
+
+
+#: exit statuses of a job stopped by SIGINT / SIGTERM (the CLI's 130 / 143, or the signal itself)
+INTERRUPTED = {130: 130, -signal.SIGINT: 130, 143: 143, -signal.SIGTERM: 143}
+
+
+def quiet_lightning() -> None:
+    """Lightning's INFO lines (GPU available, ...) off: jobs say what matters in their logs."""
+    for name in LOGGERS[:2]:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def needs_subprocess(config) -> bool:
+    """Whether a parsed ``kd-lightning`` configuration starts several processes."""
+    trainer = config.trainer
+    strategy = trainer.strategy if isinstance(trainer.strategy, str) else \
+        getattr(trainer.strategy, "class_path", str(trainer.strategy))
+    devices = trainer.devices
+    if isinstance(devices, str) and devices != "auto":  # "2", "-1" or a list "0,1"
+        items = [d for d in devices.split(",") if d.strip()]
+        devices = items if "," in devices or not devices.strip().lstrip("-").isdigit() \
+            else int(devices)
+    if devices == "auto":
+        many = trainer.accelerator != "cpu"  # "auto" takes every GPU there is
+    elif isinstance(devices, int):
+        many = devices > 1 or devices == -1
+    else:
+        many = len(devices) > 1
+    return "ddp" in str(strategy).lower() or (trainer.num_nodes or 1) > 1 or many
+
+
+# ------------------------------------------------------------------------------------------
+# progress of a job's epochs
+
+#: where :class:`EpochProgress` reports (set for the duration of a job)
+_listener: Callable[[dict], None] | None = None
+
+
+class EpochProgress(Callback):
+    """Reports each finished training epoch (epoch, max_epochs, val_acc) to ``run_job``'s
+    ``on_epoch`` (add it with ``--trainer.callbacks+=kd_lightning.jobs.EpochProgress``)."""
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if _listener is None or not trainer.is_global_zero:
+            return
+        val = trainer.callback_metrics.get("val/acc")
+        _listener({"epoch": trainer.current_epoch + 1, "max_epochs": trainer.max_epochs,
+                   "val_acc": None if val is None else float(val)})
+
+
+# ------------------------------------------------------------------------------------------
+# running
+
+
+def run_job(job: Job, on_epoch: Callable[[dict], None] | None = None) -> JobResult:
+    """Run ``job``; raises :class:`JobFailed` or :class:`JobInterrupted`."""
+    job.log = Path(job.log)
+    job.log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    result = (_subprocess if job.isolate else _in_process)(job, on_epoch)
+    result.seconds, result.log = time.perf_counter() - start, str(job.log)
+    return result
+
+
+def _cli(job: Job) -> tuple[Any, JobResult]:
+    """The job through the CLI in this process: (trainer, result without timing)."""
+    from kd_lightning.cli import cli_main
+
+    trainer = cli_main(args=[str(a) for a in job.args]).trainer
+    if job.validate:
+        trainer.limit_val_batches = 1.0  # a study's run trains with limit_val_batches 0
+        trainer.validate(trainer.lightning_module, datamodule=trainer.datamodule, verbose=False)
+    if job.save_weights:
+        trainer.save_checkpoint(str(job.save_weights), weights_only=True)
+    ckpts = [p for cb in trainer.checkpoint_callbacks
+             for p in (cb.best_model_path, cb.last_model_path) if p]
+    return trainer, JobResult({k: float(v) for k, v in trainer.callback_metrics.items()},
+                              run_dir=str(trainer.log_dir or ""), checkpoints=list(dict.fromkeys(ckpts)))
+
+
+@contextlib.contextmanager
+def output_to(stream):
+    """stdout, stderr and Lightning's console log handlers into ``stream``; warnings off."""
+    handlers = [h for name in LOGGERS for h in logging.getLogger(name).handlers
+                if type(h) is logging.StreamHandler]
+    old = [h.stream for h in handlers]
+    for h in handlers:
+        h.setStream(stream)
+    try:
+        with contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for h, s in zip(handlers, old):
+            h.setStream(s)
+
+
+def _set_sigint(handler):
+    """Install a SIGINT handler; the previous one (``None`` off the main thread, e.g. in a Ray
+    worker's task thread, where signals cannot be handled)."""
+    try:
+        return signal.signal(signal.SIGINT, handler)
+    except ValueError:
+        return None
+
+
+def _in_process(job: Job, on_epoch) -> JobResult:
+    global _listener
+    # Lightning answers Ctrl-C during fit with a graceful stop and exit status 1, which alone is
+    # not told apart from a failure: a handler of ours notes the signal first
+    sigints: list[int] = []
+
+    def on_sigint(signum, frame):
+        sigints.append(signum)
+        raise KeyboardInterrupt
+
+    # (a process that ignores SIGINT, e.g. started in the background, keeps ignoring it)
+    previous = None if signal.getsignal(signal.SIGINT) is signal.SIG_IGN else _set_sigint(on_sigint)
+    _listener = on_epoch
+    try:
+        with open(job.log, "w") as log, output_to(log):
+            print("kd-lightning " + shlex.join(map(str, job.args)), flush=True)
+            try:
+                return _cli(job)[1]
+            except SystemExit as exc:  # a configuration error (printed into the log) or a signal
+                code = exc.code
+            except KeyboardInterrupt:
+                code = 130
+            except Exception as exc:  # noqa: BLE001 - any failure of the training itself
+                traceback.print_exc()
+                raise JobFailed(f"{type(exc).__name__}: {exc}", None, job.log) from None
+    finally:
+        _listener = None
+        if previous is not None:
+            _set_sigint(previous)
+    if sigints or code in INTERRUPTED:
+        raise JobInterrupted(130 if sigints else INTERRUPTED[code])
+    raise JobFailed(f"exit status {code}: {error_lines(job.log)}", code, job.log)
+
+
+def error_lines(log: Path) -> str:
+    """What a failed job said: its one-line configuration error, or its last lines."""
+    text = Path(log).read_text(errors="replace") if Path(log).is_file() else ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("kd-lightning: error:")]
+    if errors:
+        return errors[-1][len("kd-lightning: error:"):].strip()
+    return " / ".join(lines[-3:])
+
+
+def _subprocess(job: Job, on_epoch) -> JobResult:
+    result_file = job.log.with_suffix(".result.json")
+    progress = job.log.with_suffix(".progress.jsonl")
+    for stale in (result_file, progress):
+        stale.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "kd_lightning.jobs", "--result", str(result_file)]
+    cmd += ["--progress", str(progress)] if on_epoch is not None else []
+    cmd += ["--validate"] if job.validate else []
+    cmd += ["--save-weights", str(job.save_weights)] if job.save_weights else []
+    cmd += ["--", *map(str, job.args)]
+    # the subprocess imports this same kd_lightning, wherever it was imported from
+    here = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (here, os.environ.get("PYTHONPATH")) if p)}
+    seen = 0
+    with open(job.log, "w") as log:
+        log.write(shlex.join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            code = None
+            while code is None:
+                try:
+                    code = proc.wait(timeout=0.5)
+                except subprocess.TimeoutExpired:
+                    pass
+                if on_epoch is not None and progress.is_file():
+                    lines = progress.read_text().splitlines()
+                    for line in lines[seen:]:
+                        on_epoch(json.loads(line))
+                    seen = len(lines)
+        except BaseException:
+            proc.kill()
+            raise
+    if code in INTERRUPTED:
+        raise JobInterrupted(INTERRUPTED[code])
+    if code != 0 or not result_file.is_file():
+        raise JobFailed(f"exit status {code}: {error_lines(job.log)}", code, job.log)
+    return JobResult(**json.loads(result_file.read_text()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m kd_lightning.jobs",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--result", required=True, help="JSON file for the job's result")
+    parser.add_argument("--progress", help="JSON-lines file for per-epoch progress")
+    parser.add_argument("--validate", action="store_true")
+    parser.add_argument("--save-weights")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="-- then the kd-lightning arguments")
+    opts = parser.parse_args(argv)
+    args = opts.args[1:] if opts.args[:1] == ["--"] else opts.args
+
+    def report(event: dict) -> None:
+        with open(opts.progress, "a") as f:
+            f.write(json.dumps(event) + "\n")
+
+    global _listener
+    _listener = report if opts.progress else None
+    trainer, result = _cli(Job(args, Path(opts.result), validate=opts.validate,
+                               save_weights=opts.save_weights))
+    if trainer.global_rank == 0:
+        Path(opts.result).write_text(json.dumps(asdict(result)))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    # run main() of the module proper: the callback, imported by its class path, reports to
+    # kd_lightning.jobs._listener, not to this __main__ copy's
+    from kd_lightning.jobs import main as module_main
+
+    module_main()

@@ -1,0 +1,178 @@
+"""Where a study's runs execute: one after another here, or as Ray tasks.
+
+Both executors take a run with ``submit(plan)`` and give back ``(plan, outcome)`` pairs from
+``results()`` as runs finish; the outcome is a :class:`~kd_lightning.jobs.JobResult` or a
+:class:`~kd_lightning.jobs.JobFailed`. A run is a list of :class:`~kd_lightning.jobs.Job`
+executed in order (:func:`execute`). :class:`RayExecutor` runs each as one Ray task with declared
+resources (``--cpus-per-run``, ``--gpus-per-run``; a GPU fraction lets runs share one) on a local
+instance (``--workers N``) or a cluster (``--address``); the driver alone writes results.csv,
+and on a cluster the study folder and teacher cache must be on a file system every node sees.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+from pathlib import Path
+
+from kd_lightning import KDConfigError, jobs
+
+
+def execute(run: list[jobs.Job]) -> jobs.JobResult:
+    """The jobs of one run, in order; the last one's result, with the seconds of all."""
+    seconds = 0.0
+    for job in run:
+        result = jobs.run_job(job)
+        seconds += result.seconds
+    result.seconds = seconds
+    return result
+
+
+class SequentialExecutor:
+    """Runs one after another in this process (a run is started when ``results()`` reaches it),
+    in the order submitted."""
+
+    concurrent = False
+
+    def __init__(self) -> None:
+        self.queue: collections.deque = collections.deque()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.queue.clear()
+
+    def describe(self) -> str:
+        return "running one after another in this process"
+
+    def room(self) -> int:
+        return 1 - len(self.queue)
+
+    def submit(self, plan) -> None:
+        self.queue.append(plan)
+
+    def results(self):
+        while self.queue:
+            plan = self.queue.popleft()
+            try:
+                outcome = execute(plan.jobs)
+            except jobs.JobFailed as err:
+                outcome = err
+            yield plan, outcome
+
+
+def _ray_task(run: list[jobs.Job], threads: int):
+    """One run inside a Ray worker, its torch and OpenMP threads set to the task's CPUs (those
+    of a subprocess run too, through OMP_NUM_THREADS)."""
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+    jobs.quiet_lightning()
+    try:
+        return execute(run)
+    except jobs.JobFailed as err:
+        return err
+
+
+class RayExecutor:
+    """Runs as Ray tasks: ``workers`` starts a local Ray instance with that many CPUs (shut down
+    at the end), ``address`` joins a cluster (``auto``: the one this node belongs to)."""
+
+    concurrent = True
+
+    def __init__(self, workers: int | None = None, address: str | None = None,
+                 cpus_per_run: float = 1.0, gpus_per_run: float = 0.0) -> None:
+        if (workers is None) == (address is None):
+            raise KDConfigError("give either --workers N (a local Ray instance) or --address ADDR "
+                                "(an existing Ray cluster), not both.")
+        if workers is not None and workers < 1:
+            raise KDConfigError(f"--workers must be at least 1, got {workers}.")
+        if cpus_per_run <= 0 or gpus_per_run < 0:
+            raise KDConfigError(f"--cpus-per-run must be > 0 and --gpus-per-run >= 0, got "
+                                f"{cpus_per_run} and {gpus_per_run}.")
+        if workers is not None and cpus_per_run > workers:
+            raise KDConfigError(f"--cpus-per-run {cpus_per_run} is more than the {workers} CPUs "
+                                f"of --workers {workers}; no run could start.")
+        try:
+            import ray
+        except ImportError:
+            raise KDConfigError("--workers and --address run the study on Ray, which is not "
+                                "installed; install it with `pip install kd_lightning[ray]` (or "
+                                "run the study sequentially, without --workers/--address).") from None
+        self.ray, self.workers, self.address = ray, workers, address
+        self.cpus, self.gpus = cpus_per_run, gpus_per_run
+        self.pending: dict = {}
+        self._started = False
+
+    def __enter__(self):
+        ray = self.ray
+        kwargs = dict(address=self.address, include_dashboard=False, log_to_driver=False,
+                      logging_level=logging.ERROR)
+        if self.workers is not None:
+            # the workers import this same kd_lightning, wherever the driver imported it from
+            here = str(Path(jobs.__file__).resolve().parents[1])
+            paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+            if here not in paths:
+                os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, *paths) if p)
+            kwargs.update(address="local", num_cpus=self.workers)
+        for attempt in range(3):  # a busy machine can make a local instance miss Ray's deadlines
+            try:
+                ray.init(**kwargs)
+                break
+            except Exception:  # noqa: BLE001 - Ray raises plain Exception on a startup timeout
+                ray.shutdown()
+                if self.workers is None or attempt == 2:
+                    raise
+        self._started = True
+        have = ray.cluster_resources()
+        for name, need, flag in (("CPU", self.cpus, "--cpus-per-run"),
+                                 ("GPU", self.gpus, "--gpus-per-run")):
+            if need > have.get(name, 0):
+                self.__exit__()
+                raise KDConfigError(f"{flag} {need} asks for more {name}s than the Ray cluster has "
+                                    f"({have.get(name, 0):g}); no run could start.")
+        slots = have.get("CPU", 0) / self.cpus
+        if self.gpus:
+            slots = min(slots, have.get("GPU", 0) / self.gpus)
+        # every slot busy and as many queued: a worker that finishes starts its next run at once,
+        # while the order of the rest is still the driver's to choose
+        self.window = 2 * max(1, int(slots + 1e-9))
+        # a failed run is recorded as failed (a rerun of the study tries it again), not retried
+        self._remote = ray.remote(_ray_task).options(num_cpus=self.cpus, num_gpus=self.gpus,
+                                                     max_retries=0)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for ref in self.pending:  # stopped, interrupted, or the teacher failed
+            self.ray.cancel(ref, force=True)
+        self.pending.clear()
+        if self._started:
+            self._started = False
+            self.ray.shutdown()
+
+    def describe(self) -> str:
+        where = f"a local Ray instance with {self.workers} CPUs" if self.workers is not None \
+            else f"the Ray cluster at {self.address}"
+        return f"running on {where}: {self.cpus:g} CPU{f', {self.gpus:g} GPU' if self.gpus else ''} per run"
+
+    def room(self) -> int:
+        return self.window - len(self.pending)
+
+    def submit(self, plan) -> None:
+        self.pending[self._remote.remote(plan.jobs, max(1, int(self.cpus)))] = plan
+
+    def results(self):
+        ray = self.ray
+        while self.pending:
+            (ref,), _ = ray.wait(list(self.pending), num_returns=1)
+            plan = self.pending.pop(ref)
+            try:
+                outcome = ray.get(ref)
+            except ray.exceptions.RayError as err:
+                first = (str(err).strip().splitlines() or [""])[0]
+                outcome = jobs.JobFailed(f"the Ray worker running it failed "
+                                         f"({type(err).__name__}: {first})")
+            yield plan, outcome

@@ -1,0 +1,70 @@
+"""kd_lightning.jobs: one kd-lightning job in this process or a subprocess, its result and failure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from kd_lightning import jobs
+from tests.conftest import CONFIGS, TINY
+
+
+def _args(tmp_path: Path, *extra: str) -> list[str]:
+    return ["fit", "--config", str(CONFIGS / "mnist1d/student.yaml"), *TINY, "--seed_everything", "3",
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+            "--data.train_subset", "40", "--data.subset_seed", "3", *extra]
+
+
+def test_a_job_in_process_and_in_a_subprocess_equals_a_fresh_cli_run(tmp_path, monkeypatch):
+    """The same metrics as `kd-lightning fit` itself; the run folder, checkpoints and log are
+    reported; the subprocess passes the epochs' progress back."""
+    from kd_lightning.cli import cli_main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    args = _args(tmp_path, "--trainer.logger.init_args.name", "a")
+    here = jobs.run_job(jobs.Job(args, tmp_path / "a.log"))
+    assert "test/acc" in here.metrics and here.seconds > 0 and here.log == str(tmp_path / "a.log")
+    assert Path(here.run_dir) == tmp_path / "runs" / "a" / "version_0"
+    assert Path(here.checkpoints[0]).name == "best.ckpt"
+    assert all(Path(p).is_file() for p in here.checkpoints)
+    assert (tmp_path / "a.log").read_text().startswith("kd-lightning fit --config ")
+    fresh = cli_main(args=_args(tmp_path, "--trainer.logger.init_args.name", "fresh"))
+    assert here.metrics == {k: float(v) for k, v in fresh.trainer.callback_metrics.items()}
+
+    events = []
+    args = _args(tmp_path, "--trainer.logger.init_args.name", "b",
+                 "--trainer.callbacks+=kd_lightning.jobs.EpochProgress")
+    there = jobs.run_job(jobs.Job(args, tmp_path / "b.log", isolate=True,
+                                  save_weights=tmp_path / "w.ckpt"), events.append)
+    assert there.metrics == here.metrics and (tmp_path / "w.ckpt").is_file()
+    assert Path(there.run_dir) == tmp_path / "runs" / "b" / "version_0"
+    assert [(e["epoch"], e["max_epochs"]) for e in events] == [(1, 1)]
+
+
+@pytest.mark.parametrize("isolate", [False, True])
+def test_a_failing_job_says_why_with_its_exit_status_and_log(tmp_path, monkeypatch, isolate):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    job = jobs.Job(_args(tmp_path, "--data.train_subset", "100000"), tmp_path / "x.log", isolate)
+    with pytest.raises(jobs.JobFailed, match="larger than the training set") as err:
+        jobs.run_job(job)
+    assert err.value.exit_code == 2 and err.value.log == tmp_path / "x.log"
+    assert "larger than the training set" in (tmp_path / "x.log").read_text()
+
+
+@pytest.mark.parametrize("trainer, expected", [
+    ({"strategy": "auto", "devices": 1, "num_nodes": 1, "accelerator": "cpu"}, False),
+    ({"strategy": "auto", "devices": "auto", "num_nodes": 1, "accelerator": "cpu"}, False),
+    ({"strategy": "ddp", "devices": 2, "num_nodes": 1, "accelerator": "cpu"}, True),
+    ({"strategy": "auto", "devices": 2, "num_nodes": 1, "accelerator": "cpu"}, True),
+    ({"strategy": "auto", "devices": "0,1", "num_nodes": 1, "accelerator": "gpu"}, True),
+    ({"strategy": "auto", "devices": "1", "num_nodes": 1, "accelerator": "gpu"}, False),
+    ({"strategy": "auto", "devices": 1, "num_nodes": 2, "accelerator": "gpu"}, True),
+    ({"strategy": SimpleNamespace(class_path="pytorch_lightning.strategies.DDPStrategy"), "devices": 1,
+      "num_nodes": 1, "accelerator": "cpu"}, True),
+])
+def test_multi_process_jobs_go_to_a_subprocess(trainer, expected):
+    assert jobs.needs_subprocess(SimpleNamespace(trainer=SimpleNamespace(**trainer))) is expected
