@@ -23,10 +23,6 @@ HOOK_BOOKKEEPING_ATTRIBUTES = frozenset({"_current_fx_name"})
 #: the common base class of torch's batch norm layers (BatchNorm1d/2d/3d, SyncBatchNorm, lazy ones)
 BATCH_NORM_BASE = nn.modules.batchnorm._BatchNorm
 
-#: what ``LightningCLI.setup_parser`` builds besides ``cli.parser`` when it adds subcommands
-CLI_SUBCOMMAND_ATTRIBUTES = ("_subcommand_parsers", "_subcommand_method_arguments")
-
-
 class FastHookBookkeeping:
     """A base of a LightningModule (placed before ``pl.LightningModule``) that sets the
     :data:`HOOK_BOOKKEEPING_ATTRIBUTES` as plain attributes, without ``nn.Module.__setattr__``."""
@@ -120,27 +116,3 @@ def defer_tensorboard_hparams(logger) -> None:
     ones, so the session with the final metrics must be the first one written."""
     if hasattr(logger, "_default_hp_metric"):
         logger._default_hp_metric = False
-
-
-def cli_parsers(cli) -> tuple:
-    """What ``LightningCLI.setup_parser`` built: ``cli.parser`` and, when it added subcommands,
-    the subcommand parsers and the method arguments of each subcommand (else ``None``)."""
-    return (cli.parser, *(getattr(cli, name, None) for name in CLI_SUBCOMMAND_ATTRIBUTES))
-
-
-def reuse_cli_parsers(cli, parsers: tuple) -> None:
-    """Give ``cli`` the parsers another CLI built (:func:`cli_parsers` of it), from its own
-    ``setup_parser``, instead of building them anew."""
-    cli.parser, *subcommand_state = parsers
-    for name, value in zip(CLI_SUBCOMMAND_ATTRIBUTES, subcommand_state):
-        if value is not None:
-            setattr(cli, name, value)
-
-
-class NoCLISeeding:
-    """A base of a LightningCLI subclass (placed before it) that never seeds the process:
-    LightningCLI calls ``seed_everything`` right after parsing, which a CLI that only parses
-    configurations must not do."""
-
-    def _set_seed(self) -> None:
-        pass
