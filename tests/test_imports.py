@@ -89,3 +89,15 @@ def test_every_training_module_imports_first():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(names) >= 10
+
+
+def test_every_module_compiles_without_warnings():
+    """No invalid escape sequence (a docstring with LaTeX needs r\"\"\"...\"\"\"): Python warns
+    today and will refuse them later."""
+    import warnings
+
+    root = Path(kd_lightning.__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            compile(path.read_text(encoding="utf-8"), str(path), "exec")

@@ -1,8 +1,9 @@
 """MkDocs hook: the methods page lists every exported method, read from the package at build time.
 
 ``docs/methods.md`` holds the marker ``<!-- methods-api -->``; this hook replaces it with one
-mkdocstrings entry per class in ``kd_lightning.methods.__all__`` that is a ``DistillationModule``
-(the base class first), written with the class's defining module so that the entry resolves however
+mkdocstrings entry per module that defines a class of ``kd_lightning.methods.__all__`` which is a
+``DistillationModule`` (the base class first): the module's docstring, which names the paper, then
+its exported classes; written with the defining module so that the entry resolves however
 ``__all__`` is built. A method added to the package therefore appears here with nothing to edit.
 """
 
@@ -32,7 +33,13 @@ def exported_methods() -> list[type]:
 
 
 def api_entries() -> str:
-    return "\n\n".join(f"::: {cls.__module__}.{cls.__qualname__}" for cls in exported_methods())
+    """One entry per defining module: its docstring (the paper and formula) and its exported
+    method classes, in ``__all__`` order."""
+    modules: dict[str, list[str]] = {}
+    for cls in exported_methods():
+        modules.setdefault(cls.__module__, []).append(cls.__qualname__)
+    return "\n\n".join(f"::: {module}\n    options:\n      show_root_heading: false\n"
+                       f"      members: [{', '.join(names)}]" for module, names in modules.items())
 
 
 def on_page_markdown(markdown: str, page, **kwargs) -> str:

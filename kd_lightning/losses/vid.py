@@ -1,4 +1,4 @@
-"""Variational information distillation (VID).
+r"""Variational information distillation (VID).
 
 Reference:
     Ahn, Hu, Damianou, Lawrence & Dai, "Variational Information Distillation for Knowledge

@@ -1,4 +1,4 @@
-"""Shared machinery of the feature-based methods (FitNet, FSP, ActivationBoundary, AttentionTransfer).
+r"""Shared machinery of the feature-based methods (FitNet, FSP, ActivationBoundary, AttentionTransfer).
 
 What the four methods have in common lives here, so each method file holds only its
 hyperparameters and its ``training_step``:
