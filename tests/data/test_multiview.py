@@ -1,4 +1,5 @@
-"""The multi-view data set of seed 001, section 9: the written distribution and its embedding."""
+"""The multi-view data set of the CS 541 scribe notes (Shen, 2021), section 9: the written distribution
+and its embedding."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from kd_lightning.data.sources import load_multiview, make_multiview, multiview_
 from kd_lightning.methods import Supervised
 from kd_lightning.models import MLP
 
-# the seed's table, written out again: (label, case) -> (probability, v1, v2, v3, v4)
+# the notes' table, written out again: (label, case) -> (probability, v1, v2, v3, v4)
 SEED_TABLE = {
     (0, 0): (0.8, [1.0, 1.0, 0.1, 0.1]),  # v1, v2 = 1, v3, v4 = 0.1
     (0, 1): (0.1, [1.0, 0.0, 0.1, 0.1]),  # v1 = 1, v3, v4 = 0.1

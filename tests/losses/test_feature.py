@@ -44,7 +44,7 @@ def test_hint_loss_hand_values():
     assert hint_loss(s2, t2).item() == pytest.approx((0 + 4 + 0 + 4) / 4)
 
 
-# ---- FSP (Yim et al. 2017, seed 003) --------------------------------------------------------
+# ---- FSP (Yim et al. 2017) --------------------------------------------------------------------
 def test_fsp_matrix_2d_hand_value():
     # F1: 2 channels on a 1x2 grid, F2: 1 channel; G_ij = sum_{s,t} F1_i F2_j / (h*w)
     f1 = t([[[[1, 2]], [[0, 1]]]])  # [1, 2, 1, 2]

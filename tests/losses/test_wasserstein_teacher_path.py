@@ -1,5 +1,6 @@
-"""Kong et al. 2020 (seed 004), eq. 2: the penalty is the input gradient of l(o_S(x), o_T(x)), a
-function of x through both networks (the teacher frozen, its input not detached)."""
+"""Kong et al. 2020, "Learning Student Network with Few Data", Eq. 2: the penalty is the input
+gradient of l(o_S(x), o_T(x)), a function of x through both networks (the teacher frozen, its input
+not detached)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Deep mutual learning (Zhang et al. 2018): the loss, the per-peer update, checkpoints, the CLI."""
+"""Deep mutual learning (Zhang et al. 2018) as a method: the per-peer update, checkpoints, the CLI.
+(Its loss: tests/losses/test_online.py.)"""
 
 from __future__ import annotations
 

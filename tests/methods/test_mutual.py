@@ -1,4 +1,5 @@
-"""MutualDistillation (Hu et al. 2016, seed 000): the loss functions, the three updates, the CLI."""
+"""MutualDistillation (Hu et al., ACL 2016) as a method: the three updates, the rule cache, the CLI, DDP.
+(Its loss functions: tests/losses/test_mutual.py.)"""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Teachers from elsewhere: RepDistiller checkpoints, torchvision weights by name, timm models,
-and one clear error for every file that cannot be used."""
+"""Teacher weights: RepDistiller checkpoints, torchvision weights by name, timm models, one clear
+error for every file that cannot be used, and a checkpoint of another shape named key by key."""
 
 from __future__ import annotations
 
