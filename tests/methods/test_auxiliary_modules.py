@@ -41,6 +41,17 @@ def _nets():
     return ConvNet1D(width=16), ConvNet1D(width=32)
 
 
+def _manual_maps(net: ConvNet1D, x: torch.Tensor):
+    """Pre- and post-ReLU outputs of the three conv layers, computed step by step."""
+    pre, post, h = [], [], x
+    for conv in (net.conv1, net.conv2, net.conv3):
+        z = conv(h)
+        h = torch.relu(z)
+        pre.append(z)
+        post.append(h)
+    return pre, post
+
+
 def _make(cls, **kw):
     student, teacher = _nets()
     layers = {VID: {"student_layers": LAYERS3}, FactorTransfer: {"student_layer": "relu3"},

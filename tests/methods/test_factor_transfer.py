@@ -9,20 +9,8 @@ import torch.nn.functional as F
 import yaml
 
 from kd_lightning.methods import FactorTransfer
-from kd_lightning.models import ConvNet1D
 from tests.conftest import CONFIGS, TINY, run_cli, tb_scalars
-from tests.methods.test_auxiliary_modules import _at_epoch, _batch, _make
-
-
-def _manual_maps(net: ConvNet1D, x: torch.Tensor):
-    """Pre- and post-ReLU outputs of the three conv layers, computed step by step."""
-    pre, post, h = [], [], x
-    for conv in (net.conv1, net.conv2, net.conv3):
-        z = conv(h)
-        h = torch.relu(z)
-        pre.append(z)
-        post.append(h)
-    return pre, post
+from tests.methods.test_auxiliary_modules import _at_epoch, _batch, _make, _manual_maps
 
 
 def test_factor_transfer_terms_in_each_stage():

@@ -9,19 +9,8 @@ from kd_lightning import KDConfigError
 from kd_lightning.data import DistillDataModule
 from kd_lightning.losses import ofd_loss, ofd_margin, ofd_margin_from_bn
 from kd_lightning.methods import OFD
-from kd_lightning.models import ConvNet1D, resnet8, wrn_16_1
-from tests.methods.test_auxiliary_modules import LAYERS3, _batch, _make, _nets, _trainer
-
-
-def _manual_maps(net: ConvNet1D, x: torch.Tensor):
-    """Pre- and post-ReLU outputs of the three conv layers, computed step by step."""
-    pre, post, h = [], [], x
-    for conv in (net.conv1, net.conv2, net.conv3):
-        z = conv(h)
-        h = torch.relu(z)
-        pre.append(z)
-        post.append(h)
-    return pre, post
+from kd_lightning.models import resnet8, wrn_16_1
+from tests.methods.test_auxiliary_modules import LAYERS3, _batch, _make, _manual_maps, _nets, _trainer
 
 
 def test_ofd_terms():

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,14 +11,8 @@ from kd_lightning import KDConfigError
 from kd_lightning.losses import kd_loss, rkd_loss
 from kd_lightning.methods import RelationKD
 from kd_lightning.models import MLP, ConvNet1D, LeNet5, LeNet5Half, TorchvisionModel, resnet8
-from tests.conftest import CONFIGS, TINY, run_cli_error, run_ddp
-
-
-def _batch(n: int = 8, dtype=torch.float32):
-    g = torch.Generator().manual_seed(4)
-    x = torch.randn(n, 1, 40, generator=g) if dtype.is_floating_point else \
-        torch.randint(0, 7, (n, 1, 40), generator=g, dtype=dtype)
-    return x, torch.arange(n) % 10, torch.arange(n)
+from tests.conftest import run_cli_error
+from tests.methods.test_wasserstein import _args, _batch, _ddp_run
 
 
 # ---- RelationKD method ---------------------------------------------------------------------
@@ -76,13 +68,6 @@ def test_relation_kd_bad_arguments_and_batches():
 
 
 # ---- through the CLI -----------------------------------------------------------------------
-
-
-def _args(config: str, teacher: Path, *extra) -> list:
-    return ["fit", "--config", CONFIGS / config, *TINY, "--model.init_args.teacher_checkpoint", teacher,
-            *extra]
-
-
 def test_cli_rkd_batch_of_one_is_explained(mnist1d_teacher, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     err = run_cli_error(_args("mnist1d/relation.yaml", mnist1d_teacher, "--data.batch_size", "1"), capsys)
@@ -90,32 +75,6 @@ def test_cli_rkd_batch_of_one_is_explained(mnist1d_teacher, tmp_path, monkeypatc
 
 
 # ---- DDP: two CPU processes, through the console script --------------------------------------
-HASH_CALLBACK = '''
-import hashlib, json, os
-import torch
-from pytorch_lightning import Callback
-
-
-class DumpWeights(Callback):
-    def on_train_end(self, trainer, pl_module):
-        h = hashlib.sha1()
-        for v in pl_module.student.state_dict().values():
-            h.update(v.detach().cpu().numpy().tobytes())
-        with open(os.path.join(os.getcwd(), f"rank{trainer.global_rank}.json"), "w") as f:
-            json.dump({"world": trainer.world_size, "student": h.hexdigest(),
-                       "steps": trainer.global_step}, f)
-'''
-
-
-def _ddp_run(config: str, teacher: Path, tmp_path: Path) -> None:
-    (r0, r1), out = run_ddp(_args(config, teacher, "--data.train_subset", "200",
-                                  "--trainer.limit_train_batches", "3", "--data.batch_size", "20"),
-                            tmp_path, HASH_CALLBACK, timeout=240)
-    assert r0["world"] == r1["world"] == 2 and r0["steps"] == r1["steps"] == 3
-    assert r0["student"] == r1["student"]  # the (double-backprop) gradients were all-reduced
-    assert "test/acc" in out.stdout
-
-
 @pytest.mark.ddp
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_relation(mnist1d_teacher, tmp_path):

@@ -7,19 +7,8 @@ import torch
 
 from kd_lightning.losses import hcl_loss, review_chain
 from kd_lightning.methods import ReviewKD
-from kd_lightning.models import ConvNet1D, resnet8
-from tests.methods.test_auxiliary_modules import _at_epoch, _batch, _make
-
-
-def _manual_maps(net: ConvNet1D, x: torch.Tensor):
-    """Pre- and post-ReLU outputs of the three conv layers, computed step by step."""
-    pre, post, h = [], [], x
-    for conv in (net.conv1, net.conv2, net.conv3):
-        z = conv(h)
-        h = torch.relu(z)
-        pre.append(z)
-        post.append(h)
-    return pre, post
+from kd_lightning.models import resnet8
+from tests.methods.test_auxiliary_modules import _at_epoch, _batch, _make, _manual_maps
 
 
 def test_reviewkd_terms_and_warmup():

@@ -9,19 +9,7 @@ import torch.nn.functional as F
 
 from kd_lightning.losses.vid import vid_loss
 from kd_lightning.methods import VID
-from kd_lightning.models import ConvNet1D
-from tests.methods.test_auxiliary_modules import _batch, _make
-
-
-def _manual_maps(net: ConvNet1D, x: torch.Tensor):
-    """Pre- and post-ReLU outputs of the three conv layers, computed step by step."""
-    pre, post, h = [], [], x
-    for conv in (net.conv1, net.conv2, net.conv3):
-        z = conv(h)
-        h = torch.relu(z)
-        pre.append(z)
-        post.append(h)
-    return pre, post
+from tests.methods.test_auxiliary_modules import _batch, _make, _manual_maps
 
 
 # ---- the terms against explicit computations -------------------------------------------------
