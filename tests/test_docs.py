@@ -117,7 +117,7 @@ def test_every_exported_method_has_an_entry_on_the_built_api_page(tmp_path):
     recipe = html.unescape(re.sub(r"<[^>]+>", "", (tmp_path / "site" / "adding-a-method"
                                                    / "index.html").read_text(encoding="utf-8")))
     for shipped in ("kd_lightning/methods/logit_matching.py", "configs/mnist1d/logit_matching.yaml",
-                    "tests/test_logit_matching.py"):
+                    "tests/methods/test_logit_matching.py"):
         absent = [line for line in (ROOT / shipped).read_text(encoding="utf-8").splitlines()
                   if line.strip() and line not in recipe]
         assert not absent, f"{shipped} is not shown verbatim on the recipe page: {absent[:3]}"

@@ -1,7 +1,7 @@
 """Every Lightning (and torch) internal kd_lightning relies on, in one place.
 
 Each name below is private to Lightning or torch, so a release may change it without notice.
-``tests/test_lightning_compat.py`` pins the behaviour relied on, so that an upgrade that changes
+``tests/training/test_lightning_compat.py`` pins the behaviour relied on, so that an upgrade that changes
 one of them fails in CI instead of silently changing training.
 """
 

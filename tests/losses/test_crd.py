@@ -1,0 +1,237 @@
+"""CRD: embeddings, the memory bank, negatives, the NCE loss and its gradient."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kd_lightning import KDConfigError
+from kd_lightning.losses import CRDEmbed, CRDMemoryBank, crd_loss, crd_nce_loss
+
+
+REL = 1e-6
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(*shape, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen(seed))
+
+
+# =============================================================================================
+# CRD (Tian et al., ICLR 2020)
+# =============================================================================================
+def test_crd_embed_is_unit_norm_float32():
+    emb = CRDEmbed(12, dim=5)
+    v = emb(randn(4, 3, 2, 2))
+    assert v.shape == (4, 5) and v.dtype == torch.float32
+    assert torch.allclose(v.norm(dim=1), torch.ones(4), atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert emb(randn(4, 12)).dtype == torch.float32
+    with pytest.raises(KDConfigError, match="in_features"):
+        emb(randn(4, 13))
+
+
+def test_crd_bank_update_is_momentum_average_then_renormalised():
+    bank = CRDMemoryBank(6, dim=3, momentum=0.5, generator=gen(0))
+    before_s, before_t = bank.memory_s.clone().double(), bank.memory_t.clone().double()
+    idx = torch.tensor([1, 4])
+    v_s, v_t = F.normalize(randn(2, 3, seed=1), dim=1), F.normalize(randn(2, 3, seed=2), dim=1)
+    bank.update(idx, v_s, v_t)
+    for before, v, after in ((before_s, v_s, bank.memory_s), (before_t, v_t, bank.memory_t)):
+        for row in range(6):
+            if row in (1, 4):
+                j = [1, 4].index(row)
+                mixed = [0.5 * before[row, d].item() + 0.5 * float(v[j, d]) for d in range(3)]
+                norm = math.sqrt(sum(x * x for x in mixed))
+                expected = torch.tensor([x / norm for x in mixed])
+                assert torch.allclose(after[row].double(), expected.double(), atol=1e-6)
+            else:
+                assert torch.equal(after[row].double(), before[row])
+    # a repeated index (DistributedSampler padding) uses its first occurrence
+    other = CRDMemoryBank(6, dim=3, generator=gen(0))
+    other.update(torch.tensor([2, 2]), torch.stack([v_s[0], v_s[1]]), torch.stack([v_t[0], v_t[1]]))
+    single = CRDMemoryBank(6, dim=3, generator=gen(0))
+    single.update(torch.tensor([2]), v_s[:1], v_t[:1])
+    assert torch.equal(other.memory_s, single.memory_s) and torch.equal(other.memory_t, single.memory_t)
+
+
+def test_crd_bank_initialisation_and_state_dict_round_trip():
+    bank = CRDMemoryBank(20, dim=4, generator=gen(3))
+    bound = math.sqrt(3 / 4)
+    assert bank.memory_s.abs().max() <= bound and not torch.equal(bank.memory_s, bank.memory_t)
+    v = F.normalize(randn(3, 4, seed=4), dim=1)
+    idx = torch.tensor([0, 5, 7])
+    bank.update(idx, v, v)
+    neg = bank.sample_negatives(idx, 4, gen(5))
+    ls, lt = bank.logits(v, v, idx, neg)
+    z = bank.log_normalisers(ls, lt)
+    bank.set_negative_pool(torch.arange(10))
+    state = bank.state_dict()
+    assert set(state) == {"memory_s", "memory_t", "log_z"}  # the pool is data, not state
+
+    restored = CRDMemoryBank(20, dim=4, generator=gen(99))
+    restored.load_state_dict(state)
+    for name in ("memory_s", "memory_t", "log_z"):
+        assert torch.equal(getattr(restored, name), getattr(bank, name))
+    # the constants are not re-estimated after a resume
+    z2 = restored.log_normalisers(ls + 3.0, lt - 2.0)
+    assert z2[0].item() == z[0].item() and z2[1].item() == z[1].item()
+    # and the bank is a module buffer: state_dict of a parent module carries it
+    parent = torch.nn.Module()
+    parent.bank = bank
+    assert {"bank.memory_s", "bank.memory_t", "bank.log_z"} <= set(parent.state_dict())
+
+
+def test_crd_negatives_reproducible_and_exclusions():
+    bank = CRDMemoryBank(30, dim=2, generator=gen(0))
+    idx = torch.tensor([3, 8, 20])
+    a = bank.sample_negatives(idx, 10, gen(7))
+    b = bank.sample_negatives(idx, 10, gen(7))
+    c = bank.sample_negatives(idx, 10, gen(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == (3, 10) and a.dtype == torch.long
+    for row, anchor in enumerate(idx.tolist()):
+        assert anchor not in a[row].tolist()  # never the positive itself
+        assert len(set(a[row].tolist())) == 10  # without replacement while possible
+
+    # class-aware negatives from a pool (few-data subset): only pool members of other classes
+    pool = torch.tensor([2, 3, 5, 8, 11, 13, 20, 21])
+    labels = torch.tensor([0, 1, 0, 1, 2, 2, 0, 1])
+    bank.set_negative_pool(pool, labels)
+    assert bank.num_candidates == 8
+    targets = torch.tensor([1, 1, 0])  # labels of the anchors 3, 8, 20
+    neg = bank.sample_negatives(idx, 4, gen(1), targets=targets)
+    label_of = dict(zip(pool.tolist(), labels.tolist()))
+    for row in range(3):
+        assert all(n in label_of and label_of[n] != int(targets[row]) for n in neg[row].tolist())
+        assert len(set(neg[row].tolist())) == 4  # anchor of class 1 has 5 candidates, class 0 has 5
+    # more negatives than candidates: drawn with replacement
+    many = bank.sample_negatives(idx, 12, gen(1), targets=targets)
+    assert many.shape == (3, 12) and all(label_of[n] != 1 for n in many[0].tolist())
+
+
+def test_crd_logits_are_scaled_dot_products_with_the_other_bank():
+    # N <= (K+1) D uses the [B, N] product, N > (K+1) D gathers rows: both paths checked
+    for n_data in (5, 40):
+        bank = CRDMemoryBank(n_data, dim=3, temperature=0.5, generator=gen(n_data))
+        v_s, v_t = F.normalize(randn(2, 3, seed=1), dim=1), F.normalize(randn(2, 3, seed=2), dim=1)
+        idx, neg = torch.tensor([0, 4]), torch.tensor([[1, 2], [3, 0]])
+        ls, lt = bank.logits(v_s, v_t, idx, neg)
+        contrast = [[0, 1, 2], [4, 3, 0]]
+        ms, mt = bank.memory_s.double().numpy(), bank.memory_t.double().numpy()
+        for b in range(2):
+            for j, c in enumerate(contrast[b]):
+                es = sum(float(v_s[b, d]) * mt[c, d] for d in range(3)) / 0.5
+                et = sum(float(v_t[b, d]) * ms[c, d] for d in range(3)) / 0.5
+                assert ls[b, j].item() == pytest.approx(es, rel=REL, abs=1e-7)
+                assert lt[b, j].item() == pytest.approx(et, rel=REL, abs=1e-7)
+
+
+def test_crd_normalising_constant_estimated_once_from_first_batch():
+    bank = CRDMemoryBank(50, dim=2)
+    ls, lt = randn(4, 6, seed=1), randn(4, 6, seed=2)
+    zs, zt = bank.log_normalisers(ls, lt)
+    expected_s = math.log(50 * sum(math.exp(v) for v in ls.double().flatten().tolist()) / 24)
+    expected_t = math.log(50 * sum(math.exp(v) for v in lt.double().flatten().tolist()) / 24)
+    assert zs.item() == pytest.approx(expected_s, rel=REL)
+    assert zt.item() == pytest.approx(expected_t, rel=REL)
+    again = bank.log_normalisers(ls * 5, lt * 5)
+    assert again[0].item() == zs.item() and again[1].item() == zt.item()
+    # the DDP reduce hook acts on the means before the log (here: a fake average with 3x the mean)
+    other = CRDMemoryBank(50, dim=2)
+    zs3, _ = other.log_normalisers(ls, lt, reduce=lambda m: m * 3)
+    assert zs3.item() == pytest.approx(expected_s + math.log(3), rel=REL)
+    # the constants use the pool size when negatives are restricted to a pool
+    pooled = CRDMemoryBank(50, dim=2)
+    pooled.set_negative_pool(torch.arange(10))
+    assert pooled.log_normalisers(ls, lt)[0].item() == pytest.approx(
+        expected_s - math.log(5), rel=REL)
+
+
+def _nce_explicit(logits: torch.Tensor, log_z: float, n: int) -> float:
+    lg = logits.double().numpy()
+    bsz, k = lg.shape[0], lg.shape[1] - 1
+    kpn = k / n
+    total = 0.0
+    for b in range(bsz):
+        p = [math.exp(v - log_z) for v in lg[b]]
+        total += math.log(p[0] / (p[0] + kpn))
+        total += sum(math.log(kpn / (pj + kpn)) for pj in p[1:])
+    return -total / bsz
+
+
+def test_crd_nce_loss_matches_explicit_formula_and_is_symmetric():
+    ls, lt = randn(3, 5, seed=3) * 4, randn(3, 5, seed=4) * 4
+    assert crd_nce_loss(ls, 2.5, 100).item() == pytest.approx(_nce_explicit(ls, 2.5, 100), rel=REL)
+    total = crd_loss(ls, lt, torch.tensor(2.5), torch.tensor(1.0), 100)
+    expected = _nce_explicit(ls, 2.5, 100) + _nce_explicit(lt, 1.0, 100)
+    assert total.item() == pytest.approx(expected, rel=REL)
+
+
+def test_crd_nce_gradient_hand_derivation_and_finite_differences():
+    # dL/dl_{b,0} = -(1 - h_{b,0}) / B,  dL/dl_{b,j} = h_{b,j} / B  (j >= 1)
+    logits = (randn(2, 4, seed=5) * 2).requires_grad_(True)
+    log_z, n = 1.5, 20
+    crd_nce_loss(logits, log_z, n).backward()
+    k = 3
+    for b in range(2):
+        for j in range(4):
+            p = math.exp(float(logits.detach()[b, j]) - log_z)
+            h = p / (p + k / n)
+            expected = -(1 - h) / 2 if j == 0 else h / 2
+            assert logits.grad[b, j].item() == pytest.approx(expected, rel=1e-5, abs=1e-7)
+
+    # end to end on a tiny bank: gradient of the symmetric loss w.r.t. the raw embeddings
+    bank = CRDMemoryBank(6, dim=3, temperature=0.5, generator=gen(2))
+    idx, neg = torch.tensor([0, 3]), torch.tensor([[1, 2, 5], [4, 0, 1]])
+    v_s, v_t = randn(2, 3, seed=6), randn(2, 3, seed=7)
+    bank.log_normalisers(*bank.logits(v_s, v_t, idx, neg))
+
+    def f(a, b):
+        ls, lt = bank.logits(a, b, idx, neg)
+        zs, zt = bank.log_normalisers(ls, lt)
+        return crd_loss(ls, lt, zs, zt, bank.num_candidates)
+
+    vs = v_s.clone().requires_grad_(True)
+    f(vs, v_t).backward()
+    h = 1e-2
+    for b, d in itertools.product(range(2), range(3)):
+        plus, minus = v_s.clone(), v_s.clone()
+        plus[b, d] += h
+        minus[b, d] -= h
+        fd = (f(plus, v_t).item() - f(minus, v_t).item()) / (2 * h)
+        assert vs.grad[b, d].item() == pytest.approx(fd, rel=1e-3, abs=1e-4)
+    # the bank itself is a constant: no gradient, untouched by the loss
+    assert not bank.memory_s.requires_grad and not bank.memory_t.requires_grad
+
+
+def test_crd_bad_inputs_raise_one_clear_error():
+    bank = CRDMemoryBank(10, dim=2)
+    v = F.normalize(randn(2, 2), dim=1)
+    with pytest.raises(KDConfigError, match=r"\[0, 10\)"):
+        bank.update(torch.tensor([0, 10]), v, v)
+    with pytest.raises(KDConfigError, match="CRDEmbed"):
+        bank.update(torch.tensor([0, 1]), randn(2, 3), v)
+    with pytest.raises(KDConfigError, match="no labels"):
+        bank.sample_negatives(torch.tensor([0, 1]), 3, gen(0), targets=torch.tensor([0, 1]))
+    with pytest.raises(KDConfigError, match="num_negatives"):
+        bank.sample_negatives(torch.tensor([0, 1]), 0, gen(0))
+    with pytest.raises(KDConfigError, match=r"K>=1"):
+        bank.logits(v, v, torch.tensor([0, 1]), torch.zeros(2, 0, dtype=torch.long))
+    with pytest.raises(KDConfigError, match="temperature"):
+        CRDMemoryBank(10, temperature=0.0)
+    with pytest.raises(KDConfigError, match="momentum"):
+        CRDMemoryBank(10, momentum=1.0)
+    with pytest.raises(KDConfigError, match="duplicates"):
+        bank.set_negative_pool(torch.tensor([1, 1, 2]))
+    with pytest.raises(KDConfigError, match="one label per pool entry"):
+        bank.set_negative_pool(torch.tensor([1, 2, 3]), torch.tensor([0, 1]))
+    with pytest.raises(KDConfigError, match=r"\[B, 1 \+ K\]"):
+        crd_nce_loss(randn(2, 1), 0.0, 10)

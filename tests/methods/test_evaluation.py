@@ -1,0 +1,269 @@
+"""Evaluation metrics beyond accuracy: the distillation error (how closely the student follows its
+teacher) and predictive uncertainty with MC dropout, by hand, in the trainer and through the CLI."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from kd_lightning import KDConfigError, metrics as metrics_module
+from kd_lightning.data import DistillDataModule
+from kd_lightning.methods import ResponseKD, Supervised
+from kd_lightning.metrics import DistillationError, PredictiveUncertainty, mc_dropout_probs
+from kd_lightning.models import MLP, ConvNet1D
+from tests.conftest import CONFIGS, TINY, run_cli, run_cli_error, tb_scalars
+
+
+# two examples, three classes
+TEACHER = torch.tensor([[0.0, 0.0, 0.0], [0.0, math.log(3.0), 0.0]])  # true-class p: 1/3, 3/5
+STUDENT = torch.tensor([[math.log(2.0), 0.0, 0.0], [0.0, 0.0, 0.0]])  # true-class p: 1/2, 1/3
+TARGET = torch.tensor([0, 1])
+
+
+def test_distillation_error_at_temperature_one():
+    metric = DistillationError()
+    metric.update(STUDENT, TEACHER, TARGET)
+    # (|1/3 - 1/2| + |3/5 - 1/3|) / 2 = (1/6 + 4/15) / 2 = 13/60
+    assert float(metric.compute()) == pytest.approx(13 / 60, abs=1e-7)
+
+
+def test_distillation_error_at_temperature_gamma():
+    metric = DistillationError(temperature=2.0)
+    metric.update(STUDENT, TEACHER, TARGET)
+    # logits / 2: the student's first example has p proportional to (sqrt 2, 1, 1), the teacher's
+    # second (1, sqrt 3, 1); the uniform rows stay at 1/3
+    gap_1 = math.sqrt(2) / (math.sqrt(2) + 2) - 1 / 3
+    gap_2 = math.sqrt(3) / (math.sqrt(3) + 2) - 1 / 3
+    assert float(metric.compute()) == pytest.approx((gap_1 + gap_2) / 2, abs=1e-7)
+
+
+def test_distillation_error_is_zero_for_the_teacher_itself_and_ignores_other_classes():
+    metric = DistillationError()
+    metric.update(TEACHER, TEACHER, TARGET)
+    assert float(metric.compute()) == 0.0
+    # moving probability among the wrong classes leaves the true-class probability unchanged
+    metric.reset()
+    metric.update(torch.tensor([[0.0, 1.0, -1.0]]), torch.tensor([[0.0, -1.0, 1.0]]), torch.tensor([0]))
+    assert float(metric.compute()) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_distillation_error_is_a_mean_over_examples_not_over_batches():
+    # what DDP does: each rank's sums and counts are added, so unequal shards weigh by examples
+    torch.manual_seed(0)
+    s, t, y = torch.randn(7, 5), torch.randn(7, 5), torch.randint(0, 5, (7,))
+    whole = DistillationError()
+    whole.update(s, t, y)
+    rank0, rank1 = DistillationError(), DistillationError()
+    rank0.update(s[:2], t[:2], y[:2])
+    rank1.update(s[2:], t[2:], y[2:])
+    rank0.merge_state(rank1)
+    expected = (s.softmax(-1)[torch.arange(7), y] - t.softmax(-1)[torch.arange(7), y]).abs().mean()
+    assert float(rank0.compute()) == pytest.approx(float(expected), abs=1e-6)
+    assert float(whole.compute()) == pytest.approx(float(expected), abs=1e-6)
+
+
+@pytest.mark.parametrize("gamma", [0.0, -1.0])
+def test_non_positive_temperature_is_refused(gamma):
+    with pytest.raises(KDConfigError, match="must be > 0"):
+        DistillationError(temperature=gamma)
+    with pytest.raises(KDConfigError, match="distill_error_temperature must be > 0"):
+        ResponseKD(student=MLP(), teacher=ConvNet1D(width=8), distill_error_temperature=gamma)
+
+
+def test_trainer_logs_distillation_error_and_agreement_for_validation_and_test():
+    pl.seed_everything(0)
+    model = ResponseKD(student=MLP(), teacher=ConvNet1D(width=8), distill_error_temperature=2.0)
+    dm = DistillDataModule("mnist1d", batch_size=50, train_subset=200, eval_batch_size=300)
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(model, dm)
+    for key in ("val/distill_error", "val/teacher_agreement"):
+        assert key in trainer.callback_metrics
+    metrics = trainer.test(model, dm, verbose=False)[0]
+    x, y = dm.test_dataset.get_batch(torch.arange(len(dm.test_dataset)))[:2]
+    model.eval()
+    with torch.no_grad():
+        s, t = model.student(x), model.teacher(x)
+    rows = torch.arange(len(y))
+    phi_s, phi_t = (s / 2).softmax(-1)[rows, y], (t / 2).softmax(-1)[rows, y]
+    assert metrics["test/distill_error"] == pytest.approx(float((phi_s - phi_t).abs().mean()), abs=1e-5)
+    agreement = (s.argmax(-1) == t.argmax(-1)).float().mean()
+    assert metrics["test/teacher_agreement"] == pytest.approx(float(agreement), abs=1e-6)
+
+
+def test_no_teacher_no_distillation_error():
+    model = Supervised(student=MLP(), num_classes=10)
+    assert not hasattr(model, "val_distill_error") and not hasattr(model, "test_teacher_agreement")
+    dm = DistillDataModule("mnist1d", batch_size=50, train_subset=100)
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(model, dm)
+    metrics = trainer.test(model, dm, verbose=False)[0]
+    assert "test/acc" in metrics and not any("distill_error" in k or "agreement" in k for k in metrics)
+
+
+def test_cli_run_logs_distillation_error_to_tensorboard(mnist1d_teacher, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = run_cli(["fit", "--config", CONFIGS / "mnist1d/response.yaml", *TINY,
+                   "--model.init_args.teacher_checkpoint", mnist1d_teacher,
+                   "--model.init_args.distill_error_temperature", "4"])
+    assert cli.model.test_distill_error.temperature == 4.0
+    scalars = tb_scalars(cli.trainer.log_dir)
+    for key in ("val/distill_error", "val/teacher_agreement", "test/distill_error",
+                "test/teacher_agreement"):
+        assert key in scalars and all(0.0 <= v <= 1.0 for v in scalars[key]), key
+
+
+UNCERTAINTY_KEYS = ["ece", "nll", "entropy", "mc_acc", "mc_ece", "mc_nll", "mc_entropy"]
+
+
+def test_predictive_uncertainty_by_hand():
+    probs = torch.tensor([[0.9, 0.1], [0.65, 0.35], [0.25, 0.75]])
+    target = torch.tensor([0, 1, 1])  # right (confidence 0.9), wrong (0.65), right (0.75)
+    metric = PredictiveUncertainty(num_classes=2)
+    metric.update(probs[:1], target[:1])
+    metric.update(probs[1:], target[1:])
+    out = metric.compute()
+    assert float(out["acc"]) == pytest.approx(2 / 3)
+    # one example per confidence bin: (|1 - 0.9| + |0 - 0.65| + |1 - 0.75|) / 3
+    assert float(out["ece"]) == pytest.approx((0.1 + 0.65 + 0.25) / 3, abs=1e-6)
+    assert float(out["nll"]) == pytest.approx(-(math.log(0.9) + math.log(0.35) + math.log(0.75)) / 3, abs=1e-6)
+
+    def h(p):
+        return -sum(q * math.log(q) for q in p)
+
+    assert float(out["entropy"]) == pytest.approx((h([0.9, 0.1]) + h([0.65, 0.35]) + h([0.25, 0.75])) / 3,
+                                                  abs=1e-6)
+    metric.reset()
+    metric.update(torch.tensor([[1.0, 0.0]]), torch.tensor([1]))  # a zero probability on the label
+    assert math.isfinite(float(metric.compute()["nll"]))
+
+
+def _bn_dropout_net() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))
+
+
+def test_mc_dropout_samples_dropout_only_and_restores_modes():
+    torch.manual_seed(0)
+    net = _bn_dropout_net()
+    net.train()
+    net(torch.randn(32, 6) * 3 + 1)  # give the batch norm running statistics of its own
+    x = torch.randn(5, 6)
+    running = net[1].running_mean.clone()
+    torch.manual_seed(7)
+    mc = mc_dropout_probs(net, x, samples=4)
+    assert net.training and all(m.training for m in net.modules())  # modes restored
+    assert torch.equal(net[1].running_mean, running)  # batch norm ran in eval mode
+    # by hand: batch norm in eval mode (running statistics), only the dropout layer sampling
+    net.eval()
+    net[3].train()
+    torch.manual_seed(7)
+    expected = sum(net(x).softmax(-1) for _ in range(4)) / 4
+    assert torch.allclose(mc, expected, atol=1e-6)
+    net.eval()
+    assert not torch.allclose(mc, net(x).softmax(-1), atol=1e-3)  # the passes did sample
+
+
+def test_mc_dropout_needs_dropout_layers():
+    with pytest.raises(KDConfigError, match="MC dropout needs dropout layers, but MLP has none"):
+        mc_dropout_probs(MLP(), torch.randn(2, 40), samples=3)
+
+
+def test_mlp_dropout_layers():
+    plain, dropped = MLP(), MLP(dropout=0.3)
+    assert set(plain.state_dict()) == set(dropped.state_dict())  # dropout has no weights
+    names = dict(dropped.named_modules())
+    assert isinstance(names["drop1"], nn.Dropout) and names["drop2"].p == 0.3
+    assert not any(isinstance(m, nn.Dropout) for m in plain.modules())
+    dropped.eval()
+    x = torch.randn(4, 40)
+    assert torch.equal(dropped(x), dropped.fc(dropped.forward_features(x)))
+    with pytest.raises(KDConfigError, match=r"dropout must be in \[0, 1\)"):
+        MLP(dropout=1.0)
+
+
+@pytest.mark.parametrize("samples, student, message", [
+    (3, MLP(), "the student \\(MLP\\) has no dropout layer"),
+    (-1, MLP(dropout=0.2), "mc_dropout_samples must be an integer >= 0"),
+    (2.5, MLP(dropout=0.2), "mc_dropout_samples must be an integer >= 0"),
+])
+def test_bad_mc_dropout_settings_are_refused(samples, student, message):
+    with pytest.raises(KDConfigError, match=message):
+        Supervised(student=student, mc_dropout_samples=samples)
+
+
+def _fit_and_test(model):
+    dm = DistillDataModule("mnist1d", batch_size=50, train_subset=200, eval_batch_size=1000)
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                         limit_val_batches=0)
+    trainer.fit(model, dm)
+    return trainer.test(model, dm, verbose=False)[0], dm
+
+
+def test_student_and_teacher_uncertainty_reported_at_test_time(monkeypatch):
+    pl.seed_everything(0)
+    teacher = MLP(hidden_dims=[64, 64], dropout=0.3)
+    model = ResponseKD(student=MLP(dropout=0.2), teacher=teacher, mc_dropout_samples=5)
+    calls = []  # (network, samples, MC probabilities) of every MC pass at test time
+
+    def recorded(net, x, samples):
+        p = mc_dropout_probs(net, x, samples)
+        calls.append((net, samples, p))
+        return p
+
+    monkeypatch.setattr(metrics_module, "mc_dropout_probs", recorded)
+    metrics, dm = _fit_and_test(model)
+    for key in UNCERTAINTY_KEYS:
+        assert f"test/{key}" in metrics and f"test/teacher_{key}" in metrics
+    # the deterministic NLL is the test cross-entropy
+    assert metrics["test/nll"] == pytest.approx(metrics["test/loss"], abs=1e-5)
+    # one test batch: the student's and the teacher's mean of 5 dropout passes are reported
+    assert [(net, samples) for net, samples, _ in calls] == [(model.student, 5), (model.teacher, 5)]
+    y = dm.test_dataset.get_batch(torch.arange(len(dm.test_dataset)))[1]
+    for prefix, (_, _, p) in zip(("", "teacher_"), calls):
+        assert metrics[f"test/{prefix}mc_acc"] == pytest.approx(float((p.argmax(-1) == y).float().mean()))
+        nll = -p[torch.arange(len(y)), y].log().mean()
+        assert metrics[f"test/{prefix}mc_nll"] == pytest.approx(float(nll), abs=1e-5)
+        entropy = -(p * p.log()).sum(-1).mean()
+        assert metrics[f"test/{prefix}mc_entropy"] == pytest.approx(float(entropy), abs=1e-5)
+    assert all(not m.training for m in model.teacher.modules())  # the teacher is back in eval mode
+
+
+def test_teacher_without_dropout_gets_its_deterministic_report_only():
+    pl.seed_everything(0)
+    with pytest.warns(UserWarning, match="the teacher \\(ConvNet1D\\) has no dropout layer"):
+        model = ResponseKD(student=MLP(dropout=0.2), teacher=ConvNet1D(width=8), mc_dropout_samples=3)
+    metrics, _ = _fit_and_test(model)
+    assert "test/mc_ece" in metrics and "test/teacher_ece" in metrics
+    assert not any(k.startswith("test/teacher_mc_") for k in metrics)
+
+
+def test_uncertainty_is_off_by_default():
+    pl.seed_everything(0)
+    metrics, _ = _fit_and_test(Supervised(student=MLP(dropout=0.2)))
+    assert "test/acc" in metrics
+    assert not any(f"test/{key}" in metrics for key in UNCERTAINTY_KEYS)
+
+
+def test_cli_refuses_mc_dropout_on_a_student_without_dropout(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    err = run_cli_error(["fit", "--config", CONFIGS / "mnist1d/student.yaml", *TINY,
+                         "--model.init_args.mc_dropout_samples", "10"], capsys)
+    assert "the student (MLP) has no dropout layer" in err and "dropout: 0.2" in err
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_cli_reports_mc_dropout_uncertainty(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = run_cli(["fit", "--config", CONFIGS / "mnist1d/student.yaml", *TINY,
+                   "--model.init_args.student.init_args.dropout", "0.2",
+                   "--model.init_args.mc_dropout_samples", "4"])
+    metrics = cli.trainer.callback_metrics
+    for key in UNCERTAINTY_KEYS:
+        assert math.isfinite(float(metrics[f"test/{key}"])), key
+    assert 0.0 <= float(metrics["test/mc_ece"]) <= 1.0
