@@ -4,9 +4,9 @@ Each function documents its formula and the paper it comes from.
 """
 
 from kd_lightning.losses.labels import UNLABELLED, labelled_cross_entropy, labelled_mask, labelled_mean
+from kd_lightning.losses.logit_matching import logit_matching_loss
 from kd_lightning.losses.response import (
     kd_loss,
-    logit_matching_loss,
     response_kd_loss,
     response_terms,
     soft_cross_entropy,

@@ -89,19 +89,4 @@ def soft_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:
     return -(target_probs.detach().float() * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
 
 
-
-
-def logit_matching_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-    r"""Logit regression of Ba & Caruana, "Do Deep Nets Really Need to be Deep?", NeurIPS 2014.
-
-    .. math:: L = \frac{1}{2B} \sum_b \| z_s^{(b)} - z_t^{(b)} \|_2^2
-
-    The student regresses the teacher's logits (before the softmax) with an L2 loss: the
-    :math:`T \to \infty` limit of Hinton et al.'s soft-target gradient, up to a factor
-    (Hinton et al. 2015, section 2.1).
-    """
-    diff = student_logits.float() - teacher_logits.detach().float()
-    return 0.5 * diff.pow(2).sum(-1).mean()
-
-
-__all__ = ["kd_loss", "logit_matching_loss", "response_kd_loss", "response_terms", "soft_cross_entropy"]
+__all__ = ["kd_loss", "response_kd_loss", "response_terms", "soft_cross_entropy"]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from kd_lightning.losses import labelled_cross_entropy, logit_matching_loss
+from kd_lightning.losses.labels import labelled_cross_entropy
+from kd_lightning.losses.logit_matching import logit_matching_loss
 from kd_lightning.methods.base import DistillationModule, Losses
 from kd_lightning.methods.checks import check_weights
 

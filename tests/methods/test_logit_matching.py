@@ -1,4 +1,4 @@
-"""The worked example of the README's "Adding a method": loss by hand, method terms, CLI run."""
+"""The worked example of the docs' "Adding a method" page: loss by hand, method terms, CLI run."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kd_lightning import KDConfigError
-from kd_lightning.losses import logit_matching_loss
+from kd_lightning.losses.logit_matching import logit_matching_loss
 from kd_lightning.methods import LogitMatching
 from kd_lightning.models import MLP, ConvNet1D
 from tests.conftest import CONFIGS, TINY, run_cli
