@@ -14,7 +14,7 @@ training runs through :mod:`kd_lightning.jobs`.
 """
 
 from kd_lightning.study.cli import main
-from kd_lightning.study.report import format_table, write_report
+from kd_lightning.study.results import format_table, write_report
 from kd_lightning.study.runner import StudyRunner
 from kd_lightning.study.spec import MethodSpec, StudySpec, load_study
 

@@ -51,8 +51,6 @@ import torch
 import yaml
 
 from kd_lightning import KDConfigError, jobs
-from kd_lightning.study.runner import delete_own_files
-from kd_lightning.study.spec import parse_run
 
 SUPERVISED = "kd_lightning.methods.Supervised"
 
@@ -136,7 +134,7 @@ def _claim_output(output: Path, identity: str, overwrite: bool) -> None:
                     f"born-again: {output} holds generations of another configuration (config "
                     f"file, arguments or --pure-kd differ); give another --output, or --overwrite "
                     f"to delete them (only the files born-again wrote).")
-            delete_own_files(output, [meta, output / "results.md", output / "results.csv",
+            jobs.delete_own_files(output, [meta, output / "results.md", output / "results.csv",
                                       *output.glob("gen*")])
     output.mkdir(parents=True, exist_ok=True)
     meta.write_text(json.dumps({"identity": identity}))
@@ -158,7 +156,7 @@ def run_generations(config: str | Path, generations: int, output: str | Path,
         for k, gen_cfg in enumerate(gen_cfgs):
             path = Path(tmp) / f"gen{k}.yaml"
             path.write_text(yaml.safe_dump(gen_cfg, sort_keys=False))
-            parsed.append(parse_run(str(path), extra, f"born-again generation {k}"))
+            parsed.append(jobs.parse_run(str(path), extra, f"born-again generation {k}"))
     _claim_output(output, _identity(config, extra, pure_kd), overwrite)
     for path, gen_cfg in zip(paths, gen_cfgs):
         path.write_text(yaml.safe_dump(gen_cfg, sort_keys=False))

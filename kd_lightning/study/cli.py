@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from kd_lightning import KDConfigError, jobs
-from kd_lightning.study.report import failures, write_report
-from kd_lightning.study.results import Results
+from kd_lightning.study.results import failures, report_only, write_report
 from kd_lightning.study.runner import RunFailed, StudyRunner
-from kd_lightning.study.spec import StudySpec, load_study
+from kd_lightning.study.spec import load_study
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,23 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bars (a line per finished run is still printed)")
     return parser
-
-
-def report_only(spec: StudySpec, output: Path) -> str:
-    """Rebuild results.md and accuracy_vs_m.png of a study's output folder from results.csv."""
-    meta = output / "study.json"
-    if not meta.is_file():
-        raise KDConfigError(f"--report-only: {output} holds no study results (no study.json); "
-                            f"run the study first, or give its folder with --output.")
-    info = json.loads(meta.read_text())
-    if info.get("hash") != spec.hash():
-        raise KDConfigError(
-            f"--report-only: {output} holds the results of a different study (hash "
-            f"{info.get('hash')}) than {spec.path} describes (hash {spec.hash()}); give the study "
-            f"config and --preset that wrote them.")
-    rows = Results(output / "results.csv", spec.hash()).rows()
-    teacher_acc = (info.get("teacher") or {}).get("test_acc")
-    return write_report(spec, spec.hash(), rows, output, teacher_acc)
 
 
 def main(argv: list[str] | None = None) -> int:
