@@ -7,7 +7,7 @@ folder, the checkpoints written, the log). A job that fails raises :class:`JobFa
 status, the run's own error line, the log); one stopped by Ctrl-C or SIGTERM raises
 :class:`JobInterrupted`. The study, ``kd-lightning-born-again`` and
 ``benchmarks/cifar100_table.py`` run every training through it; :func:`parse_run` checks a
-job's configuration before it runs and :func:`delete_own_files` is their ``--overwrite``.
+job's configuration before it runs and :func:`claim_output` their output folder (resume, ``--overwrite``).
 
 Multi-process strategies (DDP) start their other processes by re-running the command that
 started the first one, so such jobs (``Job.isolate``; :func:`needs_subprocess` tells from a
@@ -172,6 +172,35 @@ def delete_own_files(folder: Path, paths: list[Path]) -> None:
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
+
+
+def claim_output(folder: Path, meta: str, identity: str, own: tuple[str, ...], overwrite: bool,
+                 what: str, other: str) -> None:
+    """Make ``folder`` the output of a ``what`` (a study, ...) whose configuration hashes to
+    ``identity`` (kept in its ``meta`` file): new or empty, or holding this configuration's output
+    (resumed). One holding ``other`` (another configuration's output) is refused, or with
+    ``overwrite`` loses exactly the files the tool writes (``own``: names or glob patterns). A
+    non-empty folder without ``meta`` is never written to."""
+    folder, path = Path(folder), Path(folder) / meta
+    if folder.exists() and not folder.is_dir():
+        raise KDConfigError(f"output {folder} is a file, not a folder; give --output a folder for "
+                            f"the {what}'s results.")
+    if folder.exists() and any(folder.iterdir()):
+        old = json.loads(path.read_text()).get("hash") if path.is_file() else None
+        if old is None:
+            raise KDConfigError(
+                f"output folder {folder} is not empty and holds no {what} results (no {meta}); a "
+                f"{what} never writes into or deletes such a folder. Give --output a new or empty "
+                f"folder.")
+        if old != identity and not overwrite:
+            raise KDConfigError(
+                f"output folder {folder} holds {other} (hash {old}); this {what}'s hash is "
+                f"{identity}. Pass --overwrite to replace those results (only the files a {what} "
+                f"writes are deleted), --output DIR to write elsewhere, or rerun the original "
+                f"configuration to resume it.")
+        if old != identity:
+            delete_own_files(folder, [p for pattern in own for p in folder.glob(pattern)])
+    folder.mkdir(parents=True, exist_ok=True)
 
 
 # ------------------------------------------------------------------------------------------

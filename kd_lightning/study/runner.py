@@ -180,30 +180,10 @@ class StudyRunner:
 
     # ---- output folder and teacher -----------------------------------------------------------
     def prepare_output(self) -> None:
-        """Use the output folder: empty, new, or holding this study's results (resumed). With
-        ``--overwrite``, a folder holding another study's results loses exactly the files a study
-        writes (:data:`OWN_FILES`). A folder that is not a study's is never written to."""
-        meta = self.output / "study.json"
-        if self.output.exists() and not self.output.is_dir():
-            raise KDConfigError(f"output {self.output} is a file, not a folder; give --output a "
-                                f"folder for the study's results.")
-        if self.output.exists() and any(self.output.iterdir()):
-            old = json.loads(meta.read_text()).get("hash") if meta.is_file() else None
-            if old is None:
-                raise KDConfigError(
-                    f"output folder {self.output} is not empty and holds no study results (no "
-                    f"study.json); a study never writes into or deletes such a folder. Give "
-                    f"--output a new or empty folder.")
-            if old != self.study_hash and not self.overwrite:
-                raise KDConfigError(
-                    f"output folder {self.output} holds results of a different study (hash "
-                    f"{old}); this study's hash is {self.study_hash}. Pass --overwrite to "
-                    f"replace those results (only the files a study writes are deleted), "
-                    f"--output DIR to write elsewhere, or rerun the original study config "
-                    f"to resume it.")
-            if old != self.study_hash:
-                jobs.delete_own_files(self.output, [self.output / name for name in OWN_FILES])
-        self.output.mkdir(parents=True, exist_ok=True)
+        """Use the output folder: new, empty, or holding this study's results (resumed); with
+        ``--overwrite`` another study's loses exactly the files a study writes (:data:`OWN_FILES`)."""
+        jobs.claim_output(self.output, "study.json", self.study_hash, OWN_FILES, self.overwrite,
+                          "study", "results of a different study")
         self._write_meta()
 
     def _write_meta(self, **teacher) -> None:
