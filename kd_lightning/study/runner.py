@@ -51,12 +51,16 @@ class RunPlan:
     epochs: int
     steps: int
     run_dir: Path
-    key: tuple
     needs_teacher: bool  # waits for the study's teacher checkpoint
 
     @property
     def label(self) -> str:
         return budget_label(self.budget)
+
+    @property
+    def key(self) -> tuple:
+        return Results.key(self.method.name, self.label, self.seed, self.kind,
+                           candidate_key(self.candidate))
 
     @property
     def weights(self) -> Path:
@@ -100,11 +104,9 @@ class Queue:
         """Expected seconds of ``plan`` (``inf`` for a method not started yet)."""
         name = plan.method.name
         rate = self._rate.get((name, plan.label), self._slowest.get(name))
-        if rate is None:
-            if name not in self._started:
-                return math.inf
-            rate = max(self._slowest.values(), default=0.0)
-        return rate * plan.steps
+        if rate is None and name not in self._started:
+            return math.inf
+        return (max(self._slowest.values(), default=0.0) if rate is None else rate) * plan.steps
 
     def pop(self) -> RunPlan:
         best = max(range(len(self.plans)), key=lambda i: (self.estimate(self.plans[i]), -i)) \
@@ -164,9 +166,8 @@ class StudyRunner:
                  executor=None) -> None:
         self.spec, self.output, self.trainer_args = spec, Path(output), list(trainer_args)
         self.executor = executor or SequentialExecutor()
-        #: on a failed run (diverged, crashed): record it as failed and go on, or stop the study
-        self.keep_going = keep_going
-        self.overwrite, self.progress = overwrite, progress
+        #: keep_going: on a failed run (diverged, crashed) record it as failed and go on
+        self.overwrite, self.progress, self.keep_going = overwrite, progress, keep_going
         self.study_hash = spec.hash()
         self.results = Results(self.output / "results.csv", self.study_hash)
         self.teacher_acc: float | None = None
@@ -278,7 +279,6 @@ class StudyRunner:
                        validate=kind == CANDIDATE,
                        save_weights=run_dir / "final.ckpt" if kind == CANDIDATE else None)
         return RunPlan(method, budget, seed, candidate, kind, [job], epochs, epochs * per_epoch, run_dir,
-                       Results.key(method.name, label, seed, kind, candidate_key(candidate)),
                        needs_teacher)
 
     def test_plan(self, method: MethodSpec, budget: Budget, seed: int, chosen: dict) -> RunPlan:
@@ -290,7 +290,7 @@ class StudyRunner:
         test = jobs.Job(args, fit.run_dir / "test.log", fit.jobs[0].isolate)
         return RunPlan(method, budget, seed, chosen, CHOSEN,
                        ([] if fit.weights.is_file() else fit.jobs) + [test], fit.epochs, fit.steps,
-                       fit.run_dir, (*fit.key[:3], CHOSEN, fit.key[4]), fit.needs_teacher)
+                       fit.run_dir, fit.needs_teacher)
 
     def planned(self) -> list[RunPlan]:
         """Every training of the study, in study order (budget, method, candidate, seed); the
@@ -407,18 +407,15 @@ class StudyRunner:
             row = self._row(plan, result.seconds, result.metrics)
             return display.finished(f"{plan.describe()}: test acc {row['test_acc']:.2f}% ({what})"
                                     if plan.kind == RUN else
-                                    f"{plan.describe()}: val acc {row['val_acc']:.2f}% ({what}; "
-                                    f"a candidate)")
-        rows = self.results.rows()
+                                    f"{plan.describe()}: val acc {row['val_acc']:.2f}% ({what}; a candidate)")
+        rows, key = self.results.rows(), plan.key[4]
         fit = next(r for r in rows if (r["method"], r["M"], int(r["seed"]), r["kind"],
-                                       r["candidate"]) == (*plan.key[:3], CANDIDATE, plan.key[4]))
+                                       r["candidate"]) == (*plan.key[:3], CANDIDATE, key))
         keys = [candidate_key(c) for c in self.spec.candidates(plan.method, plan.budget)]
-        _, means = choose(rows, plan.method.name, plan.label, keys, self.spec.seeds)
-        others = "; ".join(f"{candidate_label(k)}: {m:.2f}%" for k, m in means.items()
-                           if k != plan.key[4])
+        means = choose(rows, plan.method.name, plan.label, keys, self.spec.seeds)[1]
+        others = "".join(f"; {candidate_label(k)}: {m:.2f}%" for k, m in means.items() if k != key)
         row = self._row(plan, result.seconds + float(fit["wall_time_s"]), result.metrics,
                         val_acc=fit["val_acc"], run_hash=fit["run_hash"])
         display.finished(f"{plan.method.name} M={plan.label} seed={plan.seed}: "
-                         f"{candidate_label(plan.candidate)} chosen (mean val acc "
-                         f"{means[plan.key[4]]:.2f}%{'; ' + others if others else ''}), test acc "
-                         f"{row['test_acc']:.2f}%")
+                         f"{candidate_label(plan.candidate)} chosen (mean val acc {means[key]:.2f}%"
+                         f"{others}), test acc {row['test_acc']:.2f}%")
