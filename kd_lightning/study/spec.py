@@ -215,15 +215,17 @@ class StudySpec:
         return self._run_configs[key]
 
 
+def _require(ok: Any, message: str) -> None:
+    if not ok:
+        raise KDConfigError(message)
+
+
 def _checked(value: Any, kind: type, where: str) -> Any:
     """``value`` (``None``: empty) if it is a ``kind`` (list or mapping), else a config error."""
-    if value is None:
-        return kind()
-    if not isinstance(value, kind):
-        what = "a list of command-line arguments, e.g. [--data.batch_size, 50]" if kind is list \
-            else "a mapping of dotted run arguments to values, e.g. {model.init_args.eps: 2.0}"
-        raise KDConfigError(f"{where} must be {what}, got {value!r}.")
-    return [str(a) for a in value] if kind is list else value
+    what = "a list of command-line arguments, e.g. [--data.batch_size, 50]" if kind is list \
+        else "a mapping of dotted run arguments to values, e.g. {model.init_args.eps: 2.0}"
+    _require(isinstance(value, (kind, type(None))), f"{where} must be {what}, got {value!r}.")
+    return kind() if value is None else [str(a) for a in value] if kind is list else value
 
 
 def _settings(entry: dict, kinds: tuple[str, ...], suffix: str) -> dict[str, Any]:
@@ -237,21 +239,18 @@ def _settings(entry: dict, kinds: tuple[str, ...], suffix: str) -> dict[str, Any
     return {**out, "epoch_args": {str(k): float(v) for k, v in epoch_args.items()}}
 
 
-def _unknown_keys(entry: dict, valid: tuple[str, ...], where: str) -> None:
-    unknown = [k for k in entry if k not in valid]
-    if unknown:
-        raise KDConfigError(f"{where} has unknown key(s) {', '.join(map(repr, unknown))}; valid "
-                            f"keys: {', '.join(valid)}.")
+def _known_keys(entry: dict, valid: tuple[str, ...], where: str) -> None:
+    unknown = ", ".join(repr(k) for k in entry if k not in valid)
+    _require(not unknown, f"{where} has unknown key(s) {unknown}; valid keys: {', '.join(valid)}.")
 
 
-def _controlled(key: str, where: str) -> None:
-    if key in CONTROLLED:
-        raise KDConfigError(f"{where} sets {key}, which the study sets itself for every run "
-                            f"(controlled: {', '.join(CONTROLLED)}).")
+def _not_controlled(key: str, where: str) -> None:
+    _require(key not in CONTROLLED, f"{where} sets {key}, which the study sets itself for every run "
+                                    f"(controlled: {', '.join(CONTROLLED)}).")
 
 
 def _check_key(key: str, run_config, where: str, config: str) -> None:
-    _controlled(key, where)
+    _not_controlled(key, where)
     if key not in run_config:
         parent = key.rsplit(".", 1)[0] if "." in key else ""
         node = run_config.get(parent) if parent else run_config
@@ -267,45 +266,40 @@ def load_study(path: str | Path, preset: str | None = None,
     ``presets: {NAME: ...}`` and suffixes the name and output folder with ``-NAME``;
     ``run_args`` (the command line's ``--trainer.*`` flags) are given to every run."""
     path = Path(path)
-    if not path.is_file():
-        raise KDConfigError(f"study config '{path}' does not exist.")
+    _require(path.is_file(), f"study config '{path}' does not exist.")
     raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise KDConfigError(f"study config {path} must be a YAML mapping (name, teacher, methods, "
-                            f"...), got {type(raw).__name__}.")
-    _unknown_keys(raw, STUDY_KEYS, f"study config {path}")
+    _require(isinstance(raw, dict), f"study config {path} must be a YAML mapping (name, teacher, "
+                                    f"methods, ...), got {type(raw).__name__}.")
+    _known_keys(raw, STUDY_KEYS, f"study config {path}")
     name, output = str(raw.get("name", path.stem)), str(raw.get("output", f"studies/{path.stem}"))
     if preset is not None:
         presets = raw.get("presets") or {}
-        if preset not in presets:
-            raise KDConfigError(f"preset '{preset}' is not defined in {path}; defined presets: "
-                                f"{', '.join(presets) or 'none'}.")
+        _require(preset in presets, f"preset '{preset}' is not defined in {path}; defined presets: "
+                                    f"{', '.join(presets) or 'none'}.")
         chosen = presets[preset] or {}
-        _unknown_keys(chosen, STUDY_KEYS[:-1], f"preset '{preset}' of {path}")
+        _known_keys(chosen, STUDY_KEYS[:-1], f"preset '{preset}' of {path}")
         raw = {**raw, **chosen}
         name = str(raw["name"]) if "name" in chosen else f"{name}-{preset}"
         output = str(raw["output"]) if "output" in chosen else f"{output}-{preset}"
     for key in ("teacher", "methods"):
-        if not raw.get(key):
-            raise KDConfigError(f"study config {path} has no '{key}' section.")
+        _require(raw.get(key), f"study config {path} has no '{key}' section.")
     teacher = raw["teacher"]
-    if not isinstance(teacher, dict) or "config" not in teacher:
-        raise KDConfigError(f"'teacher' in {path} must be a mapping with 'config' (a kd-lightning "
-                            f"fit config) and optionally 'args', got {teacher!r}.")
-    _unknown_keys(teacher, ("config", "args"), f"'teacher' in {path}")
+    _require(isinstance(teacher, dict) and "config" in teacher,
+             f"'teacher' in {path} must be a mapping with 'config' (a kd-lightning fit config) and "
+             f"optionally 'args', got {teacher!r}.")
+    _known_keys(teacher, ("config", "args"), f"'teacher' in {path}")
     written = raw.get("budgets", [50, 100, 500, 1000, FULL])
     budgets = [_budget_key(b) for b in written]
-    bad = [b for b, key in zip(written, budgets) if key is NO_DEFAULT or key == DEFAULT]
-    if bad:
-        raise KDConfigError(f"budget {bad[0]!r} in {path} is not a positive integer or '{FULL}'.")
+    for b, key in zip(written, budgets):
+        _require(key is not NO_DEFAULT and key != DEFAULT,
+                 f"budget {b!r} in {path} is not a positive integer or '{FULL}'.")
     seeds = raw.get("seeds", [0, 1, 2])
-    if not budgets or not seeds:
-        raise KDConfigError(f"study config {path} needs at least one budget and one seed.")
-    if len(set(budgets)) != len(budgets) or len(set(map(str, seeds))) != len(seeds):
-        raise KDConfigError(f"budgets and seeds in {path} must not repeat, got budgets "
-                            f"{raw.get('budgets')} and seeds {seeds}.")
-    if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise KDConfigError(f"seeds in {path} must be integers, got {seeds}.")
+    _require(budgets and seeds, f"study config {path} needs at least one budget and one seed.")
+    _require(len(set(budgets)) == len(budgets) and len(set(map(str, seeds))) == len(seeds),
+             f"budgets and seeds in {path} must not repeat, got budgets {raw.get('budgets')} and "
+             f"seeds {seeds}.")
+    _require(all(isinstance(s, int) and not isinstance(s, bool) for s in seeds),
+             f"seeds in {path} must be integers, got {seeds}.")
     steps = per_budget(raw.get("steps"), f"'steps' in {path}")
     epochs = per_budget(raw.get("epochs"), f"'epochs' in {path}")
     spec = StudySpec(
@@ -317,69 +311,62 @@ def load_study(path: str | Path, preset: str | None = None,
     for b in budgets:
         spec.length(b)  # every budget has exactly one training length
     for key in spec.set:
-        _controlled(key, f"'set' in {path}")
+        _not_controlled(key, f"'set' in {path}")
     teacher_cfg = spec.resolve(spec.teacher_config)
-    if not Path(teacher_cfg).is_file():
-        raise KDConfigError(f"teacher config '{spec.teacher_config}' (in {path}) does not exist.")
+    _require(Path(teacher_cfg).is_file(),
+             f"teacher config '{spec.teacher_config}' (in {path}) does not exist.")
     spec.teacher_run_config = parse_run(teacher_cfg, [*spec.teacher_args, *run_args],
                                         f"the teacher of {path}")
-    if not isinstance(raw["methods"], list):
-        raise KDConfigError(f"'methods' in {path} must be a list of entries with name and config.")
+    _require(isinstance(raw["methods"], list),
+             f"'methods' in {path} must be a list of entries with name and config.")
     spec.methods = [_load_method(entry, spec, path, list(run_args)) for entry in raw["methods"]]
     names = [m.name for m in spec.methods]
-    if len(set(names)) != len(names):
-        raise KDConfigError(f"method names in {path} must be unique, got {names}.")
-    unused = [k for k in spec.set if not any(k in m.run_config for m in spec.methods)]
-    if unused:
-        raise KDConfigError(f"'set: {unused[0]}' in {path} is an argument of none of the "
-                            f"methods' runs (write the full dotted name, as in --{unused[0]}).")
+    _require(len(set(names)) == len(names), f"method names in {path} must be unique, got {names}.")
+    for k in spec.set:
+        _require(any(k in m.run_config for m in spec.methods), f"'set: {k}' in {path} is an argument "
+                 f"of none of the methods' runs (write the full dotted name, as in --{k}).")
     return spec
 
 
 def _load_method(entry: Any, spec: StudySpec, path: Path, run_args: list[str]) -> MethodSpec:
     import kd_lightning.methods as methods
 
-    if not isinstance(entry, dict) or "name" not in entry or "config" not in entry:
-        raise KDConfigError(f"every entry of 'methods' in {path} needs a name and a config "
-                            f"(a kd-lightning fit config), got {entry!r}.")
+    _require(isinstance(entry, dict) and "name" in entry and "config" in entry,
+             f"every entry of 'methods' in {path} needs a name and a config (a kd-lightning fit "
+             f"config), got {entry!r}.")
     where = f"method '{entry['name']}' in {path}"
-    _unknown_keys(entry, METHOD_KEYS, where)
+    _known_keys(entry, METHOD_KEYS, where)
     m = MethodSpec(name=str(entry["name"]), config=str(entry["config"]),
                    reference=bool(entry.get("reference", False)), method=entry.get("method"),
                    **_settings(entry, ("set", "grid"), f" of {where}"))
     bases = ("DistillationModule", "FeatureDistillation", "TwoStageFeatureDistillation")
-    valid = [n for n in methods.__all__ if n not in bases and isinstance(getattr(methods, n), type)
-             and issubclass(getattr(methods, n), methods.DistillationModule)]
-    if m.method is not None and m.method not in valid:
-        raise KDConfigError(f"unknown method '{m.method}' in study config {path}. Valid methods: "
-                            f"{', '.join(sorted(valid))}.")
+    valid = sorted(n for n in methods.__all__ if n not in bases and isinstance(getattr(methods, n), type)
+                   and issubclass(getattr(methods, n), methods.DistillationModule))
+    _require(m.method is None or m.method in valid, f"unknown method '{m.method}' in study config "
+                                                    f"{path}. Valid methods: {', '.join(valid)}.")
     cfg = spec.resolve(m.config)
-    if not Path(cfg).is_file():
-        raise KDConfigError(f"{where}: config '{m.config}' does not exist.")
+    _require(Path(cfg).is_file(), f"{where}: config '{m.config}' does not exist.")
     m.run_config = parse_run(cfg, [*spec.args, *m.args, *run_args], where)
     class_path = m.run_config.model.class_path
-    if m.method is not None and class_path.rsplit(".", 1)[-1] != m.method:
-        raise KDConfigError(f"{where} says method: {m.method} but its config {m.config} trains "
-                            f"{class_path}.")
+    _require(m.method is None or class_path.rsplit(".", 1)[-1] == m.method,
+             f"{where} says method: {m.method} but its config {m.config} trains {class_path}.")
     for kind in ("set", "grid", "epoch_args"):
         for key in getattr(m, kind):
             _check_key(key, m.run_config, f"'{kind}' of {where}", m.config)
-            if kind == "grid" and key in m.set:
-                raise KDConfigError(f"{where} gives {key} in both 'set' and 'grid'; keep one.")
+            _require(kind != "grid" or key not in m.set,
+                     f"{where} gives {key} in both 'set' and 'grid'; keep one.")
     for b in spec.budgets:
         label = budget_label(b)
         for key, value in m.grid.items():
-            values = at_budget(value, b) if not isinstance(value, PerBudget) or value.covers(b) \
-                else None
-            if not isinstance(values, list) or not values:
-                raise KDConfigError(
-                    f"'grid: {key}' of {where} has no list of candidates for M={label}: give a "
-                    f"non-empty list, e.g. [0.3, 1, 2], or one per budget, e.g. "
-                    f"{{{FULL}: [0.1, 0.3], {DEFAULT}: [1, 2]}}.")
+            values = value.at(b) if isinstance(value, PerBudget) and value.covers(b) else value
+            _require(isinstance(values, list) and values,
+                     f"'grid: {key}' of {where} has no list of candidates for M={label}: give a "
+                     f"non-empty list, e.g. [0.3, 1, 2], or one per budget, e.g. "
+                     f"{{{FULL}: [0.1, 0.3], {DEFAULT}: [1, 2]}}.")
         for key, value in [*spec.set.items(), *m.set.items()]:
-            if isinstance(value, PerBudget) and not value.covers(b) and key in m.run_config:
-                raise KDConfigError(f"'set: {key}' for {where} has no value for M={label}: name "
-                                    f"the budget or add a '{DEFAULT}' entry.")
+            _require(not isinstance(value, PerBudget) or value.covers(b) or key not in m.run_config,
+                     f"'set: {key}' for {where} has no value for M={label}: name the budget or "
+                     f"add a '{DEFAULT}' entry.")
         for candidate in spec.candidates(m, b):
             values = {**spec.settings(m, b), **candidate}
             try:
