@@ -63,23 +63,18 @@ class Results:
         return method, str(label), int(seed), kind, candidate
 
     def append(self, row: dict) -> None:
-        if self.path.is_file():  # a torn last line is cut, so the row starts on a line of its own
-            with open(self.path, "rb+") as f:
-                data = f.read()
-                if data and not data.endswith(b"\n"):
-                    f.truncate(data.rfind(b"\n") + 1)
+        """Append ``row``, flushed to disk. A new file, one of an older layout or one with a torn
+        last line is first rewritten (atomically) with today's columns and its valid rows."""
         fields, old = self._read()
-        if fields and fields != CSV_FIELDS:  # an older file: rewrite it with today's columns
-            with open(self.path, "w", newline="") as f:
+        if fields != CSV_FIELDS or not self.path.read_bytes().endswith(b"\n"):
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            with open(tmp, "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, restval="")
                 writer.writeheader()
                 writer.writerows({k: r.get(k) or "" for k in CSV_FIELDS} for r in old)
-        new = not self.path.is_file()
+            os.replace(tmp, self.path)
         with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, restval="")
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+            csv.DictWriter(f, fieldnames=CSV_FIELDS, restval="").writerow(row)
             f.flush()
             os.fsync(f.fileno())
 
