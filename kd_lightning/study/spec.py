@@ -328,9 +328,16 @@ def load_study(path: str | Path, preset: str | None = None,
     return spec
 
 
-def _load_method(entry: Any, spec: StudySpec, path: Path, run_args: list[str]) -> MethodSpec:
+def available_methods() -> list[str]:
+    """Every method of :mod:`kd_lightning.methods` (the shared bases are not methods)."""
     import kd_lightning.methods as methods
 
+    bases = ("DistillationModule", "FeatureDistillation", "TwoStageFeatureDistillation")
+    return [n for n in methods.__all__ if n not in bases and isinstance(getattr(methods, n), type)
+            and issubclass(getattr(methods, n), methods.DistillationModule)]
+
+
+def _load_method(entry: Any, spec: StudySpec, path: Path, run_args: list[str]) -> MethodSpec:
     _require(isinstance(entry, dict) and "name" in entry and "config" in entry,
              f"every entry of 'methods' in {path} needs a name and a config (a kd-lightning fit "
              f"config), got {entry!r}.")
@@ -339,9 +346,7 @@ def _load_method(entry: Any, spec: StudySpec, path: Path, run_args: list[str]) -
     m = MethodSpec(name=str(entry["name"]), config=str(entry["config"]),
                    reference=bool(entry.get("reference", False)), method=entry.get("method"),
                    **_settings(entry, ("set", "grid"), f" of {where}"))
-    bases = ("DistillationModule", "FeatureDistillation", "TwoStageFeatureDistillation")
-    valid = sorted(n for n in methods.__all__ if n not in bases and isinstance(getattr(methods, n), type)
-                   and issubclass(getattr(methods, n), methods.DistillationModule))
+    valid = sorted(available_methods())
     _require(m.method is None or m.method in valid, f"unknown method '{m.method}' in study config "
                                                     f"{path}. Valid methods: {', '.join(valid)}.")
     cfg = spec.resolve(m.config)
