@@ -6,7 +6,8 @@ its output in a log file, and returns a :class:`JobResult` (final metrics, secon
 folder, the checkpoints written, the log). A job that fails raises :class:`JobFailed` (exit
 status, the run's own error line, the log); one stopped by Ctrl-C or SIGTERM raises
 :class:`JobInterrupted`. The study, ``kd-lightning-born-again`` and
-``benchmarks/cifar100_table.py`` run every training through it.
+``benchmarks/cifar100_table.py`` run every training through it; :func:`parse_run` checks a
+job's configuration before it runs and :func:`claim_output` their output folder (resume, ``--overwrite``).
 
 Multi-process strategies (DDP) start their other processes by re-running the command that
 started the first one, so such jobs (``Job.isolate``; :func:`needs_subprocess` tells from a
@@ -22,10 +23,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
+import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,6 +41,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pytorch_lightning.callbacks import Callback
+
+from kd_lightning import KDConfigError
 
 #: Lightning's loggers, whose console handlers hold the ``sys.stderr`` of import time
 LOGGERS = ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lightning.fabric",
@@ -112,6 +118,89 @@ def needs_subprocess(config) -> bool:
     else:
         many = len(devices) > 1
     return "ddp" in str(strategy).lower() or (trainer.num_nodes or 1) > 1 or many
+
+
+@functools.lru_cache(maxsize=1)
+def run_parser():
+    """The argument parser of ``kd-lightning fit`` (built once; nothing is instantiated)."""
+    from kd_lightning.cli import KDLightningCLI
+    from kd_lightning.data import DistillDataModule
+    from kd_lightning.methods import DistillationModule
+
+    class ParserOnly(KDLightningCLI):
+        def parse_arguments(self, parser, args) -> None:
+            self.config = {"seed_everything": False}  # parse nothing, seed nothing
+
+        def instantiate_classes(self) -> None:
+            pass
+
+    # the same classes and modes as kd_lightning.cli.cli_main; errors raise instead of exiting
+    return ParserOnly(DistillationModule, DistillDataModule, subclass_mode_model=True, run=False,
+                      parser_kwargs={"exit_on_error": False}).parser
+
+
+def parse_error_text(err: BaseException) -> str:
+    """jsonargparse's multi-line message, reduced to the lines that say what is wrong."""
+    noise = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:",
+             "Given value type:", "Given value:", "Expected a <class 'NoneType'>")
+    lines = [line.strip().removeprefix("- ") for line in str(err).splitlines()]
+    return re.sub(r"\s+", " ", " ".join(x for x in lines if x and not x.startswith(noise))).strip()
+
+
+def parse_run(config: str, args: list[str], where: str):
+    """``kd-lightning fit --config CONFIG ARGS`` parsed (a jsonargparse Namespace), checked
+    before a job runs; a :class:`KDConfigError` saying ``where`` if it does not parse."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return run_parser().parse_args(["--config", config, *args])
+    except Exception as err:  # noqa: BLE001 - jsonargparse raises ArgumentError / TypeError
+        raise KDConfigError(f"{where}: `kd-lightning fit --config {config}` with the arguments "
+                            f"{args} does not parse: {parse_error_text(err)}") from None
+
+
+def delete_own_files(folder: Path, paths: list[Path]) -> None:
+    """``--overwrite``: delete ``paths`` (what a tool wrote into ``folder``), never ``folder``
+    itself, and nothing when it is the working folder, one of its parents, home or a root."""
+    where, cwd = Path(folder).resolve(), Path.cwd().resolve()
+    if where in {cwd, Path.home().resolve(), Path(where.anchor)} or where in cwd.parents:
+        raise KDConfigError(
+            f"--overwrite refuses to delete results in {folder} (the working folder, one of its "
+            f"parents, home or a root); give the run its own folder with --output.")
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+def claim_output(folder: Path, meta: str, identity: str, own: tuple[str, ...], overwrite: bool,
+                 what: str, other: str) -> None:
+    """Make ``folder`` the output of a ``what`` (a study, ...) whose configuration hashes to
+    ``identity`` (kept in its ``meta`` file): new or empty, or holding this configuration's output
+    (resumed). One holding ``other`` (another configuration's output) is refused, or with
+    ``overwrite`` loses exactly the files the tool writes (``own``: names or glob patterns). A
+    non-empty folder without ``meta`` is never written to."""
+    folder, path = Path(folder), Path(folder) / meta
+    if folder.exists() and not folder.is_dir():
+        raise KDConfigError(f"output {folder} is a file, not a folder; give --output a folder for "
+                            f"the {what}'s results.")
+    if folder.exists() and any(folder.iterdir()):
+        old = json.loads(path.read_text()).get("hash") if path.is_file() else None
+        if old is None:
+            raise KDConfigError(
+                f"output folder {folder} is not empty and holds no {what} results (no {meta}); a "
+                f"{what} never writes into or deletes such a folder. Give --output a new or empty "
+                f"folder.")
+        if old != identity and not overwrite:
+            raise KDConfigError(
+                f"output folder {folder} holds {other} (hash {old}); this {what}'s hash is "
+                f"{identity}. Pass --overwrite to replace those results (only the files a {what} "
+                f"writes are deleted), --output DIR to write elsewhere, or rerun the original "
+                f"configuration to resume it.")
+        if old != identity:
+            delete_own_files(folder, [p for pattern in own for p in folder.glob(pattern)])
+    folder.mkdir(parents=True, exist_ok=True)
 
 
 # ------------------------------------------------------------------------------------------

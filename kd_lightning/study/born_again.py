@@ -1,36 +1,24 @@
 r"""``kd-lightning-born-again``: self-distillation over generations (born-again networks).
 
 Furlanello, Lipton, Tschannen, Itti & Anandkumar, "Born Again Neural Networks", ICML 2018.
-Generation 0 is trained on the labels alone; generation ``k >= 1`` has the same architecture and
-is distilled from generation ``k - 1`` as a frozen teacher. The
-ensemble of generations averages their softmax outputs,
-:math:`p_{ens}(x) = \frac{1}{k+1} \sum_{i=0}^{k} p_i(x)` (the paper's BAN ensembles).
-
-Usage::
+Generation 0 learns from the labels alone; generation ``k >= 1``, of the same architecture, is
+distilled from generation ``k - 1`` as a frozen teacher. The ensemble of generations ``0..k``
+averages their softmax outputs, :math:`p_{ens}(x) = \frac{1}{k+1} \sum_{i=0}^{k} p_i(x)` (the
+paper's BAN ensembles)::
 
     kd-lightning-born-again --config configs/mnist1d/born_again.yaml --generations 3 \
         [--output born_again/mnist1d] [--pure-kd] [any kd-lightning fit argument ...]
 
-The config is an ordinary ``kd-lightning fit`` config of a method that distils from a teacher
-(``kd_lightning.methods.ResponseKD``: CE + KL; ``--pure-kd`` trains generations ``>= 1`` on the
-teacher's soft targets alone, the paper's BAN loss), without a ``teacher``: this command sets
-it. Every generation runs ``kd-lightning fit`` (through :func:`kd_lightning.jobs.run_job`,
-in a subprocess of its own under DDP) with the config it writes to ``<output>/gen<k>.yaml``:
-
-- generation 0: ``kd_lightning.methods.Supervised`` with the config's student, optimiser and
-  schedule (the method's own arguments dropped);
-- generation ``k``: the config's method with ``teacher`` = the student's architecture and
-  ``teacher_checkpoint`` = generation ``k - 1``'s ``best.ckpt`` (best validation accuracy, the
-  checkpoint ``fit`` tests);
-- ``seed_everything`` = the config's seed + ``k``, so each generation starts from its own
-  initialisation.
-
-Logs and checkpoints go to ``<output>/gen<k>/run/``; a generation is finished once
-``<output>/gen<k>/result.json`` exists. Rerunning the command skips finished generations and
-resumes an interrupted one from its ``last.ckpt``, so a killed run continues in the right
-generation (and ``--generations`` can be raised later to add generations). At the end it prints
-and writes ``results.md`` / ``results.csv``: each generation's test accuracy and that of the
-ensemble of generations ``0..k``.
+The config is a ``kd-lightning fit`` config of a method that distils from a teacher, without the
+teacher. Generation 0 trains ``Supervised`` with its student, optimiser and schedule (the
+method's own arguments dropped); generation k the config's method with ``teacher`` = the
+student's architecture and ``teacher_checkpoint`` = generation k - 1's ``best.ckpt``
+(``--pure-kd``: on the soft targets alone, the paper's BAN loss); ``seed_everything`` = the
+config's seed + k. Each runs through :func:`kd_lightning.jobs.run_job` with the config written to
+``<output>/gen<k>.yaml``, logs and checkpoints in ``<output>/gen<k>/run/``. A rerun skips
+finished generations (``gen<k>/result.json``), resumes an interrupted one from its ``last.ckpt``,
+and adds generations if ``--generations`` grew. ``results.md`` / ``results.csv``: each
+generation's test accuracy and that of the ensemble of generations ``0..k``.
 """
 
 from __future__ import annotations
@@ -39,10 +27,10 @@ import argparse
 import copy
 import csv
 import hashlib
-import importlib
 import inspect
 import io
 import json
+import pydoc
 import sys
 import tempfile
 from pathlib import Path
@@ -51,8 +39,6 @@ import torch
 import yaml
 
 from kd_lightning import KDConfigError, jobs
-from kd_lightning.study.runner import delete_own_files
-from kd_lightning.study.spec import parse_run
 
 SUPERVISED = "kd_lightning.methods.Supervised"
 
@@ -75,14 +61,6 @@ def _load_config(path: Path) -> dict:
     return cfg
 
 
-def _method_class(class_path: str):
-    module, _, name = class_path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        raise KDConfigError(f"born-again: model.class_path {class_path!r} cannot be imported.") from None
-
-
 def generation_config(cfg: dict, k: int, output: Path, pure_kd: bool = False) -> dict:
     """The ``kd-lightning fit`` config of generation ``k`` (see the module docstring)."""
     from kd_lightning.methods import DistillationModule
@@ -95,7 +73,10 @@ def generation_config(cfg: dict, k: int, output: Path, pure_kd: bool = False) ->
         init = {key: v for key, v in init.items() if key in base_args}
         model["class_path"] = SUPERVISED
     else:
-        cls = _method_class(model["class_path"])
+        cls = pydoc.locate(model["class_path"])
+        if cls is None:
+            raise KDConfigError(f"born-again: model.class_path {model['class_path']!r} cannot be "
+                                f"imported.")
         if not getattr(cls, "requires_teacher", False):
             raise KDConfigError(
                 f"born-again: {model['class_path']} does not distil from a teacher network; give "
@@ -106,10 +87,10 @@ def generation_config(cfg: dict, k: int, output: Path, pure_kd: bool = False) ->
             init["ce_weight"], init["kd_weight"] = 0.0, 1.0
     model["init_args"] = init
     gen["seed_everything"] = int(cfg.get("seed_everything") or 0) + k
-    trainer = gen.setdefault("trainer", {}) or {}
-    gen["trainer"] = trainer
-    trainer["logger"] = {"class_path": "pytorch_lightning.loggers.TensorBoardLogger",
-                         "init_args": {"save_dir": str(output), "name": f"gen{k}", "version": "run"}}
+    gen["trainer"] = gen.get("trainer") or {}
+    gen["trainer"]["logger"] = {"class_path": "pytorch_lightning.loggers.TensorBoardLogger",
+                                "init_args": {"save_dir": str(output), "name": f"gen{k}",
+                                              "version": "run"}}
     return gen
 
 
@@ -119,27 +100,6 @@ def checkpoint_dir(output: Path, k: int) -> Path:
 
 def result_file(output: Path, k: int) -> Path:
     return output / f"gen{k}" / "result.json"
-
-
-def _identity(config: Path, extra: list[str], pure_kd: bool) -> str:
-    text = json.dumps({"config": config.read_text(), "args": extra, "pure_kd": pure_kd})
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _claim_output(output: Path, identity: str, overwrite: bool) -> None:
-    meta = output / "born_again.json"
-    if meta.is_file():
-        saved = json.loads(meta.read_text()).get("identity")
-        if saved != identity:
-            if not overwrite:
-                raise KDConfigError(
-                    f"born-again: {output} holds generations of another configuration (config "
-                    f"file, arguments or --pure-kd differ); give another --output, or --overwrite "
-                    f"to delete them (only the files born-again wrote).")
-            delete_own_files(output, [meta, output / "results.md", output / "results.csv",
-                                      *output.glob("gen*")])
-    output.mkdir(parents=True, exist_ok=True)
-    meta.write_text(json.dumps({"identity": identity}))
 
 
 def run_generations(config: str | Path, generations: int, output: str | Path,
@@ -158,8 +118,14 @@ def run_generations(config: str | Path, generations: int, output: str | Path,
         for k, gen_cfg in enumerate(gen_cfgs):
             path = Path(tmp) / f"gen{k}.yaml"
             path.write_text(yaml.safe_dump(gen_cfg, sort_keys=False))
-            parsed.append(parse_run(str(path), extra, f"born-again generation {k}"))
-    _claim_output(output, _identity(config, extra, pure_kd), overwrite)
+            parsed.append(jobs.parse_run(str(path), extra, f"born-again generation {k}"))
+    identity = hashlib.sha256(json.dumps({"config": config.read_text(), "args": extra,
+                                          "pure_kd": pure_kd}).encode()).hexdigest()[:16]
+    jobs.claim_output(output, "born_again.json", identity,
+                      ("born_again.json", "results.md", "results.csv", "gen*"), overwrite,
+                      "born-again run", "generations of another configuration (config file, "
+                      "arguments or --pure-kd differ)")
+    (output / "born_again.json").write_text(json.dumps({"hash": identity}))
     for path, gen_cfg in zip(paths, gen_cfgs):
         path.write_text(yaml.safe_dump(gen_cfg, sort_keys=False))
 
@@ -228,12 +194,10 @@ def evaluate_generations(gen0_config: Path, checkpoints: list[Path], extra: list
 
 
 def results_table(rows: list[dict]) -> str:
-    lines = ["| generation | trained from | test acc. (%) | ensemble of generations 0..k (%) |",
-             "|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['generation']} | {r['teacher']} | {100 * r['test_acc']:.2f} | "
-                     f"{100 * r['ensemble_test_acc']:.2f} |")
-    return "\n".join(lines)
+    head = ["| generation | trained from | test acc. (%) | ensemble of generations 0..k (%) |",
+            "|---|---|---|---|"]
+    return "\n".join(head + [f"| {r['generation']} | {r['teacher']} | {100 * r['test_acc']:.2f} | "
+                             f"{100 * r['ensemble_test_acc']:.2f} |" for r in rows])
 
 
 def write_results(rows: list[dict], output: Path) -> None:
@@ -250,19 +214,16 @@ def main(argv: list[str] | None = None) -> int:
         description="Born-again networks (Furlanello et al. 2018): generation 0 on the labels, "
                     "generation k distilled from generation k-1 (same architecture); reports "
                     "each generation's test accuracy and that of their ensemble.",
-        epilog="Any other argument (e.g. --trainer.max_epochs 50, --data.train_subset 500, "
-               "--trainer.precision bf16-mixed) is passed to every generation's kd-lightning fit.")
-    parser.add_argument("--config", required=True,
-                        help="kd-lightning fit config of the distillation method, without a teacher")
-    parser.add_argument("--generations", type=int, default=3,
-                        help="number of generations including generation 0 (default 3)")
-    parser.add_argument("--output", default=None,
-                        help="folder of the generations (default: born_again/<config name>)")
+        epilog="Any other argument (e.g. --trainer.max_epochs 50) goes to every generation's "
+               "kd-lightning fit.")
+    parser.add_argument("--config", required=True, help="kd-lightning fit config of the method, "
+                                                         "without a teacher")
+    parser.add_argument("--generations", type=int, default=3, help="including generation 0")
+    parser.add_argument("--output", help="folder of the generations (default: born_again/<config>)")
     parser.add_argument("--pure-kd", action="store_true",
-                        help="generations >= 1 learn from the teacher's soft targets alone "
-                             "(ce_weight 0, kd_weight 1)")
+                        help="generations >= 1 on the soft targets alone (ce_weight 0, kd_weight 1)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="delete an output folder that holds another configuration's generations")
+                        help="delete another configuration's generations in --output")
     args, extra = parser.parse_known_args(argv)
     output = Path(args.output or Path("born_again") / Path(args.config).stem)
     jobs.quiet_lightning()
@@ -275,15 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kd-lightning-born-again: interrupted; rerun the same command to continue.", file=sys.stderr)
         return 130
-    print(results_table(rows))
-    print(f"written: {output / 'results.md'}, {output / 'results.csv'}")
+    print(f"{results_table(rows)}\nwritten: {output / 'results.md'}, {output / 'results.csv'}")
     return 0
 
 
 def cli() -> None:
     """Console script ``kd-lightning-born-again``."""
     raise SystemExit(main())
-
-
-if __name__ == "__main__":  # pragma: no cover
-    cli()

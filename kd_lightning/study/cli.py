@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from kd_lightning import KDConfigError, jobs
-from kd_lightning.study.report import failures, write_report
-from kd_lightning.study.results import Results
+from kd_lightning.study.results import failures, report_only, write_report
 from kd_lightning.study.runner import RunFailed, StudyRunner
-from kd_lightning.study.spec import StudySpec, load_study
+from kd_lightning.study.spec import load_study
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,60 +18,30 @@ def build_parser() -> argparse.ArgumentParser:
         description="Which distillation method works best at my data budget? Trains the teacher "
                     "once, then every method of the study config for every budget M and seed, "
                     "and writes the table (results.md, results.csv) and a plot.",
-        epilog="Any --trainer.* flag (e.g. --trainer.devices 2 --trainer.strategy ddp, "
-               "--trainer.precision bf16-mixed) is passed to every run, in either form "
-               "(--trainer.x v or --trainer.x=v).")
-    parser.add_argument("--config", required=True, help="study config (YAML)")
-    parser.add_argument("--preset", default=None, help="a preset of the study config, e.g. quick")
-    parser.add_argument("--output", default=None, help="results folder (default: from the config)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="delete an output folder that holds a different study's results")
-    parser.add_argument("--teacher-cache", default=None,
-                        help="where trained teachers are kept (default: <output>/../_teachers)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None,
-                        help="run these seeds only (default: the config's); the results belong to "
-                             "the same study, so processes or machines given different seeds can "
-                             "share one output folder")
+        epilog="Any --trainer.* flag (e.g. --trainer.precision bf16-mixed), in either form, is "
+               "passed to every run.")
+    add = parser.add_argument
+    add("--config", required=True, help="study config (YAML)")
+    add("--preset", help="a preset of the study config, e.g. quick")
+    add("--output", help="results folder (default: from the config)")
+    add("--overwrite", action="store_true", help="replace a different study's results in --output")
+    add("--teacher-cache", help="where trained teachers are kept (default: <output>/../_teachers)")
+    add("--seeds", type=int, nargs="+", help="run these seeds only (the same study: runs given "
+                                             "different seeds can share one output folder)")
+    add("--stop-on-failure", action="store_true", help="stop at the first failed run (default: "
+                                                       "record it as failed and go on)")
+    add("--report-only", action="store_true", help="rebuild results.md and the plot; train nothing")
+    add("--no-progress", action="store_true", help="no progress bars, a line per finished run")
     ray = parser.add_argument_group(
         "parallel runs on Ray (pip install kd_lightning[ray])",
-        "Each run is a Ray task; the teacher is trained first, results.csv is written by this "
-        "process alone. Without --workers/--address the runs go one after another here.")
-    ray.add_argument("--workers", type=int, default=None, metavar="N",
-                     help="start a local Ray instance with N CPUs and run the study on it")
-    ray.add_argument("--address", default=None,
-                     help="join the Ray cluster at ADDR (e.g. auto, or HEAD_IP:6379 of `ray start "
-                          "--head`); the output folder and teacher cache must be on a file system "
-                          "every node sees")
-    ray.add_argument("--cpus-per-run", type=float, default=1.0, metavar="C",
-                     help="CPUs of each run (its torch/OpenMP threads; default 1)")
-    ray.add_argument("--gpus-per-run", type=float, default=0.0, metavar="G",
-                     help="GPUs of each run; a fraction (e.g. 0.25) lets runs share a GPU "
-                          "(default 0)")
-    parser.add_argument("--stop-on-failure", action="store_true",
-                        help="stop the study at the first failed run (default: record it as failed, "
-                             "leave it out of the table, and go on; a rerun tries it again)")
-    parser.add_argument("--report-only", action="store_true",
-                        help="rebuild results.md and the plot from results.csv; train nothing")
-    parser.add_argument("--no-progress", action="store_true",
-                        help="no progress bars (a line per finished run is still printed)")
+        "Each run is a Ray task; results.csv is written by this process alone.").add_argument
+    ray("--workers", type=int, metavar="N", help="run on a local Ray instance with N CPUs")
+    ray("--address", help="run on the Ray cluster at ADDR (auto, or HEAD_IP:6379); the output "
+                          "folder and teacher cache must be on a file system every node sees")
+    ray("--cpus-per-run", type=float, default=1.0, metavar="C", help="CPUs (threads) of each run")
+    ray("--gpus-per-run", type=float, default=0.0, metavar="G",
+        help="GPUs of each run; a fraction (e.g. 0.25) lets runs share a GPU")
     return parser
-
-
-def report_only(spec: StudySpec, output: Path) -> str:
-    """Rebuild results.md and accuracy_vs_m.png of a study's output folder from results.csv."""
-    meta = output / "study.json"
-    if not meta.is_file():
-        raise KDConfigError(f"--report-only: {output} holds no study results (no study.json); "
-                            f"run the study first, or give its folder with --output.")
-    info = json.loads(meta.read_text())
-    if info.get("hash") != spec.hash():
-        raise KDConfigError(
-            f"--report-only: {output} holds the results of a different study (hash "
-            f"{info.get('hash')}) than {spec.path} describes (hash {spec.hash()}); give the study "
-            f"config and --preset that wrote them.")
-    rows = Results(output / "results.csv", spec.hash()).rows()
-    teacher_acc = (info.get("teacher") or {}).get("test_acc")
-    return write_report(spec, spec.hash(), rows, output, teacher_acc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,13 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     output, failed = None, []
     try:
         spec = load_study(args.config, args.preset, run_args=rest)
-        if args.seeds is not None:
-            spec.seeds = list(dict.fromkeys(args.seeds))
+        spec.seeds = list(dict.fromkeys(args.seeds or spec.seeds))
         output = Path(args.output or spec.output)
         if args.report_only:
             table = report_only(spec, output)
         else:
-            cache = Path(args.teacher_cache) if args.teacher_cache else output.parent / "_teachers"
             executor = None
             if args.workers is not None or args.address is not None:
                 from kd_lightning.study.executors import RayExecutor
@@ -103,38 +69,29 @@ def main(argv: list[str] | None = None) -> int:
             elif (args.cpus_per_run, args.gpus_per_run) != (1.0, 0.0):
                 raise KDConfigError("--cpus-per-run and --gpus-per-run declare the resources of "
                                     "Ray tasks; give them with --workers N or --address ADDR.")
-            runner = StudyRunner(spec, output, rest, args.overwrite, cache,
-                                 progress=not args.no_progress,
-                                 keep_going=not args.stop_on_failure, executor=executor)
+            runner = StudyRunner(spec, output, rest, args.overwrite,
+                                 Path(args.teacher_cache or output.parent / "_teachers"),
+                                 not args.no_progress, not args.stop_on_failure, executor)
             jobs.quiet_lightning()
             runner.run()
-            table = write_report(spec, runner.study_hash, runner.results.rows(), output,
-                                 runner.teacher_acc)
-            failed = failures(runner.results.rows())
-    except KDConfigError as err:
+            rows = runner.results.rows()
+            table = write_report(spec, runner.study_hash, rows, output, runner.teacher_acc)
+            failed = failures(rows)
+    except (KDConfigError, RunFailed) as err:
         print(f"kd-lightning-study: error: {err}", file=sys.stderr)
-        return 2
-    except RunFailed as err:
-        print(f"kd-lightning-study: error: {err}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(err, KDConfigError) else 1
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM reaching a run (JobInterrupted)
         where = f" in {output / 'results.csv'}" if output else ""
         print(f"\nkd-lightning-study: interrupted; finished runs are kept{where}. Rerun the same "
               f"command to continue.", file=sys.stderr)
         return getattr(err, "exit_code", 130)
-    print()
-    print(table)
-    if not args.report_only and failed:
+    print(f"\n{table}")
+    if failed:
         print(f"\n{len(failed)} run(s) failed and are not in the table (listed in "
-              f"{output / 'results.md'}); rerun the same command to try them again.",
-              file=sys.stderr)
-    if args.report_only:
-        print(f"\nwrote {output / 'results.md'} and {output / 'accuracy_vs_m.png'} from "
-              f"{output / 'results.csv'}")
-    else:
-        print(f"\nwrote {output / 'results.md'}, {output / 'results.csv'}, "
-              f"{output / 'accuracy_vs_m.png'} and TensorBoard runs in {output / 'runs'}")
-    return 1 if not args.report_only and failed else 0
+              f"{output / 'results.md'}); rerun the same command to try them again.", file=sys.stderr)
+    made = "" if args.report_only else f", {output / 'results.csv'} and TensorBoard runs in {output / 'runs'}"
+    print(f"\nwrote {output / 'results.md'}, {output / 'accuracy_vs_m.png'}{made}")
+    return 1 if failed else 0
 
 
 def cli() -> None:

@@ -1,17 +1,16 @@
 """Where a study's runs execute: one after another here, or as Ray tasks.
 
-Both executors take a run with ``submit(plan)`` and give back ``(plan, outcome)`` pairs from
-``results()`` as runs finish; the outcome is a :class:`~kd_lightning.jobs.JobResult` or a
-:class:`~kd_lightning.jobs.JobFailed`. A run is a list of :class:`~kd_lightning.jobs.Job`
-executed in order (:func:`execute`). :class:`RayExecutor` runs each as one Ray task with declared
-resources (``--cpus-per-run``, ``--gpus-per-run``; a GPU fraction lets runs share one) on a local
-instance (``--workers N``) or a cluster (``--address``); the driver alone writes results.csv,
-and on a cluster the study folder and teacher cache must be on a file system every node sees.
+Both take a run with ``submit(plan)`` while ``room()`` is positive and yield ``(plan, outcome)``
+from ``results()`` as runs finish; the outcome of a run (its list of jobs, :func:`execute`) is a
+:class:`~kd_lightning.jobs.JobResult` or a :class:`~kd_lightning.jobs.JobFailed`.
+:class:`RayExecutor` runs each as a Ray task with declared resources (``--cpus-per-run``,
+``--gpus-per-run``; a GPU fraction lets runs share one) on a local instance (``--workers N``) or a
+cluster (``--address``); the driver alone writes results.csv, and on a cluster the study folder
+and teacher cache must be on a file system every node sees.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 from pathlib import Path
@@ -19,33 +18,34 @@ from pathlib import Path
 from kd_lightning import KDConfigError, jobs
 
 
-def execute(run: list[jobs.Job]) -> jobs.JobResult:
-    """The jobs of one run, in order; the last one's result, with the seconds of all."""
+def execute(run: list[jobs.Job]) -> jobs.JobResult | jobs.JobFailed:
+    """The jobs of one run, in order: the last one's result with the seconds of all, or the
+    failure of the first that failed."""
     seconds = 0.0
-    for job in run:
-        result = jobs.run_job(job)
-        seconds += result.seconds
+    try:
+        for job in run:
+            result = jobs.run_job(job)
+            seconds += result.seconds
+    except jobs.JobFailed as err:
+        return err
     result.seconds = seconds
     return result
 
 
 class SequentialExecutor:
-    """Runs one after another in this process (a run is started when ``results()`` reaches it),
-    in the order submitted."""
+    """Runs one after another in this process, in the order submitted (each is started when
+    ``results()`` reaches it)."""
 
     concurrent = False
 
     def __init__(self) -> None:
-        self.queue: collections.deque = collections.deque()
+        self.queue: list = []
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         self.queue.clear()
-
-    def describe(self) -> str:
-        return "running one after another in this process"
 
     def room(self) -> int:
         return 1 - len(self.queue)
@@ -55,26 +55,19 @@ class SequentialExecutor:
 
     def results(self):
         while self.queue:
-            plan = self.queue.popleft()
-            try:
-                outcome = execute(plan.jobs)
-            except jobs.JobFailed as err:
-                outcome = err
-            yield plan, outcome
+            plan = self.queue.pop(0)
+            yield plan, execute(plan.jobs)
 
 
 def _ray_task(run: list[jobs.Job], threads: int):
-    """One run inside a Ray worker, its torch and OpenMP threads set to the task's CPUs (those
-    of a subprocess run too, through OMP_NUM_THREADS)."""
+    """One run in a Ray worker, its torch and OpenMP threads (a subprocess run's too, through
+    OMP_NUM_THREADS) set to the task's CPUs."""
     import torch
 
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
     jobs.quiet_lightning()
-    try:
-        return execute(run)
-    except jobs.JobFailed as err:
-        return err
+    return execute(run)
 
 
 class RayExecutor:
@@ -165,13 +158,12 @@ class RayExecutor:
         self.pending[self._remote.remote(plan.jobs, max(1, int(self.cpus)))] = plan
 
     def results(self):
-        ray = self.ray
         while self.pending:
-            (ref,), _ = ray.wait(list(self.pending), num_returns=1)
+            (ref,), _ = self.ray.wait(list(self.pending), num_returns=1)
             plan = self.pending.pop(ref)
             try:
-                outcome = ray.get(ref)
-            except ray.exceptions.RayError as err:
+                outcome = self.ray.get(ref)
+            except self.ray.exceptions.RayError as err:
                 first = (str(err).strip().splitlines() or [""])[0]
                 outcome = jobs.JobFailed(f"the Ray worker running it failed "
                                          f"({type(err).__name__}: {first})")

@@ -1,11 +1,12 @@
-"""``results.csv`` of a study, and the rule that chooses a grid candidate from it.
+"""A study's ``results.csv``, the rule that chooses a grid candidate from it, and the report built
+from it alone: ``results.md`` and ``accuracy_vs_m.png``.
 
-One row per finished run, appended and flushed to disk as the run ends; a study's rows carry its
-hash, so a folder's file can hold the rows of an earlier version of the study, which are ignored.
-Rows have a ``kind``: ``run`` (trained and tested), ``candidate`` (a grid candidate: trained and
-measured on the validation split, not tested), ``chosen`` (the test of the chosen candidate's
-weights) or ``failed`` (a run that failed, e.g. diverged; its ``error`` says why). A failed run
-has no accuracy, is not done (a rerun tries it again) and is listed in the report.
+One row per finished run, appended and flushed as the run ends; rows carry their study's hash, so
+rows of an earlier version of the study in the same file are ignored. A row's ``kind``: ``run``
+(trained and tested), ``candidate`` (a grid candidate: trained, measured on the validation split),
+``chosen`` (the test of the chosen candidate's weights) or ``failed`` (its ``error`` says why; not
+done, so a rerun tries it again; listed in the report). The table has Kong et al. (2020)'s layout:
+rows M, columns methods, test accuracy as ``mean ± std`` over seeds, best per row in bold.
 """
 
 from __future__ import annotations
@@ -13,15 +14,17 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
+from kd_lightning import KDConfigError
+from kd_lightning.study.spec import Budget, StudySpec, budget_label
+
 CSV_FIELDS = ["study_hash", "method", "M", "seed", "test_acc", "teacher_acc", "epochs", "steps",
               "wall_time_s", "run_hash", "run_dir", "finished_at", "kind", "candidate", "val_acc",
               "error"]
-#: kinds of rows: a run trained and tested; a grid candidate trained and validated; the test of
-#: the chosen candidate's weights
 RUN, CANDIDATE, CHOSEN, FAILED = "run", "candidate", "chosen", "failed"
 
 
@@ -33,8 +36,8 @@ class Results:
 
     def _read(self) -> tuple[list[str], list[dict]]:
         """The header and the valid rows. A row is written with one ``write`` and ``fsync``, so
-        only a kill in the middle of that write leaves a torn last line (no final newline); it
-        and any row that does not parse are left out, and their runs count as not done."""
+        only a kill during that write leaves a torn last line (no final newline); it and any row
+        that does not parse are left out, and their runs count as not done."""
         if not self.path.is_file():
             return [], []
         text = self.path.read_text()
@@ -47,10 +50,8 @@ class Results:
         """This study's rows, in the order they were written."""
         rows = [r for r in self._read()[1] if r.get("study_hash") == self.study_hash]
         for r in rows:  # files written before grids existed have no kind/candidate/val_acc
-            r["kind"] = r.get("kind") or RUN
-            r["candidate"] = r.get("candidate") or ""
-            r["val_acc"] = r.get("val_acc") or ""
-            r["error"] = r.get("error") or ""
+            r.update({k: r.get(k) or "" for k in ("candidate", "val_acc", "error")},
+                     kind=r.get("kind") or RUN)
         return rows
 
     def done(self) -> set[tuple]:
@@ -62,23 +63,18 @@ class Results:
         return method, str(label), int(seed), kind, candidate
 
     def append(self, row: dict) -> None:
-        if self.path.is_file():  # a torn last line is cut, so the row starts on a line of its own
-            with open(self.path, "rb+") as f:
-                data = f.read()
-                if data and not data.endswith(b"\n"):
-                    f.truncate(data.rfind(b"\n") + 1)
+        """Append ``row``, flushed to disk. A new file, one of an older layout or one with a torn
+        last line is first rewritten (atomically) with today's columns and its valid rows."""
         fields, old = self._read()
-        if fields and fields != CSV_FIELDS:  # an older file: rewrite it with today's columns
-            with open(self.path, "w", newline="") as f:
+        if fields != CSV_FIELDS or not self.path.read_bytes().endswith(b"\n"):
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            with open(tmp, "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, restval="")
                 writer.writeheader()
                 writer.writerows({k: r.get(k) or "" for k in CSV_FIELDS} for r in old)
-        new = not self.path.is_file()
+            os.replace(tmp, self.path)
         with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, restval="")
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+            csv.DictWriter(f, fieldnames=CSV_FIELDS, restval="").writerow(row)
             f.flush()
             os.fsync(f.fileno())
 
@@ -89,9 +85,7 @@ def _valid(row: dict) -> bool:
         return False  # too many or too few fields
     try:
         int(row["seed"])
-        for key in ("test_acc", "val_acc", "wall_time_s"):
-            if row.get(key):
-                float(row[key])
+        [float(row[k]) for k in ("test_acc", "val_acc", "wall_time_s") if row.get(k)]
     except (KeyError, ValueError):
         return False
     return bool(row.get("study_hash")) and bool(row.get("method"))
@@ -112,12 +106,9 @@ def candidate_label(candidate: dict | str) -> str:
 
 def choose(rows: list[dict], method: str, label: str, candidates: list[str],
            seeds: list[int]) -> tuple[str | None, dict[str, float]]:
-    """The grid candidate chosen for ``method`` at budget ``label``, by validation accuracy.
-
-    Returns the candidate (its key in results.csv) with the highest mean ``val_acc`` over the
-    seeds -- the first in grid order on a tie -- and every candidate's mean. The candidate is
-    None while some candidate still lacks a seed's run. Test accuracy is not consulted.
-    """
+    """The grid candidate (its key) with the best mean ``val_acc`` over the seeds for ``method``
+    at budget ``label`` -- the first in grid order on a tie; None while a candidate lacks a
+    seed's run -- and every candidate's mean. Test accuracy is not consulted."""
     val: dict[str, dict[int, float]] = {c: {} for c in candidates}
     for r in rows:
         if (r["method"], str(r["M"]), r["kind"]) == (method, label, CANDIDATE) \
@@ -127,3 +118,165 @@ def choose(rows: list[dict], method: str, label: str, candidates: list[str],
     if any(set(seeds) - set(v) for v in val.values()):
         return None, means
     return max(candidates, key=lambda c: means[c]), means
+
+
+def failures(rows: list[dict]) -> list[dict]:
+    """Failed runs not replaced by a later row of the same run."""
+    latest = {(r["method"], str(r["M"]), str(r["seed"]), RUN if r["kind"] == FAILED else r["kind"],
+               r["candidate"]): r for r in rows}
+    return [r for r in latest.values() if r["kind"] == FAILED]
+
+
+# ---- the report -----------------------------------------------------------------------------
+def _stats(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    n, mean = len(values), sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+
+
+def _test_accuracies(rows: list[dict]) -> dict[tuple[str, str], list[float]]:
+    acc: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        if r.get("test_acc") not in (None, ""):
+            acc.setdefault((r["method"], str(r["M"])), []).append(float(r["test_acc"]))
+    return acc
+
+
+def _header(names: list[str]) -> list[str]:
+    return ["| M | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+
+
+def format_table(rows: list[dict], methods: list[str], budgets: list[Budget]) -> str:
+    """Rows M (those with results), columns methods, ``mean ± std`` of test accuracy over seeds
+    (the mean alone for one run), best in bold."""
+    acc, lines = _test_accuracies(rows), _header(methods)
+    for label in map(budget_label, budgets):
+        stats = {m: (*_stats(acc[(m, label)]), len(acc[(m, label)]))
+                 for m in methods if (m, label) in acc}
+        if not stats:
+            continue
+        best, cells = max(s[0] for s in stats.values()), []
+        for mean, std, n in (stats.get(m, (None, 0, 0)) for m in methods):
+            cell = "–" if mean is None else f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}"
+            cells.append(f"**{cell}**" if mean is not None and math.isclose(mean, best, abs_tol=1e-9)
+                         else cell)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_choices(rows: list[dict], spec: StudySpec) -> str:
+    """Per M, the grid candidate each method chose on validation accuracy (empty without grids);
+    budgets whose candidates are not all trained show what is known so far."""
+    grid_methods = [m for m in spec.methods if m.grid]
+    lines = _header([m.name for m in grid_methods])
+    for b in spec.budgets:
+        cells = []
+        for m in grid_methods:
+            keys = [candidate_key(c) for c in spec.candidates(m, b)]
+            chosen, means = choose(rows, m.name, budget_label(b), keys, spec.seeds)
+            others = ", ".join(f"{candidate_label(k)}: {means[k]:.2f}"
+                               for k in keys if k != chosen and k in means)
+            cells.append((f"(not all trained; {others})" if others else "–") if chosen is None else
+                         f"**{candidate_label(chosen)}** (val {means[chosen]:.2f}"
+                         + (f"; {others})" if others else ")"))
+        lines.append(f"| {budget_label(b)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) if grid_methods else ""
+
+
+def length_note(spec: StudySpec) -> str:
+    if spec.epochs is None and isinstance(spec.steps, int):
+        return f"{spec.steps} optimizer steps per run."
+    parts = [f"{'M=' if b is not None else ''}{budget_label(b)}: {n} {unit}"
+             for b in spec.budgets for unit, n in [spec.length(b)]]
+    return "Training length: " + ", ".join(parts) + " (steps are optimizer steps)."
+
+
+def results_markdown(spec: StudySpec, study_hash: str, rows: list[dict],
+                     teacher_acc: float | None) -> str:
+    seeds = spec.seeds
+    what = f"mean ± std over seeds {seeds}" if len(seeds) > 1 else \
+        f"one seed ({seeds[0]}; n=1, so no std)"
+    teacher = f" Teacher: {teacher_acc * 100:.2f}%." if teacher_acc is not None else ""
+    text = (f"# Study `{spec.name}` (hash {study_hash})\n\n"
+            f"Test accuracy (%) of the student, {what}; best per row in bold. "
+            f"{length_note(spec)}{teacher}\n\n"
+            + format_table(rows, [m.name for m in spec.methods], spec.budgets) + "\n")
+    if len(seeds) > 1 and 1 in [len(v) for v in _test_accuracies(rows).values()]:
+        text += "\nA cell without ± holds one run so far (n=1).\n"
+    choices = format_choices(rows, spec)
+    if choices:
+        text += ("\nChosen on validation accuracy (%): for each M, every candidate of the grid was "
+                 f"trained with every seed and its final weights were measured on the held-out "
+                 f"validation split; the candidate with the best mean (bold; the others' means "
+                 f"follow) is the one tested and reported above.\n\n{choices}\n")
+    failed = failures(rows)
+    if failed:
+        text += ("\nFailed runs (not in the table; a rerun of the study tries them again):\n\n"
+                 + "\n".join(f"- {r['method']} M={r['M']} seed={r['seed']}: {r['error']}"
+                              for r in failed) + "\n")
+    return text
+
+
+def plot_results(rows: list[dict], spec: StudySpec, path: Path, teacher_acc: float | None) -> None:
+    """Test accuracy against M per method (log x axis), bands of ± one std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acc = _test_accuracies(rows)
+    numeric = [b for b in spec.budgets if b is not None]
+    xs = {budget_label(b): (max(numeric, default=0.5) * 2 if b is None else b) for b in spec.budgets}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.set_prop_cycle(color=plt.get_cmap("tab20").colors[::2] + plt.get_cmap("tab20").colors[1::2])
+    for m in spec.methods:
+        pts = sorted((x, *_stats(acc[(m.name, label)])) for label, x in xs.items()
+                     if (m.name, label) in acc)
+        if pts:
+            x, mean, std = zip(*pts)
+            style = dict(linestyle="--", color="black", marker="s") if m.reference else {"marker": "o"}
+            line, = ax.plot(x, mean, label=m.name, **style)
+            ax.fill_between(x, [a - s for a, s in zip(mean, std)],
+                            [a + s for a, s in zip(mean, std)], alpha=0.15, color=line.get_color())
+    if teacher_acc is not None:
+        ax.axhline(teacher_acc, color="firebrick", linestyle=":", linewidth=2,
+                   label=f"teacher ({teacher_acc:.1f}%)")
+        bottom, top = ax.get_ylim()
+        ax.set_ylim(bottom, max(top, teacher_acc + 2))
+    ax.set_xscale("log")
+    ax.set_xticks(list(xs.values()))
+    ax.set_xticklabels(list(xs.keys()))
+    ax.set(xlabel="labelled training examples M", ylabel="test accuracy (%)",
+           title=f"{spec.name}: student accuracy vs data budget "
+                 f"({'mean ± std over seeds' if len(spec.seeds) > 1 else 'one seed'})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(spec: StudySpec, study_hash: str, rows: list[dict], output: Path,
+                 teacher_acc: float | None) -> str:
+    """Write results.md and accuracy_vs_m.png into ``output``; returns the table."""
+    output = Path(output)
+    (output / "results.md").write_text(results_markdown(spec, study_hash, rows, teacher_acc))
+    plot_results(rows, spec, output / "accuracy_vs_m.png",
+                 None if teacher_acc is None else 100 * teacher_acc)
+    return format_table(rows, [m.name for m in spec.methods], spec.budgets)
+
+
+def report_only(spec: StudySpec, output: Path) -> str:
+    """``--report-only``: rebuild results.md and the plot of a study's folder from results.csv."""
+    meta = output / "study.json"
+    if not meta.is_file():
+        raise KDConfigError(f"--report-only: {output} holds no study results (no study.json); "
+                            f"run the study first, or give its folder with --output.")
+    info = json.loads(meta.read_text())
+    if info.get("hash") != spec.hash():
+        raise KDConfigError(
+            f"--report-only: {output} holds the results of a different study (hash "
+            f"{info.get('hash')}) than {spec.path} describes (hash {spec.hash()}); give the study "
+            f"config and --preset that wrote them.")
+    return write_report(spec, spec.hash(), Results(output / "results.csv", spec.hash()).rows(),
+                        output, (info.get("teacher") or {}).get("test_acc"))

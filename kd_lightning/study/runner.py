@@ -1,16 +1,16 @@
 """Running a study: the teacher once, then every method x budget x seed (x grid candidate).
 
 :meth:`StudyRunner.planned` enumerates the study's trainings, once; each is a :class:`RunPlan`
-whose jobs (:class:`kd_lightning.jobs.Job`) an executor runs
-(:mod:`kd_lightning.study.executors`). Each finished run appends one row to ``results.csv``
-(flushed to disk at once), so a rerun of the same study skips what is done. A grid's candidates
-are trained without testing and measured on the validation split; once all are in, the
-candidate with the best mean validation accuracy over the seeds is chosen
-(:func:`kd_lightning.study.results.choose`) and only its weights are tested.
+whose jobs (:class:`kd_lightning.jobs.Job`) an executor runs (:mod:`~kd_lightning.study.executors`).
+Each finished run appends its row to ``results.csv`` at once, so a rerun skips what is done. A
+grid's candidates are trained without testing and measured on the validation split; once all are
+in, the one with the best mean validation accuracy over the seeds is chosen
+(:func:`~kd_lightning.study.results.choose`) and only its weights are tested.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -28,21 +28,6 @@ from kd_lightning.study.spec import Budget, MethodSpec, StudySpec, budget_label,
 
 #: what a study writes into its output folder (all that --overwrite may delete)
 OWN_FILES = ("study.json", "results.csv", "results.md", "accuracy_vs_m.png", "runs")
-
-
-def delete_own_files(folder: Path, paths: list[Path]) -> None:
-    """``--overwrite``: delete ``paths`` (what a tool wrote into ``folder``), never ``folder``
-    itself, and nothing when it is the working folder, one of its parents, home or a root."""
-    where, cwd = Path(folder).resolve(), Path.cwd().resolve()
-    if where in {cwd, Path.home().resolve(), Path(where.anchor)} or where in cwd.parents:
-        raise KDConfigError(
-            f"--overwrite refuses to delete results in {folder} (the working folder, one of its "
-            f"parents, home or a root); give the run its own folder with --output.")
-    for path in paths:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
 
 
 class RunFailed(Exception):
@@ -66,12 +51,16 @@ class RunPlan:
     epochs: int
     steps: int
     run_dir: Path
-    key: tuple
     needs_teacher: bool  # waits for the study's teacher checkpoint
 
     @property
     def label(self) -> str:
         return budget_label(self.budget)
+
+    @property
+    def key(self) -> tuple:
+        return Results.key(self.method.name, self.label, self.seed, self.kind,
+                           candidate_key(self.candidate))
 
     @property
     def weights(self) -> Path:
@@ -83,41 +72,28 @@ class RunPlan:
 
 
 class Queue:
-    """Runs not started yet, in study order."""
+    """Runs not started yet: in study order, or ``longest_first`` (a parallel study's order), the
+    longest expected run first (LPT scheduling), so no worker idles at the end while one long run
+    finishes. A run's length is estimated as seconds per optimizer step of its method at its
+    budget (else at the method's slowest budget so far) times its steps. A method none of whose
+    runs has started comes first (one run measures its cost); one whose first run is still going
+    is assumed as slow as the slowest method so far. Ties go to the larger budget, then study
+    order."""
 
-    def __init__(self) -> None:
+    def __init__(self, longest_first: bool) -> None:
         self.plans: list[RunPlan] = []
+        self.longest_first = longest_first
+        self._rate: dict[tuple[str, str], float] = {}  # (method, budget) -> seconds per step
+        self._slowest: dict[str, float] = {}  # method -> its slowest budget's seconds per step
+        self._started: set[str] = set()
 
     def __bool__(self) -> bool:
         return bool(self.plans)
 
     def extend(self, plans) -> None:
         self.plans.extend(plans)
-
-    def observe(self, plan: RunPlan, seconds: float) -> None:
-        pass
-
-    def pop(self) -> RunPlan:
-        return self.plans.pop(0)
-
-
-class LongestFirst(Queue):
-    """A parallel study's order: the longest expected run first (LPT scheduling), so no worker
-    idles at the end while one long run finishes. A run's length is estimated as seconds per
-    optimizer step of its method at its budget (else at the method's slowest budget so far) times
-    its steps. A method none of whose runs has started comes first (one run measures its cost);
-    one whose first run is still going is assumed as slow as the slowest method so far. Ties go
-    to the larger budget, then study order."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._rate: dict[tuple[str, str], float] = {}  # (method, budget) -> seconds per step
-        self._slowest: dict[str, float] = {}  # method -> its slowest budget's seconds per step
-        self._started: set[str] = set()
-
-    def extend(self, plans) -> None:
-        self.plans.extend(plans)  # larger budgets first among equals: a step costs as much there
-        self.plans.sort(key=lambda p: -(math.inf if p.budget is None else p.budget))
+        if self.longest_first:  # larger budgets first among equals: a step costs as much there
+            self.plans.sort(key=lambda p: -(math.inf if p.budget is None else p.budget))
 
     def observe(self, plan: RunPlan, seconds: float) -> None:
         name, rate = plan.method.name, seconds / max(plan.steps, 1)
@@ -128,21 +104,21 @@ class LongestFirst(Queue):
         """Expected seconds of ``plan`` (``inf`` for a method not started yet)."""
         name = plan.method.name
         rate = self._rate.get((name, plan.label), self._slowest.get(name))
-        if rate is None:
-            if name not in self._started:
-                return math.inf
-            rate = max(self._slowest.values(), default=0.0)
-        return rate * plan.steps
+        if rate is None and name not in self._started:
+            return math.inf
+        return (max(self._slowest.values(), default=0.0) if rate is None else rate) * plan.steps
 
     def pop(self) -> RunPlan:
-        best = max(range(len(self.plans)), key=lambda i: (self.estimate(self.plans[i]), -i))
+        best = max(range(len(self.plans)), key=lambda i: (self.estimate(self.plans[i]), -i)) \
+            if self.longest_first else 0
         plan = self.plans.pop(best)
         self._started.add(plan.method.name)
         return plan
 
 
 class _Display:
-    """Bars for the teacher's epochs and the runs (rich), and a line per finished run."""
+    """Bars for the teacher's epochs and the runs (rich, unless ``--no-progress``), and a line
+    per finished run."""
 
     def __init__(self, enabled: bool) -> None:
         from rich.console import Console
@@ -155,47 +131,30 @@ class _Display:
                             MofNCompleteColumn(), TextColumn("elapsed"), TimeElapsedColumn(),
                             TextColumn("left"), TimeRemainingColumn(),
                             console=self.console) if enabled else None
-        self.teacher = self.runs = None
-
-    def __enter__(self) -> "_Display":
-        if self.bar is not None:
-            self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
+        self.tasks: dict[str, int] = {}
 
     def print(self, line: str) -> None:
         self.console.print(line, markup=False, soft_wrap=True)
 
-    def teacher_starts(self, config: str, epochs: int | None) -> None:
-        self.print(f"training the teacher ({config}, {epochs or '?'} epochs); it is cached for "
-                   f"later studies")
-        if self.bar is not None:
-            self.teacher = self.bar.add_task("teacher", total=epochs)
+    def show(self, task: str, **fields) -> None:
+        """Update bar ``task`` (add it, if ``fields`` give its total)."""
+        if self.bar is not None and task in self.tasks:
+            self.bar.update(self.tasks[task], **fields)
+        elif self.bar is not None and "total" in fields:
+            self.tasks[task] = self.bar.add_task(**fields)
 
     def teacher_epoch(self, event: dict) -> None:
         epoch, total = event["epoch"], event["max_epochs"]
         val = "" if event.get("val_acc") is None else f", val acc {100 * event['val_acc']:.2f}%"
         if self.bar is not None:
-            self.bar.update(self.teacher, completed=epoch, total=total,
-                            description=f"teacher epoch {epoch}/{total}{val}")
+            self.show("teacher", completed=epoch, total=total,
+                      description=f"teacher epoch {epoch}/{total}{val}")
         elif epoch in (1, total) or epoch % max(1, total // 10) == 0:
             self.print(f"teacher: epoch {epoch}/{total}{val}")
 
-    def start_runs(self, total: int, done: int) -> None:
-        if self.bar is not None:
-            self.runs = self.bar.add_task(f"{total - done} runs", total=total, completed=done)
-
-    def starting(self, what: str) -> None:
-        if self.bar is not None and self.runs is not None:
-            self.bar.update(self.runs, description=what)
-
     def finished(self, line: str) -> None:
         self.print(line)
-        if self.bar is not None:
-            self.bar.advance(self.runs)
+        self.show("runs", advance=1)
 
 
 class StudyRunner:
@@ -207,9 +166,8 @@ class StudyRunner:
                  executor=None) -> None:
         self.spec, self.output, self.trainer_args = spec, Path(output), list(trainer_args)
         self.executor = executor or SequentialExecutor()
-        #: on a failed run (diverged, crashed): record it as failed and go on, or stop the study
-        self.keep_going = keep_going
-        self.overwrite, self.progress = overwrite, progress
+        #: keep_going: on a failed run (diverged, crashed) record it as failed and go on
+        self.overwrite, self.progress, self.keep_going = overwrite, progress, keep_going
         self.study_hash = spec.hash()
         self.results = Results(self.output / "results.csv", self.study_hash)
         self.teacher_acc: float | None = None
@@ -219,43 +177,21 @@ class StudyRunner:
         #: the teacher's cache folder: one per configuration, so later studies reuse it
         self.teacher_dir = Path(teacher_cache) / key
         self.teacher_ckpt = self.teacher_dir / "teacher.ckpt"
-        self._sizes: dict[str, tuple[int, int]] = {}
+        self._sizes: dict[str, int] = {}
 
     # ---- output folder and teacher -----------------------------------------------------------
     def prepare_output(self) -> None:
-        """Use the output folder: empty, new, or holding this study's results (resumed). With
-        ``--overwrite``, a folder holding another study's results loses exactly the files a study
-        writes (:data:`OWN_FILES`). A folder that is not a study's is never written to."""
-        meta = self.output / "study.json"
-        if self.output.exists() and not self.output.is_dir():
-            raise KDConfigError(f"output {self.output} is a file, not a folder; give --output a "
-                                f"folder for the study's results.")
-        if self.output.exists() and any(self.output.iterdir()):
-            old = json.loads(meta.read_text()).get("hash") if meta.is_file() else None
-            if old is None:
-                raise KDConfigError(
-                    f"output folder {self.output} is not empty and holds no study results (no "
-                    f"study.json); a study never writes into or deletes such a folder. Give "
-                    f"--output a new or empty folder.")
-            if old != self.study_hash:
-                if not self.overwrite:
-                    raise KDConfigError(
-                        f"output folder {self.output} holds results of a different study (hash "
-                        f"{old}); this study's hash is {self.study_hash}. Pass --overwrite to "
-                        f"replace those results (only the files a study writes are deleted), "
-                        f"--output DIR to write elsewhere, or rerun the original study config "
-                        f"to resume it.")
-                delete_own_files(self.output, [self.output / name for name in OWN_FILES])
-        self.output.mkdir(parents=True, exist_ok=True)
+        """Use the output folder: new, empty, or holding this study's results (resumed); with
+        ``--overwrite`` another study's loses exactly the files a study writes (:data:`OWN_FILES`)."""
+        jobs.claim_output(self.output, "study.json", self.study_hash, OWN_FILES, self.overwrite,
+                          "study", "results of a different study")
         self._write_meta()
 
-    def _write_meta(self, teacher: dict | None = None) -> None:
+    def _write_meta(self, **teacher) -> None:
         meta = {"hash": self.study_hash, "identity": self.spec.identity()}
-        if teacher is not None:
-            meta["teacher"] = teacher
-        (self.output / "study.json").write_text(json.dumps(meta, indent=2))
+        (self.output / "study.json").write_text(json.dumps({**meta, **teacher}, indent=2))
 
-    def prepare_teacher(self, display: _Display | None = None) -> None:
+    def prepare_teacher(self, display: _Display) -> None:
         """The study's teacher: from the cache, or trained now (and cached by configuration)."""
         spec, folder, info = self.spec, self.teacher_dir, self.teacher_dir / "teacher.json"
         if not (self.teacher_ckpt.is_file() and info.is_file()):
@@ -267,10 +203,12 @@ class StudyRunner:
                     "--trainer.enable_progress_bar", "false", *self.trainer_args,
                     "--trainer.callbacks+=kd_lightning.jobs.EpochProgress"]
             job = jobs.Job(args, folder / "teacher.log", jobs.needs_subprocess(spec.teacher_run_config))
-            if display is not None:
-                display.teacher_starts(spec.teacher_config, spec.teacher_run_config.trainer.max_epochs)
+            epochs = spec.teacher_run_config.trainer.max_epochs
+            display.print(f"training the teacher ({spec.teacher_config}, {epochs or '?'} epochs); "
+                          f"it is cached for later studies")
+            display.show("teacher", description="teacher", total=epochs)
             try:
-                result = jobs.run_job(job, display.teacher_epoch if display else None)
+                result = jobs.run_job(job, display.teacher_epoch)
             except jobs.JobFailed as err:
                 raise KDConfigError(
                     f"the teacher run failed ({err}); see {job.log}. The study trains its teacher "
@@ -287,12 +225,12 @@ class StudyRunner:
             info.write_text(json.dumps({"config": cfg, "args": spec.teacher_args, "source": str(best[0]),
                                         "test_acc": result.metrics.get("test/acc")}))
         self.teacher_acc = json.loads(info.read_text()).get("test_acc")
-        self._write_meta({"config": spec.teacher_config, "checkpoint": str(self.teacher_ckpt),
-                          "test_acc": self.teacher_acc})
+        self._write_meta(teacher={"config": spec.teacher_config, "checkpoint": str(self.teacher_ckpt),
+                                  "test_acc": self.teacher_acc})
 
     # ---- planning ----------------------------------------------------------------------------
-    def _epoch_size(self, run_config, budget: Budget, seed: int) -> tuple[int, int]:
-        """(training examples, optimizer steps per epoch) of a run, from its data module."""
+    def _steps_per_epoch(self, run_config, budget: Budget, seed: int) -> int:
+        """Optimizer steps per epoch of a run, from its data module (built once per data)."""
         from kd_lightning.data import DistillDataModule
 
         data = {**run_config.data.as_dict(), "train_subset": budget, "subset_seed": seed}
@@ -300,37 +238,34 @@ class StudyRunner:
         if key not in self._sizes:
             dm = DistillDataModule(**data)  # raises KDConfigError for an impossible budget
             n = len(dm.train_indices)
-            self._sizes[key] = (n, n // dm.batch_size if dm.drop_last else math.ceil(n / dm.batch_size))
+            self._sizes[key] = n // dm.batch_size if dm.drop_last else math.ceil(n / dm.batch_size)
         return self._sizes[key]
 
     def plan(self, method: MethodSpec, budget: Budget, seed: int, candidate: dict,
              kind: str) -> RunPlan:
         """One training: its ``kd-lightning fit`` arguments and its length."""
-        spec = self.spec
+        spec, label = self.spec, budget_label(budget)
         settings = {**spec.settings(method, budget), **candidate}
         config = spec.run_config(method, settings)
         try:
-            _, per_epoch = self._epoch_size(config, budget, seed)
+            per_epoch = self._steps_per_epoch(config, budget, seed)
         except KDConfigError as err:
-            raise KDConfigError(f"budget M={budget_label(budget)} cannot be run for method "
-                                f"'{method.name}': {err}") from None
+            raise KDConfigError(f"budget M={label} cannot be run for method '{method.name}': "
+                                f"{err}") from None
         unit, n = spec.length(budget)
         epochs = n if unit == "epochs" else max(1, round(n / max(per_epoch, 1)))
-        name = f"{_slug(method.name)}/M{budget_label(budget)}/seed{seed}"
+        name = f"{_slug(method.name)}/M{label}/seed{seed}"
         if candidate:
             name += "/" + _slug(candidate_label(candidate).replace(", ", "_"))
         # the config's callbacks are dropped first, so callbacks the study's or the method's
         # arguments add (--trainer.callbacks+=...) reach the run
         args = ["fit", "--config", spec.resolve(method.config), "--trainer.callbacks", "[]",
                 *spec.args, *method.args, *override_args(settings),
-                "--seed_everything", str(seed),
-                "--data.train_subset", "null" if budget is None else str(budget),
-                "--data.subset_seed", str(seed),
-                "--trainer.max_epochs", str(epochs), "--trainer.max_steps", "-1",
-                "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
-                "--trainer.enable_checkpointing", "false",
-                "--trainer.enable_progress_bar", "false",
-                "--trainer.enable_model_summary", "false",
+                "--seed_everything", str(seed), "--data.train_subset", "null" if budget is None else label,
+                "--data.subset_seed", str(seed), "--trainer.max_epochs", str(epochs),
+                "--trainer.max_steps", "-1", "--trainer.limit_val_batches", "0",
+                "--trainer.num_sanity_val_steps", "0", "--trainer.enable_checkpointing", "false",
+                "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
                 "--trainer.logger.init_args.save_dir", str(self.output / "runs"),
                 "--trainer.logger.init_args.name", name,
                 "--test_after_fit", "false" if kind == CANDIDATE else "true"]
@@ -339,14 +274,12 @@ class StudyRunner:
             args += ["--model.init_args.teacher_checkpoint", str(self.teacher_ckpt)]
         for key, frac in spec.epoch_fractions(method).items():
             args += [f"--{key}", str(max(1, round(frac * epochs)))]
-        args += self.trainer_args
         run_dir = self.output / "runs" / name
-        job = jobs.Job(args, run_dir / "run.log", jobs.needs_subprocess(config),
+        job = jobs.Job([*args, *self.trainer_args], run_dir / "run.log", jobs.needs_subprocess(config),
                        validate=kind == CANDIDATE,
                        save_weights=run_dir / "final.ckpt" if kind == CANDIDATE else None)
-        return RunPlan(method, budget, seed, candidate, kind, [job], epochs, epochs * per_epoch,
-                       run_dir, Results.key(method.name, budget_label(budget), seed, kind,
-                                            candidate_key(candidate)), needs_teacher)
+        return RunPlan(method, budget, seed, candidate, kind, [job], epochs, epochs * per_epoch, run_dir,
+                       needs_teacher)
 
     def test_plan(self, method: MethodSpec, budget: Budget, seed: int, chosen: dict) -> RunPlan:
         """The test of a chosen candidate's weights (trained again first if they were removed:
@@ -357,7 +290,7 @@ class StudyRunner:
         test = jobs.Job(args, fit.run_dir / "test.log", fit.jobs[0].isolate)
         return RunPlan(method, budget, seed, chosen, CHOSEN,
                        ([] if fit.weights.is_file() else fit.jobs) + [test], fit.epochs, fit.steps,
-                       fit.run_dir, (*fit.key[:3], CHOSEN, fit.key[4]), fit.needs_teacher)
+                       fit.run_dir, fit.needs_teacher)
 
     def planned(self) -> list[RunPlan]:
         """Every training of the study, in study order (budget, method, candidate, seed); the
@@ -379,28 +312,29 @@ class StudyRunner:
         plans = self.planned()  # checks that every budget can be drawn, before anything is written
         self.prepare_output()
         grids = {(p.method.name, p.label): p for p in plans if p.kind == CANDIDATE}
-        total = len(plans) + len(grids) * len(self.spec.seeds)
         done = self.results.done()
         todo = [p for p in plans if not self._is_done(p, done)]
-        ex, stop = self.executor, None
-        queue = LongestFirst() if ex.concurrent else Queue()
-        with _Display(self.progress) as display, ex:
-            def fill() -> None:
-                while queue and ex.room() > 0:
-                    plan = queue.pop()
-                    display.starting(plan.describe())
-                    ex.submit(plan)
+        ex, stop, display = self.executor, None, _Display(self.progress)
+        queue = Queue(longest_first=ex.concurrent)
 
+        def fill() -> None:
+            while queue and ex.room() > 0:
+                plan = queue.pop()
+                display.show("runs", description=plan.describe())
+                ex.submit(plan)
+
+        with display.bar or contextlib.nullcontext(), ex:
             if ex.concurrent:  # the runs that need no teacher start while it trains
                 display.print(ex.describe())
                 queue.extend(p for p in todo if not p.needs_teacher)
                 fill()
-                queue.extend(p for p in todo if p.needs_teacher)
             self.prepare_teacher(display)
-            if not ex.concurrent:
-                queue.extend(todo)
-            display.start_runs(total, len(plans) - len(todo) + sum(
-                any(k[:4] == (*g, s, CHOSEN) for k in done) for g in grids for s in self.spec.seeds))
+            queue.extend(p for p in todo if p.needs_teacher or not ex.concurrent)
+            total = len(plans) + len(grids) * len(self.spec.seeds)
+            finished = len(plans) - len(todo) + sum(any(k[:4] == (*g, s, CHOSEN) for k in done)
+                                                    for g in grids for s in self.spec.seeds)
+            display.show("runs", description=f"{total - finished} runs", total=total,
+                         completed=finished)
             for plan in grids.values():
                 queue.plans[:0] = self._grid_done(plan, display)
             fill()
@@ -410,8 +344,7 @@ class StudyRunner:
                     if not self.keep_going:
                         raise err
                     if plan.kind == RUN:
-                        self._row(plan, 0.0, {}, kind=FAILED,
-                                  error=" ".join(str(err).split())[:2000])
+                        self._row(plan, 0.0, {}, kind=FAILED, error=" ".join(str(err).split())[:2000])
                         display.finished(f"{plan.describe()}: FAILED, recorded as failed (not a "
                                          f"result); the study goes on. {err}")
                     else:  # a grid's choice needs every candidate
@@ -435,15 +368,13 @@ class StudyRunner:
         chosen, _ = choose(self.results.rows(), method.name, plan.label, keys, spec.seeds)
         if chosen is None:
             return []
-        best = candidates[keys.index(chosen)]
-        done = self.results.done()
+        best, done = candidates[keys.index(chosen)], self.results.done()
         tests = [t for t in (self.test_plan(method, budget, s, best) for s in spec.seeds)
                  if not self._is_done(t, done)]
         if plan.kind == CHOSEN and not tests:
             for c in candidates:
-                if c is not best:
-                    for s in spec.seeds:
-                        (self.plan(method, budget, s, c, CANDIDATE).weights).unlink(missing_ok=True)
+                for s in spec.seeds if c is not best else ():
+                    self.plan(method, budget, s, c, CANDIDATE).weights.unlink(missing_ok=True)
         return [] if plan.kind == CHOSEN else tests
 
     def _failure(self, plan: RunPlan, err: jobs.JobFailed) -> RunFailed:
@@ -471,24 +402,20 @@ class StudyRunner:
         return row
 
     def _record(self, plan: RunPlan, result: jobs.JobResult, display: _Display) -> None:
-        what = f"({result.seconds:.0f} s, {plan.epochs} epochs)"
-        if plan.kind == RUN:
+        what = f"{result.seconds:.0f} s, {plan.epochs} epochs"
+        if plan.kind != CHOSEN:
             row = self._row(plan, result.seconds, result.metrics)
-            return display.finished(f"{plan.describe()}: test acc {row['test_acc']:.2f}% {what}")
-        if plan.kind == CANDIDATE:
-            row = self._row(plan, result.seconds, result.metrics)
-            return display.finished(f"{plan.describe()}: val acc {row['val_acc']:.2f}% "
-                                    f"{what[:-1]}; a candidate)")
-        rows = self.results.rows()
+            return display.finished(f"{plan.describe()}: test acc {row['test_acc']:.2f}% ({what})"
+                                    if plan.kind == RUN else
+                                    f"{plan.describe()}: val acc {row['val_acc']:.2f}% ({what}; a candidate)")
+        rows, key = self.results.rows(), plan.key[4]
         fit = next(r for r in rows if (r["method"], r["M"], int(r["seed"]), r["kind"],
-                                       r["candidate"]) == (*plan.key[:3], CANDIDATE, plan.key[4]))
+                                       r["candidate"]) == (*plan.key[:3], CANDIDATE, key))
         keys = [candidate_key(c) for c in self.spec.candidates(plan.method, plan.budget)]
-        _, means = choose(rows, plan.method.name, plan.label, keys, self.spec.seeds)
-        others = "; ".join(f"{candidate_label(k)}: {m:.2f}%" for k, m in means.items()
-                           if k != plan.key[4])
+        means = choose(rows, plan.method.name, plan.label, keys, self.spec.seeds)[1]
+        others = "".join(f"; {candidate_label(k)}: {m:.2f}%" for k, m in means.items() if k != key)
         row = self._row(plan, result.seconds + float(fit["wall_time_s"]), result.metrics,
                         val_acc=fit["val_acc"], run_hash=fit["run_hash"])
         display.finished(f"{plan.method.name} M={plan.label} seed={plan.seed}: "
-                         f"{candidate_label(plan.candidate)} chosen (mean val acc "
-                         f"{means[plan.key[4]]:.2f}%{'; ' + others if others else ''}), test acc "
-                         f"{row['test_acc']:.2f}%")
+                         f"{candidate_label(plan.candidate)} chosen (mean val acc {means[key]:.2f}%"
+                         f"{others}), test acc {row['test_acc']:.2f}%")

@@ -1,19 +1,16 @@
 """The study spec: the YAML file (format: ``configs/studies/README.md``), its presets, and the
 checks that run before any training.
 
-:func:`load_study` parses every method's ``kd-lightning fit`` configuration once, with the CLI's
-own parser, so run arguments are understood in every form the CLI accepts
-(``--data.batch_size 50``, ``--data.batch_size=50``); the runner derives what it needs about a
-run (data set size, batch size, whether there is a teacher) from that parsed configuration.
+Every run's ``kd-lightning fit`` configuration is parsed once, by the CLI's own parser, so run
+arguments are understood in every form the CLI accepts; the runner reads what it needs about a
+run (data, batch size, teacher) from that parse.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import itertools
 import json
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +19,7 @@ from typing import Any
 import yaml
 
 from kd_lightning import KDConfigError
+from kd_lightning.jobs import parse_error_text, parse_run, run_parser
 
 FULL, DEFAULT, DEFAULT_STEPS = "full", "default", 2000
 #: run settings the study gives every run itself; a spec may not set them
@@ -60,28 +58,21 @@ class PerBudget:
         return out if self.default is NO_DEFAULT else {**out, DEFAULT: self.default}
 
 
-def _budget_key(key: Any) -> Budget | str:
-    """A per-budget mapping's key as a budget (or ``default``); ValueError if it is not one."""
-    if isinstance(key, int) and not isinstance(key, bool) and key >= 1:
-        return key
+def _budget_key(key: Any) -> Any:
+    """A per-budget mapping's key as a budget (None: full), ``default``, or NO_DEFAULT if neither."""
     if isinstance(key, str) and key.lower() in (FULL, DEFAULT):
         return None if key.lower() == FULL else DEFAULT
-    if isinstance(key, str) and key.isdigit() and int(key) >= 1:
-        return int(key)
-    raise ValueError(key)
+    if isinstance(key, str) and key.isdecimal():
+        key = int(key)
+    return key if isinstance(key, int) and not isinstance(key, bool) and key >= 1 else NO_DEFAULT
 
 
 def per_budget(value: Any, where: str) -> Any:
     """``value``, or a :class:`PerBudget` if it is a mapping whose keys are all budgets."""
     if not isinstance(value, dict) or not value:
         return value
-    keys = {}
-    for key in value:
-        try:
-            keys[key] = _budget_key(key)
-        except ValueError:
-            pass
-    bad = [k for k in value if k not in keys]
+    keys = {k: _budget_key(k) for k in value}
+    bad = [k for k, b in keys.items() if b is NO_DEFAULT]
     if len(bad) == len(value):
         return value  # an ordinary mapping value (e.g. a class_path/init_args block)
     if bad:
@@ -119,9 +110,7 @@ class MethodSpec:
     epoch_args: dict[str, float] = field(default_factory=dict)
     reference: bool = False  # the student-alone baseline: drawn as the reference line
     method: str | None = None  # class name, checked against the config's model.class_path
-    #: the run's configuration parsed by the ``kd-lightning`` parser (config + study args +
-    #: method args + the command line's --trainer.* flags); a jsonargparse Namespace
-    run_config: Any = None
+    run_config: Any = None  # the parsed configuration (config, study and method args, --trainer.*)
 
 
 @dataclass
@@ -219,93 +208,49 @@ class StudySpec:
         args = override_args(overrides)
         key = (method.name, tuple(args))
         if key not in self._run_configs:
-            base = method.run_config
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                self._run_configs[key] = run_parser().parse_args(args, namespace=base.clone()) \
-                    if args else base
+                self._run_configs[key] = run_parser().parse_args(
+                    args, namespace=method.run_config.clone()) if args else method.run_config
         return self._run_configs[key]
 
 
-@functools.lru_cache(maxsize=1)
-def run_parser():
-    """The argument parser of ``kd-lightning fit`` (built once; nothing is instantiated)."""
-    from kd_lightning.cli import KDLightningCLI
-    from kd_lightning.data import DistillDataModule
-    from kd_lightning.methods import DistillationModule
-
-    class ParserOnly(KDLightningCLI):
-        def parse_arguments(self, parser, args) -> None:
-            self.config = {"seed_everything": False}  # parse nothing, seed nothing
-
-        def instantiate_classes(self) -> None:
-            pass
-
-    # the same classes and modes as kd_lightning.cli.cli_main; errors raise instead of exiting
-    return ParserOnly(DistillationModule, DistillDataModule, subclass_mode_model=True, run=False,
-                      parser_kwargs={"exit_on_error": False}).parser
+def _require(ok: Any, message: str) -> None:
+    if not ok:
+        raise KDConfigError(message)
 
 
-def _parse_error_text(err: BaseException) -> str:
-    """jsonargparse's multi-line message, reduced to the lines that say what is wrong."""
-    noise = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:",
-             "Given value type:", "Given value:", "Expected a <class 'NoneType'>")
-    lines = [line.strip().removeprefix("- ") for line in str(err).splitlines()]
-    return re.sub(r"\s+", " ", " ".join(x for x in lines if x and not x.startswith(noise))).strip()
-
-
-def parse_run(config: str, args: list[str], where: str):
-    """``kd-lightning fit --config CONFIG ARGS`` parsed (jsonargparse Namespace)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return run_parser().parse_args(["--config", config, *args])
-    except Exception as err:  # noqa: BLE001 - jsonargparse raises ArgumentError / TypeError
-        raise KDConfigError(f"{where}: `kd-lightning fit --config {config}` with the arguments "
-                            f"{args} does not parse: {_parse_error_text(err)}") from None
-
-
-def available_methods() -> dict[str, type]:
-    """Every method of :mod:`kd_lightning.methods` (the shared bases are not methods)."""
-    import kd_lightning.methods as methods
-
-    bases = {methods.DistillationModule, methods.FeatureDistillation,
-             methods.TwoStageFeatureDistillation}
-    return {name: obj for name, obj in vars(methods).items()
-            if isinstance(obj, type) and issubclass(obj, methods.DistillationModule)
-            and obj not in bases}
-
-
-def _checked(value: Any, kind: type, where: str, example: str) -> Any:
+def _checked(value: Any, kind: type, where: str) -> Any:
     """``value`` (``None``: empty) if it is a ``kind`` (list or mapping), else a config error."""
-    if value is None:
-        return kind()
-    if not isinstance(value, kind):
-        what = "a list of command-line arguments" if kind is list else \
-            "a mapping of dotted run arguments to values"
-        raise KDConfigError(f"{where} must be {what}, e.g. {example}, got {value!r}.")
-    return [str(a) for a in value] if kind is list else value
+    what = "a list of command-line arguments, e.g. [--data.batch_size, 50]" if kind is list \
+        else "a mapping of dotted run arguments to values, e.g. {model.init_args.eps: 2.0}"
+    _require(isinstance(value, (kind, type(None))), f"{where} must be {what}, got {value!r}.")
+    return kind() if value is None else [str(a) for a in value] if kind is list else value
 
 
-def _args(value, where):
-    return _checked(value, list, where, "[--data.batch_size, 50]")
+def _settings(entry: dict, kinds: tuple[str, ...], suffix: str) -> dict[str, Any]:
+    """``args``, ``epoch_args`` and the per-budget ``kinds`` (set, grid) of a study or method
+    entry; ``suffix`` places them in messages (`` in FILE`` or `` of method 'X' in FILE``)."""
+    out = {"args": _checked(entry.get("args"), list, f"'args'{suffix}")}
+    for kind in kinds:
+        out[kind] = {k: per_budget(v, f"'{kind}: {k}'{suffix}")
+                     for k, v in _checked(entry.get(kind), dict, f"'{kind}'{suffix}").items()}
+    epoch_args = _checked(entry.get("epoch_args"), dict, f"'epoch_args'{suffix}")
+    return {**out, "epoch_args": {str(k): float(v) for k, v in epoch_args.items()}}
 
 
-def _mapping(value, where):
-    return _checked(value, dict, where, "{model.init_args.eps: 2.0}")
+def _known_keys(entry: dict, valid: tuple[str, ...], where: str) -> None:
+    unknown = ", ".join(repr(k) for k in entry if k not in valid)
+    _require(not unknown, f"{where} has unknown key(s) {unknown}; valid keys: {', '.join(valid)}.")
 
 
-def _unknown_keys(entry: dict, valid: tuple[str, ...], where: str) -> None:
-    unknown = [k for k in entry if k not in valid]
-    if unknown:
-        raise KDConfigError(f"{where} has unknown key(s) {', '.join(map(repr, unknown))}; valid "
-                            f"keys: {', '.join(valid)}.")
+def _not_controlled(key: str, where: str) -> None:
+    _require(key not in CONTROLLED, f"{where} sets {key}, which the study sets itself for every run "
+                                    f"(controlled: {', '.join(CONTROLLED)}).")
 
 
 def _check_key(key: str, run_config, where: str, config: str) -> None:
-    if key in CONTROLLED:
-        raise KDConfigError(f"{where} sets {key}, which the study sets itself for every run "
-                            f"(controlled: {', '.join(CONTROLLED)}).")
+    _not_controlled(key, where)
     if key not in run_config:
         parent = key.rsplit(".", 1)[0] if "." in key else ""
         node = run_config.get(parent) if parent else run_config
@@ -317,162 +262,136 @@ def _check_key(key: str, run_config, where: str, config: str) -> None:
 
 def load_study(path: str | Path, preset: str | None = None,
                run_args: list[str] | tuple[str, ...] = ()) -> StudySpec:
-    """Read and check a study YAML.
-
-    ``preset`` replaces top-level keys with those of ``presets: {NAME: ...}`` and suffixes the
-    study's name and output folder with ``-NAME``. ``run_args`` are the extra ``kd-lightning``
-    arguments every run gets (the command line's ``--trainer.*`` flags).
-    """
+    """Read and check a study YAML. ``preset`` replaces top-level keys with those of
+    ``presets: {NAME: ...}`` and suffixes the name and output folder with ``-NAME``;
+    ``run_args`` (the command line's ``--trainer.*`` flags) are given to every run."""
     path = Path(path)
-    if not path.is_file():
-        raise KDConfigError(f"study config '{path}' does not exist.")
+    _require(path.is_file(), f"study config '{path}' does not exist.")
     raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise KDConfigError(f"study config {path} must be a YAML mapping (name, teacher, methods, "
-                            f"...), got {type(raw).__name__}.")
-    _unknown_keys(raw, STUDY_KEYS, f"study config {path}")
+    _require(isinstance(raw, dict), f"study config {path} must be a YAML mapping (name, teacher, "
+                                    f"methods, ...), got {type(raw).__name__}.")
+    _known_keys(raw, STUDY_KEYS, f"study config {path}")
     name, output = str(raw.get("name", path.stem)), str(raw.get("output", f"studies/{path.stem}"))
     if preset is not None:
         presets = raw.get("presets") or {}
-        if preset not in presets:
-            raise KDConfigError(f"preset '{preset}' is not defined in {path}; defined presets: "
-                                f"{', '.join(presets) or 'none'}.")
+        _require(preset in presets, f"preset '{preset}' is not defined in {path}; defined presets: "
+                                    f"{', '.join(presets) or 'none'}.")
         chosen = presets[preset] or {}
-        _unknown_keys(chosen, STUDY_KEYS[:-1], f"preset '{preset}' of {path}")
+        _known_keys(chosen, STUDY_KEYS[:-1], f"preset '{preset}' of {path}")
         raw = {**raw, **chosen}
         name = str(raw["name"]) if "name" in chosen else f"{name}-{preset}"
         output = str(raw["output"]) if "output" in chosen else f"{output}-{preset}"
     for key in ("teacher", "methods"):
-        if not raw.get(key):
-            raise KDConfigError(f"study config {path} has no '{key}' section.")
+        _require(raw.get(key), f"study config {path} has no '{key}' section.")
     teacher = raw["teacher"]
-    if not isinstance(teacher, dict) or "config" not in teacher:
-        raise KDConfigError(f"'teacher' in {path} must be a mapping with 'config' (a kd-lightning "
-                            f"fit config) and optionally 'args', got {teacher!r}.")
-    _unknown_keys(teacher, ("config", "args"), f"'teacher' in {path}")
-    budgets = []
-    for b in raw.get("budgets", [50, 100, 500, 1000, FULL]):
-        try:
-            key = _budget_key(b)
-        except ValueError:
-            key = DEFAULT
-        if key == DEFAULT:
-            raise KDConfigError(f"budget {b!r} in {path} is not a positive integer or '{FULL}'.")
-        budgets.append(key)
+    _require(isinstance(teacher, dict) and "config" in teacher,
+             f"'teacher' in {path} must be a mapping with 'config' (a kd-lightning fit config) and "
+             f"optionally 'args', got {teacher!r}.")
+    _known_keys(teacher, ("config", "args"), f"'teacher' in {path}")
+    written = raw.get("budgets", [50, 100, 500, 1000, FULL])
+    budgets = [_budget_key(b) for b in written]
+    for b, key in zip(written, budgets):
+        _require(key is not NO_DEFAULT and key != DEFAULT,
+                 f"budget {b!r} in {path} is not a positive integer or '{FULL}'.")
     seeds = raw.get("seeds", [0, 1, 2])
-    if not budgets or not seeds:
-        raise KDConfigError(f"study config {path} needs at least one budget and one seed.")
-    if len(set(budgets)) != len(budgets) or len(set(map(str, seeds))) != len(seeds):
-        raise KDConfigError(f"budgets and seeds in {path} must not repeat, got budgets "
-                            f"{raw.get('budgets')} and seeds {seeds}.")
-    if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise KDConfigError(f"seeds in {path} must be integers, got {seeds}.")
+    _require(budgets and seeds, f"study config {path} needs at least one budget and one seed.")
+    _require(len(set(budgets)) == len(budgets) and len(set(map(str, seeds))) == len(seeds),
+             f"budgets and seeds in {path} must not repeat, got budgets {raw.get('budgets')} and "
+             f"seeds {seeds}.")
+    _require(all(isinstance(s, int) and not isinstance(s, bool) for s in seeds),
+             f"seeds in {path} must be integers, got {seeds}.")
     steps = per_budget(raw.get("steps"), f"'steps' in {path}")
     epochs = per_budget(raw.get("epochs"), f"'epochs' in {path}")
     spec = StudySpec(
         name=name, output=output, teacher_config=str(teacher["config"]),
-        teacher_args=_args(teacher.get("args"), f"'teacher: args' in {path}"),
-        budgets=budgets, seeds=list(seeds), methods=[], epochs=epochs,
+        teacher_args=_checked(teacher.get("args"), list, f"'teacher: args' in {path}"),
+        budgets=budgets, seeds=list(seeds), methods=[], epochs=epochs, path=str(path),
         steps=DEFAULT_STEPS if steps is None and epochs is None else steps,
-        args=_args(raw.get("args"), f"'args' in {path}"),
-        set={k: per_budget(v, f"'set: {k}' in {path}")
-             for k, v in _mapping(raw.get("set"), f"'set' in {path}").items()},
-        epoch_args={str(k): float(v) for k, v in
-                    _mapping(raw.get("epoch_args"), f"'epoch_args' in {path}").items()},
-        path=str(path))
+        **_settings(raw, ("set",), f" in {path}"))
     for b in budgets:
         spec.length(b)  # every budget has exactly one training length
-    controlled = [k for k in spec.set if k in CONTROLLED]
-    if controlled:
-        raise KDConfigError(f"'set' in {path} sets {controlled[0]}, which the study sets itself "
-                            f"for every run (controlled: {', '.join(CONTROLLED)}).")
+    for key in spec.set:
+        _not_controlled(key, f"'set' in {path}")
     teacher_cfg = spec.resolve(spec.teacher_config)
-    if not Path(teacher_cfg).is_file():
-        raise KDConfigError(f"teacher config '{spec.teacher_config}' (in {path}) does not exist.")
+    _require(Path(teacher_cfg).is_file(),
+             f"teacher config '{spec.teacher_config}' (in {path}) does not exist.")
     spec.teacher_run_config = parse_run(teacher_cfg, [*spec.teacher_args, *run_args],
                                         f"the teacher of {path}")
-    if not isinstance(raw["methods"], list):
-        raise KDConfigError(f"'methods' in {path} must be a list of entries with name and config.")
-    valid = available_methods()
-    spec.methods = [_load_method(entry, spec, path, valid, list(run_args)) for entry in raw["methods"]]
+    _require(isinstance(raw["methods"], list),
+             f"'methods' in {path} must be a list of entries with name and config.")
+    spec.methods = [_load_method(entry, spec, path, list(run_args)) for entry in raw["methods"]]
     names = [m.name for m in spec.methods]
-    if len(set(names)) != len(names):
-        raise KDConfigError(f"method names in {path} must be unique, got {names}.")
-    unused = [k for k in spec.set if not any(k in m.run_config for m in spec.methods)]
-    if unused:
-        raise KDConfigError(f"'set: {unused[0]}' in {path} is an argument of none of the "
-                            f"methods' runs (write the full dotted name, as in --{unused[0]}).")
+    _require(len(set(names)) == len(names), f"method names in {path} must be unique, got {names}.")
+    for k in spec.set:
+        _require(any(k in m.run_config for m in spec.methods), f"'set: {k}' in {path} is an argument "
+                 f"of none of the methods' runs (write the full dotted name, as in --{k}).")
     return spec
 
 
-def _load_method(entry: Any, spec: StudySpec, path: Path, valid: dict[str, type],
-                 run_args: list[str]) -> MethodSpec:
-    if not isinstance(entry, dict) or "name" not in entry or "config" not in entry:
-        raise KDConfigError(f"every entry of 'methods' in {path} needs a name and a config "
-                            f"(a kd-lightning fit config), got {entry!r}.")
+def available_methods() -> list[str]:
+    """Every method of :mod:`kd_lightning.methods` (the shared bases are not methods)."""
+    import kd_lightning.methods as methods
+
+    bases = ("DistillationModule", "FeatureDistillation", "TwoStageFeatureDistillation")
+    return [n for n in methods.__all__ if n not in bases and isinstance(getattr(methods, n), type)
+            and issubclass(getattr(methods, n), methods.DistillationModule)]
+
+
+def _load_method(entry: Any, spec: StudySpec, path: Path, run_args: list[str]) -> MethodSpec:
+    _require(isinstance(entry, dict) and "name" in entry and "config" in entry,
+             f"every entry of 'methods' in {path} needs a name and a config (a kd-lightning fit "
+             f"config), got {entry!r}.")
     where = f"method '{entry['name']}' in {path}"
-    _unknown_keys(entry, METHOD_KEYS, where)
-    m = MethodSpec(
-        name=str(entry["name"]), config=str(entry["config"]),
-        args=_args(entry.get("args"), f"'args' of {where}"),
-        set={k: per_budget(v, f"'set: {k}' of {where}")
-             for k, v in _mapping(entry.get("set"), f"'set' of {where}").items()},
-        grid={k: per_budget(v, f"'grid: {k}' of {where}")
-              for k, v in _mapping(entry.get("grid"), f"'grid' of {where}").items()},
-        epoch_args={str(k): float(v) for k, v in
-                    _mapping(entry.get("epoch_args"), f"'epoch_args' of {where}").items()},
-        reference=bool(entry.get("reference", False)), method=entry.get("method"))
-    if m.method is not None and m.method not in valid:
-        raise KDConfigError(f"unknown method '{m.method}' in study config {path}. Valid methods: "
-                            f"{', '.join(sorted(valid))}.")
+    _known_keys(entry, METHOD_KEYS, where)
+    m = MethodSpec(name=str(entry["name"]), config=str(entry["config"]),
+                   reference=bool(entry.get("reference", False)), method=entry.get("method"),
+                   **_settings(entry, ("set", "grid"), f" of {where}"))
+    valid = sorted(available_methods())
+    _require(m.method is None or m.method in valid, f"unknown method '{m.method}' in study config "
+                                                    f"{path}. Valid methods: {', '.join(valid)}.")
     cfg = spec.resolve(m.config)
-    if not Path(cfg).is_file():
-        raise KDConfigError(f"{where}: config '{m.config}' does not exist.")
+    _require(Path(cfg).is_file(), f"{where}: config '{m.config}' does not exist.")
     m.run_config = parse_run(cfg, [*spec.args, *m.args, *run_args], where)
     class_path = m.run_config.model.class_path
-    if m.method is not None and class_path.rsplit(".", 1)[-1] != m.method:
-        raise KDConfigError(f"{where} says method: {m.method} but its config {m.config} trains "
-                            f"{class_path}.")
+    _require(m.method is None or class_path.rsplit(".", 1)[-1] == m.method,
+             f"{where} says method: {m.method} but its config {m.config} trains {class_path}.")
     for kind in ("set", "grid", "epoch_args"):
         for key in getattr(m, kind):
             _check_key(key, m.run_config, f"'{kind}' of {where}", m.config)
-            if kind == "grid" and key in m.set:
-                raise KDConfigError(f"{where} gives {key} in both 'set' and 'grid'; keep one.")
+            _require(kind != "grid" or key not in m.set,
+                     f"{where} gives {key} in both 'set' and 'grid'; keep one.")
     for b in spec.budgets:
         label = budget_label(b)
         for key, value in m.grid.items():
-            values = at_budget(value, b) if not isinstance(value, PerBudget) or value.covers(b) \
-                else None
-            if not isinstance(values, list) or not values:
-                raise KDConfigError(
-                    f"'grid: {key}' of {where} has no list of candidates for M={label}: give a "
-                    f"non-empty list, e.g. [0.3, 1, 2], or one per budget, e.g. "
-                    f"{{{FULL}: [0.1, 0.3], {DEFAULT}: [1, 2]}}.")
+            values = value.at(b) if isinstance(value, PerBudget) and value.covers(b) else value
+            _require(isinstance(values, list) and values,
+                     f"'grid: {key}' of {where} has no list of candidates for M={label}: give a "
+                     f"non-empty list, e.g. [0.3, 1, 2], or one per budget, e.g. "
+                     f"{{{FULL}: [0.1, 0.3], {DEFAULT}: [1, 2]}}.")
         for key, value in [*spec.set.items(), *m.set.items()]:
-            if isinstance(value, PerBudget) and not value.covers(b) and key in m.run_config:
-                raise KDConfigError(f"'set: {key}' for {where} has no value for M={label}: name "
-                                    f"the budget or add a '{DEFAULT}' entry.")
+            _require(not isinstance(value, PerBudget) or value.covers(b) or key not in m.run_config,
+                     f"'set: {key}' for {where} has no value for M={label}: name the budget or "
+                     f"add a '{DEFAULT}' entry.")
         for candidate in spec.candidates(m, b):
             values = {**spec.settings(m, b), **candidate}
             try:
                 spec.run_config(m, values)
             except Exception as err:  # noqa: BLE001
                 raise KDConfigError(f"{where} at M={label}: the values {values} do not parse: "
-                                    f"{_parse_error_text(err)}") from None
+                                    f"{parse_error_text(err)}") from None
     # a method distilling from a teacher network must configure the network the study's teacher
     # trains, or the cached teacher weights will not load into it
     wanted = m.run_config.model.init_args.get("teacher")
     trained = spec.teacher_run_config.model.init_args.get("student")
     if hasattr(wanted, "as_dict") and hasattr(trained, "as_dict") \
             and wanted.as_dict() != trained.as_dict():
+        def describe(net) -> str:
+            args = ", ".join(f"{k}={v!r}" for k, v in (net.as_dict().get("init_args") or {}).items())
+            return f"{net.class_path}({args})"
+
         raise KDConfigError(
-            f"{where} distils from the teacher network {_describe(wanted)} but the study's "
-            f"teacher (teacher: config: {spec.teacher_config}) trains {_describe(trained)}, whose "
+            f"{where} distils from the teacher network {describe(wanted)} but the study's "
+            f"teacher (teacher: config: {spec.teacher_config}) trains {describe(trained)}, whose "
             f"weights would not fit. Make model.init_args.teacher of {m.config} the network of "
             f"model.init_args.student in {spec.teacher_config}.")
     return m
-
-
-def _describe(net) -> str:
-    args = ", ".join(f"{k}={v!r}" for k, v in (net.as_dict().get("init_args") or {}).items())
-    return f"{net.class_path}({args})"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kd_lightning.study import format_table, load_study
-from kd_lightning.study.report import format_choices, length_note, results_markdown
+from kd_lightning.study.results import format_choices, length_note, results_markdown
 from tests.study.test_study import KD, STUDENT, write_study
 
 
