@@ -215,7 +215,7 @@ class StudySpec:
         return self._run_configs[key]
 
 
-def _require(ok: Any, message: str) -> None:
+def require(ok: Any, message: str) -> None:
     if not ok:
         raise KDConfigError(message)
 
@@ -224,7 +224,7 @@ def _checked(value: Any, kind: type, where: str) -> Any:
     """``value`` (``None``: empty) if it is a ``kind`` (list or mapping), else a config error."""
     what = "a list of command-line arguments, e.g. [--data.batch_size, 50]" if kind is list \
         else "a mapping of dotted run arguments to values, e.g. {model.init_args.eps: 2.0}"
-    _require(isinstance(value, (kind, type(None))), f"{where} must be {what}, got {value!r}.")
+    require(isinstance(value, (kind, type(None))), f"{where} must be {what}, got {value!r}.")
     return kind() if value is None else [str(a) for a in value] if kind is list else value
 
 
@@ -241,11 +241,11 @@ def _settings(entry: dict, kinds: tuple[str, ...], suffix: str) -> dict[str, Any
 
 def _known_keys(entry: dict, valid: tuple[str, ...], where: str) -> None:
     unknown = ", ".join(repr(k) for k in entry if k not in valid)
-    _require(not unknown, f"{where} has unknown key(s) {unknown}; valid keys: {', '.join(valid)}.")
+    require(not unknown, f"{where} has unknown key(s) {unknown}; valid keys: {', '.join(valid)}.")
 
 
 def _not_controlled(key: str, where: str) -> None:
-    _require(key not in CONTROLLED, f"{where} sets {key}, which the study sets itself for every run "
+    require(key not in CONTROLLED, f"{where} sets {key}, which the study sets itself for every run "
                                     f"(controlled: {', '.join(CONTROLLED)}).")
 
 
@@ -266,15 +266,15 @@ def load_study(path: str | Path, preset: str | None = None,
     ``presets: {NAME: ...}`` and suffixes the name and output folder with ``-NAME``;
     ``run_args`` (the command line's ``--trainer.*`` flags) are given to every run."""
     path = Path(path)
-    _require(path.is_file(), f"study config '{path}' does not exist.")
+    require(path.is_file(), f"study config '{path}' does not exist.")
     raw = yaml.safe_load(path.read_text()) or {}
-    _require(isinstance(raw, dict), f"study config {path} must be a YAML mapping (name, teacher, "
+    require(isinstance(raw, dict), f"study config {path} must be a YAML mapping (name, teacher, "
                                     f"methods, ...), got {type(raw).__name__}.")
     _known_keys(raw, STUDY_KEYS, f"study config {path}")
     name, output = str(raw.get("name", path.stem)), str(raw.get("output", f"studies/{path.stem}"))
     if preset is not None:
         presets = raw.get("presets") or {}
-        _require(preset in presets, f"preset '{preset}' is not defined in {path}; defined presets: "
+        require(preset in presets, f"preset '{preset}' is not defined in {path}; defined presets: "
                                     f"{', '.join(presets) or 'none'}.")
         chosen = presets[preset] or {}
         _known_keys(chosen, STUDY_KEYS[:-1], f"preset '{preset}' of {path}")
@@ -282,23 +282,23 @@ def load_study(path: str | Path, preset: str | None = None,
         name = str(raw["name"]) if "name" in chosen else f"{name}-{preset}"
         output = str(raw["output"]) if "output" in chosen else f"{output}-{preset}"
     for key in ("teacher", "methods"):
-        _require(raw.get(key), f"study config {path} has no '{key}' section.")
+        require(raw.get(key), f"study config {path} has no '{key}' section.")
     teacher = raw["teacher"]
-    _require(isinstance(teacher, dict) and "config" in teacher,
+    require(isinstance(teacher, dict) and "config" in teacher,
              f"'teacher' in {path} must be a mapping with 'config' (a kd-lightning fit config) and "
              f"optionally 'args', got {teacher!r}.")
     _known_keys(teacher, ("config", "args"), f"'teacher' in {path}")
     written = raw.get("budgets", [50, 100, 500, 1000, FULL])
     budgets = [_budget_key(b) for b in written]
     for b, key in zip(written, budgets):
-        _require(key is not NO_DEFAULT and key != DEFAULT,
+        require(key is not NO_DEFAULT and key != DEFAULT,
                  f"budget {b!r} in {path} is not a positive integer or '{FULL}'.")
     seeds = raw.get("seeds", [0, 1, 2])
-    _require(budgets and seeds, f"study config {path} needs at least one budget and one seed.")
-    _require(len(set(budgets)) == len(budgets) and len(set(map(str, seeds))) == len(seeds),
+    require(budgets and seeds, f"study config {path} needs at least one budget and one seed.")
+    require(len(set(budgets)) == len(budgets) and len(set(map(str, seeds))) == len(seeds),
              f"budgets and seeds in {path} must not repeat, got budgets {raw.get('budgets')} and "
              f"seeds {seeds}.")
-    _require(all(isinstance(s, int) and not isinstance(s, bool) for s in seeds),
+    require(all(isinstance(s, int) and not isinstance(s, bool) for s in seeds),
              f"seeds in {path} must be integers, got {seeds}.")
     steps = per_budget(raw.get("steps"), f"'steps' in {path}")
     epochs = per_budget(raw.get("epochs"), f"'epochs' in {path}")
@@ -313,17 +313,17 @@ def load_study(path: str | Path, preset: str | None = None,
     for key in spec.set:
         _not_controlled(key, f"'set' in {path}")
     teacher_cfg = spec.resolve(spec.teacher_config)
-    _require(Path(teacher_cfg).is_file(),
+    require(Path(teacher_cfg).is_file(),
              f"teacher config '{spec.teacher_config}' (in {path}) does not exist.")
     spec.teacher_run_config = parse_run(teacher_cfg, [*spec.teacher_args, *run_args],
                                         f"the teacher of {path}")
-    _require(isinstance(raw["methods"], list),
+    require(isinstance(raw["methods"], list),
              f"'methods' in {path} must be a list of entries with name and config.")
     spec.methods = [_load_method(entry, spec, path, list(run_args)) for entry in raw["methods"]]
     names = [m.name for m in spec.methods]
-    _require(len(set(names)) == len(names), f"method names in {path} must be unique, got {names}.")
+    require(len(set(names)) == len(names), f"method names in {path} must be unique, got {names}.")
     for k in spec.set:
-        _require(any(k in m.run_config for m in spec.methods), f"'set: {k}' in {path} is an argument "
+        require(any(k in m.run_config for m in spec.methods), f"'set: {k}' in {path} is an argument "
                  f"of none of the methods' runs (write the full dotted name, as in --{k}).")
     return spec
 
@@ -338,7 +338,7 @@ def available_methods() -> list[str]:
 
 
 def _load_method(entry: Any, spec: StudySpec, path: Path, run_args: list[str]) -> MethodSpec:
-    _require(isinstance(entry, dict) and "name" in entry and "config" in entry,
+    require(isinstance(entry, dict) and "name" in entry and "config" in entry,
              f"every entry of 'methods' in {path} needs a name and a config (a kd-lightning fit "
              f"config), got {entry!r}.")
     where = f"method '{entry['name']}' in {path}"
@@ -347,29 +347,29 @@ def _load_method(entry: Any, spec: StudySpec, path: Path, run_args: list[str]) -
                    reference=bool(entry.get("reference", False)), method=entry.get("method"),
                    **_settings(entry, ("set", "grid"), f" of {where}"))
     valid = sorted(available_methods())
-    _require(m.method is None or m.method in valid, f"unknown method '{m.method}' in study config "
+    require(m.method is None or m.method in valid, f"unknown method '{m.method}' in study config "
                                                     f"{path}. Valid methods: {', '.join(valid)}.")
     cfg = spec.resolve(m.config)
-    _require(Path(cfg).is_file(), f"{where}: config '{m.config}' does not exist.")
+    require(Path(cfg).is_file(), f"{where}: config '{m.config}' does not exist.")
     m.run_config = parse_run(cfg, [*spec.args, *m.args, *run_args], where)
     class_path = m.run_config.model.class_path
-    _require(m.method is None or class_path.rsplit(".", 1)[-1] == m.method,
+    require(m.method is None or class_path.rsplit(".", 1)[-1] == m.method,
              f"{where} says method: {m.method} but its config {m.config} trains {class_path}.")
     for kind in ("set", "grid", "epoch_args"):
         for key in getattr(m, kind):
             _check_key(key, m.run_config, f"'{kind}' of {where}", m.config)
-            _require(kind != "grid" or key not in m.set,
+            require(kind != "grid" or key not in m.set,
                      f"{where} gives {key} in both 'set' and 'grid'; keep one.")
     for b in spec.budgets:
         label = budget_label(b)
         for key, value in m.grid.items():
             values = value.at(b) if isinstance(value, PerBudget) and value.covers(b) else value
-            _require(isinstance(values, list) and values,
+            require(isinstance(values, list) and values,
                      f"'grid: {key}' of {where} has no list of candidates for M={label}: give a "
                      f"non-empty list, e.g. [0.3, 1, 2], or one per budget, e.g. "
                      f"{{{FULL}: [0.1, 0.3], {DEFAULT}: [1, 2]}}.")
         for key, value in [*spec.set.items(), *m.set.items()]:
-            _require(not isinstance(value, PerBudget) or value.covers(b) or key not in m.run_config,
+            require(not isinstance(value, PerBudget) or value.covers(b) or key not in m.run_config,
                      f"'set: {key}' for {where} has no value for M={label}: name the budget or "
                      f"add a '{DEFAULT}' entry.")
         for candidate in spec.candidates(m, b):
