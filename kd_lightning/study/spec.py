@@ -1,10 +1,6 @@
 """The study spec: the YAML file (format: ``configs/studies/README.md``), its presets, and the
-checks that run before any training.
-
-Every run's ``kd-lightning fit`` configuration is parsed once, by the CLI's own parser, so run
-arguments are understood in every form the CLI accepts; the runner reads what it needs about a
-run (data, batch size, teacher) from that parse.
-"""
+checks that run before any training. Every run's configuration is parsed once, by the CLI's own
+parser, so run arguments are understood in every form the CLI accepts."""
 
 from __future__ import annotations
 
@@ -62,8 +58,7 @@ def _budget_key(key: Any) -> Any:
     """A per-budget mapping's key as a budget (None: full), ``default``, or NO_DEFAULT if neither."""
     if isinstance(key, str) and key.lower() in (FULL, DEFAULT):
         return None if key.lower() == FULL else DEFAULT
-    if isinstance(key, str) and key.isdecimal():
-        key = int(key)
+    key = int(key) if isinstance(key, str) and key.isdecimal() else key
     return key if isinstance(key, int) and not isinstance(key, bool) and key >= 1 else NO_DEFAULT
 
 
@@ -75,11 +70,9 @@ def per_budget(value: Any, where: str) -> Any:
     bad = [k for k, b in keys.items() if b is NO_DEFAULT]
     if len(bad) == len(value):
         return value  # an ordinary mapping value (e.g. a class_path/init_args block)
-    if bad:
-        raise KDConfigError(
-            f"{where} mixes budgets and other keys ({', '.join(map(repr, bad))}). A per-budget "
-            f"value is a mapping from budgets (positive integers or '{FULL}') and optionally "
-            f"'{DEFAULT}' to values, e.g. {{50: 2.0, {FULL}: 0.3}}.")
+    require(not bad, f"{where} mixes budgets and other keys ({', '.join(map(repr, bad))}). A per-budget "
+            f"value is a mapping from budgets (positive integers or '{FULL}') and optionally '{DEFAULT}' "
+            f"to values, e.g. {{50: 2.0, {FULL}: 0.3}}.")
     return PerBudget({b: value[k] for k, b in keys.items() if b != DEFAULT},
                      next((value[k] for k, b in keys.items() if b == DEFAULT), NO_DEFAULT))
 
@@ -148,16 +141,12 @@ class StudySpec:
             return {k: {key: _raw(v) for key, v in getattr(owner, k).items()}
                     for k in ("set", "grid") if getattr(owner, k, None)}
 
-        ident: dict[str, Any] = {
-            "name": self.name,
-            "teacher": {"config": digest(self.teacher_config), "args": self.teacher_args},
-            "steps": _raw(self.steps), "args": self.args, "epoch_args": self.epoch_args,
-            "methods": [{"name": m.name, "config": digest(m.config), "args": m.args,
-                         "epoch_args": m.epoch_args, **settings(m)} for m in self.methods],
-            **settings(self)}
-        if self.epochs is not None:
-            ident["epochs"] = _raw(self.epochs)
-        return ident
+        return {"name": self.name, "steps": _raw(self.steps), "args": self.args,
+                "teacher": {"config": digest(self.teacher_config), "args": self.teacher_args},
+                "epoch_args": self.epoch_args,
+                "methods": [{"name": m.name, "config": digest(m.config), "args": m.args,
+                             "epoch_args": m.epoch_args, **settings(m)} for m in self.methods],
+                **settings(self), **({} if self.epochs is None else {"epochs": _raw(self.epochs)})}
 
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:12]
@@ -170,26 +159,20 @@ class StudySpec:
         fallback = [(k, v) for k, v in both
                     if v is not None and not (isinstance(v, PerBudget) and not v.covers(budget))]
         label = budget_label(budget)
-        if len(named) == 2:
-            raise KDConfigError(f"both 'steps' and 'epochs' give a value for M={label} in "
-                                f"{self.path}; give one of them per budget.")
-        if not named and len(fallback) == 2:
-            raise KDConfigError(
-                f"both 'steps' and 'epochs' apply to M={label} in {self.path}; give one of them, "
-                f"or name the budgets, e.g. steps: 3000 with epochs: {{{FULL}: 60}}.")
-        if not (named or fallback):
-            raise KDConfigError(f"no training length for M={label} in {self.path}: give it in "
-                                f"'steps' (optimizer steps) or 'epochs'.")
+        require(len(named) < 2, f"both 'steps' and 'epochs' give a value for M={label} in {self.path}; "
+                f"give one of them per budget.")
+        require(named or len(fallback) < 2, f"both 'steps' and 'epochs' apply to M={label} in {self.path}; "
+                f"give one of them, or name the budgets, e.g. steps: 3000 with epochs: {{{FULL}: 60}}.")
+        require(named or fallback, f"no training length for M={label} in {self.path}: give it in 'steps' "
+                f"(optimizer steps) or 'epochs'.")
         kind, value = (named or fallback)[0]
         n = at_budget(value, budget)
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise KDConfigError(f"'{kind}' for M={label} in {self.path} is {n!r}; it must be a "
-                                f"positive integer.")
+        require(isinstance(n, int) and not isinstance(n, bool) and n >= 1,
+                f"'{kind}' for M={label} in {self.path} is {n!r}; it must be a positive integer.")
         return kind, n
 
     def settings(self, method: MethodSpec, budget: Budget) -> dict[str, Any]:
-        """The ``set`` values of a run: the study's (where the method's config has the key), then
-        the method's own."""
+        """The ``set`` values of a run: the study's (where the method's config has the key), then its own."""
         out = {k: at_budget(v, budget) for k, v in self.set.items() if k in method.run_config}
         return {**out, **{k: at_budget(v, budget) for k, v in method.set.items()}}
 
@@ -246,36 +229,35 @@ def _known_keys(entry: dict, valid: tuple[str, ...], where: str) -> None:
 
 def _not_controlled(key: str, where: str) -> None:
     require(key not in CONTROLLED, f"{where} sets {key}, which the study sets itself for every run "
-                                    f"(controlled: {', '.join(CONTROLLED)}).")
+            f"(controlled: {', '.join(CONTROLLED)}).")
 
 
 def _check_key(key: str, run_config, where: str, config: str) -> None:
     _not_controlled(key, where)
-    if key not in run_config:
-        parent = key.rsplit(".", 1)[0] if "." in key else ""
-        node = run_config.get(parent) if parent else run_config
-        names = sorted({k.split(".")[0] for k in node.keys()}) if hasattr(node, "keys") else []
-        hint = f" Arguments under {parent}: {', '.join(names)}." if parent and names else ""
-        raise KDConfigError(f"{where}: '{key}' is not an argument of the run configured by "
-                            f"{config} (write the full dotted name, as in --{key}).{hint}")
+    parent = key.rsplit(".", 1)[0] if "." in key else ""
+    node = run_config.get(parent) if parent else run_config
+    names = sorted({k.split(".")[0] for k in node.keys()}) if hasattr(node, "keys") else []
+    hint = f" Arguments under {parent}: {', '.join(names)}." if parent and names else ""
+    require(key in run_config, f"{where}: '{key}' is not an argument of the run configured by {config} "
+            f"(write the full dotted name, as in --{key}).{hint}")
 
 
 def load_study(path: str | Path, preset: str | None = None,
                run_args: list[str] | tuple[str, ...] = ()) -> StudySpec:
-    """Read and check a study YAML. ``preset`` replaces top-level keys with those of
-    ``presets: {NAME: ...}`` and suffixes the name and output folder with ``-NAME``;
-    ``run_args`` (the command line's ``--trainer.*`` flags) are given to every run."""
+    """Read and check a study YAML. ``preset`` replaces top-level keys with those of ``presets: {NAME:
+    ...}`` and suffixes the name and output folder with ``-NAME``; ``run_args`` (the command line's
+    ``--trainer.*`` flags) are given to every run."""
     path = Path(path)
     require(path.is_file(), f"study config '{path}' does not exist.")
     raw = yaml.safe_load(path.read_text()) or {}
-    require(isinstance(raw, dict), f"study config {path} must be a YAML mapping (name, teacher, "
-                                    f"methods, ...), got {type(raw).__name__}.")
+    require(isinstance(raw, dict), f"study config {path} must be a YAML mapping (name, teacher, methods, "
+            f"...), got {type(raw).__name__}.")
     _known_keys(raw, STUDY_KEYS, f"study config {path}")
     name, output = str(raw.get("name", path.stem)), str(raw.get("output", f"studies/{path.stem}"))
     if preset is not None:
         presets = raw.get("presets") or {}
         require(preset in presets, f"preset '{preset}' is not defined in {path}; defined presets: "
-                                    f"{', '.join(presets) or 'none'}.")
+                f"{', '.join(presets) or 'none'}.")
         chosen = presets[preset] or {}
         _known_keys(chosen, STUDY_KEYS[:-1], f"preset '{preset}' of {path}")
         raw = {**raw, **chosen}
@@ -284,47 +266,45 @@ def load_study(path: str | Path, preset: str | None = None,
     for key in ("teacher", "methods"):
         require(raw.get(key), f"study config {path} has no '{key}' section.")
     teacher = raw["teacher"]
-    require(isinstance(teacher, dict) and "config" in teacher,
-             f"'teacher' in {path} must be a mapping with 'config' (a kd-lightning fit config) and "
-             f"optionally 'args', got {teacher!r}.")
+    require(isinstance(teacher, dict) and "config" in teacher, f"'teacher' in {path} must be a mapping with "
+            f"'config' (a kd-lightning fit config) and optionally 'args', got {teacher!r}.")
     _known_keys(teacher, ("config", "args"), f"'teacher' in {path}")
     written = raw.get("budgets", [50, 100, 500, 1000, FULL])
     budgets = [_budget_key(b) for b in written]
     for b, key in zip(written, budgets):
-        require(key is not NO_DEFAULT and key != DEFAULT,
-                 f"budget {b!r} in {path} is not a positive integer or '{FULL}'.")
+        require(key is not NO_DEFAULT and key != DEFAULT, f"budget {b!r} in {path} is not a positive integer "
+                f"or '{FULL}'.")
     seeds = raw.get("seeds", [0, 1, 2])
     require(budgets and seeds, f"study config {path} needs at least one budget and one seed.")
     require(len(set(budgets)) == len(budgets) and len(set(map(str, seeds))) == len(seeds),
-             f"budgets and seeds in {path} must not repeat, got budgets {raw.get('budgets')} and "
-             f"seeds {seeds}.")
+            f"budgets and seeds in {path} must not repeat, got budgets {raw.get('budgets')} and seeds "
+            f"{seeds}.")
     require(all(isinstance(s, int) and not isinstance(s, bool) for s in seeds),
-             f"seeds in {path} must be integers, got {seeds}.")
+            f"seeds in {path} must be integers, got {seeds}.")
     steps = per_budget(raw.get("steps"), f"'steps' in {path}")
     epochs = per_budget(raw.get("epochs"), f"'epochs' in {path}")
-    spec = StudySpec(
-        name=name, output=output, teacher_config=str(teacher["config"]),
-        teacher_args=_checked(teacher.get("args"), list, f"'teacher: args' in {path}"),
-        budgets=budgets, seeds=list(seeds), methods=[], epochs=epochs, path=str(path),
-        steps=DEFAULT_STEPS if steps is None and epochs is None else steps,
-        **_settings(raw, ("set",), f" in {path}"))
+    spec = StudySpec(name=name, output=output, teacher_config=str(teacher["config"]),
+                     teacher_args=_checked(teacher.get("args"), list, f"'teacher: args' in {path}"),
+                     budgets=budgets, seeds=list(seeds), methods=[], epochs=epochs, path=str(path),
+                     steps=DEFAULT_STEPS if steps is None and epochs is None else steps,
+                     **_settings(raw, ("set",), f" in {path}"))
     for b in budgets:
         spec.length(b)  # every budget has exactly one training length
     for key in spec.set:
         _not_controlled(key, f"'set' in {path}")
     teacher_cfg = spec.resolve(spec.teacher_config)
-    require(Path(teacher_cfg).is_file(),
-             f"teacher config '{spec.teacher_config}' (in {path}) does not exist.")
+    require(Path(teacher_cfg).is_file(), f"teacher config '{spec.teacher_config}' (in {path}) does not "
+            f"exist.")
     spec.teacher_run_config = parse_run(teacher_cfg, [*spec.teacher_args, *run_args],
                                         f"the teacher of {path}")
-    require(isinstance(raw["methods"], list),
-             f"'methods' in {path} must be a list of entries with name and config.")
+    require(isinstance(raw["methods"], list), f"'methods' in {path} must be a list of entries with name and "
+            f"config.")
     spec.methods = [_load_method(entry, spec, path, list(run_args)) for entry in raw["methods"]]
     names = [m.name for m in spec.methods]
     require(len(set(names)) == len(names), f"method names in {path} must be unique, got {names}.")
     for k in spec.set:
-        require(any(k in m.run_config for m in spec.methods), f"'set: {k}' in {path} is an argument "
-                 f"of none of the methods' runs (write the full dotted name, as in --{k}).")
+        require(any(k in m.run_config for m in spec.methods), f"'set: {k}' in {path} is an argument of "
+                f"none of the methods' runs (write the full dotted name, as in --{k}).")
     return spec
 
 
@@ -338,40 +318,38 @@ def available_methods() -> list[str]:
 
 
 def _load_method(entry: Any, spec: StudySpec, path: Path, run_args: list[str]) -> MethodSpec:
-    require(isinstance(entry, dict) and "name" in entry and "config" in entry,
-             f"every entry of 'methods' in {path} needs a name and a config (a kd-lightning fit "
-             f"config), got {entry!r}.")
+    require(isinstance(entry, dict) and "name" in entry and "config" in entry, f"every entry of 'methods' in "
+            f"{path} needs a name and a config (a kd-lightning fit config), got {entry!r}.")
     where = f"method '{entry['name']}' in {path}"
     _known_keys(entry, METHOD_KEYS, where)
     m = MethodSpec(name=str(entry["name"]), config=str(entry["config"]),
                    reference=bool(entry.get("reference", False)), method=entry.get("method"),
                    **_settings(entry, ("set", "grid"), f" of {where}"))
     valid = sorted(available_methods())
-    require(m.method is None or m.method in valid, f"unknown method '{m.method}' in study config "
-                                                    f"{path}. Valid methods: {', '.join(valid)}.")
+    require(m.method is None or m.method in valid, f"unknown method '{m.method}' in study config {path}. "
+            f"Valid methods: {', '.join(valid)}.")
     cfg = spec.resolve(m.config)
     require(Path(cfg).is_file(), f"{where}: config '{m.config}' does not exist.")
     m.run_config = parse_run(cfg, [*spec.args, *m.args, *run_args], where)
     class_path = m.run_config.model.class_path
     require(m.method is None or class_path.rsplit(".", 1)[-1] == m.method,
-             f"{where} says method: {m.method} but its config {m.config} trains {class_path}.")
+            f"{where} says method: {m.method} but its config {m.config} trains {class_path}.")
     for kind in ("set", "grid", "epoch_args"):
         for key in getattr(m, kind):
             _check_key(key, m.run_config, f"'{kind}' of {where}", m.config)
             require(kind != "grid" or key not in m.set,
-                     f"{where} gives {key} in both 'set' and 'grid'; keep one.")
+                    f"{where} gives {key} in both 'set' and 'grid'; keep one.")
     for b in spec.budgets:
         label = budget_label(b)
         for key, value in m.grid.items():
             values = value.at(b) if isinstance(value, PerBudget) and value.covers(b) else value
-            require(isinstance(values, list) and values,
-                     f"'grid: {key}' of {where} has no list of candidates for M={label}: give a "
-                     f"non-empty list, e.g. [0.3, 1, 2], or one per budget, e.g. "
-                     f"{{{FULL}: [0.1, 0.3], {DEFAULT}: [1, 2]}}.")
+            require(isinstance(values, list) and values, f"'grid: {key}' of {where} has no list of "
+                    f"candidates for M={label}: give a non-empty list, e.g. [0.3, 1, 2], or one per "
+                    f"budget, e.g. {{{FULL}: [0.1, 0.3], {DEFAULT}: [1, 2]}}.")
         for key, value in [*spec.set.items(), *m.set.items()]:
             require(not isinstance(value, PerBudget) or value.covers(b) or key not in m.run_config,
-                     f"'set: {key}' for {where} has no value for M={label}: name the budget or "
-                     f"add a '{DEFAULT}' entry.")
+                    f"'set: {key}' for {where} has no value for M={label}: name the budget or add a "
+                    f"'{DEFAULT}' entry.")
         for candidate in spec.candidates(m, b):
             values = {**spec.settings(m, b), **candidate}
             try:
@@ -383,15 +361,12 @@ def _load_method(entry: Any, spec: StudySpec, path: Path, run_args: list[str]) -
     # trains, or the cached teacher weights will not load into it
     wanted = m.run_config.model.init_args.get("teacher")
     trained = spec.teacher_run_config.model.init_args.get("student")
-    if hasattr(wanted, "as_dict") and hasattr(trained, "as_dict") \
-            and wanted.as_dict() != trained.as_dict():
-        def describe(net) -> str:
-            args = ", ".join(f"{k}={v!r}" for k, v in (net.as_dict().get("init_args") or {}).items())
-            return f"{net.class_path}({args})"
-
+    if hasattr(wanted, "as_dict") and hasattr(trained, "as_dict") and wanted.as_dict() != trained.as_dict():
+        args = [", ".join(f"{k}={v!r}" for k, v in (n.as_dict().get("init_args") or {}).items())
+                for n in (wanted, trained)]
         raise KDConfigError(
-            f"{where} distils from the teacher network {describe(wanted)} but the study's "
-            f"teacher (teacher: config: {spec.teacher_config}) trains {describe(trained)}, whose "
+            f"{where} distils from the teacher network {wanted.class_path}({args[0]}) but the study's "
+            f"teacher (teacher: config: {spec.teacher_config}) trains {trained.class_path}({args[1]}), whose "
             f"weights would not fit. Make model.init_args.teacher of {m.config} the network of "
             f"model.init_args.student in {spec.teacher_config}.")
     return m
