@@ -211,8 +211,8 @@ class StudyRunner:
             found = [Path(p) for p in result.checkpoints if Path(p).is_file()]
             best = [p for p in found if p.name.startswith("best")] or found
             if not best:
-                raise KDConfigError(f"the teacher run wrote no checkpoint (config {where}); give it "
-                                    f"a ModelCheckpoint callback.")
+                raise KDConfigError(f"the teacher run wrote no checkpoint (config {spec.teacher_config}, "
+                                    f"teacher: in {spec.path}); give it a ModelCheckpoint callback.")
             shutil.copyfile(best[0], self.teacher_ckpt)
             info.write_text(json.dumps({"config": cfg, "args": spec.teacher_args,
                                         "source": str(best[0]), "test_acc": result.metrics.get("test/acc")}))
