@@ -24,14 +24,10 @@ from kd_lightning import KDConfigError, jobs
 from kd_lightning.study.executors import SequentialExecutor
 from kd_lightning.study.results import (CANDIDATE, CHOSEN, FAILED, RUN, Results, candidate_key,
                                         candidate_label, choose)
-from kd_lightning.study.spec import Budget, MethodSpec, StudySpec, budget_label, override_args
+from kd_lightning.study.spec import Budget, MethodSpec, StudySpec, budget_label, override_args, require
 
 #: what a study writes into its output folder (all that --overwrite may delete)
 OWN_FILES = ("study.json", "results.csv", "results.md", "accuracy_vs_m.png", "runs")
-
-
-class RunFailed(Exception):
-    """A training of the study failed (the rows of finished runs are kept)."""
 
 
 def _slug(name: str) -> str:
@@ -114,17 +110,15 @@ class _Display:
     per finished run."""
 
     def __init__(self, enabled: bool) -> None:
+        from rich import progress as rp
         from rich.console import Console
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
 
         # bound now: in-process runs redirect sys.stdout into their logs
-        self.console = Console(file=sys.stdout, highlight=False)
-        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                            MofNCompleteColumn(), TextColumn("elapsed"), TimeElapsedColumn(),
-                            TextColumn("left"), TimeRemainingColumn(),
-                            console=self.console) if enabled else None
-        self.tasks: dict[str, int] = {}
+        self.console, self.tasks = Console(file=sys.stdout, highlight=False), {}
+        self.bar = rp.Progress(rp.TextColumn("[bold]{task.description}"), rp.BarColumn(),
+                               rp.MofNCompleteColumn(), rp.TextColumn("elapsed"), rp.TimeElapsedColumn(),
+                               rp.TextColumn("left"), rp.TimeRemainingColumn(),
+                               console=self.console) if enabled else None
 
     def print(self, line: str) -> None:
         self.console.print(line, markup=False, soft_wrap=True)
@@ -161,16 +155,13 @@ class StudyRunner:
         self.executor = executor or SequentialExecutor()
         #: keep_going: on a failed run (diverged, crashed) record it as failed and go on
         self.overwrite, self.progress, self.keep_going = overwrite, progress, keep_going
-        self.study_hash = spec.hash()
+        self.study_hash, self.teacher_acc, self._sizes = spec.hash(), None, {}
         self.results = Results(self.output / "results.csv", self.study_hash)
-        self.teacher_acc: float | None = None
-        cfg = spec.resolve(spec.teacher_config)
-        key = hashlib.sha256((Path(cfg).read_text() + json.dumps(spec.teacher_args)
-                              + json.dumps(self.trainer_args)).encode()).hexdigest()[:16]
+        key = hashlib.sha256((Path(spec.resolve(spec.teacher_config)).read_text()
+                              + json.dumps(spec.teacher_args) + json.dumps(self.trainer_args)).encode())
         #: the teacher's cache folder: one per configuration, so later studies reuse it
-        self.teacher_dir = Path(teacher_cache) / key
+        self.teacher_dir = Path(teacher_cache) / key.hexdigest()[:16]
         self.teacher_ckpt = self.teacher_dir / "teacher.ckpt"
-        self._sizes: dict[str, int] = {}
 
     # ---- output folder and teacher -----------------------------------------------------------
     def prepare_output(self) -> None:
@@ -210,9 +201,8 @@ class StudyRunner:
                                     f"written are kept.") from None
             found = [Path(p) for p in result.checkpoints if Path(p).is_file()]
             best = [p for p in found if p.name.startswith("best")] or found
-            if not best:
-                raise KDConfigError(f"the teacher run wrote no checkpoint (config {spec.teacher_config}, "
-                                    f"teacher: in {spec.path}); give it a ModelCheckpoint callback.")
+            require(best, f"the teacher run wrote no checkpoint (config {spec.teacher_config}, teacher: in "
+                    f"{spec.path}); give it a ModelCheckpoint callback.")
             shutil.copyfile(best[0], self.teacher_ckpt)
             info.write_text(json.dumps({"config": cfg, "args": spec.teacher_args,
                                         "source": str(best[0]), "test_acc": result.metrics.get("test/acc")}))
@@ -330,9 +320,9 @@ class StudyRunner:
                     hint = (f" The study's teacher is trained from {self.spec.teacher_config} (teacher: "
                             f"in {self.spec.path}) and cached at {self.teacher_ckpt}."
                             if "teacher" in str(outcome).lower() else "")
-                    err = RunFailed(f"run {plan.describe()} failed: {outcome} (log: {plan.jobs[-1].log})."
-                                    f"{hint} Finished runs are kept in {self.results.path}; rerun the "
-                                    f"same command to continue.")
+                    err = jobs.JobFailed(f"run {plan.describe()} failed: {outcome} (log: "
+                                         f"{plan.jobs[-1].log}).{hint} Finished runs are kept in "
+                                         f"{self.results.path}; rerun the same command to continue.")
                     if not self.keep_going:
                         raise err
                     if plan.kind == RUN:
