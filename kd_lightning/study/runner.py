@@ -263,7 +263,7 @@ class StudyRunner:
                 "--trainer.logger.init_args.name", name,
                 "--test_after_fit", "false" if kind == CANDIDATE else "true",
                 *(["--model.init_args.teacher_checkpoint", str(self.teacher_ckpt)] if needs_teacher else []),
-                *(tok for key, frac in spec.epoch_fractions(method).items()
+                *(tok for key, frac in {**spec.epoch_args, **method.epoch_args}.items() if key in method.run_config
                   for tok in (f"--{key}", str(max(1, round(frac * epochs))))), *self.trainer_args]
         weights = run_dir / "final.ckpt"
         job = jobs.Job(args, run_dir / "run.log", jobs.needs_subprocess(config), validate=kind == CANDIDATE,

@@ -181,11 +181,6 @@ class StudySpec:
         lists = [at_budget(v, budget) for v in method.grid.values()]
         return [dict(zip(method.grid, combo)) for combo in itertools.product(*lists)]
 
-    def epoch_fractions(self, method: MethodSpec) -> dict[str, float]:
-        """``epoch_args`` of a method's runs: the study's and its own, for keys its config has."""
-        merged = {**self.epoch_args, **method.epoch_args}
-        return {k: v for k, v in merged.items() if k in method.run_config}
-
     def run_config(self, method: MethodSpec, overrides: dict[str, Any]):
         """The parsed configuration of a run with these ``set``/grid values (parsed once)."""
         args = override_args(overrides)
@@ -230,16 +225,6 @@ def _known_keys(entry: dict, valid: tuple[str, ...], where: str) -> None:
 def _not_controlled(key: str, where: str) -> None:
     require(key not in CONTROLLED, f"{where} sets {key}, which the study sets itself for every run "
             f"(controlled: {', '.join(CONTROLLED)}).")
-
-
-def _check_key(key: str, run_config, where: str, config: str) -> None:
-    _not_controlled(key, where)
-    parent = key.rsplit(".", 1)[0] if "." in key else ""
-    node = run_config.get(parent) if parent else run_config
-    names = sorted({k.split(".")[0] for k in node.keys()}) if hasattr(node, "keys") else []
-    hint = f" Arguments under {parent}: {', '.join(names)}." if parent and names else ""
-    require(key in run_config, f"{where}: '{key}' is not an argument of the run configured by {config} "
-            f"(write the full dotted name, as in --{key}).{hint}")
 
 
 def load_study(path: str | Path, preset: str | None = None,
@@ -336,7 +321,13 @@ def _load_method(entry: Any, spec: StudySpec, path: Path, run_args: list[str]) -
             f"{where} says method: {m.method} but its config {m.config} trains {class_path}.")
     for kind in ("set", "grid", "epoch_args"):
         for key in getattr(m, kind):
-            _check_key(key, m.run_config, f"'{kind}' of {where}", m.config)
+            _not_controlled(key, f"'{kind}' of {where}")
+            parent = key.rsplit(".", 1)[0] if "." in key and key not in m.run_config else ""
+            node = m.run_config.get(parent) if parent else None
+            names = sorted({k.split(".")[0] for k in node.keys()}) if hasattr(node, "keys") else []
+            require(key in m.run_config, f"'{kind}' of {where}: '{key}' is not an argument of the run "
+                    f"configured by {m.config} (write the full dotted name, as in --{key})."
+                    + (f" Arguments under {parent}: {', '.join(names)}." if names else ""))
             require(kind != "grid" or key not in m.set,
                     f"{where} gives {key} in both 'set' and 'grid'; keep one.")
     for b in spec.budgets:
