@@ -172,25 +172,23 @@ def results_table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="kd-lightning-born-again",
-        description="Born-again networks (Furlanello et al. 2018): generation 0 on the labels, "
-                    "generation k distilled from generation k-1 (same architecture); reports "
-                    "each generation's test accuracy and that of their ensemble.",
-        epilog="Any other argument (e.g. --trainer.max_epochs 50) goes to every generation's "
-               "kd-lightning fit.")
-    parser.add_argument("--config", required=True, help="kd-lightning fit config of the method, "
-                                                         "without a teacher")
-    parser.add_argument("--generations", type=int, default=3, help="including generation 0")
-    parser.add_argument("--output", help="folder of the generations (default: born_again/<config>)")
-    parser.add_argument("--pure-kd", action="store_true",
-                        help="generations >= 1 on the soft targets alone (ce_weight 0, kd_weight 1)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="delete another configuration's generations in --output")
+        description="Born-again networks (Furlanello et al. 2018): generation 0 on the labels, generation k "
+                    "distilled from generation k-1 (same architecture); reports each generation's test "
+                    "accuracy and that of their ensemble.",
+        epilog="Any other argument (e.g. --trainer.max_epochs 50) goes to every generation's kd-lightning "
+               "fit.")
+    add = parser.add_argument
+    add("--config", required=True, help="kd-lightning fit config of the method, without a teacher")
+    add("--generations", type=int, default=3, help="including generation 0")
+    add("--output", help="folder of the generations (default: born_again/<config>)")
+    add("--pure-kd", action="store_true", help="generations >= 1 on the soft targets alone (ce_weight 0, "
+                                               "kd_weight 1)")
+    add("--overwrite", action="store_true", help="delete another configuration's generations in --output")
     args, extra = parser.parse_known_args(argv)
     output = Path(args.output or Path("born_again") / Path(args.config).stem)
     jobs.quiet_lightning()
     try:
-        rows = run_generations(args.config, args.generations, output, extra, args.pure_kd,
-                               args.overwrite)
+        rows = run_generations(args.config, args.generations, output, extra, args.pure_kd, args.overwrite)
     except KDConfigError as err:
         print(f"kd-lightning-born-again: error: {err}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ the study folder and teacher cache must be on a file system every node sees.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -18,15 +19,12 @@ from kd_lightning.study.spec import require
 def execute(run: list[jobs.Job]) -> jobs.JobResult | jobs.JobFailed:
     """The jobs of one run, in order: the last one's result with the seconds of all, or the
     failure of the first that failed."""
-    seconds = 0.0
     try:
-        for job in run:
-            result = jobs.run_job(job)
-            seconds += result.seconds
+        results = [jobs.run_job(job) for job in run]
     except jobs.JobFailed as err:
         return err
-    result.seconds = seconds
-    return result
+    results[-1].seconds = sum(r.seconds for r in results)
+    return results[-1]
 
 
 class SequentialExecutor:
@@ -95,9 +93,8 @@ class RayExecutor(SequentialExecutor):
         self._started = False
 
     def __enter__(self):
-        ray = self.ray
-        kwargs = dict(address=self.address, include_dashboard=False, log_to_driver=False,
-                      logging_level=logging.ERROR)
+        ray, kwargs = self.ray, dict(address=self.address, include_dashboard=False, log_to_driver=False,
+                                     logging_level=logging.ERROR)
         if self.workers is not None:
             # the workers import this same kd_lightning, wherever the driver imported it from
             here = str(Path(jobs.__file__).resolve().parents[1])
@@ -121,9 +118,7 @@ class RayExecutor(SequentialExecutor):
                 self.__exit__()
                 raise KDConfigError(f"{flag} {need} asks for more {name}s than the Ray cluster has "
                                     f"({have.get(name, 0):g}); no run could start.")
-        slots = have.get("CPU", 0) / self.cpus
-        if self.gpus:
-            slots = min(slots, have.get("GPU", 0) / self.gpus)
+        slots = min(have.get("CPU", 0) / self.cpus, have.get("GPU", 0) / self.gpus if self.gpus else math.inf)
         # every slot busy and as many queued: a worker that finishes starts its next run at once,
         # while the order of the rest is still the driver's to choose
         self.window = 2 * max(1, int(slots + 1e-9))

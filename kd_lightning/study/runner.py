@@ -248,7 +248,7 @@ class StudyRunner:
         name = f"{_slug(method.name)}/M{label}/seed{seed}"
         if candidate:
             name += "/" + _slug(candidate_label(candidate).replace(", ", "_"))
-        run_dir = self.output / "runs" / name
+        run_dir, fractions = self.output / "runs" / name, {**spec.epoch_args, **method.epoch_args}
         needs_teacher = config.model.init_args.get("teacher") is not None
         # the config's callbacks are dropped first, so callbacks the study's or the method's
         # arguments add (--trainer.callbacks+=...) reach the run
@@ -263,8 +263,8 @@ class StudyRunner:
                 "--trainer.logger.init_args.name", name,
                 "--test_after_fit", "false" if kind == CANDIDATE else "true",
                 *(["--model.init_args.teacher_checkpoint", str(self.teacher_ckpt)] if needs_teacher else []),
-                *(tok for key, frac in {**spec.epoch_args, **method.epoch_args}.items() if key in method.run_config
-                  for tok in (f"--{key}", str(max(1, round(frac * epochs))))), *self.trainer_args]
+                *override_args({k: max(1, round(f * epochs)) for k, f in fractions.items()
+                                if k in method.run_config}), *self.trainer_args]
         weights = run_dir / "final.ckpt"
         job = jobs.Job(args, run_dir / "run.log", jobs.needs_subprocess(config), validate=kind == CANDIDATE,
                        save_weights=weights if kind == CANDIDATE else None)
