@@ -81,10 +81,6 @@ def at_budget(value: Any, budget: Budget) -> Any:
     return value.at(budget) if isinstance(value, PerBudget) else value
 
 
-def _raw(value: Any) -> Any:
-    return value.raw() if isinstance(value, PerBudget) else value
-
-
 def override_args(settings: dict[str, Any]) -> list[str]:
     """``--key value`` for each setting (strings as they are; other values as JSON)."""
     return [tok for key, value in settings.items()
@@ -137,16 +133,19 @@ class StudySpec:
         def digest(path: str) -> str:
             return hashlib.sha256(Path(self.resolve(path)).read_bytes()).hexdigest()[:16]
 
+        def raw(value: Any) -> Any:
+            return value.raw() if isinstance(value, PerBudget) else value
+
         def settings(owner) -> dict:
-            return {k: {key: _raw(v) for key, v in getattr(owner, k).items()}
+            return {k: {key: raw(v) for key, v in getattr(owner, k).items()}
                     for k in ("set", "grid") if getattr(owner, k, None)}
 
-        return {"name": self.name, "steps": _raw(self.steps), "args": self.args,
+        return {"name": self.name, "steps": raw(self.steps), "args": self.args,
                 "teacher": {"config": digest(self.teacher_config), "args": self.teacher_args},
                 "epoch_args": self.epoch_args,
                 "methods": [{"name": m.name, "config": digest(m.config), "args": m.args,
                              "epoch_args": m.epoch_args, **settings(m)} for m in self.methods],
-                **settings(self), **({} if self.epochs is None else {"epochs": _raw(self.epochs)})}
+                **settings(self), **({} if self.epochs is None else {"epochs": raw(self.epochs)})}
 
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:12]
@@ -173,13 +172,13 @@ class StudySpec:
 
     def settings(self, method: MethodSpec, budget: Budget) -> dict[str, Any]:
         """The ``set`` values of a run: the study's (where the method's config has the key), then its own."""
-        out = {k: at_budget(v, budget) for k, v in self.set.items() if k in method.run_config}
-        return {**out, **{k: at_budget(v, budget) for k, v in method.set.items()}}
+        return {**{k: at_budget(v, budget) for k, v in self.set.items() if k in method.run_config},
+                **{k: at_budget(v, budget) for k, v in method.set.items()}}
 
     def candidates(self, method: MethodSpec, budget: Budget) -> list[dict[str, Any]]:
         """The grid of a method at this budget, one dict per candidate, in grid order."""
-        lists = [at_budget(v, budget) for v in method.grid.values()]
-        return [dict(zip(method.grid, combo)) for combo in itertools.product(*lists)]
+        return [dict(zip(method.grid, combo))
+                for combo in itertools.product(*(at_budget(v, budget) for v in method.grid.values()))]
 
     def run_config(self, method: MethodSpec, overrides: dict[str, Any]):
         """The parsed configuration of a run with these ``set``/grid values (parsed once)."""
