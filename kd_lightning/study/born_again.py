@@ -53,8 +53,7 @@ def generation_config(cfg: dict, k: int, output: Path, pure_kd: bool = False) ->
     from kd_lightning.methods import DistillationModule
 
     gen = copy.deepcopy(cfg)
-    model = gen["model"]
-    init = dict(model.get("init_args") or {})
+    model, init = gen["model"], dict(gen["model"].get("init_args") or {})
     if k == 0:
         base_args = set(inspect.signature(DistillationModule.__init__).parameters) - {"self"}
         init = {key: v for key, v in init.items() if key in base_args}
@@ -65,16 +64,15 @@ def generation_config(cfg: dict, k: int, output: Path, pure_kd: bool = False) ->
         require(getattr(cls, "requires_teacher", False), f"born-again: {model['class_path']} does not distil "
                 f"from a teacher network; give a method that does (e.g. kd_lightning.methods.ResponseKD) in "
                 f"model.class_path.")
-        init["teacher"] = copy.deepcopy(init["student"])
-        init["teacher_checkpoint"] = str(checkpoint_dir(output, k - 1) / "best.ckpt")
+        init.update(teacher=copy.deepcopy(init["student"]),
+                    teacher_checkpoint=str(checkpoint_dir(output, k - 1) / "best.ckpt"))
         if pure_kd:
             init["ce_weight"], init["kd_weight"] = 0.0, 1.0
     model["init_args"] = init
     gen["seed_everything"] = int(cfg.get("seed_everything") or 0) + k
-    gen["trainer"] = gen.get("trainer") or {}
-    gen["trainer"]["logger"] = {"class_path": "pytorch_lightning.loggers.TensorBoardLogger",
-                                "init_args": {"save_dir": str(output), "name": f"gen{k}",
-                                              "version": "run"}}
+    gen["trainer"] = {**(gen.get("trainer") or {}), "logger": {
+        "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": str(output), "name": f"gen{k}", "version": "run"}}}
     return gen
 
 

@@ -122,11 +122,8 @@ class StudySpec:
 
     def resolve(self, path: str) -> str:
         """A config path as written, if it exists from here; else relative to the study file."""
-        p = Path(path)
-        if p.is_absolute() or p.exists() or not self.path:
-            return str(p)
-        beside = Path(self.path).parent / p
-        return str(beside) if beside.exists() else str(p)
+        p, beside = Path(path), Path(self.path).parent / path
+        return str(beside if self.path and not (p.is_absolute() or p.exists()) and beside.exists() else p)
 
     def identity(self) -> dict:
         """What makes two studies the same study (their results are comparable)."""
