@@ -19,9 +19,8 @@ from typing import Any
 
 from kd_lightning.study.spec import Budget, StudySpec, budget_label, require
 
-CSV_FIELDS = ["study_hash", "method", "M", "seed", "test_acc", "teacher_acc", "epochs", "steps",
-              "wall_time_s", "run_hash", "run_dir", "finished_at", "kind", "candidate", "val_acc",
-              "error"]
+CSV_FIELDS = ("study_hash method M seed test_acc teacher_acc epochs steps wall_time_s run_hash run_dir "
+              "finished_at kind candidate val_acc error").split()
 RUN, CANDIDATE, CHOSEN, FAILED = "run", "candidate", "chosen", "failed"
 
 
@@ -38,9 +37,7 @@ class Results:
         if not self.path.is_file():
             return [], []
         text = self.path.read_text()
-        if text and not text.endswith("\n"):
-            text = text[:text.rfind("\n") + 1]
-        reader = csv.DictReader(io.StringIO(text, newline=""))
+        reader = csv.DictReader(io.StringIO(text[:text.rfind("\n") + 1], newline=""))  # up to the last \n
         return list(reader.fieldnames or []), [r for r in reader if _valid(r)]
 
     def rows(self) -> list[dict]:
