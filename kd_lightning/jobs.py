@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import io
 import json
 import logging
 import os
@@ -137,6 +138,14 @@ def run_parser():
     # the same classes and modes as kd_lightning.cli.cli_main; errors raise instead of exiting
     return ParserOnly(DistillationModule, DistillDataModule, subclass_mode_model=True, run=False,
                       parser_kwargs={"exit_on_error": False}).parser
+
+
+def build(args: list[str]):
+    """``kd-lightning ARGS`` built (model, data module, trainer) but not run, its output discarded."""
+    from kd_lightning.cli import cli_main
+
+    with output_to(io.StringIO()):
+        return cli_main(args=[str(a) for a in args], run=False)
 
 
 def parse_error_text(err: BaseException) -> str:

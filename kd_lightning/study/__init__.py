@@ -1,10 +1,7 @@
-"""``kd-lightning-study``: which distillation method works best at my data budget?
-
-The teacher once, then every method x budget M x seed on M stratified labelled examples through
-``kd-lightning fit``; the table in Kong et al. (2020)'s layout. Format: ``configs/studies/README.md``.
-Modules: ``spec`` (the YAML, its checks), ``runner`` (the runs, resumably), ``executors`` (here or on
-Ray), ``results`` (results.csv, the grid choice, the report), ``cli``, ``born_again``
-(self-distillation over generations); every training runs through :mod:`kd_lightning.jobs`.
+"""``kd-lightning-study``: which distillation method works best at my data budget? The teacher once,
+then every method x budget M x seed on M stratified labelled examples, in Kong et al. (2020)'s table
+layout (format: ``configs/studies/README.md``); ``born_again``: self-distillation over generations.
+Every training runs through :mod:`kd_lightning.jobs`.
 """
 
 from kd_lightning.study.cli import main

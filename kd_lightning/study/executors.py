@@ -1,61 +1,56 @@
-"""Where a study's runs execute: one after another here, or as Ray tasks.
-
-Both take a run with ``submit(plan)`` while ``room()`` is positive and yield ``(plan, outcome)``
-from ``results()`` as runs finish; the outcome of a run (its list of jobs, :func:`execute`) is a
-:class:`~kd_lightning.jobs.JobResult` or a :class:`~kd_lightning.jobs.JobFailed`.
-:class:`RayExecutor` runs each as a Ray task with declared resources (``--cpus-per-run``,
-``--gpus-per-run``; a GPU fraction lets runs share one) on a local instance (``--workers N``) or a
-cluster (``--address``); the driver alone writes results.csv, and on a cluster the study folder
-and teacher cache must be on a file system every node sees.
+"""Where a study's runs execute: one after another here, or as Ray tasks. Both take a run with
+``submit(plan)`` while ``room()`` is positive and yield ``(plan, outcome)`` from ``results()`` as
+runs finish; the outcome (:func:`execute`) is a :class:`~kd_lightning.jobs.JobResult` or a
+:class:`~kd_lightning.jobs.JobFailed`. On Ray the driver alone writes results.csv; on a cluster
+the study folder and teacher cache must be on a file system every node sees.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
 from kd_lightning import KDConfigError, jobs
+from kd_lightning.study.spec import require
 
 
 def execute(run: list[jobs.Job]) -> jobs.JobResult | jobs.JobFailed:
     """The jobs of one run, in order: the last one's result with the seconds of all, or the
     failure of the first that failed."""
-    seconds = 0.0
     try:
-        for job in run:
-            result = jobs.run_job(job)
-            seconds += result.seconds
+        results = [jobs.run_job(job) for job in run]
     except jobs.JobFailed as err:
         return err
-    result.seconds = seconds
-    return result
+    results[-1].seconds = sum(r.seconds for r in results)
+    return results[-1]
 
 
 class SequentialExecutor:
     """Runs one after another in this process, in the order submitted (each is started when
     ``results()`` reaches it)."""
 
-    concurrent = False
+    concurrent, window = False, 1
 
     def __init__(self) -> None:
-        self.queue: list = []
+        self.pending: dict = {}  # a run's handle (here its id; a Ray task's reference) -> its plan
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
-        self.queue.clear()
+        self.pending.clear()
 
     def room(self) -> int:
-        return 1 - len(self.queue)
+        return self.window - len(self.pending)
 
     def submit(self, plan) -> None:
-        self.queue.append(plan)
+        self.pending[id(plan)] = plan
 
     def results(self):
-        while self.queue:
-            plan = self.queue.pop(0)
+        while self.pending:
+            plan = self.pending.pop(next(iter(self.pending)))
             yield plan, execute(plan.jobs)
 
 
@@ -70,40 +65,36 @@ def _ray_task(run: list[jobs.Job], threads: int):
     return execute(run)
 
 
-class RayExecutor:
-    """Runs as Ray tasks: ``workers`` starts a local Ray instance with that many CPUs (shut down
-    at the end), ``address`` joins a cluster (``auto``: the one this node belongs to)."""
+class RayExecutor(SequentialExecutor):
+    """Runs as Ray tasks with declared resources (a GPU fraction lets runs share one): ``workers``
+    starts a local Ray instance with that many CPUs (shut down at the end), ``address`` joins a
+    cluster (``auto``: the one this node belongs to)."""
 
     concurrent = True
 
     def __init__(self, workers: int | None = None, address: str | None = None,
                  cpus_per_run: float = 1.0, gpus_per_run: float = 0.0) -> None:
-        if (workers is None) == (address is None):
-            raise KDConfigError("give either --workers N (a local Ray instance) or --address ADDR "
-                                "(an existing Ray cluster), not both.")
-        if workers is not None and workers < 1:
-            raise KDConfigError(f"--workers must be at least 1, got {workers}.")
-        if cpus_per_run <= 0 or gpus_per_run < 0:
-            raise KDConfigError(f"--cpus-per-run must be > 0 and --gpus-per-run >= 0, got "
-                                f"{cpus_per_run} and {gpus_per_run}.")
-        if workers is not None and cpus_per_run > workers:
-            raise KDConfigError(f"--cpus-per-run {cpus_per_run} is more than the {workers} CPUs "
-                                f"of --workers {workers}; no run could start.")
+        require((workers is None) != (address is None), "give either --workers N (a local Ray "
+                "instance) or --address ADDR (an existing Ray cluster), not both.")
+        require(workers is None or workers >= 1, f"--workers must be at least 1, got {workers}.")
+        require(cpus_per_run > 0 and gpus_per_run >= 0, f"--cpus-per-run must be > 0 and "
+                f"--gpus-per-run >= 0, got {cpus_per_run} and {gpus_per_run}.")
+        require(workers is None or cpus_per_run <= workers, f"--cpus-per-run {cpus_per_run} is more "
+                f"than the {workers} CPUs of --workers {workers}; no run could start.")
         try:
             import ray
         except ImportError:
             raise KDConfigError("--workers and --address run the study on Ray, which is not "
                                 "installed; install it with `pip install kd_lightning[ray]` (or "
                                 "run the study sequentially, without --workers/--address).") from None
-        self.ray, self.workers, self.address = ray, workers, address
-        self.cpus, self.gpus = cpus_per_run, gpus_per_run
+        self.ray, self.workers, self.address, self.cpus, self.gpus = ray, workers, address, \
+            cpus_per_run, gpus_per_run
         self.pending: dict = {}
         self._started = False
 
     def __enter__(self):
-        ray = self.ray
-        kwargs = dict(address=self.address, include_dashboard=False, log_to_driver=False,
-                      logging_level=logging.ERROR)
+        ray, kwargs = self.ray, dict(address=self.address, include_dashboard=False, log_to_driver=False,
+                                     logging_level=logging.ERROR)
         if self.workers is not None:
             # the workers import this same kd_lightning, wherever the driver imported it from
             here = str(Path(jobs.__file__).resolve().parents[1])
@@ -127,9 +118,7 @@ class RayExecutor:
                 self.__exit__()
                 raise KDConfigError(f"{flag} {need} asks for more {name}s than the Ray cluster has "
                                     f"({have.get(name, 0):g}); no run could start.")
-        slots = have.get("CPU", 0) / self.cpus
-        if self.gpus:
-            slots = min(slots, have.get("GPU", 0) / self.gpus)
+        slots = min(have.get("CPU", 0) / self.cpus, have.get("GPU", 0) / self.gpus if self.gpus else math.inf)
         # every slot busy and as many queued: a worker that finishes starts its next run at once,
         # while the order of the rest is still the driver's to choose
         self.window = 2 * max(1, int(slots + 1e-9))
@@ -149,10 +138,8 @@ class RayExecutor:
     def describe(self) -> str:
         where = f"a local Ray instance with {self.workers} CPUs" if self.workers is not None \
             else f"the Ray cluster at {self.address}"
-        return f"running on {where}: {self.cpus:g} CPU{f', {self.gpus:g} GPU' if self.gpus else ''} per run"
-
-    def room(self) -> int:
-        return self.window - len(self.pending)
+        gpus = f", {self.gpus:g} GPU" if self.gpus else ""
+        return f"running on {where}: {self.cpus:g} CPU{gpus} per run"
 
     def submit(self, plan) -> None:
         self.pending[self._remote.remote(plan.jobs, max(1, int(self.cpus)))] = plan

@@ -1,12 +1,10 @@
 """A study's ``results.csv``, the rule that chooses a grid candidate from it, and the report built
-from it alone: ``results.md`` and ``accuracy_vs_m.png``.
-
-One row per finished run, appended and flushed as the run ends; rows carry their study's hash, so
-rows of an earlier version of the study in the same file are ignored. A row's ``kind``: ``run``
-(trained and tested), ``candidate`` (a grid candidate: trained, measured on the validation split),
-``chosen`` (the test of the chosen candidate's weights) or ``failed`` (its ``error`` says why; not
-done, so a rerun tries it again; listed in the report). The table has Kong et al. (2020)'s layout:
-rows M, columns methods, test accuracy as ``mean ± std`` over seeds, best per row in bold.
+from it alone (``results.md``, ``accuracy_vs_m.png``; Kong et al. (2020)'s layout: rows M, columns
+methods, test accuracy ``mean ± std`` over seeds, best per row in bold). One row per finished run,
+with its study's hash (rows of other versions of the study are ignored) and its ``kind``: ``run``
+(trained and tested), ``candidate`` (a grid candidate, measured on the validation split),
+``chosen`` (the test of the chosen candidate's weights) or ``failed`` (``error`` says why; a rerun
+tries it again).
 """
 
 from __future__ import annotations
@@ -19,12 +17,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from kd_lightning import KDConfigError
-from kd_lightning.study.spec import Budget, StudySpec, budget_label
+from kd_lightning.study.spec import Budget, StudySpec, budget_label, require
 
-CSV_FIELDS = ["study_hash", "method", "M", "seed", "test_acc", "teacher_acc", "epochs", "steps",
-              "wall_time_s", "run_hash", "run_dir", "finished_at", "kind", "candidate", "val_acc",
-              "error"]
+CSV_FIELDS = ("study_hash method M seed test_acc teacher_acc epochs steps wall_time_s run_hash run_dir "
+              "finished_at kind candidate val_acc error").split()
 RUN, CANDIDATE, CHOSEN, FAILED = "run", "candidate", "chosen", "failed"
 
 
@@ -41,18 +37,14 @@ class Results:
         if not self.path.is_file():
             return [], []
         text = self.path.read_text()
-        if text and not text.endswith("\n"):
-            text = text[:text.rfind("\n") + 1]
-        reader = csv.DictReader(io.StringIO(text, newline=""))
+        reader = csv.DictReader(io.StringIO(text[:text.rfind("\n") + 1], newline=""))  # up to the last \n
         return list(reader.fieldnames or []), [r for r in reader if _valid(r)]
 
     def rows(self) -> list[dict]:
-        """This study's rows, in the order they were written."""
-        rows = [r for r in self._read()[1] if r.get("study_hash") == self.study_hash]
-        for r in rows:  # files written before grids existed have no kind/candidate/val_acc
-            r.update({k: r.get(k) or "" for k in ("candidate", "val_acc", "error")},
-                     kind=r.get("kind") or RUN)
-        return rows
+        """This study's rows, in the order they were written (files written before grids existed
+        have no kind, candidate, val_acc)."""
+        return [{**r, **{k: r.get(k) or "" for k in ("candidate", "val_acc", "error")}, "kind": r.get("kind")
+                 or RUN} for r in self._read()[1] if r.get("study_hash") == self.study_hash]
 
     def done(self) -> set[tuple]:
         return {self.key(r["method"], r["M"], r["seed"], r["kind"], r["candidate"])
@@ -81,14 +73,12 @@ class Results:
 
 def _valid(row: dict) -> bool:
     """A complete row: every column present, seed an integer, accuracies numbers or empty."""
-    if None in row or any(v is None for v in row.values()):
-        return False  # too many or too few fields
     try:
         int(row["seed"])
         [float(row[k]) for k in ("test_acc", "val_acc", "wall_time_s") if row.get(k)]
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, TypeError):
         return False
-    return bool(row.get("study_hash")) and bool(row.get("method"))
+    return None not in row and None not in row.values() and bool(row.get("study_hash") and row.get("method"))
 
 
 def candidate_key(candidate: dict) -> str:
@@ -194,8 +184,7 @@ def length_note(spec: StudySpec) -> str:
 def results_markdown(spec: StudySpec, study_hash: str, rows: list[dict],
                      teacher_acc: float | None) -> str:
     seeds = spec.seeds
-    what = f"mean ± std over seeds {seeds}" if len(seeds) > 1 else \
-        f"one seed ({seeds[0]}; n=1, so no std)"
+    what = f"mean ± std over seeds {seeds}" if len(seeds) > 1 else f"one seed ({seeds[0]}; n=1, so no std)"
     teacher = f" Teacher: {teacher_acc * 100:.2f}%." if teacher_acc is not None else ""
     text = (f"# Study `{spec.name}` (hash {study_hash})\n\n"
             f"Test accuracy (%) of the student, {what}; best per row in bold. "
@@ -209,12 +198,9 @@ def results_markdown(spec: StudySpec, study_hash: str, rows: list[dict],
                  f"trained with every seed and its final weights were measured on the held-out "
                  f"validation split; the candidate with the best mean (bold; the others' means "
                  f"follow) is the one tested and reported above.\n\n{choices}\n")
-    failed = failures(rows)
-    if failed:
-        text += ("\nFailed runs (not in the table; a rerun of the study tries them again):\n\n"
-                 + "\n".join(f"- {r['method']} M={r['M']} seed={r['seed']}: {r['error']}"
-                              for r in failed) + "\n")
-    return text
+    failed = "".join(f"- {r['method']} M={r['M']} seed={r['seed']}: {r['error']}\n" for r in failures(rows))
+    return text + (f"\nFailed runs (not in the table; a rerun of the study tries them again):\n\n{failed}"
+                   if failed else "")
 
 
 def plot_results(rows: list[dict], spec: StudySpec, path: Path, teacher_acc: float | None) -> None:
@@ -234,18 +220,16 @@ def plot_results(rows: list[dict], spec: StudySpec, path: Path, teacher_acc: flo
                      if (m.name, label) in acc)
         if pts:
             x, mean, std = zip(*pts)
-            style = dict(linestyle="--", color="black", marker="s") if m.reference else {"marker": "o"}
-            line, = ax.plot(x, mean, label=m.name, **style)
+            line, = ax.plot(x, mean, label=m.name, **(dict(linestyle="--", color="black", marker="s")
+                                                       if m.reference else {"marker": "o"}))
             ax.fill_between(x, [a - s for a, s in zip(mean, std)],
                             [a + s for a, s in zip(mean, std)], alpha=0.15, color=line.get_color())
     if teacher_acc is not None:
         ax.axhline(teacher_acc, color="firebrick", linestyle=":", linewidth=2,
                    label=f"teacher ({teacher_acc:.1f}%)")
-        bottom, top = ax.get_ylim()
-        ax.set_ylim(bottom, max(top, teacher_acc + 2))
+        ax.set_ylim(ax.get_ylim()[0], max(ax.get_ylim()[1], teacher_acc + 2))
     ax.set_xscale("log")
-    ax.set_xticks(list(xs.values()))
-    ax.set_xticklabels(list(xs.keys()))
+    ax.set_xticks(list(xs.values()), list(xs.keys()))
     ax.set(xlabel="labelled training examples M", ylabel="test accuracy (%)",
            title=f"{spec.name}: student accuracy vs data budget "
                  f"({'mean ± std over seeds' if len(spec.seeds) > 1 else 'one seed'})")
@@ -269,14 +253,11 @@ def write_report(spec: StudySpec, study_hash: str, rows: list[dict], output: Pat
 def report_only(spec: StudySpec, output: Path) -> str:
     """``--report-only``: rebuild results.md and the plot of a study's folder from results.csv."""
     meta = output / "study.json"
-    if not meta.is_file():
-        raise KDConfigError(f"--report-only: {output} holds no study results (no study.json); "
-                            f"run the study first, or give its folder with --output.")
+    require(meta.is_file(), f"--report-only: {output} holds no study results (no study.json); run the "
+            f"study first, or give its folder with --output.")
     info = json.loads(meta.read_text())
-    if info.get("hash") != spec.hash():
-        raise KDConfigError(
-            f"--report-only: {output} holds the results of a different study (hash "
-            f"{info.get('hash')}) than {spec.path} describes (hash {spec.hash()}); give the study "
-            f"config and --preset that wrote them.")
+    require(info.get("hash") == spec.hash(), f"--report-only: {output} holds the results of a different "
+            f"study (hash {info.get('hash')}) than {spec.path} describes (hash {spec.hash()}); give the "
+            f"study config and --preset that wrote them.")
     return write_report(spec, spec.hash(), Results(output / "results.csv", spec.hash()).rows(),
                         output, (info.get("teacher") or {}).get("test_acc"))

@@ -1,16 +1,16 @@
 """Running a study: the teacher once, then every method x budget x seed (x grid candidate).
 
-:meth:`StudyRunner.planned` enumerates the study's trainings, once; each is a :class:`RunPlan`
-whose jobs (:class:`kd_lightning.jobs.Job`) an executor runs (:mod:`~kd_lightning.study.executors`).
-Each finished run appends its row to ``results.csv`` at once, so a rerun skips what is done. A
-grid's candidates are trained without testing and measured on the validation split; once all are
-in, the one with the best mean validation accuracy over the seeds is chosen
-(:func:`~kd_lightning.study.results.choose`) and only its weights are tested.
+:meth:`StudyRunner.planned` enumerates the study's trainings, once, as :class:`RunPlan` s whose
+jobs an executor runs (:mod:`~kd_lightning.study.executors`). Each finished run appends its row
+to ``results.csv`` at once, so a rerun skips what is done. Grid candidates are trained without
+testing and measured on the validation split; once all are in, the best mean validation accuracy
+over the seeds is chosen (:func:`~kd_lightning.study.results.choose`) and only its weights tested.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -24,14 +24,10 @@ from kd_lightning import KDConfigError, jobs
 from kd_lightning.study.executors import SequentialExecutor
 from kd_lightning.study.results import (CANDIDATE, CHOSEN, FAILED, RUN, Results, candidate_key,
                                         candidate_label, choose)
-from kd_lightning.study.spec import Budget, MethodSpec, StudySpec, budget_label, override_args
+from kd_lightning.study.spec import Budget, MethodSpec, StudySpec, budget_label, override_args, require
 
 #: what a study writes into its output folder (all that --overwrite may delete)
 OWN_FILES = ("study.json", "results.csv", "results.md", "accuracy_vs_m.png", "runs")
-
-
-class RunFailed(Exception):
-    """A training of the study failed (the rows of finished runs are kept)."""
 
 
 def _slug(name: str) -> str:
@@ -40,7 +36,8 @@ def _slug(name: str) -> str:
 
 @dataclass
 class RunPlan:
-    """One training of the study (or the test of a chosen grid candidate), before it runs."""
+    """One training of the study (or the test of a chosen grid candidate), before it runs;
+    ``needs_teacher``: it waits for the study's teacher checkpoint; ``weights``: a candidate's."""
 
     method: MethodSpec
     budget: Budget
@@ -51,7 +48,8 @@ class RunPlan:
     epochs: int
     steps: int
     run_dir: Path
-    needs_teacher: bool  # waits for the study's teacher checkpoint
+    needs_teacher: bool
+    weights: Path
 
     @property
     def label(self) -> str:
@@ -62,23 +60,17 @@ class RunPlan:
         return Results.key(self.method.name, self.label, self.seed, self.kind,
                            candidate_key(self.candidate))
 
-    @property
-    def weights(self) -> Path:
-        return self.run_dir / "final.ckpt"
-
     def describe(self) -> str:
         extra = f" {candidate_label(self.candidate)}" if self.candidate else ""
         return f"{self.method.name} M={self.label} seed={self.seed}{extra}"
 
 
 class Queue:
-    """Runs not started yet: in study order, or ``longest_first`` (a parallel study's order), the
-    longest expected run first (LPT scheduling), so no worker idles at the end while one long run
-    finishes. A run's length is estimated as seconds per optimizer step of its method at its
-    budget (else at the method's slowest budget so far) times its steps. A method none of whose
-    runs has started comes first (one run measures its cost); one whose first run is still going
-    is assumed as slow as the slowest method so far. Ties go to the larger budget, then study
-    order."""
+    """Runs not started yet, in study order or ``longest_first`` (a parallel study's order: LPT
+    scheduling, so no worker idles at the end while one long run finishes). A run's expected
+    length: seconds per step of its method at its budget (else at the method's slowest budget so
+    far) x its steps; a method not started yet comes first (one run measures it), one whose first
+    run is still going counts as the slowest so far. Ties: the larger budget, then study order."""
 
     def __init__(self, longest_first: bool) -> None:
         self.plans: list[RunPlan] = []
@@ -86,9 +78,6 @@ class Queue:
         self._rate: dict[tuple[str, str], float] = {}  # (method, budget) -> seconds per step
         self._slowest: dict[str, float] = {}  # method -> its slowest budget's seconds per step
         self._started: set[str] = set()
-
-    def __bool__(self) -> bool:
-        return bool(self.plans)
 
     def extend(self, plans) -> None:
         self.plans.extend(plans)
@@ -121,17 +110,15 @@ class _Display:
     per finished run."""
 
     def __init__(self, enabled: bool) -> None:
+        from rich import progress as rp
         from rich.console import Console
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
 
         # bound now: in-process runs redirect sys.stdout into their logs
-        self.console = Console(file=sys.stdout, highlight=False)
-        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                            MofNCompleteColumn(), TextColumn("elapsed"), TimeElapsedColumn(),
-                            TextColumn("left"), TimeRemainingColumn(),
-                            console=self.console) if enabled else None
-        self.tasks: dict[str, int] = {}
+        self.console, self.tasks = Console(file=sys.stdout, highlight=False), {}
+        self.bar = rp.Progress(rp.TextColumn("[bold]{task.description}"), rp.BarColumn(),
+                               rp.MofNCompleteColumn(), rp.TextColumn("elapsed"), rp.TimeElapsedColumn(),
+                               rp.TextColumn("left"), rp.TimeRemainingColumn(),
+                               console=self.console) if enabled else None
 
     def print(self, line: str) -> None:
         self.console.print(line, markup=False, soft_wrap=True)
@@ -168,16 +155,13 @@ class StudyRunner:
         self.executor = executor or SequentialExecutor()
         #: keep_going: on a failed run (diverged, crashed) record it as failed and go on
         self.overwrite, self.progress, self.keep_going = overwrite, progress, keep_going
-        self.study_hash = spec.hash()
+        self.study_hash, self.teacher_acc, self._sizes = spec.hash(), None, {}
         self.results = Results(self.output / "results.csv", self.study_hash)
-        self.teacher_acc: float | None = None
-        cfg = spec.resolve(spec.teacher_config)
-        key = hashlib.sha256((Path(cfg).read_text() + json.dumps(spec.teacher_args)
-                              + json.dumps(self.trainer_args)).encode()).hexdigest()[:16]
+        key = hashlib.sha256((Path(spec.resolve(spec.teacher_config)).read_text()
+                              + json.dumps(spec.teacher_args) + json.dumps(self.trainer_args)).encode())
         #: the teacher's cache folder: one per configuration, so later studies reuse it
-        self.teacher_dir = Path(teacher_cache) / key
+        self.teacher_dir = Path(teacher_cache) / key.hexdigest()[:16]
         self.teacher_ckpt = self.teacher_dir / "teacher.ckpt"
-        self._sizes: dict[str, int] = {}
 
     # ---- output folder and teacher -----------------------------------------------------------
     def prepare_output(self) -> None:
@@ -194,15 +178,16 @@ class StudyRunner:
     def prepare_teacher(self, display: _Display) -> None:
         """The study's teacher: from the cache, or trained now (and cached by configuration)."""
         spec, folder, info = self.spec, self.teacher_dir, self.teacher_dir / "teacher.json"
+        where = f"{spec.teacher_config} (teacher: in {spec.path})"
         if not (self.teacher_ckpt.is_file() and info.is_file()):
             folder.mkdir(parents=True, exist_ok=True)
             cfg = spec.resolve(spec.teacher_config)
-            args = ["fit", "--config", cfg, *spec.teacher_args,
-                    "--trainer.logger.init_args.save_dir", str(folder),
-                    "--trainer.logger.init_args.name", "teacher",
-                    "--trainer.enable_progress_bar", "false", *self.trainer_args,
-                    "--trainer.callbacks+=kd_lightning.jobs.EpochProgress"]
-            job = jobs.Job(args, folder / "teacher.log", jobs.needs_subprocess(spec.teacher_run_config))
+            job = jobs.Job(["fit", "--config", cfg, *spec.teacher_args,
+                            "--trainer.logger.init_args.save_dir", str(folder),
+                            "--trainer.logger.init_args.name", "teacher",
+                            "--trainer.enable_progress_bar", "false", *self.trainer_args,
+                            "--trainer.callbacks+=kd_lightning.jobs.EpochProgress"],
+                           folder / "teacher.log", jobs.needs_subprocess(spec.teacher_run_config))
             epochs = spec.teacher_run_config.trainer.max_epochs
             display.print(f"training the teacher ({spec.teacher_config}, {epochs or '?'} epochs); "
                           f"it is cached for later studies")
@@ -210,20 +195,17 @@ class StudyRunner:
             try:
                 result = jobs.run_job(job, display.teacher_epoch)
             except jobs.JobFailed as err:
-                raise KDConfigError(
-                    f"the teacher run failed ({err}); see {job.log}. The study trains its teacher "
-                    f"from {spec.teacher_config} (teacher: in {spec.path}) with the arguments "
-                    f"{[*spec.teacher_args, *self.trainer_args]}. Results already written are "
-                    f"kept.") from None
+                raise KDConfigError(f"the teacher run failed ({err}); see {job.log}. The study trains "
+                                    f"its teacher from {where} with the arguments "
+                                    f"{[*spec.teacher_args, *self.trainer_args]}. Results already "
+                                    f"written are kept.") from None
             found = [Path(p) for p in result.checkpoints if Path(p).is_file()]
             best = [p for p in found if p.name.startswith("best")] or found
-            if not best:
-                raise KDConfigError(f"the teacher run wrote no checkpoint (config "
-                                    f"{spec.teacher_config}, teacher: in {spec.path}); give it a "
-                                    f"ModelCheckpoint callback.")
+            require(best, f"the teacher run wrote no checkpoint (config {spec.teacher_config}, teacher: in "
+                    f"{spec.path}); give it a ModelCheckpoint callback.")
             shutil.copyfile(best[0], self.teacher_ckpt)
-            info.write_text(json.dumps({"config": cfg, "args": spec.teacher_args, "source": str(best[0]),
-                                        "test_acc": result.metrics.get("test/acc")}))
+            info.write_text(json.dumps({"config": cfg, "args": spec.teacher_args,
+                                        "source": str(best[0]), "test_acc": result.metrics.get("test/acc")}))
         self.teacher_acc = json.loads(info.read_text()).get("test_acc")
         self._write_meta(teacher={"config": spec.teacher_config, "checkpoint": str(self.teacher_ckpt),
                                   "test_acc": self.teacher_acc})
@@ -243,7 +225,16 @@ class StudyRunner:
 
     def plan(self, method: MethodSpec, budget: Budget, seed: int, candidate: dict,
              kind: str) -> RunPlan:
-        """One training: its ``kd-lightning fit`` arguments and its length."""
+        """One training: its ``kd-lightning fit`` arguments and its length. ``CHOSEN``: the test
+        of a chosen candidate's weights, trained again first if they were removed (the same run
+        gives the same weights)."""
+        if kind == CHOSEN:
+            fit = self.plan(method, budget, seed, candidate, CANDIDATE)
+            test = jobs.Job(["test", *fit.jobs[0].args[1:], "--trainer.logger.init_args.version",
+                             "test", "--ckpt_path", str(fit.weights)], fit.run_dir / "test.log",
+                            fit.jobs[0].isolate)
+            return dataclasses.replace(fit, kind=CHOSEN,
+                                       jobs=([] if fit.weights.is_file() else fit.jobs) + [test])
         spec, label = self.spec, budget_label(budget)
         settings = {**spec.settings(method, budget), **candidate}
         config = spec.run_config(method, settings)
@@ -257,40 +248,28 @@ class StudyRunner:
         name = f"{_slug(method.name)}/M{label}/seed{seed}"
         if candidate:
             name += "/" + _slug(candidate_label(candidate).replace(", ", "_"))
+        run_dir, fractions = self.output / "runs" / name, {**spec.epoch_args, **method.epoch_args}
+        needs_teacher = config.model.init_args.get("teacher") is not None
         # the config's callbacks are dropped first, so callbacks the study's or the method's
         # arguments add (--trainer.callbacks+=...) reach the run
         args = ["fit", "--config", spec.resolve(method.config), "--trainer.callbacks", "[]",
-                *spec.args, *method.args, *override_args(settings),
-                "--seed_everything", str(seed), "--data.train_subset", "null" if budget is None else label,
+                *spec.args, *method.args, *override_args(settings), "--seed_everything", str(seed),
+                "--data.train_subset", "null" if budget is None else label,
                 "--data.subset_seed", str(seed), "--trainer.max_epochs", str(epochs),
                 "--trainer.max_steps", "-1", "--trainer.limit_val_batches", "0",
                 "--trainer.num_sanity_val_steps", "0", "--trainer.enable_checkpointing", "false",
                 "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
                 "--trainer.logger.init_args.save_dir", str(self.output / "runs"),
                 "--trainer.logger.init_args.name", name,
-                "--test_after_fit", "false" if kind == CANDIDATE else "true"]
-        needs_teacher = config.model.init_args.get("teacher") is not None
-        if needs_teacher:
-            args += ["--model.init_args.teacher_checkpoint", str(self.teacher_ckpt)]
-        for key, frac in spec.epoch_fractions(method).items():
-            args += [f"--{key}", str(max(1, round(frac * epochs)))]
-        run_dir = self.output / "runs" / name
-        job = jobs.Job([*args, *self.trainer_args], run_dir / "run.log", jobs.needs_subprocess(config),
-                       validate=kind == CANDIDATE,
-                       save_weights=run_dir / "final.ckpt" if kind == CANDIDATE else None)
+                "--test_after_fit", "false" if kind == CANDIDATE else "true",
+                *(["--model.init_args.teacher_checkpoint", str(self.teacher_ckpt)] if needs_teacher else []),
+                *override_args({k: max(1, round(f * epochs)) for k, f in fractions.items()
+                                if k in method.run_config}), *self.trainer_args]
+        weights = run_dir / "final.ckpt"
+        job = jobs.Job(args, run_dir / "run.log", jobs.needs_subprocess(config), validate=kind == CANDIDATE,
+                       save_weights=weights if kind == CANDIDATE else None)
         return RunPlan(method, budget, seed, candidate, kind, [job], epochs, epochs * per_epoch, run_dir,
-                       needs_teacher)
-
-    def test_plan(self, method: MethodSpec, budget: Budget, seed: int, chosen: dict) -> RunPlan:
-        """The test of a chosen candidate's weights (trained again first if they were removed:
-        the same run gives the same weights)."""
-        fit = self.plan(method, budget, seed, chosen, CANDIDATE)
-        args = ["test", *fit.jobs[0].args[1:], "--trainer.logger.init_args.version", "test",
-                "--ckpt_path", str(fit.weights)]
-        test = jobs.Job(args, fit.run_dir / "test.log", fit.jobs[0].isolate)
-        return RunPlan(method, budget, seed, chosen, CHOSEN,
-                       ([] if fit.weights.is_file() else fit.jobs) + [test], fit.epochs, fit.steps,
-                       fit.run_dir, fit.needs_teacher)
+                       needs_teacher, weights)
 
     def planned(self) -> list[RunPlan]:
         """Every training of the study, in study order (budget, method, candidate, seed); the
@@ -301,10 +280,8 @@ class StudyRunner:
                 for c in spec.candidates(m, b) for s in spec.seeds]
 
     @staticmethod
-    def _is_done(plan: RunPlan, done: set) -> bool:
-        if plan.kind == CHOSEN:  # whichever candidate was chosen
-            return any(k[:4] == plan.key[:4] for k in done)
-        return plan.key in done
+    def _is_done(plan: RunPlan, done: set) -> bool:  # CHOSEN: whichever candidate was chosen
+        return any(k[:4] == plan.key[:4] for k in done) if plan.kind == CHOSEN else plan.key in done
 
     # ---- running -----------------------------------------------------------------------------
     def run(self) -> None:
@@ -318,7 +295,7 @@ class StudyRunner:
         queue = Queue(longest_first=ex.concurrent)
 
         def fill() -> None:
-            while queue and ex.room() > 0:
+            while queue.plans and ex.room() > 0:
                 plan = queue.pop()
                 display.show("runs", description=plan.describe())
                 ex.submit(plan)
@@ -336,11 +313,16 @@ class StudyRunner:
             display.show("runs", description=f"{total - finished} runs", total=total,
                          completed=finished)
             for plan in grids.values():
-                queue.plans[:0] = self._grid_done(plan, display)
+                queue.plans[:0] = self._grid_done(plan)
             fill()
             for plan, outcome in ex.results():
                 if isinstance(outcome, jobs.JobFailed):
-                    err = self._failure(plan, outcome)
+                    hint = (f" The study's teacher is trained from {self.spec.teacher_config} (teacher: "
+                            f"in {self.spec.path}) and cached at {self.teacher_ckpt}."
+                            if "teacher" in str(outcome).lower() else "")
+                    err = jobs.JobFailed(f"run {plan.describe()} failed: {outcome} (log: "
+                                         f"{plan.jobs[-1].log}).{hint} Finished runs are kept in "
+                                         f"{self.results.path}; rerun the same command to continue.")
                     if not self.keep_going:
                         raise err
                     if plan.kind == RUN:
@@ -354,12 +336,12 @@ class StudyRunner:
                     if plan.kind != CHOSEN:
                         queue.observe(plan, outcome.seconds)
                     if plan.kind != RUN:
-                        queue.plans[:0] = self._grid_done(plan, display)
+                        queue.plans[:0] = self._grid_done(plan)
                 fill()
         if stop is not None:
             raise stop
 
-    def _grid_done(self, plan: RunPlan, display: _Display) -> list[RunPlan]:
+    def _grid_done(self, plan: RunPlan) -> list[RunPlan]:
         """After a run of ``plan``'s grid: the tests of the chosen candidate to start, once every
         candidate is in; once those are done too, the other candidates' weights are deleted."""
         spec, method, budget = self.spec, plan.method, plan.budget
@@ -369,7 +351,7 @@ class StudyRunner:
         if chosen is None:
             return []
         best, done = candidates[keys.index(chosen)], self.results.done()
-        tests = [t for t in (self.test_plan(method, budget, s, best) for s in spec.seeds)
+        tests = [t for t in (self.plan(method, budget, s, best, CHOSEN) for s in spec.seeds)
                  if not self._is_done(t, done)]
         if plan.kind == CHOSEN and not tests:
             for c in candidates:
@@ -377,27 +359,16 @@ class StudyRunner:
                     self.plan(method, budget, s, c, CANDIDATE).weights.unlink(missing_ok=True)
         return [] if plan.kind == CHOSEN else tests
 
-    def _failure(self, plan: RunPlan, err: jobs.JobFailed) -> RunFailed:
-        hint = ""
-        if "teacher" in str(err).lower():
-            hint = (f" The study's teacher is trained from {self.spec.teacher_config} "
-                    f"(teacher: in {self.spec.path}) and cached at {self.teacher_ckpt}.")
-        return RunFailed(f"run {plan.describe()} failed: {err} (log: {plan.jobs[-1].log}).{hint} "
-                         f"Finished runs are kept in {self.results.path}; rerun the same "
-                         f"command to continue.")
-
     def _row(self, plan: RunPlan, seconds: float, metrics: dict, **values) -> dict:
-        def pct(key: str):
-            return round(100 * metrics[key], 3) if key in metrics else ""
-
+        pct = {k: round(100 * metrics[k], 3) if k in metrics else "" for k in
+               ("test/acc", "test/teacher_acc", "val/acc")}
         row = {"study_hash": self.study_hash, "method": plan.method.name, "M": plan.label,
-               "seed": plan.seed, "test_acc": pct("test/acc"),
-               "teacher_acc": pct("test/teacher_acc"), "epochs": plan.epochs,
-               "steps": plan.steps, "wall_time_s": round(seconds, 2),
+               "seed": plan.seed, "test_acc": pct["test/acc"], "teacher_acc": pct["test/teacher_acc"],
+               "epochs": plan.epochs, "steps": plan.steps, "wall_time_s": round(seconds, 2),
                "run_hash": hashlib.sha256(json.dumps(plan.jobs[0].args[2:]).encode()).hexdigest()[:12],
                "run_dir": str(plan.run_dir), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
                "kind": plan.kind, "candidate": candidate_key(plan.candidate),
-               "val_acc": pct("val/acc"), **values}
+               "val_acc": pct["val/acc"], **values}
         self.results.append(row)
         return row
 

@@ -1,10 +1,6 @@
 """The study spec: the YAML file (format: ``configs/studies/README.md``), its presets, and the
-checks that run before any training.
-
-Every run's ``kd-lightning fit`` configuration is parsed once, by the CLI's own parser, so run
-arguments are understood in every form the CLI accepts; the runner reads what it needs about a
-run (data, batch size, teacher) from that parse.
-"""
+checks that run before any training. Every run's configuration is parsed once, by the CLI's own
+parser, so run arguments are understood in every form the CLI accepts."""
 
 from __future__ import annotations
 
@@ -62,8 +58,7 @@ def _budget_key(key: Any) -> Any:
     """A per-budget mapping's key as a budget (None: full), ``default``, or NO_DEFAULT if neither."""
     if isinstance(key, str) and key.lower() in (FULL, DEFAULT):
         return None if key.lower() == FULL else DEFAULT
-    if isinstance(key, str) and key.isdecimal():
-        key = int(key)
+    key = int(key) if isinstance(key, str) and key.isdecimal() else key
     return key if isinstance(key, int) and not isinstance(key, bool) and key >= 1 else NO_DEFAULT
 
 
@@ -75,21 +70,15 @@ def per_budget(value: Any, where: str) -> Any:
     bad = [k for k, b in keys.items() if b is NO_DEFAULT]
     if len(bad) == len(value):
         return value  # an ordinary mapping value (e.g. a class_path/init_args block)
-    if bad:
-        raise KDConfigError(
-            f"{where} mixes budgets and other keys ({', '.join(map(repr, bad))}). A per-budget "
-            f"value is a mapping from budgets (positive integers or '{FULL}') and optionally "
-            f"'{DEFAULT}' to values, e.g. {{50: 2.0, {FULL}: 0.3}}.")
+    require(not bad, f"{where} mixes budgets and other keys ({', '.join(map(repr, bad))}). A per-budget "
+            f"value is a mapping from budgets (positive integers or '{FULL}') and optionally '{DEFAULT}' "
+            f"to values, e.g. {{50: 2.0, {FULL}: 0.3}}.")
     return PerBudget({b: value[k] for k, b in keys.items() if b != DEFAULT},
                      next((value[k] for k, b in keys.items() if b == DEFAULT), NO_DEFAULT))
 
 
 def at_budget(value: Any, budget: Budget) -> Any:
     return value.at(budget) if isinstance(value, PerBudget) else value
-
-
-def _raw(value: Any) -> Any:
-    return value.raw() if isinstance(value, PerBudget) else value
 
 
 def override_args(settings: dict[str, Any]) -> list[str]:
@@ -133,31 +122,27 @@ class StudySpec:
 
     def resolve(self, path: str) -> str:
         """A config path as written, if it exists from here; else relative to the study file."""
-        p = Path(path)
-        if p.is_absolute() or p.exists() or not self.path:
-            return str(p)
-        beside = Path(self.path).parent / p
-        return str(beside) if beside.exists() else str(p)
+        p, beside = Path(path), Path(self.path).parent / path
+        return str(beside if self.path and not (p.is_absolute() or p.exists()) and beside.exists() else p)
 
     def identity(self) -> dict:
         """What makes two studies the same study (their results are comparable)."""
         def digest(path: str) -> str:
             return hashlib.sha256(Path(self.resolve(path)).read_bytes()).hexdigest()[:16]
 
+        def raw(value: Any) -> Any:
+            return value.raw() if isinstance(value, PerBudget) else value
+
         def settings(owner) -> dict:
-            return {k: {key: _raw(v) for key, v in getattr(owner, k).items()}
+            return {k: {key: raw(v) for key, v in getattr(owner, k).items()}
                     for k in ("set", "grid") if getattr(owner, k, None)}
 
-        ident: dict[str, Any] = {
-            "name": self.name,
-            "teacher": {"config": digest(self.teacher_config), "args": self.teacher_args},
-            "steps": _raw(self.steps), "args": self.args, "epoch_args": self.epoch_args,
-            "methods": [{"name": m.name, "config": digest(m.config), "args": m.args,
-                         "epoch_args": m.epoch_args, **settings(m)} for m in self.methods],
-            **settings(self)}
-        if self.epochs is not None:
-            ident["epochs"] = _raw(self.epochs)
-        return ident
+        return {"name": self.name, "steps": raw(self.steps), "args": self.args,
+                "teacher": {"config": digest(self.teacher_config), "args": self.teacher_args},
+                "epoch_args": self.epoch_args,
+                "methods": [{"name": m.name, "config": digest(m.config), "args": m.args,
+                             "epoch_args": m.epoch_args, **settings(m)} for m in self.methods],
+                **settings(self), **({} if self.epochs is None else {"epochs": raw(self.epochs)})}
 
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:12]
@@ -170,38 +155,27 @@ class StudySpec:
         fallback = [(k, v) for k, v in both
                     if v is not None and not (isinstance(v, PerBudget) and not v.covers(budget))]
         label = budget_label(budget)
-        if len(named) == 2:
-            raise KDConfigError(f"both 'steps' and 'epochs' give a value for M={label} in "
-                                f"{self.path}; give one of them per budget.")
-        if not named and len(fallback) == 2:
-            raise KDConfigError(
-                f"both 'steps' and 'epochs' apply to M={label} in {self.path}; give one of them, "
-                f"or name the budgets, e.g. steps: 3000 with epochs: {{{FULL}: 60}}.")
-        if not (named or fallback):
-            raise KDConfigError(f"no training length for M={label} in {self.path}: give it in "
-                                f"'steps' (optimizer steps) or 'epochs'.")
+        require(len(named) < 2, f"both 'steps' and 'epochs' give a value for M={label} in {self.path}; "
+                f"give one of them per budget.")
+        require(named or len(fallback) < 2, f"both 'steps' and 'epochs' apply to M={label} in {self.path}; "
+                f"give one of them, or name the budgets, e.g. steps: 3000 with epochs: {{{FULL}: 60}}.")
+        require(named or fallback, f"no training length for M={label} in {self.path}: give it in 'steps' "
+                f"(optimizer steps) or 'epochs'.")
         kind, value = (named or fallback)[0]
         n = at_budget(value, budget)
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise KDConfigError(f"'{kind}' for M={label} in {self.path} is {n!r}; it must be a "
-                                f"positive integer.")
+        require(isinstance(n, int) and not isinstance(n, bool) and n >= 1,
+                f"'{kind}' for M={label} in {self.path} is {n!r}; it must be a positive integer.")
         return kind, n
 
     def settings(self, method: MethodSpec, budget: Budget) -> dict[str, Any]:
-        """The ``set`` values of a run: the study's (where the method's config has the key), then
-        the method's own."""
-        out = {k: at_budget(v, budget) for k, v in self.set.items() if k in method.run_config}
-        return {**out, **{k: at_budget(v, budget) for k, v in method.set.items()}}
+        """The ``set`` values of a run: the study's (where the method's config has the key), then its own."""
+        return {**{k: at_budget(v, budget) for k, v in self.set.items() if k in method.run_config},
+                **{k: at_budget(v, budget) for k, v in method.set.items()}}
 
     def candidates(self, method: MethodSpec, budget: Budget) -> list[dict[str, Any]]:
         """The grid of a method at this budget, one dict per candidate, in grid order."""
-        lists = [at_budget(v, budget) for v in method.grid.values()]
-        return [dict(zip(method.grid, combo)) for combo in itertools.product(*lists)]
-
-    def epoch_fractions(self, method: MethodSpec) -> dict[str, float]:
-        """``epoch_args`` of a method's runs: the study's and its own, for keys its config has."""
-        merged = {**self.epoch_args, **method.epoch_args}
-        return {k: v for k, v in merged.items() if k in method.run_config}
+        return [dict(zip(method.grid, combo))
+                for combo in itertools.product(*(at_budget(v, budget) for v in method.grid.values()))]
 
     def run_config(self, method: MethodSpec, overrides: dict[str, Any]):
         """The parsed configuration of a run with these ``set``/grid values (parsed once)."""
@@ -215,7 +189,7 @@ class StudySpec:
         return self._run_configs[key]
 
 
-def _require(ok: Any, message: str) -> None:
+def require(ok: Any, message: str) -> None:
     if not ok:
         raise KDConfigError(message)
 
@@ -224,7 +198,7 @@ def _checked(value: Any, kind: type, where: str) -> Any:
     """``value`` (``None``: empty) if it is a ``kind`` (list or mapping), else a config error."""
     what = "a list of command-line arguments, e.g. [--data.batch_size, 50]" if kind is list \
         else "a mapping of dotted run arguments to values, e.g. {model.init_args.eps: 2.0}"
-    _require(isinstance(value, (kind, type(None))), f"{where} must be {what}, got {value!r}.")
+    require(isinstance(value, (kind, type(None))), f"{where} must be {what}, got {value!r}.")
     return kind() if value is None else [str(a) for a in value] if kind is list else value
 
 
@@ -241,90 +215,77 @@ def _settings(entry: dict, kinds: tuple[str, ...], suffix: str) -> dict[str, Any
 
 def _known_keys(entry: dict, valid: tuple[str, ...], where: str) -> None:
     unknown = ", ".join(repr(k) for k in entry if k not in valid)
-    _require(not unknown, f"{where} has unknown key(s) {unknown}; valid keys: {', '.join(valid)}.")
+    require(not unknown, f"{where} has unknown key(s) {unknown}; valid keys: {', '.join(valid)}.")
 
 
 def _not_controlled(key: str, where: str) -> None:
-    _require(key not in CONTROLLED, f"{where} sets {key}, which the study sets itself for every run "
-                                    f"(controlled: {', '.join(CONTROLLED)}).")
-
-
-def _check_key(key: str, run_config, where: str, config: str) -> None:
-    _not_controlled(key, where)
-    if key not in run_config:
-        parent = key.rsplit(".", 1)[0] if "." in key else ""
-        node = run_config.get(parent) if parent else run_config
-        names = sorted({k.split(".")[0] for k in node.keys()}) if hasattr(node, "keys") else []
-        hint = f" Arguments under {parent}: {', '.join(names)}." if parent and names else ""
-        raise KDConfigError(f"{where}: '{key}' is not an argument of the run configured by "
-                            f"{config} (write the full dotted name, as in --{key}).{hint}")
+    require(key not in CONTROLLED, f"{where} sets {key}, which the study sets itself for every run "
+            f"(controlled: {', '.join(CONTROLLED)}).")
 
 
 def load_study(path: str | Path, preset: str | None = None,
                run_args: list[str] | tuple[str, ...] = ()) -> StudySpec:
-    """Read and check a study YAML. ``preset`` replaces top-level keys with those of
-    ``presets: {NAME: ...}`` and suffixes the name and output folder with ``-NAME``;
-    ``run_args`` (the command line's ``--trainer.*`` flags) are given to every run."""
+    """Read and check a study YAML. ``preset`` replaces top-level keys with those of ``presets: {NAME:
+    ...}`` and suffixes the name and output folder with ``-NAME``; ``run_args`` (the command line's
+    ``--trainer.*`` flags) are given to every run."""
     path = Path(path)
-    _require(path.is_file(), f"study config '{path}' does not exist.")
+    require(path.is_file(), f"study config '{path}' does not exist.")
     raw = yaml.safe_load(path.read_text()) or {}
-    _require(isinstance(raw, dict), f"study config {path} must be a YAML mapping (name, teacher, "
-                                    f"methods, ...), got {type(raw).__name__}.")
+    require(isinstance(raw, dict), f"study config {path} must be a YAML mapping (name, teacher, methods, "
+            f"...), got {type(raw).__name__}.")
     _known_keys(raw, STUDY_KEYS, f"study config {path}")
     name, output = str(raw.get("name", path.stem)), str(raw.get("output", f"studies/{path.stem}"))
     if preset is not None:
         presets = raw.get("presets") or {}
-        _require(preset in presets, f"preset '{preset}' is not defined in {path}; defined presets: "
-                                    f"{', '.join(presets) or 'none'}.")
+        require(preset in presets, f"preset '{preset}' is not defined in {path}; defined presets: "
+                f"{', '.join(presets) or 'none'}.")
         chosen = presets[preset] or {}
         _known_keys(chosen, STUDY_KEYS[:-1], f"preset '{preset}' of {path}")
         raw = {**raw, **chosen}
         name = str(raw["name"]) if "name" in chosen else f"{name}-{preset}"
         output = str(raw["output"]) if "output" in chosen else f"{output}-{preset}"
     for key in ("teacher", "methods"):
-        _require(raw.get(key), f"study config {path} has no '{key}' section.")
+        require(raw.get(key), f"study config {path} has no '{key}' section.")
     teacher = raw["teacher"]
-    _require(isinstance(teacher, dict) and "config" in teacher,
-             f"'teacher' in {path} must be a mapping with 'config' (a kd-lightning fit config) and "
-             f"optionally 'args', got {teacher!r}.")
+    require(isinstance(teacher, dict) and "config" in teacher, f"'teacher' in {path} must be a mapping with "
+            f"'config' (a kd-lightning fit config) and optionally 'args', got {teacher!r}.")
     _known_keys(teacher, ("config", "args"), f"'teacher' in {path}")
     written = raw.get("budgets", [50, 100, 500, 1000, FULL])
     budgets = [_budget_key(b) for b in written]
     for b, key in zip(written, budgets):
-        _require(key is not NO_DEFAULT and key != DEFAULT,
-                 f"budget {b!r} in {path} is not a positive integer or '{FULL}'.")
+        require(key is not NO_DEFAULT and key != DEFAULT, f"budget {b!r} in {path} is not a positive integer "
+                f"or '{FULL}'.")
     seeds = raw.get("seeds", [0, 1, 2])
-    _require(budgets and seeds, f"study config {path} needs at least one budget and one seed.")
-    _require(len(set(budgets)) == len(budgets) and len(set(map(str, seeds))) == len(seeds),
-             f"budgets and seeds in {path} must not repeat, got budgets {raw.get('budgets')} and "
-             f"seeds {seeds}.")
-    _require(all(isinstance(s, int) and not isinstance(s, bool) for s in seeds),
-             f"seeds in {path} must be integers, got {seeds}.")
+    require(budgets and seeds, f"study config {path} needs at least one budget and one seed.")
+    require(len(set(budgets)) == len(budgets) and len(set(map(str, seeds))) == len(seeds),
+            f"budgets and seeds in {path} must not repeat, got budgets {raw.get('budgets')} and seeds "
+            f"{seeds}.")
+    require(all(isinstance(s, int) and not isinstance(s, bool) for s in seeds),
+            f"seeds in {path} must be integers, got {seeds}.")
     steps = per_budget(raw.get("steps"), f"'steps' in {path}")
     epochs = per_budget(raw.get("epochs"), f"'epochs' in {path}")
-    spec = StudySpec(
-        name=name, output=output, teacher_config=str(teacher["config"]),
-        teacher_args=_checked(teacher.get("args"), list, f"'teacher: args' in {path}"),
-        budgets=budgets, seeds=list(seeds), methods=[], epochs=epochs, path=str(path),
-        steps=DEFAULT_STEPS if steps is None and epochs is None else steps,
-        **_settings(raw, ("set",), f" in {path}"))
+    spec = StudySpec(name=name, output=output, teacher_config=str(teacher["config"]),
+                     teacher_args=_checked(teacher.get("args"), list, f"'teacher: args' in {path}"),
+                     budgets=budgets, seeds=list(seeds), methods=[], epochs=epochs, path=str(path),
+                     steps=DEFAULT_STEPS if steps is None and epochs is None else steps,
+                     **_settings(raw, ("set",), f" in {path}"))
     for b in budgets:
         spec.length(b)  # every budget has exactly one training length
     for key in spec.set:
         _not_controlled(key, f"'set' in {path}")
     teacher_cfg = spec.resolve(spec.teacher_config)
-    _require(Path(teacher_cfg).is_file(),
-             f"teacher config '{spec.teacher_config}' (in {path}) does not exist.")
+    require(Path(teacher_cfg).is_file(), f"teacher config '{spec.teacher_config}' (in {path}) does not "
+            f"exist.")
     spec.teacher_run_config = parse_run(teacher_cfg, [*spec.teacher_args, *run_args],
                                         f"the teacher of {path}")
-    _require(isinstance(raw["methods"], list),
-             f"'methods' in {path} must be a list of entries with name and config.")
+    require(isinstance(raw["methods"], list), f"'methods' in {path} must be a list of entries with name and "
+            f"config.")
     spec.methods = [_load_method(entry, spec, path, list(run_args)) for entry in raw["methods"]]
     names = [m.name for m in spec.methods]
-    _require(len(set(names)) == len(names), f"method names in {path} must be unique, got {names}.")
+    require(len(set(names)) == len(names), f"method names in {path} must be unique, got {names}.")
     for k in spec.set:
-        _require(any(k in m.run_config for m in spec.methods), f"'set: {k}' in {path} is an argument "
-                 f"of none of the methods' runs (write the full dotted name, as in --{k}).")
+        require(any(k in m.run_config for m in spec.methods), f"'set: {k}' in {path} is an argument of "
+                f"none of the methods' runs (write the full dotted name, as in --{k}).")
     return spec
 
 
@@ -338,40 +299,44 @@ def available_methods() -> list[str]:
 
 
 def _load_method(entry: Any, spec: StudySpec, path: Path, run_args: list[str]) -> MethodSpec:
-    _require(isinstance(entry, dict) and "name" in entry and "config" in entry,
-             f"every entry of 'methods' in {path} needs a name and a config (a kd-lightning fit "
-             f"config), got {entry!r}.")
+    require(isinstance(entry, dict) and "name" in entry and "config" in entry, f"every entry of 'methods' in "
+            f"{path} needs a name and a config (a kd-lightning fit config), got {entry!r}.")
     where = f"method '{entry['name']}' in {path}"
     _known_keys(entry, METHOD_KEYS, where)
     m = MethodSpec(name=str(entry["name"]), config=str(entry["config"]),
                    reference=bool(entry.get("reference", False)), method=entry.get("method"),
                    **_settings(entry, ("set", "grid"), f" of {where}"))
     valid = sorted(available_methods())
-    _require(m.method is None or m.method in valid, f"unknown method '{m.method}' in study config "
-                                                    f"{path}. Valid methods: {', '.join(valid)}.")
+    require(m.method is None or m.method in valid, f"unknown method '{m.method}' in study config {path}. "
+            f"Valid methods: {', '.join(valid)}.")
     cfg = spec.resolve(m.config)
-    _require(Path(cfg).is_file(), f"{where}: config '{m.config}' does not exist.")
+    require(Path(cfg).is_file(), f"{where}: config '{m.config}' does not exist.")
     m.run_config = parse_run(cfg, [*spec.args, *m.args, *run_args], where)
     class_path = m.run_config.model.class_path
-    _require(m.method is None or class_path.rsplit(".", 1)[-1] == m.method,
-             f"{where} says method: {m.method} but its config {m.config} trains {class_path}.")
+    require(m.method is None or class_path.rsplit(".", 1)[-1] == m.method,
+            f"{where} says method: {m.method} but its config {m.config} trains {class_path}.")
     for kind in ("set", "grid", "epoch_args"):
         for key in getattr(m, kind):
-            _check_key(key, m.run_config, f"'{kind}' of {where}", m.config)
-            _require(kind != "grid" or key not in m.set,
-                     f"{where} gives {key} in both 'set' and 'grid'; keep one.")
+            _not_controlled(key, f"'{kind}' of {where}")
+            parent = key.rsplit(".", 1)[0] if "." in key and key not in m.run_config else ""
+            node = m.run_config.get(parent) if parent else None
+            names = sorted({k.split(".")[0] for k in node.keys()}) if hasattr(node, "keys") else []
+            require(key in m.run_config, f"'{kind}' of {where}: '{key}' is not an argument of the run "
+                    f"configured by {m.config} (write the full dotted name, as in --{key})."
+                    + (f" Arguments under {parent}: {', '.join(names)}." if names else ""))
+            require(kind != "grid" or key not in m.set,
+                    f"{where} gives {key} in both 'set' and 'grid'; keep one.")
     for b in spec.budgets:
         label = budget_label(b)
         for key, value in m.grid.items():
             values = value.at(b) if isinstance(value, PerBudget) and value.covers(b) else value
-            _require(isinstance(values, list) and values,
-                     f"'grid: {key}' of {where} has no list of candidates for M={label}: give a "
-                     f"non-empty list, e.g. [0.3, 1, 2], or one per budget, e.g. "
-                     f"{{{FULL}: [0.1, 0.3], {DEFAULT}: [1, 2]}}.")
+            require(isinstance(values, list) and values, f"'grid: {key}' of {where} has no list of "
+                    f"candidates for M={label}: give a non-empty list, e.g. [0.3, 1, 2], or one per "
+                    f"budget, e.g. {{{FULL}: [0.1, 0.3], {DEFAULT}: [1, 2]}}.")
         for key, value in [*spec.set.items(), *m.set.items()]:
-            _require(not isinstance(value, PerBudget) or value.covers(b) or key not in m.run_config,
-                     f"'set: {key}' for {where} has no value for M={label}: name the budget or "
-                     f"add a '{DEFAULT}' entry.")
+            require(not isinstance(value, PerBudget) or value.covers(b) or key not in m.run_config,
+                    f"'set: {key}' for {where} has no value for M={label}: name the budget or add a "
+                    f"'{DEFAULT}' entry.")
         for candidate in spec.candidates(m, b):
             values = {**spec.settings(m, b), **candidate}
             try:
@@ -383,15 +348,12 @@ def _load_method(entry: Any, spec: StudySpec, path: Path, run_args: list[str]) -
     # trains, or the cached teacher weights will not load into it
     wanted = m.run_config.model.init_args.get("teacher")
     trained = spec.teacher_run_config.model.init_args.get("student")
-    if hasattr(wanted, "as_dict") and hasattr(trained, "as_dict") \
-            and wanted.as_dict() != trained.as_dict():
-        def describe(net) -> str:
-            args = ", ".join(f"{k}={v!r}" for k, v in (net.as_dict().get("init_args") or {}).items())
-            return f"{net.class_path}({args})"
-
+    if hasattr(wanted, "as_dict") and hasattr(trained, "as_dict") and wanted.as_dict() != trained.as_dict():
+        args = [", ".join(f"{k}={v!r}" for k, v in (n.as_dict().get("init_args") or {}).items())
+                for n in (wanted, trained)]
         raise KDConfigError(
-            f"{where} distils from the teacher network {describe(wanted)} but the study's "
-            f"teacher (teacher: config: {spec.teacher_config}) trains {describe(trained)}, whose "
+            f"{where} distils from the teacher network {wanted.class_path}({args[0]}) but the study's "
+            f"teacher (teacher: config: {spec.teacher_config}) trains {trained.class_path}({args[1]}), whose "
             f"weights would not fit. Make model.init_args.teacher of {m.config} the network of "
             f"model.init_args.student in {spec.teacher_config}.")
     return m
