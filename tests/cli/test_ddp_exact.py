@@ -18,8 +18,19 @@ import torch
 from tests.conftest import CONFIGS, REPO, run_cli_subprocess
 
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-needs_mnist1d = pytest.mark.skipif(not (REPO / "data" / "mnist1d").exists(),
-                                   reason="needs the MNIST-1D data under data/mnist1d")
+
+
+@pytest.fixture(scope="module")
+def mnist1d_data() -> None:
+    """MNIST-1D under ``data/mnist1d`` (generated offline and cached there; the DDP runs below read
+    it from the repository's data folder, whatever ran before them)."""
+    from kd_lightning.data.sources import load_mnist1d
+
+    load_mnist1d(str(REPO / "data"))
+    assert (REPO / "data" / "mnist1d" / "mnist1d_generated.npz").is_file()
+
+
+needs_mnist1d = pytest.mark.usefixtures("mnist1d_data")
 
 
 def _workdir(folder: Path) -> Path:
