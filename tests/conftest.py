@@ -251,3 +251,28 @@ def assert_mnist1d_config_refused(config: str, extra: list[str], messages: list[
     for message in messages:
         assert message in err
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+# ---- small tensors shared by the loss and method tests ----------------------------------------
+F64 = torch.float64
+
+
+def t32(x) -> torch.Tensor:
+    return torch.tensor(x, dtype=torch.float32)
+
+
+def t64(x) -> torch.Tensor:
+    return torch.tensor(x, dtype=F64)
+
+
+def unlabelled_batch(n=8, k=10, unlabelled=(1, 4, 5), seed=0):
+    """``(x, y, y_true, index)``: an MNIST-1D-shaped batch whose rows ``unlabelled`` carry
+    ``y = UNLABELLED``; ``y_true`` keeps their drawn labels."""
+    from kd_lightning.losses.labels import UNLABELLED
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 40, generator=g)
+    y_true = torch.randint(0, k, (n,), generator=g)
+    y = y_true.clone()
+    y[list(unlabelled)] = UNLABELLED
+    return x, y, y_true, torch.arange(n)

@@ -13,16 +13,9 @@ from kd_lightning.losses import (cc_correlation_matrix, cc_loss, nst_loss, nst_m
                                  similarity_matrix, sp_loss)
 
 
-F64 = torch.float64
+from tests.conftest import t32, t64
+
 RTOL = 1e-6
-
-
-def t32(x) -> torch.Tensor:
-    return torch.tensor(x, dtype=torch.float32)
-
-
-def t64(x) -> torch.Tensor:
-    return torch.tensor(x, dtype=F64)
 
 
 # ---- SP (Tung & Mori 2019) ------------------------------------------------------------------

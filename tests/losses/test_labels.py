@@ -7,20 +7,12 @@ import torch.nn.functional as F
 
 from kd_lightning.data import UNLABELLED
 from kd_lightning.losses import labelled_cross_entropy
-
-
-def _batch(n=8, k=10, unlabelled=(1, 4, 5), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 1, 40, generator=g)
-    y_true = torch.randint(0, k, (n,), generator=g)
-    y = y_true.clone()
-    y[list(unlabelled)] = UNLABELLED
-    return x, y, y_true, torch.arange(n)
+from tests.conftest import unlabelled_batch
 
 
 # ---- label terms skip unlabelled rows --------------------------------------------------------
 def test_labelled_cross_entropy_is_the_mean_over_labelled_rows_with_zero_gradient_elsewhere():
-    x, y, _, _ = _batch()
+    x, y, _, _ = unlabelled_batch()
     logits = torch.randn(8, 10, requires_grad=True)
     ce = labelled_cross_entropy(logits, y)
     keep = y != UNLABELLED

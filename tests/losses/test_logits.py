@@ -14,16 +14,9 @@ from kd_lightning.losses import (dist_loss, dist_terms, dkd_loss, dkd_terms, dkd
                                  pearson_correlation, standardize_logits, standardized_kd_loss)
 
 
-F64 = torch.float64
+from tests.conftest import F64, t32, t64
+
 RTOL = 1e-6
-
-
-def t32(x) -> torch.Tensor:
-    return torch.tensor(x, dtype=torch.float32)
-
-
-def t64(x) -> torch.Tensor:
-    return torch.tensor(x, dtype=F64)
 
 
 def softmax_np(z: np.ndarray) -> np.ndarray:

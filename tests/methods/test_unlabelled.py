@@ -15,15 +15,7 @@ from kd_lightning.methods import DecoupledKD, FitNet, MutualDistillation, Respon
 from kd_lightning.models import MLP, ConvNet1D
 from kd_lightning.rules import MNIST1DTemplateRule
 from kd_lightning.training.term_log import TermLog
-
-
-def _batch(n=8, k=10, unlabelled=(1, 4, 5), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 1, 40, generator=g)
-    y_true = torch.randint(0, k, (n,), generator=g)
-    y = y_true.clone()
-    y[list(unlabelled)] = UNLABELLED
-    return x, y, y_true, torch.arange(n)
+from tests.conftest import unlabelled_batch
 
 
 def _check_label_and_distillation_terms(m, x, y, y_true, idx):
@@ -50,14 +42,14 @@ def _check_label_and_distillation_terms(m, x, y, y_true, idx):
 
 def test_response_kd_skips_unlabelled_rows_in_ce_only():
     m = ResponseKD(student=MLP(), teacher=ConvNet1D(width=8), num_classes=10).train()
-    _check_label_and_distillation_terms(m, *_batch())
+    _check_label_and_distillation_terms(m, *unlabelled_batch())
 
 
 def test_feature_method_fitnet_skips_unlabelled_rows_in_ce_only():
     m = FitNet(student=ConvNet1D(width=16), teacher=ConvNet1D(width=32), student_layers=["relu2"],
                teacher_layers=["relu2"], stage1_epochs=0, input_shape=[1, 40], num_classes=10,
                ce_weight=0.3, kd_weight=0.7).train()
-    x, y, y_true, idx = _batch()
+    x, y, y_true, idx = unlabelled_batch()
     _check_label_and_distillation_terms(m, x, y, y_true, idx)
     # the hint term reaches the student through the unlabelled rows too
     only_unlabelled = torch.full_like(y, UNLABELLED)
@@ -69,7 +61,7 @@ def test_feature_method_fitnet_skips_unlabelled_rows_in_ce_only():
 
 def test_a_batch_without_labelled_rows_has_zero_label_terms():
     m = ResponseKD(student=MLP(), teacher=ConvNet1D(width=8), num_classes=10).train()
-    x, _, _, idx = _batch()
+    x, _, _, idx = unlabelled_batch()
     loss = m.training_step((x, torch.full((8,), UNLABELLED), idx), 0)
     assert torch.isfinite(loss)
     logits, terms, _ = m.compute_losses(x, torch.full((8,), UNLABELLED), idx)
@@ -78,7 +70,7 @@ def test_a_batch_without_labelled_rows_has_zero_label_terms():
 
 def test_dkd_splits_unlabelled_rows_at_the_teachers_class():
     m = DecoupledKD(student=MLP(), teacher=ConvNet1D(width=8), num_classes=10, warmup_epochs=0).train()
-    x, y, y_true, idx = _batch()
+    x, y, y_true, idx = unlabelled_batch()
     logits, terms, _ = m.compute_losses(x, y, idx)
     with torch.no_grad():
         z_t = m.teacher(x)
@@ -114,7 +106,7 @@ def test_training_accuracy_counts_labelled_rows_only():
 
 # ---- MutualDistillation ----------------------------------------------------------------------
 def test_mutual_losses_use_q_on_unlabelled_rows_and_labels_on_labelled_rows_only():
-    _, y, _, _ = _batch()
+    _, y, _, _ = unlabelled_batch()
     keep = y != UNLABELLED
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(8, 10, generator=g, requires_grad=True)
