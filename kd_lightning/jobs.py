@@ -245,11 +245,21 @@ def run_job(job: Job, on_epoch: Callable[[dict], None] | None = None) -> JobResu
     return result
 
 
+@functools.lru_cache(maxsize=1)
+def job_cli():
+    """The CLI class of in-process jobs: ``kd-lightning``'s, with its parser built once per
+    process (:class:`~kd_lightning.training.lightning_compat.ReusedParser`)."""
+    from kd_lightning.cli import KDLightningCLI
+    from kd_lightning.training.lightning_compat import ReusedParser
+
+    return type("JobCLI", (ReusedParser, KDLightningCLI), {})
+
+
 def _cli(job: Job) -> tuple[Any, JobResult]:
     """The job through the CLI in this process: (trainer, result without timing)."""
     from kd_lightning.cli import cli_main
 
-    trainer = cli_main(args=[str(a) for a in job.args]).trainer
+    trainer = cli_main(args=[str(a) for a in job.args], cli_class=job_cli()).trainer
     if job.validate:
         trainer.limit_val_batches = 1.0  # a study's run trains with limit_val_batches 0
         trainer.validate(trainer.lightning_module, datamodule=trainer.datamodule, verbose=False)

@@ -1,7 +1,7 @@
 """``kd-lightning-study``: which distillation method works best at my data budget? The teacher once,
 then every method x budget M x seed on M stratified labelled examples, in Kong et al. (2020)'s table
-layout (format: ``configs/studies/README.md``); ``born_again``: self-distillation over generations.
-Every training runs through :mod:`kd_lightning.jobs`.
+layout (format: ``configs/studies/README.md``). Every training runs through :mod:`kd_lightning.jobs`
+(as do :mod:`kd_lightning.born_again`'s generations).
 """
 
 from kd_lightning.study.cli import main

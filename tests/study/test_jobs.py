@@ -44,6 +44,29 @@ def test_a_job_in_process_and_in_a_subprocess_equals_a_fresh_cli_run(tmp_path, m
     assert [(e["epoch"], e["max_epochs"]) for e in events] == [(1, 1)]
 
 
+def test_in_process_jobs_share_one_parser_and_each_equals_a_fresh_cli_run(tmp_path, monkeypatch):
+    """A study's jobs reuse the parser the first one built (its construction is most of a short
+    run's fixed cost); a later job, with other arguments, still equals its own fresh CLI run."""
+    from kd_lightning.cli import KDLightningCLI, cli_main
+    from kd_lightning.training import lightning_compat
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(lightning_compat, "_PARSERS", {})
+    built = []
+    original = KDLightningCLI.setup_parser
+    monkeypatch.setattr(KDLightningCLI, "setup_parser",
+                        lambda self, *a: (built.append(type(self).__name__), original(self, *a))[1])
+    first = jobs.run_job(jobs.Job(_args(tmp_path, "--trainer.logger.init_args.name", "a"), tmp_path / "a.log"))
+    other = _args(tmp_path, "--trainer.logger.init_args.name", "b", "--seed_everything", "5",
+                  "--data.train_subset", "60")
+    second = jobs.run_job(jobs.Job(other, tmp_path / "b.log"))
+    assert built.count("JobCLI") == 1
+    fresh = cli_main(args=[*other[:-4], "--trainer.logger.init_args.name", "fresh", *other[-4:]])
+    assert second.metrics == {k: float(v) for k, v in fresh.trainer.callback_metrics.items()}
+    assert second.metrics != first.metrics
+
+
 @pytest.mark.parametrize("isolate", [False, True])
 def test_a_failing_job_says_why_with_its_exit_status_and_log(tmp_path, monkeypatch, isolate):
     monkeypatch.chdir(tmp_path)

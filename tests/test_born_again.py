@@ -10,8 +10,8 @@ import torch
 import yaml
 
 from kd_lightning import KDConfigError, jobs
-from kd_lightning.study import born_again
-from kd_lightning.study.born_again import checkpoint_dir, generation_config, main, run_generations
+from kd_lightning import born_again
+from kd_lightning.born_again import checkpoint_dir, generation_config, main, run_generations
 from tests.conftest import CONFIGS, TINY
 
 CONFIG = CONFIGS / "mnist1d" / "born_again.yaml"
