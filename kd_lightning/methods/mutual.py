@@ -83,6 +83,10 @@ class MutualDistillation(DistillationModule):
     the training inputs are deterministic, the rules are evaluated once per training example at
     the start of training and read from that cache (``rule_cache``; a rule without parameters is
     assumed to be a deterministic function of ``x`` -- set ``rule_cache: false`` if it is not).
+    With learnable rules, the part of each rule that depends on ``x`` alone
+    (:meth:`~kd_lightning.rules.Rule.example_features`, e.g. the window norms of the MNIST-1D
+    template rule) is cached per training example instead, under the same conditions; the
+    values are the same as without the cache.
 
     **Network teacher (optional).** Hu et al. call ``q`` a joint teacher; a frozen network
     ``teacher`` (``teacher``/``teacher_checkpoint`` of the base class) can join it as in
@@ -213,6 +217,9 @@ class MutualDistillation(DistillationModule):
                 "(e.g. kd_lightning.rules.MNIST1DLearnableTemplateRule) or set learn_phi: false.",
                 UserWarning, stacklevel=2)
         self.rule_cache_store = PerExampleCache()  # [num_source_examples, L, K] rule values
+        #: per rule with example features (rule_feature_rules), [num_source_examples, ...]
+        self.rule_feature_store = PerExampleCache()
+        self.rule_feature_rules: list[int] = []
         self._last_pi = 0.0
         #: (global step, [lambda_l], pi) at every logged window, for the inspection figure
         self.weight_history: list[tuple[int, list[float], float]] = []
@@ -241,10 +248,13 @@ class MutualDistillation(DistillationModule):
                 self.rule_values(x)
 
     # ---- rules and teacher -----------------------------------------------------------------------
-    def rule_values(self, x: Tensor) -> Tensor:
-        """``[L, B, K]`` outputs of every rule (mask applied), float32, outside autocast."""
+    def rule_values(self, x: Tensor, features: list[Tensor | None] | None = None) -> Tensor:
+        """``[L, B, K]`` outputs of every rule (mask applied), float32, outside autocast;
+        ``features``: each rule's :meth:`~kd_lightning.rules.Rule.example_features` of ``x``, or
+        ``None`` (computed by the rule)."""
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return evaluate_rules(self.rules, x, self.num_classes, check=self.check_rules)
+            return evaluate_rules(self.rules, x, self.num_classes, check=self.check_rules,
+                                  features=features)
 
     def rule_teacher_log_probs(self, student_logits: Tensor, rule_values: Tensor) -> Tensor:
         """``log q`` of the rule teacher (Eq. 2) with the current weights, everything detached."""
@@ -285,14 +295,33 @@ class MutualDistillation(DistillationModule):
                and hasattr(ds, "get_batch"))
         if use:
             self.rule_cache_store.fill(ds, lambda x: [self.rule_values(x).transpose(0, 1)], self.device)
+            return
+        self.rule_feature_store.clear()
+        if (self.rule_cache is False or ds is None or len(ds) == 0 or not hasattr(ds, "get_batch")
+                or not bool(getattr(dm, "deterministic_train", False))):
+            return
+        with torch.no_grad(), torch.autocast(device_type=self.device.type, enabled=False):
+            probe = ds.get_batch(torch.arange(1))[0].to(self.device)
+            self.rule_feature_rules = [i for i, rule in enumerate(self.rules)
+                                       if isinstance(rule, Rule) and rule.example_features(probe) is not None]
+            if self.rule_feature_rules:
+                self.rule_feature_store.fill(
+                    ds, lambda x: [self.rules[i].example_features(x) for i in self.rule_feature_rules],
+                    self.device)
 
     def on_train_end(self) -> None:
         super().on_train_end()
         self.rule_cache_store.clear()
+        self.rule_feature_store.clear()
 
     def _train_rule_values(self, x: Tensor, idx: Tensor | None) -> Tensor:
-        if self.rule_cache_store.active and idx is not None:
+        if idx is not None and self.rule_cache_store.active:
             return self.rule_cache_store.lookup(idx)[0].transpose(0, 1).contiguous()
+        if idx is not None and self.rule_feature_store.active:
+            features: list[Tensor | None] = [None] * len(self.rules)
+            for i, f in zip(self.rule_feature_rules, self.rule_feature_store.lookup(idx)):
+                features[i] = f
+            return self.rule_values(x, features)
         return self.rule_values(x)
 
     # ---- optimisation ---------------------------------------------------------------------------

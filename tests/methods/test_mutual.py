@@ -174,6 +174,30 @@ def test_rule_cache_is_used_for_fixed_rules_only():
         assert seen["cache"] is cached
 
 
+def test_learnable_rules_cache_their_example_features_with_the_same_result():
+    """A learnable rule cannot be cached whole, but its x-only part (the window norms) can: the
+    feature cache is used for it, and the run is bit-identical to one that recomputes them."""
+    seen, states = {}, {}
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, trainer, module, *args):
+            seen[module.rule_cache] = (module.rule_cache_store.active, module.rule_feature_store.active)
+
+    for cache in (None, False):
+        pl.seed_everything(4)
+        model = MutualDistillation(rules=[MNIST1DLearnableTemplateRule(dilation_step=3, sharpness=50.0)],
+                                   student=MLP(), num_classes=10, rule_cache=cache)
+        _trainer(max_epochs=2, callbacks=[Spy()]).fit(
+            model, DistillDataModule("mnist1d", batch_size=50, train_subset=200))
+        states[cache] = {k: v.clone() for k, v in model.state_dict().items()}
+    assert seen == {None: (False, True), False: (False, False)}
+    assert not model.rule_feature_store.active  # released at the end of training
+    moved = states[None]["rules.0.templates"] != MNIST1DLearnableTemplateRule(dilation_step=3).templates
+    assert bool(moved.any())  # phi was learned
+    for key, value in states[None].items():
+        assert torch.equal(value, states[False][key]), key
+
+
 def test_network_teacher_joins_as_in_response_kd():
     pl.seed_everything(0)
     model = MutualDistillation(rules=[MNIST1DTemplateRule(dilation_step=3)], student=MLP(),
