@@ -24,6 +24,7 @@ from kd_lightning.losses import (
     rule_weight_loss,
 )
 from kd_lightning.losses.labels import mixed, target_classes
+from kd_lightning.losses.mutual import LAMBDA_OBJECTIVES
 from kd_lightning.methods.base import DistillationModule
 from kd_lightning.methods.checks import check_temperature, check_weights
 from kd_lightning.models.teacher import PerExampleCache
@@ -41,9 +42,10 @@ class MutualDistillation(DistillationModule):
     batch runs Algorithm 1 of Hu et al. (2016), with three optimisers stepped in its order:
 
     1. **Build the teacher** (line 5, "with Eq. (2) and Eq. (6)"): first the rule weights
-       ``lambda >= 0`` take one step on the negative log-likelihood of the true labels under
-       :math:`q_\lambda` (Eq. 6, :func:`~kd_lightning.losses.rule_weight_loss`), then the teacher
-       rule teacher is built with the updated weights (Eq. 2,
+       ``lambda >= 0`` take one step up the mean probability of the true labels under
+       :math:`q_\lambda` (Eq. 6, :func:`~kd_lightning.losses.rule_weight_loss`; or up their mean
+       log-likelihood with ``lambda_objective: mean_log_q``), then the rule teacher is built with
+       the updated weights (Eq. 2,
        :func:`~kd_lightning.losses.rule_regularized_teacher`):
        :math:`\log q = \log p_\theta + C \sum_l \lambda_l (r_l - 1) - \log Z`.
     2. **Update the student** (line 6, Eq. 3):
@@ -106,7 +108,8 @@ class MutualDistillation(DistillationModule):
       ``train/acc_q`` count the labelled rows.
 
     **Logged.** ``train/loss`` (student objective), ``train/loss_ce``, ``train/loss_q``
-    (softCE(q, p)), ``train/loss_kd`` (network teacher), ``train/loss_lambda`` (Eq. 6 NLL),
+    (softCE(q, p)), ``train/loss_kd`` (network teacher), ``train/loss_lambda`` (Eq. 6: minus the mean ``q(y)``, or
+    the NLL with ``mean_log_q``),
     ``train/loss_phi`` (Eq. 5, negated), ``train/acc`` and ``train/acc_q``; once per logging
     epoch ``train/lambda_<l>`` for each rule (in the order of ``rules``), ``train/pi`` and
     ``train/pi_prime``. Validation/test: ``val/acc`` / ``test/acc`` (student ``p``),
@@ -123,6 +126,11 @@ class MutualDistillation(DistillationModule):
             one entry per rule (default 1).
         learn_lambda: learn ``lambda`` with Eq. 6 (default true); false keeps the hand-set
             weights (ACL 2016 setting).
+        lambda_objective: what ``lambda`` maximises (:func:`~kd_lightning.losses.rule_weight_loss`):
+            ``"mean_q"`` (default, Eq. 6 as Hu et al. write it: the mean of ``q_lambda(y_n)``) or
+            ``"mean_log_q"`` (the mean log-likelihood ``log q_lambda(y_n)``: the maximum-likelihood
+            fit, which a few examples the rules contradict hold down; the same maximiser per
+            example, not for the average).
         lambda_lr: Adam learning rate of ``lambda`` (default 0.01).
         learn_phi: learn the rules' parameters with Eq. 5 (default true); false freezes them
             (fixed knowledge, ACL 2016 setting).
@@ -151,7 +159,8 @@ class MutualDistillation(DistillationModule):
     optimizes_itself = True
 
     def __init__(self, rules: list[Rule], C: float = 6.0, lambdas: float | list[float] = 1.0,
-                 learn_lambda: bool = True, lambda_lr: float = 0.01, learn_phi: bool = True,
+                 learn_lambda: bool = True, lambda_objective: str = "mean_q",
+                 lambda_lr: float = 0.01, learn_phi: bool = True,
                  phi_lr: float = 1e-3, pi_0: float = 0.9, pi_rate: float = 0.95,
                  pi_prime: float = 0.5, phi_objective: str = "r", ce_weight: float = 0.1,
                  kd_weight: float = 0.9, temperature: float = 4.0, check_rules: bool = True,
@@ -182,6 +191,10 @@ class MutualDistillation(DistillationModule):
         if any(not (w >= 0 and math.isfinite(w)) for w in weights):
             raise KDConfigError(f"MutualDistillation: every lambda must be a finite number >= 0, "
                                 f"got {weights}.")
+        if lambda_objective not in LAMBDA_OBJECTIVES:
+            raise KDConfigError(f"MutualDistillation: lambda_objective must be 'mean_q' (Eq. 6 of Hu "
+                                f"et al. 2016: the mean of q(y)) or 'mean_log_q' (the mean "
+                                f"log-likelihood), got {lambda_objective!r}.")
         if phi_objective not in ("r", "log_r"):
             raise KDConfigError(f"MutualDistillation: phi_objective must be 'r' or 'log_r', "
                                 f"got {phi_objective!r}.")
@@ -197,6 +210,7 @@ class MutualDistillation(DistillationModule):
         self.rule_weights = nn.Parameter(torch.tensor(weights, dtype=torch.float32),
                                          requires_grad=learn_lambda)
         self.C, self.learn_lambda, self.lambda_lr = float(C), learn_lambda, lambda_lr
+        self.lambda_objective = lambda_objective
         self.learn_phi, self.phi_lr, self.phi_objective = learn_phi, phi_lr, phi_objective
         self.pi_0, self.pi_rate, self.pi_prime = pi_0, pi_rate, pi_prime
         self.ce_weight, self.kd_weight, self.temperature = ce_weight, kd_weight, temperature
@@ -359,7 +373,8 @@ class MutualDistillation(DistillationModule):
 
         # Algorithm 1, line 5: the teacher, with the rule weights of Eq. (6) ...
         if "lambda" in opts:
-            loss_lambda = rule_weight_loss(logits.detach(), r.detach(), self.rule_weights, y, self.C)
+            loss_lambda = rule_weight_loss(logits.detach(), r.detach(), self.rule_weights, y, self.C,
+                                           self.lambda_objective)
             self.optimizer_step_manually(opts["lambda"], loss_lambda, counted=False)
             with torch.no_grad():
                 self.rule_weights.clamp_(min=0.0)  # projection onto lambda >= 0
