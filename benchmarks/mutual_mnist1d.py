@@ -85,7 +85,14 @@ def main() -> None:
     ap.add_argument("--full-epochs", type=int, default=150)
     ap.add_argument("--subset-steps", type=int, default=1500)
     ap.add_argument("--out", default="runs/bench_mutual")
+    ap.add_argument("--lambda-objective", choices=["mean_q", "mean_log_q"], default=None,
+                    help="Eq. 6 form of the MutualDistillation runs (default: the method's, mean_q)")
     args = ap.parse_args()
+    if args.lambda_objective:
+        for variant in CONFIGS:
+            if variant != "student":
+                EXTRA[variant] = EXTRA.get(variant, []) + ["--model.init_args.lambda_objective",
+                                                           args.lambda_objective]
     out = Path(args.out).resolve()
     env = {**os.environ, "PYTHONWARNINGS": "ignore",
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}

@@ -13,7 +13,7 @@ Unlabelled examples (``targets == -1``, :data:`~kd_lightning.losses.UNLABELLED`)
 label, so every term built from ``q`` alone uses them; every term built from the label ``y``
 averages over the labelled rows only (and is 0 on a batch without one). Per function: the student's
 cross-entropy skips them and its soft term ``l(q, p)`` uses them (:func:`mutual_student_loss`); the
-rule-weight likelihood is of the labels, so it skips them (:func:`rule_weight_loss`); the
+rule-weight objective is about the labels, so it skips them (:func:`rule_weight_loss`); the
 knowledge objective's label part skips them and its ``E_q[h]`` part uses them
 (:func:`knowledge_loss`).
 """
@@ -25,7 +25,7 @@ import math
 import torch.nn.functional as F
 from torch import Tensor
 
-from kd_lightning.losses.labels import labelled_cross_entropy, labelled_mean, labelled_nll
+from kd_lightning.losses.labels import labelled_cross_entropy, labelled_mean, labelled_nll, mixed
 from kd_lightning.losses.response import soft_cross_entropy
 
 
@@ -95,26 +95,53 @@ def mutual_student_loss(student_logits: Tensor, targets: Tensor, teacher_probs: 
     return (1.0 - pi) * first + pi * soft, ce, soft
 
 
+#: the objectives of the rule weights :func:`rule_weight_loss` offers
+LAMBDA_OBJECTIVES = ("mean_q", "mean_log_q")
+
+
 def rule_weight_loss(student_logits: Tensor, rule_values: Tensor, rule_weights: Tensor,
-                     targets: Tensor, C: float) -> Tensor:
-    r"""Rule-weight objective (Hu et al., EMNLP 2016, Eq. 6), a loss over ``lambda``:
+                     targets: Tensor, C: float, objective: str = "mean_q") -> Tensor:
+    r"""Rule-weight objective (Hu, Yang, Salakhutdinov & Xing, "Deep Neural Networks with Massive
+    Learned Knowledge", EMNLP 2016, Eq. 6), a loss over ``lambda``.
+
+    ``objective="mean_q"`` (default; Eq. 6 as the paper writes it: ``lambda`` maximises the mean
+    probability the teacher gives the true labels):
 
     .. math::
-        L(\lambda) = -\frac{1}{N} \sum_n \log q_\lambda(y_n | x_n), \qquad \lambda \ge 0
+        L(\lambda) = -\frac{1}{N} \sum_n q_\lambda(y_n | x_n), \qquad
+        \frac{\partial L}{\partial \lambda_l} = -\frac{C}{N} \sum_n q_\lambda(y_n | x_n)
+        \big(r_l(x_n, y_n) - \mathbb{E}_{q_\lambda}[r_l(x_n, \cdot)]\big)
 
-    the negative log-likelihood of the true labels under the teacher built with weights
-    ``lambda`` (the paper maximises the likelihood ``q_lambda(y_n)``; its logarithm has the same
-    maximiser per example and is the numerically stable form). ``p`` and ``r`` are treated as
-    constants, so only ``lambda`` receives a gradient:
-    ``dL/dlambda_l = -C mean_n (r_l(x_n, y_n) - E_q[r_l(x_n, .)])`` -- a rule that favours the
-    true label more than the teacher does on average gets more weight. Keeping ``lambda >= 0``
-    is the optimiser's job (see :class:`~kd_lightning.methods.MutualDistillation`). The sum runs
-    over the labelled rows (``targets != -1``) only: it is the likelihood of the labels; 0 on a
-    batch without a labelled row.
+    ``objective="mean_log_q"``: the mean negative log-likelihood of the labels instead,
+
+    .. math::
+        L(\lambda) = -\frac{1}{N} \sum_n \log q_\lambda(y_n | x_n), \qquad
+        \frac{\partial L}{\partial \lambda_l} = -\frac{C}{N} \sum_n
+        \big(r_l(x_n, y_n) - \mathbb{E}_{q_\lambda}[r_l(x_n, \cdot)]\big)
+
+    The two have the same maximiser for a single example but not for the average: the mean of
+    ``q`` is bounded, so an example the rules get wrong can cost at most its ``q(y_n)``, and the
+    weights follow the examples the rules get right (each example's gradient is weighted by its
+    ``q(y_n)``); the log-likelihood is unbounded below, so a few examples the rules contradict
+    with confidence hold ``lambda`` down. ``mean_log_q`` is the form of a maximum-likelihood fit
+    of ``lambda`` (a proper scoring rule, the calibrated choice when the teacher's probabilities
+    themselves matter); ``mean_q`` is the paper's.
+
+    ``q_lambda`` is the teacher of :func:`rule_regularized_teacher` built with weights
+    ``lambda``; ``p`` and ``r`` are treated as constants, so only ``lambda`` receives a gradient.
+    Keeping ``lambda >= 0`` is the optimiser's job (see
+    :class:`~kd_lightning.methods.MutualDistillation`). The sum runs over the labelled rows
+    (``targets != -1``) only: it is about the labels; 0 on a batch without a labelled row.
+    Computed in float32.
     """
+    if objective not in LAMBDA_OBJECTIVES:
+        raise ValueError(f"objective must be one of {LAMBDA_OBJECTIVES}, got {objective!r}")
     log_q = rule_regularized_teacher(student_logits.detach(), _as_rule_stack(rule_values).detach(),
                                      rule_weights, C)
-    return labelled_nll(log_q, targets)
+    if objective == "mean_log_q":
+        return labelled_nll(log_q, targets)
+    return mixed(lambda t: -labelled_mean(log_q.gather(-1, t.clamp_min(0)[:, None])[:, 0].exp(), t),
+                 targets)
 
 
 def knowledge_loss(rule_values: Tensor, targets: Tensor, teacher_probs: Tensor, pi_prime: float,
@@ -158,4 +185,4 @@ def imitation_weight(t: float, pi_0: float, alpha: float) -> float:
 
 
 __all__ = ["rule_regularized_teacher", "mutual_student_loss", "rule_weight_loss", "knowledge_loss",
-           "imitation_weight"]
+           "imitation_weight", "LAMBDA_OBJECTIVES"]

@@ -24,6 +24,7 @@ from kd_lightning.losses import (
     rule_weight_loss,
 )
 from kd_lightning.losses.labels import mixed, target_classes
+from kd_lightning.losses.mutual import LAMBDA_OBJECTIVES
 from kd_lightning.methods.base import DistillationModule
 from kd_lightning.methods.checks import check_temperature, check_weights
 from kd_lightning.models.teacher import PerExampleCache
@@ -41,9 +42,10 @@ class MutualDistillation(DistillationModule):
     batch runs Algorithm 1 of Hu et al. (2016), with three optimisers stepped in its order:
 
     1. **Build the teacher** (line 5, "with Eq. (2) and Eq. (6)"): first the rule weights
-       ``lambda >= 0`` take one step on the negative log-likelihood of the true labels under
-       :math:`q_\lambda` (Eq. 6, :func:`~kd_lightning.losses.rule_weight_loss`), then the teacher
-       rule teacher is built with the updated weights (Eq. 2,
+       ``lambda >= 0`` take one step up the mean probability of the true labels under
+       :math:`q_\lambda` (Eq. 6, :func:`~kd_lightning.losses.rule_weight_loss`; or up their mean
+       log-likelihood with ``lambda_objective: mean_log_q``), then the rule teacher is built with
+       the updated weights (Eq. 2,
        :func:`~kd_lightning.losses.rule_regularized_teacher`):
        :math:`\log q = \log p_\theta + C \sum_l \lambda_l (r_l - 1) - \log Z`.
     2. **Update the student** (line 6, Eq. 3):
@@ -83,6 +85,10 @@ class MutualDistillation(DistillationModule):
     the training inputs are deterministic, the rules are evaluated once per training example at
     the start of training and read from that cache (``rule_cache``; a rule without parameters is
     assumed to be a deterministic function of ``x`` -- set ``rule_cache: false`` if it is not).
+    With learnable rules, the part of each rule that depends on ``x`` alone
+    (:meth:`~kd_lightning.rules.Rule.example_features`, e.g. the window norms of the MNIST-1D
+    template rule) is cached per training example instead, under the same conditions; the
+    values are the same as without the cache.
 
     **Network teacher (optional).** Hu et al. call ``q`` a joint teacher; a frozen network
     ``teacher`` (``teacher``/``teacher_checkpoint`` of the base class) can join it as in
@@ -102,7 +108,8 @@ class MutualDistillation(DistillationModule):
       ``train/acc_q`` count the labelled rows.
 
     **Logged.** ``train/loss`` (student objective), ``train/loss_ce``, ``train/loss_q``
-    (softCE(q, p)), ``train/loss_kd`` (network teacher), ``train/loss_lambda`` (Eq. 6 NLL),
+    (softCE(q, p)), ``train/loss_kd`` (network teacher), ``train/loss_lambda`` (Eq. 6: minus the mean ``q(y)``, or
+    the NLL with ``mean_log_q``),
     ``train/loss_phi`` (Eq. 5, negated), ``train/acc`` and ``train/acc_q``; once per logging
     epoch ``train/lambda_<l>`` for each rule (in the order of ``rules``), ``train/pi`` and
     ``train/pi_prime``. Validation/test: ``val/acc`` / ``test/acc`` (student ``p``),
@@ -119,6 +126,11 @@ class MutualDistillation(DistillationModule):
             one entry per rule (default 1).
         learn_lambda: learn ``lambda`` with Eq. 6 (default true); false keeps the hand-set
             weights (ACL 2016 setting).
+        lambda_objective: what ``lambda`` maximises (:func:`~kd_lightning.losses.rule_weight_loss`):
+            ``"mean_q"`` (default, Eq. 6 as Hu et al. write it: the mean of ``q_lambda(y_n)``) or
+            ``"mean_log_q"`` (the mean log-likelihood ``log q_lambda(y_n)``: the maximum-likelihood
+            fit, which a few examples the rules contradict hold down; the same maximiser per
+            example, not for the average).
         lambda_lr: Adam learning rate of ``lambda`` (default 0.01).
         learn_phi: learn the rules' parameters with Eq. 5 (default true); false freezes them
             (fixed knowledge, ACL 2016 setting).
@@ -147,7 +159,8 @@ class MutualDistillation(DistillationModule):
     optimizes_itself = True
 
     def __init__(self, rules: list[Rule], C: float = 6.0, lambdas: float | list[float] = 1.0,
-                 learn_lambda: bool = True, lambda_lr: float = 0.01, learn_phi: bool = True,
+                 learn_lambda: bool = True, lambda_objective: str = "mean_q",
+                 lambda_lr: float = 0.01, learn_phi: bool = True,
                  phi_lr: float = 1e-3, pi_0: float = 0.9, pi_rate: float = 0.95,
                  pi_prime: float = 0.5, phi_objective: str = "r", ce_weight: float = 0.1,
                  kd_weight: float = 0.9, temperature: float = 4.0, check_rules: bool = True,
@@ -178,6 +191,10 @@ class MutualDistillation(DistillationModule):
         if any(not (w >= 0 and math.isfinite(w)) for w in weights):
             raise KDConfigError(f"MutualDistillation: every lambda must be a finite number >= 0, "
                                 f"got {weights}.")
+        if lambda_objective not in LAMBDA_OBJECTIVES:
+            raise KDConfigError(f"MutualDistillation: lambda_objective must be 'mean_q' (Eq. 6 of Hu "
+                                f"et al. 2016: the mean of q(y)) or 'mean_log_q' (the mean "
+                                f"log-likelihood), got {lambda_objective!r}.")
         if phi_objective not in ("r", "log_r"):
             raise KDConfigError(f"MutualDistillation: phi_objective must be 'r' or 'log_r', "
                                 f"got {phi_objective!r}.")
@@ -193,6 +210,7 @@ class MutualDistillation(DistillationModule):
         self.rule_weights = nn.Parameter(torch.tensor(weights, dtype=torch.float32),
                                          requires_grad=learn_lambda)
         self.C, self.learn_lambda, self.lambda_lr = float(C), learn_lambda, lambda_lr
+        self.lambda_objective = lambda_objective
         self.learn_phi, self.phi_lr, self.phi_objective = learn_phi, phi_lr, phi_objective
         self.pi_0, self.pi_rate, self.pi_prime = pi_0, pi_rate, pi_prime
         self.ce_weight, self.kd_weight, self.temperature = ce_weight, kd_weight, temperature
@@ -213,6 +231,9 @@ class MutualDistillation(DistillationModule):
                 "(e.g. kd_lightning.rules.MNIST1DLearnableTemplateRule) or set learn_phi: false.",
                 UserWarning, stacklevel=2)
         self.rule_cache_store = PerExampleCache()  # [num_source_examples, L, K] rule values
+        #: per rule with example features (rule_feature_rules), [num_source_examples, ...]
+        self.rule_feature_store = PerExampleCache()
+        self.rule_feature_rules: list[int] = []
         self._last_pi = 0.0
         #: (global step, [lambda_l], pi) at every logged window, for the inspection figure
         self.weight_history: list[tuple[int, list[float], float]] = []
@@ -241,10 +262,13 @@ class MutualDistillation(DistillationModule):
                 self.rule_values(x)
 
     # ---- rules and teacher -----------------------------------------------------------------------
-    def rule_values(self, x: Tensor) -> Tensor:
-        """``[L, B, K]`` outputs of every rule (mask applied), float32, outside autocast."""
+    def rule_values(self, x: Tensor, features: list[Tensor | None] | None = None) -> Tensor:
+        """``[L, B, K]`` outputs of every rule (mask applied), float32, outside autocast;
+        ``features``: each rule's :meth:`~kd_lightning.rules.Rule.example_features` of ``x``, or
+        ``None`` (computed by the rule)."""
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return evaluate_rules(self.rules, x, self.num_classes, check=self.check_rules)
+            return evaluate_rules(self.rules, x, self.num_classes, check=self.check_rules,
+                                  features=features)
 
     def rule_teacher_log_probs(self, student_logits: Tensor, rule_values: Tensor) -> Tensor:
         """``log q`` of the rule teacher (Eq. 2) with the current weights, everything detached."""
@@ -285,14 +309,33 @@ class MutualDistillation(DistillationModule):
                and hasattr(ds, "get_batch"))
         if use:
             self.rule_cache_store.fill(ds, lambda x: [self.rule_values(x).transpose(0, 1)], self.device)
+            return
+        self.rule_feature_store.clear()
+        if (self.rule_cache is False or ds is None or len(ds) == 0 or not hasattr(ds, "get_batch")
+                or not bool(getattr(dm, "deterministic_train", False))):
+            return
+        with torch.no_grad(), torch.autocast(device_type=self.device.type, enabled=False):
+            probe = ds.get_batch(torch.arange(1))[0].to(self.device)
+            self.rule_feature_rules = [i for i, rule in enumerate(self.rules)
+                                       if isinstance(rule, Rule) and rule.example_features(probe) is not None]
+            if self.rule_feature_rules:
+                self.rule_feature_store.fill(
+                    ds, lambda x: [self.rules[i].example_features(x) for i in self.rule_feature_rules],
+                    self.device)
 
     def on_train_end(self) -> None:
         super().on_train_end()
         self.rule_cache_store.clear()
+        self.rule_feature_store.clear()
 
     def _train_rule_values(self, x: Tensor, idx: Tensor | None) -> Tensor:
-        if self.rule_cache_store.active and idx is not None:
+        if idx is not None and self.rule_cache_store.active:
             return self.rule_cache_store.lookup(idx)[0].transpose(0, 1).contiguous()
+        if idx is not None and self.rule_feature_store.active:
+            features: list[Tensor | None] = [None] * len(self.rules)
+            for i, f in zip(self.rule_feature_rules, self.rule_feature_store.lookup(idx)):
+                features[i] = f
+            return self.rule_values(x, features)
         return self.rule_values(x)
 
     # ---- optimisation ---------------------------------------------------------------------------
@@ -330,7 +373,8 @@ class MutualDistillation(DistillationModule):
 
         # Algorithm 1, line 5: the teacher, with the rule weights of Eq. (6) ...
         if "lambda" in opts:
-            loss_lambda = rule_weight_loss(logits.detach(), r.detach(), self.rule_weights, y, self.C)
+            loss_lambda = rule_weight_loss(logits.detach(), r.detach(), self.rule_weights, y, self.C,
+                                           self.lambda_objective)
             self.optimizer_step_manually(opts["lambda"], loss_lambda, counted=False)
             with torch.no_grad():
                 self.rule_weights.clamp_(min=0.0)  # projection onto lambda >= 0

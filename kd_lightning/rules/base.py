@@ -14,6 +14,12 @@ A rule may also say where it applies: ``forward`` then returns ``(r, mask)`` wit
 boolean tensor of shape ``[batch]`` (or ``[batch, num_classes]``). Where the mask is false the
 rule makes no claim, which is ``r = 1`` for every class (``f = 0``): it leaves the teacher, the
 rule weight's gradient and the rule's own update untouched there.
+
+A rule may also split off what it computes from ``x`` alone, independent of its parameters
+``phi`` (:meth:`Rule.example_features`): such features never change during training, so
+:class:`~kd_lightning.methods.MutualDistillation` computes them once per training example and
+passes them back (``forward(x, features=...)``), which spares a learnable rule that part of its
+work on every step.
 """
 
 from __future__ import annotations
@@ -51,6 +57,14 @@ class Rule(nn.Module):
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor | None]:  # pragma: no cover
         raise NotImplementedError
 
+    def example_features(self, x: Tensor) -> Tensor | None:
+        """What the rule computes from ``x`` alone, independent of its parameters: a tensor of
+        shape ``[B, ...]`` that :meth:`forward` accepts back as ``forward(x, features=...)`` with
+        the same result, or ``None`` (default: nothing to precompute). A rule that returns features
+        must compute them the same way with and without them, so a cached run and an uncached run
+        give the same values."""
+        return None
+
     def fit_to_labelled(self, x: Tensor, y: Tensor) -> None:
         """Set the rule's constants from the run's labelled training examples (called once by
         :class:`~kd_lightning.methods.MutualDistillation` at the start of training, so a
@@ -69,16 +83,17 @@ def rule_label(rule: nn.Module, index: int) -> str:
 
 
 def evaluate_rule(rule: nn.Module, x: Tensor, num_classes: int, index: int = 0,
-                  check: bool = True) -> Tensor:
+                  check: bool = True, features: Tensor | None = None) -> Tensor:
     """``r`` of one rule on a batch, ``[B, K]`` in [0, 1], with its mask applied (``r = 1``
     where the rule does not apply).
 
     With ``check`` the shape is verified and the values must lie in [0, 1] (up to
     :data:`RANGE_TOLERANCE`, then clamped) and be finite; otherwise :class:`RuleOutputError`
     names the rule and the shape it returned. The value check reads one boolean back from the
-    device.
+    device. ``features``: the rule's :meth:`Rule.example_features` of ``x``, passed on to it
+    (computed by the rule when ``None``).
     """
-    out = rule(x)
+    out = rule(x) if features is None else rule(x, features=features)
     mask = None
     if isinstance(out, (tuple, list)):
         if len(out) != 2:
@@ -122,9 +137,12 @@ def evaluate_rule(rule: nn.Module, x: Tensor, num_classes: int, index: int = 0,
 
 
 def evaluate_rules(rules: Sequence[nn.Module], x: Tensor, num_classes: int,
-                   check: bool = True) -> Tensor:
-    """All rules on a batch, stacked: ``[L, B, K]`` (see :func:`evaluate_rule`)."""
-    return torch.stack([evaluate_rule(rule, x, num_classes, i, check) for i, rule in enumerate(rules)])
+                   check: bool = True, features: Sequence[Tensor | None] | None = None) -> Tensor:
+    """All rules on a batch, stacked: ``[L, B, K]`` (see :func:`evaluate_rule`); ``features``,
+    when given, has one entry per rule (``None`` where the rule computes its own)."""
+    features = features if features is not None else [None] * len(rules)
+    return torch.stack([evaluate_rule(rule, x, num_classes, i, check, f)
+                        for i, (rule, f) in enumerate(zip(rules, features))])
 
 
 __all__ = ["Rule", "RuleOutputError", "evaluate_rule", "evaluate_rules", "rule_label"]

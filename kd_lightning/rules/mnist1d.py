@@ -107,6 +107,30 @@ def template_placements(dilation_step: int = 1, shift_step: int = 1) -> tuple[Te
     return maps_t, windows_t
 
 
+class _AmaxLast(torch.autograd.Function):
+    """``t.amax(-1)`` with the gradient of ``torch.amax`` (split evenly among tied maxima), its
+    backward one pass over ``t`` (a mask and a select) instead of ``amax``'s four (the mask, its
+    count, a float copy of it and a product). Only the sign of the zeros it writes can differ from
+    ``amax``'s (``+0`` where ``amax`` writes ``grad * 0``)."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor) -> Tensor:
+        values = t.amax(-1)
+        ctx.save_for_backward(t, values)
+        return values
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        t, values = ctx.saved_tensors
+        mask = t == values.unsqueeze(-1)
+        count = mask.sum(-1, keepdim=True)
+        return torch.where(mask, grad.unsqueeze(-1) / count, 0.0)
+
+
+def _amax_last(t: Tensor) -> Tensor:
+    return _AmaxLast.apply(t) if t.requires_grad else t.amax(-1)
+
+
 class MNIST1DTemplateRule(Rule):
     r"""Fixed template-matching knowledge for MNIST-1D (see the module docstring for the formula).
 
@@ -191,28 +215,37 @@ class MNIST1DTemplateRule(Rule):
             g = g - (g * e).sum(-1, keepdim=True) * e
         return g / g.norm(dim=-1, keepdim=True).clamp_min(1e-8)
 
-    def scores(self, x: Tensor) -> Tensor:
-        """``s_c(x)``: ``[B, K]`` best detrended normalised cross-correlation per class, in [-1, 1]."""
+    def example_features(self, x: Tensor) -> Tensor:
+        """``||P_n x||``, ``[B, N]``: the norm of the signal in every placement's window after
+        detrending, the denominator of the correlation. It depends on ``x`` alone (not on the
+        templates or ``beta``), so it can be computed once per training example."""
         b = x.shape[0]
         if x[0].numel() != self.signal_len or (x.dim() == 3 and x.shape[1] != 1) or x.dim() > 3:
             raise KDConfigError(
                 f"{self.rule_name} expects MNIST-1D signals of length {self.signal_len} ([batch, 1, "
                 f"{self.signal_len}] or [batch, {self.signal_len}]), got input of shape "
                 f"{tuple(x.shape)}.")
-        x = x.reshape(b, -1)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            x = x.float()
-            g = self.placed_templates()  # [K, N, L]
-            k, n, length = g.shape
-            num = (x @ g.reshape(k * n, length).T).view(b, k, n)
+            x = x.reshape(b, -1).float()
             energy = (x * x) @ self.windows.T  # [B, N]
             e1, e2 = self.trend_basis
             resid = energy - (x @ e1.T) ** 2 - (x @ e2.T) ** 2  # ||P_n x||^2
-            ncc = num / resid.clamp_min(1e-6).sqrt()[:, None, :]
-            return ncc.amax(-1)
+            return resid.clamp_min(1e-6).sqrt()
 
-    def forward(self, x: Tensor) -> Tensor:
-        s = self.scores(x)
+    def scores(self, x: Tensor, features: Tensor | None = None) -> Tensor:
+        """``s_c(x)``: ``[B, K]`` best detrended normalised cross-correlation per class, in [-1, 1].
+        ``features``: :meth:`example_features` of ``x`` (computed here when ``None``)."""
+        norm = self.example_features(x) if features is None else features
+        b = x.shape[0]
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.reshape(b, -1).float()
+            g = self.placed_templates()  # [K, N, L]
+            k, n, length = g.shape
+            num = (x @ g.reshape(k * n, length).T).view(b, k, n)
+            return _amax_last(num / norm[:, None, :])
+
+    def forward(self, x: Tensor, features: Tensor | None = None) -> Tensor:
+        s = self.scores(x, features)
         return F.softmax(self.sharpness * s, dim=-1)
 
     @torch.no_grad()

@@ -69,18 +69,81 @@ def test_student_loss_mixes_labels_and_teacher():
 
 
 def test_rule_weight_gradient_is_the_rule_expectation_gap():
-    """dL/dlambda_l = -C mean_n (r_l(x_n, y_n) - E_q[r_l(x_n, .)]) for the NLL of Eq. 6."""
+    """dL/dlambda_l = -C mean_n (r_l(x_n, y_n) - E_q[r_l(x_n, .)]) for the NLL form of Eq. 6."""
     torch.manual_seed(1)
     logits, y, r = torch.randn(10, K), torch.randint(0, K, (10,)), torch.rand(2, 10, K)
     lam = torch.tensor([0.5, 1.5], requires_grad=True)
     C = 3.0
-    loss = rule_weight_loss(logits, r, lam, y, C)
+    loss = rule_weight_loss(logits, r, lam, y, C, objective="mean_log_q")
     loss.backward()
     q = rule_regularized_teacher(logits, r, lam.detach(), C).exp()
     r_true = r[:, torch.arange(10), y]
     expected = -C * (r_true - (q[None] * r).sum(-1)).mean(-1)
     assert torch.allclose(lam.grad, expected, atol=1e-5)
     assert torch.allclose(loss, F.nll_loss(q.log(), y), atol=1e-5)
+
+
+def _mean_q_by_hand(logits, r, lam, y, C):
+    """Eq. 6 of Hu et al. (EMNLP 2016) in float64 with explicit loops: the mean over the labelled
+    examples of q_lambda(y_n | x_n), q ∝ p exp(C sum_l lambda_l (r_l - 1)), and its gradient
+    C mean_n q(y_n) (r_l(y_n) - sum_y q(y) r_l(y))."""
+    total, grad, n = 0.0, [0.0] * len(lam), 0
+    for i, label in enumerate(y):
+        if label < 0:
+            continue
+        n += 1
+        z = [math.exp(logits[i][k] + C * sum(lam[l] * (r[l][i][k] - 1) for l in range(len(lam))))
+             for k in range(len(logits[i]))]
+        q = [v / sum(z) for v in z]
+        total += q[label]
+        for l in range(len(lam)):
+            expected_r = sum(q[k] * r[l][i][k] for k in range(len(q)))
+            grad[l] += C * q[label] * (r[l][i][label] - expected_r)
+    return total / n, [g / n for g in grad]
+
+
+def test_rule_weights_maximise_the_mean_of_q_by_default_against_hand_computed_values():
+    logits = [[0.2, -1.0, 0.5], [1.5, 0.0, -0.5], [-0.3, 0.3, 0.9], [0.0, 2.0, 0.0]]
+    r = [[[1.0, 0.0, 0.5], [0.2, 0.9, 0.1], [0.0, 0.0, 1.0], [1.0, 1.0, 1.0]],
+         [[0.3, 0.6, 0.0], [1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.0, 1.0, 0.2]]]
+    lam, y, C = [0.7, 1.8], [2, 0, -1, 1], 2.5  # the third example is unlabelled: left out
+    expected, expected_grad = _mean_q_by_hand(logits, r, lam, y, C)
+    lam_t = torch.tensor(lam, requires_grad=True)
+    loss = rule_weight_loss(torch.tensor(logits), torch.tensor(r), lam_t, torch.tensor(y), C)
+    loss.backward()
+    assert loss.dtype == torch.float32
+    assert float(loss.detach()) == pytest.approx(-expected, rel=1e-6)
+    assert lam_t.grad.tolist() == pytest.approx([-g for g in expected_grad], rel=1e-5, abs=1e-7)
+    explicit = rule_weight_loss(torch.tensor(logits), torch.tensor(r), lam_t, torch.tensor(y), C,
+                                objective="mean_q")
+    assert float(explicit.detach()) == float(loss.detach())
+    with pytest.raises(ValueError, match="objective must be one of"):
+        rule_weight_loss(torch.tensor(logits), torch.tensor(r), lam_t, torch.tensor(y), C, "q")
+
+
+def test_mean_q_and_mean_log_q_choose_different_rule_weights():
+    """p uniform over two classes, one rule saying class 0, right on 3 of 4 examples; with
+    s = C lambda, q(y_n) = sigmoid(s) where the rule is right, sigmoid(-s) where it is wrong.
+    The mean of q, 3/4 sigmoid(s) + 1/4 sigmoid(-s), grows with s: Eq. 6 as written takes the
+    largest lambda on the grid. The mean log q peaks at sigmoid(s) = 3/4, s = log 3."""
+    logits = torch.zeros(4, 2)
+    r = torch.tensor([[1.0, 0.0]]).expand(4, 2)[None]
+    y = torch.tensor([0, 0, 0, 1])
+    grid = [i / 100 for i in range(501)]  # lambda in [0, 5], C = 1
+    chosen = {}
+    for objective in ("mean_q", "mean_log_q"):
+        losses = [float(rule_weight_loss(logits, r, torch.tensor([lam]), y, 1.0, objective))
+                  for lam in grid]
+        chosen[objective] = grid[min(range(len(grid)), key=losses.__getitem__)]
+    assert chosen["mean_q"] == 5.0
+    assert chosen["mean_log_q"] == pytest.approx(math.log(3), abs=0.006)
+    # and the gradients at lambda = 2 point in opposite directions
+    grads = {}
+    for objective in ("mean_q", "mean_log_q"):
+        lam = torch.tensor([2.0], requires_grad=True)
+        rule_weight_loss(logits, r, lam, y, 1.0, objective).backward()
+        grads[objective] = float(lam.grad)
+    assert grads["mean_q"] < 0 < grads["mean_log_q"]
 
 
 def test_knowledge_objective_mixes_true_labels_and_teacher():

@@ -90,6 +90,26 @@ def test_lambda_falls_to_zero_for_a_wrong_rule():
     assert float(model.rule_weights) >= 0.0
 
 
+def test_lambda_follows_eq6_as_written_by_default_and_the_log_form_on_request():
+    """A rule right on 3 of 4 examples (the code is shifted on every 4th): the mean of q(y)
+    (Eq. 6 as Hu et al. write it, the default) keeps raising lambda, while the mean log q(y),
+    which the contradicted examples hold down, settles far lower."""
+    pl.seed_everything(0)
+    x, y = synthetic(600)
+    x[3::4, -1] = ((y[3::4] + 1) % K).float()
+    final = {}
+    for objective in (None, "mean_log_q"):
+        pl.seed_everything(0)
+        kw = {} if objective is None else {"lambda_objective": objective}
+        model = MutualDistillation(rules=[CodeRule()], student=BlindStudent(), num_classes=K,
+                                   lambdas=0.5, lambda_lr=0.05, C=2.0,
+                                   optimizer=lambda p: torch.optim.Adam(p, lr=0.05), **kw)
+        assert model.lambda_objective == (objective or "mean_q")
+        _trainer(max_epochs=6).fit(model, _loader(x, y))
+        final[objective] = float(model.rule_weights)
+    assert final[None] > 1.8 and final["mean_log_q"] < 1.2, final  # measured: 2.29 and 0.92
+
+
 def test_hand_set_lambda_stays_and_student_learns_the_rule_through_q():
     right = _fit_synthetic(CodeRule(shift=0), learn_lambda=False)
     assert float(right.rule_weights) == 0.5
@@ -138,6 +158,7 @@ def test_no_phi_optimizer_for_fixed_rules_and_warnings():
     (dict(lambdas=-1.0), "every lambda must be a finite number >= 0"),
     (dict(rules=[]), "needs at least one rule"),
     (dict(phi_objective="f"), "phi_objective must be"),
+    (dict(lambda_objective="nll"), "lambda_objective must be 'mean_q'"),
 ])
 def test_bad_arguments_are_reported(kwargs, message):
     args = dict(rules=[CodeRule()], student=BlindStudent(), num_classes=K, learn_phi=False)
@@ -172,6 +193,30 @@ def test_rule_cache_is_used_for_fixed_rules_only():
         model = MutualDistillation(rules=[rule], student=MLP(), num_classes=10)
         _trainer(max_steps=1, callbacks=[Spy()]).fit(model, DistillDataModule("mnist1d", train_subset=100))
         assert seen["cache"] is cached
+
+
+def test_learnable_rules_cache_their_example_features_with_the_same_result():
+    """A learnable rule cannot be cached whole, but its x-only part (the window norms) can: the
+    feature cache is used for it, and the run is bit-identical to one that recomputes them."""
+    seen, states = {}, {}
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, trainer, module, *args):
+            seen[module.rule_cache] = (module.rule_cache_store.active, module.rule_feature_store.active)
+
+    for cache in (None, False):
+        pl.seed_everything(4)
+        model = MutualDistillation(rules=[MNIST1DLearnableTemplateRule(dilation_step=3, sharpness=50.0)],
+                                   student=MLP(), num_classes=10, rule_cache=cache)
+        _trainer(max_epochs=2, callbacks=[Spy()]).fit(
+            model, DistillDataModule("mnist1d", batch_size=50, train_subset=200))
+        states[cache] = {k: v.clone() for k, v in model.state_dict().items()}
+    assert seen == {None: (False, True), False: (False, False)}
+    assert not model.rule_feature_store.active  # released at the end of training
+    moved = states[None]["rules.0.templates"] != MNIST1DLearnableTemplateRule(dilation_step=3).templates
+    assert bool(moved.any())  # phi was learned
+    for key, value in states[None].items():
+        assert torch.equal(value, states[False][key]), key
 
 
 def test_network_teacher_joins_as_in_response_kd():

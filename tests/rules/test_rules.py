@@ -159,6 +159,47 @@ def test_learnable_rule_is_differentiable_in_phi_and_runs_in_float32_under_autoc
     assert rule.log_sharpness.grad is not None
 
 
+def test_example_features_give_the_same_rule_values_and_gradients(mnist1d):
+    """forward(x, features=example_features(x)) is forward(x), bit for bit, also when the
+    features come from a larger batch (the per-example cache fills in chunks of 1024)."""
+    rule = MNIST1DLearnableTemplateRule(dilation_step=2, sharpness=50.0)
+    assert Rule().example_features(torch.zeros(2, 40)) is None  # the default: nothing to cache
+    x_all = mnist1d.x_test[:300]
+    with torch.no_grad():
+        cached = rule.example_features(x_all)
+    assert cached.shape == (300, rule.maps.shape[0])
+    idx = torch.randperm(300, generator=torch.Generator().manual_seed(0))[:50]
+    x, w = x_all[idx], torch.rand(50, 10, generator=torch.Generator().manual_seed(1))
+    out = []
+    for features in (None, cached[idx]):
+        rule.zero_grad()
+        r = rule(x, features=features)
+        (r * w).sum().backward()
+        out.append((r.detach(), rule.templates.grad.clone(), rule.log_sharpness.grad.clone()))
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
+    r = evaluate_rules([rule, _Const(torch.full((50, 10), 0.5))], x, 10, features=[cached[idx], None])
+    assert torch.equal(r[0], out[0][0])
+
+
+def test_best_placement_gradient_is_amaxs_also_at_ties():
+    """The template rule's max over placements has torch.amax's gradient: all of it at a unique
+    maximum, split evenly between tied maxima."""
+    from kd_lightning.rules.mnist1d import _amax_last
+
+    t = torch.randn(6, 3, 50, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    t[2, 1, 7] = t[2, 1, 30] = 9.0  # a tie
+    t[4, 0, 1] = t[4, 0, 2] = t[4, 0, 3] = 9.0  # a triple tie
+    t.requires_grad_(True)
+    w = torch.randn(6, 3, dtype=torch.float64)
+    (expected,) = torch.autograd.grad((t.amax(-1) * w).sum(), t)
+    (got,) = torch.autograd.grad((_amax_last(t) * w).sum(), t)
+    assert torch.equal(got, expected)
+    assert float(got[2, 1, 7]) == float(got[2, 1, 30]) == float(w[2, 1]) / 2
+    assert float(got[4, 0, 1]) == float(w[4, 0]) / 3 and float(got[4, 0, 4]) == 0.0
+    assert torch.equal(_amax_last(t.detach()), t.detach().amax(-1))
+
+
 def test_bad_template_rule_arguments():
     with pytest.raises(KDConfigError, match="permutation must be a permutation"):
         MNIST1DTemplateRule(permutation=[0, 0, 1, 2, 3, 4, 5, 6, 7, 8])
