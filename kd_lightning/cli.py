@@ -18,7 +18,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from lightning_fabric.plugins import TorchCheckpointIO
+from lightning_fabric.plugins import CheckpointIO, TorchCheckpointIO
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -103,7 +103,8 @@ class KDLightningCLI(LightningCLI):
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
         if getattr(self, "trainer", None) is not None:
-            install_atomic_checkpoints(self.trainer)
+            config = self.config_init.get(self.subcommand, {}) if self.subcommand else self.config_init
+            install_atomic_checkpoints(self.trainer, config.get("trainer", {}).get("plugins"))
 
     def check_before_writing(self) -> None:
         """What needs the built model and data -- ``--ckpt_path`` against the model's networks,
@@ -299,10 +300,14 @@ def check_checkpoint_fits(model, ckpt: str, written_by: str | None = None) -> No
         f"checkpoint was trained with, or give that run's own checkpoint.")
 
 
-def install_atomic_checkpoints(trainer) -> None:
+def install_atomic_checkpoints(trainer, plugins=None) -> None:
     """Write the trainer's checkpoints atomically (:class:`~kd_lightning.training.checkpoint_io.
-    AtomicCheckpointIO`) when its strategy uses Lightning's plain ``TorchCheckpointIO``; a
-    checkpoint IO plugin given in ``trainer.plugins`` is kept."""
+    AtomicCheckpointIO`) when its strategy uses Lightning's plain ``TorchCheckpointIO`` by
+    default; a checkpoint IO given in ``plugins`` (the trainer's ``plugins`` argument) or with
+    the strategy is kept."""
+    given = plugins if isinstance(plugins, (list, tuple)) else [plugins]
+    if any(isinstance(plugin, CheckpointIO) for plugin in given):
+        return
     strategy = trainer.strategy
     if type(strategy.checkpoint_io) is TorchCheckpointIO:
         strategy.checkpoint_io = AtomicCheckpointIO()
