@@ -20,7 +20,8 @@ cannot run code. RepDistiller files also pickle the run's ``argparse.Namespace``
 when) ``weights_only`` refuses that class, the file is read again with exactly
 ``argparse.Namespace`` allowed through ``torch.serialization.safe_globals`` (a Namespace only sets
 attributes from already-unpickled values). Anything else is refused with
-:class:`~kd_lightning.KDConfigError`.
+:class:`~kd_lightning.KDConfigError`, and so is a raw pickle (``pickle.dump``), which torch.save
+never writes (:func:`raw_pickle`). The CLI reads a ``--ckpt_path`` with the same function.
 """
 
 from __future__ import annotations
