@@ -167,6 +167,11 @@ def _is_special(ckpt) -> bool:
     return not ckpt or ckpt in _SPECIAL_CKPT or str(ckpt).startswith("registry")
 
 
+#: checkpoint files found readable in this process: (path, size, mtime), so that a large file's
+#: checksums are verified once, not at each place that looks at ``--ckpt_path``
+_readable: set[tuple[str, int, int]] = set()
+
+
 def check_checkpoint_path(ckpt: str | None) -> None:
     """A ``--ckpt_path`` that is missing, truncated, not a checkpoint or holds an object that is
     not plain data stops the run before anything is written (not with a traceback from deep
@@ -179,7 +184,11 @@ def check_checkpoint_path(ckpt: str | None) -> None:
     if not path.is_file():
         raise KDConfigError(f"{label} does not exist; give a checkpoint file, e.g. "
                             f"runs/<name>/version_N/checkpoints/last.ckpt.")
-    if path.stat().st_size and raw_pickle(path):
+    stat = path.stat()
+    identity = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if identity in _readable:
+        return
+    if stat.st_size and raw_pickle(path):
         raise KDConfigError(
             f"{label} is a raw pickle (pickle.dump), not a checkpoint written by torch.save, and "
             f"is not loaded (unpickling it could run code); give a checkpoint written by "
@@ -195,6 +204,7 @@ def check_checkpoint_path(ckpt: str | None) -> None:
         raise KDConfigError(f"{label} is damaged (its entry {broken} fails its "
                             f"checksum); use an earlier checkpoint of the run.")
     _lightning_state(ckpt)
+    _readable.add(identity)
 
 
 def _lightning_state(ckpt: str) -> dict:
