@@ -11,12 +11,14 @@ Examples::
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import sys
 import zipfile
 from pathlib import Path
 
+from lightning_fabric.plugins import CheckpointIO, TorchCheckpointIO
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -24,6 +26,9 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from kd_lightning import KDConfigError
 from kd_lightning.data import DistillDataModule
 from kd_lightning.methods import DistillationModule
+from kd_lightning.methods.checks import check_data
+from kd_lightning.models.weights import raw_pickle, read_checkpoint
+from kd_lightning.training.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from kd_lightning.training.figures import InspectionFigures, tensorboard_logger
 from kd_lightning.training.progress import EpochSummary
 
@@ -51,6 +56,9 @@ class KDArgumentParser(LightningArgumentParser):
 
 class KDLightningCLI(LightningCLI):
     """LightningCLI with the data -> model links and the defaults of this package."""
+
+    #: (path, method) of a ``--ckpt_path`` written by another method than the configured one
+    checkpoint_method: tuple[str, str] | None = None
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
@@ -80,13 +88,38 @@ class KDLightningCLI(LightningCLI):
             ],
         })
 
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        self.checkpoint_method = hold_back_foreign_checkpoint(self.config)
+
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand, {})
+        if self.checkpoint_method is not None:  # the configured method is built; ckpt_path stays
+            config["ckpt_path"] = self.checkpoint_method[0]
         if self.subcommand == "fit":
             check_log_folder(config)
             continue_run_folder(config)
 
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        if getattr(self, "trainer", None) is not None:
+            config = self.config_init.get(self.subcommand, {}) if self.subcommand else self.config_init
+            install_atomic_checkpoints(self.trainer, config.get("trainer", {}).get("plugins"))
+
+    def check_before_writing(self) -> None:
+        """What needs the built model and data -- ``--ckpt_path`` against the model's networks,
+        the networks against the data (class counts, input shape) -- checked before the trainer
+        creates the run folder (``version_N/``, config, events, ``train_subset.json``)."""
+        config = self.config.get(self.subcommand, {})
+        ckpt = config.get("ckpt_path")
+        if ckpt and Path(ckpt).is_file():
+            written_by = self.checkpoint_method[1] if self.checkpoint_method is not None else None
+            check_checkpoint_fits(self.model, ckpt, written_by)
+        if isinstance(self.model, DistillationModule) and self.datamodule is not None:
+            check_data(self.model, self.datamodule)
+
     def before_fit(self) -> None:
+        self.check_before_writing()
         if not has_validation_data(self.datamodule):
             quiet_without_validation(self.trainer)
         if self.trainer.progress_bar_callback is None and not any(
@@ -95,10 +128,15 @@ class KDLightningCLI(LightningCLI):
         self.attach_inspection()
 
     def before_validate(self) -> None:
+        self.check_before_writing()
         self.attach_inspection()
 
     def before_test(self) -> None:
+        self.check_before_writing()
         self.attach_inspection()
+
+    def before_predict(self) -> None:
+        self.check_before_writing()
 
     def attach_inspection(self) -> None:
         """Add the configured :class:`InspectionFigures` when the run logs to TensorBoard (and the
@@ -119,42 +157,190 @@ class KDLightningCLI(LightningCLI):
                     callback.write_hparams(self.trainer, self.model)
 
 
+#: ``--ckpt_path`` values Lightning resolves itself
+_SPECIAL_CKPT = ("last", "best", "hpc")
+#: how many missing / unexpected keys a message names
+_SHOWN = 5
+
+
+def _is_special(ckpt) -> bool:
+    return not ckpt or ckpt in _SPECIAL_CKPT or str(ckpt).startswith("registry")
+
+
+#: checkpoint files found readable in this process: (path, size, mtime), so that a large file's
+#: checksums are verified once, not at each place that looks at ``--ckpt_path``
+_readable: set[tuple[str, int, int]] = set()
+
+
 def check_checkpoint_path(ckpt: str | None) -> None:
-    """A ``--ckpt_path`` that is missing, truncated or not a checkpoint stops the run before
-    anything is written (not with a traceback from deep inside Lightning)."""
-    if not ckpt or ckpt in ("last", "best", "hpc") or str(ckpt).startswith("registry"):
+    """A ``--ckpt_path`` that is missing, truncated, not a checkpoint or holds an object that is
+    not plain data stops the run before anything is written (not with a traceback from deep
+    inside Lightning). The file is read as Lightning will read it, with
+    ``torch.load(weights_only=True)`` (its tensors mapped, not read), so nothing in it runs."""
+    if _is_special(ckpt):
         return
     path = Path(ckpt)
+    label = f"--ckpt_path {ckpt}"
     if not path.is_file():
-        raise KDConfigError(f"--ckpt_path {ckpt} does not exist; give a checkpoint file, e.g. "
+        raise KDConfigError(f"{label} does not exist; give a checkpoint file, e.g. "
                             f"runs/<name>/version_N/checkpoints/last.ckpt.")
+    stat = path.stat()
+    identity = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if identity in _readable:
+        return
+    if stat.st_size and raw_pickle(path):
+        raise KDConfigError(
+            f"{label} is a raw pickle (pickle.dump), not a checkpoint written by torch.save, and "
+            f"is not loaded (unpickling it could run code); give a checkpoint written by "
+            f"`kd-lightning fit` (runs/<name>/version_N/checkpoints/last.ckpt).")
     try:
         with zipfile.ZipFile(path) as archive:
             broken = archive.testzip()
     except (zipfile.BadZipFile, OSError) as err:
-        raise KDConfigError(f"--ckpt_path {ckpt} is not a readable checkpoint ({err}); it may be "
+        raise KDConfigError(f"{label} is not a readable checkpoint ({err}); it may be "
                             f"truncated (a copy or a save that was cut short) or not a file "
                             f"written by Lightning.") from None
     if broken is not None:
-        raise KDConfigError(f"--ckpt_path {ckpt} is damaged (its entry {broken} fails its "
+        raise KDConfigError(f"{label} is damaged (its entry {broken} fails its "
                             f"checksum); use an earlier checkpoint of the run.")
+    _lightning_state(ckpt)
+    _readable.add(identity)
+
+
+def _lightning_state(ckpt: str) -> dict:
+    """The checkpoint at ``ckpt`` (tensors memory-mapped): a Lightning checkpoint's dictionary
+    with a ``state_dict``, or :class:`KDConfigError`."""
+    label = f"--ckpt_path {ckpt}"
+    obj = read_checkpoint(
+        ckpt, label=label, allow_namespace=False, mmap=True,
+        trusted_advice="Resume or evaluate only from a checkpoint written by `kd-lightning fit` "
+                       "(runs/<name>/version_N/checkpoints/last.ckpt or best.ckpt).")
+    if not isinstance(obj, dict) or not isinstance(obj.get("state_dict"), dict):
+        found = f"a dict with keys {', '.join(map(str, list(obj)[:8]))}" if isinstance(obj, dict) \
+            else type(obj).__name__
+        raise KDConfigError(
+            f"{label} is not a Lightning checkpoint (it holds {found}, no 'state_dict'): a run "
+            f"resumes or is evaluated only from a checkpoint of `kd-lightning fit`. Network "
+            f"weights alone (a plain state_dict) are loaded as a teacher with "
+            f"model.init_args.teacher_checkpoint.")
+    return obj
+
+
+def checkpoint_method(ckpt: str) -> str | None:
+    """The ``class_path`` of the method that wrote the checkpoint (``None``: not recorded)."""
+    method = _lightning_state(ckpt).get("hyper_parameters", {}).get("_class_path")
+    return method if isinstance(method, str) else None
+
+
+def _same_class(a: str, b: str) -> bool:
+    """Whether two class paths name the same class (``pkg.Cls`` and ``pkg.mod.Cls`` alike)."""
+    if a == b:
+        return True
+    try:
+        resolved = [getattr(importlib.import_module(p.rsplit(".", 1)[0]), p.rsplit(".", 1)[1])
+                    for p in (a, b)]
+    except (ImportError, AttributeError, ValueError, IndexError):
+        return False
+    return resolved[0] is resolved[1]
+
+
+def hold_back_foreign_checkpoint(config) -> tuple[str, str] | None:
+    """Check the subcommand's ``ckpt_path`` (also when a config file gives it). When the
+    checkpoint was written by another method than the configured one, remove ``ckpt_path``
+    from ``config`` until the classes are built and return ``(ckpt_path, method)``: LightningCLI
+    would otherwise build the checkpoint's method in place of the configured one (it applies
+    a checkpoint's saved hyperparameters, class included), and the comparison of the networks
+    (:func:`check_checkpoint_fits`) is against the configured model."""
+    subcommand = config.get("subcommand") if hasattr(config, "get") else None
+    sub = config.get(subcommand) if subcommand else None
+    if sub is None or _is_special(sub.get("ckpt_path")):
+        return None
+    ckpt = str(sub.get("ckpt_path"))
+    check_checkpoint_path(ckpt)
+    written_by = checkpoint_method(ckpt)
+    configured = getattr(sub.get("model"), "class_path", None)
+    if written_by is None or configured is None or _same_class(written_by, configured):
+        return None
+    sub["ckpt_path"] = None
+    return ckpt, written_by
+
+
+def check_checkpoint_fits(model, ckpt: str, written_by: str | None = None) -> None:
+    """``--ckpt_path``'s weights must fit ``model`` as Lightning will load them (strictly, unless
+    the model sets ``strict_loading = False``): same keys, same shapes. Otherwise one paragraph
+    names the first mismatching key with both shapes, or the first missing and unexpected keys.
+
+    Keys under a name the model has no weights for yet are not counted as unexpected: a method
+    builds some modules when training starts (connectors, CRD's memory bank), and Lightning
+    checks those keys itself when it loads the checkpoint."""
+    state = _lightning_state(ckpt)["state_dict"]
+    own = model.state_dict()
+    strict = getattr(model, "strict_loading", True) is not False
+    built = {key.split(".", 1)[0] for key in own}
+    mismatched = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    missing = [k for k in own if k not in state] if strict else []
+    unexpected = [k for k in state if k not in own and k.split(".", 1)[0] in built] if strict else []
+    if not (mismatched or missing or unexpected):
+        return
+
+    def listing(keys: list[str], source: dict) -> str:
+        shown = ", ".join(f"'{k}' {tuple(source[k].shape)}" for k in keys[:_SHOWN])
+        return f"{len(keys)} ({shown}{', ...' if len(keys) > _SHOWN else ''})"
+
+    name = type(model).__name__
+    parts = []
+    if mismatched:
+        key = mismatched[0]
+        parts.append(f"first mismatching key '{key}' has shape {tuple(state[key].shape)} in the "
+                     f"checkpoint but {tuple(own[key].shape)} in the model"
+                     + (f" ({len(mismatched)} keys differ in shape)" if len(mismatched) > 1 else ""))
+    if missing:
+        parts.append(f"keys of the model missing from the checkpoint: {listing(missing, own)}")
+    if unexpected:
+        parts.append(f"unexpected keys in the checkpoint: {listing(unexpected, state)}")
+    origin = ""
+    if written_by is not None:
+        origin = (f" The checkpoint was written by {written_by}, the configured model is "
+                  f"{type(model).__module__}.{type(model).__qualname__}; a teacher's checkpoint is "
+                  f"given as model.init_args.teacher_checkpoint, not as --ckpt_path.")
+    raise KDConfigError(
+        f"--ckpt_path {ckpt} holds the weights of another network than the configured model "
+        f"({name}): {'; '.join(parts)}.{origin} A run resumes (or is evaluated) only from a "
+        f"checkpoint of the same method and networks: configure the student (and teacher) the "
+        f"checkpoint was trained with, or give that run's own checkpoint.")
+
+
+def install_atomic_checkpoints(trainer, plugins=None) -> None:
+    """Write the trainer's checkpoints atomically (:class:`~kd_lightning.training.checkpoint_io.
+    AtomicCheckpointIO`) when its strategy uses Lightning's plain ``TorchCheckpointIO`` by
+    default; a checkpoint IO given in ``plugins`` (the trainer's ``plugins`` argument) or with
+    the strategy is kept."""
+    given = plugins if isinstance(plugins, (list, tuple)) else [plugins]
+    if any(isinstance(plugin, CheckpointIO) for plugin in given):
+        return
+    strategy = trainer.strategy
+    if type(strategy.checkpoint_io) is TorchCheckpointIO:
+        strategy.checkpoint_io = AtomicCheckpointIO()
 
 
 def check_log_folder(config) -> None:
-    """The logger's folder must be writable before training starts, not after the first epoch."""
+    """The logger's folder must be writable before training starts, not after the first epoch.
+    Nothing is created here: the nearest existing folder on the way must let the logger create
+    the rest."""
     logger = config.get("trainer", {}).get("logger")
     save_dir = getattr(getattr(logger, "init_args", None), "save_dir", None)
     if not save_dir:
         return
-    folder = Path(save_dir)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        writable = os.access(folder, os.W_OK | os.X_OK)
-    except OSError as err:
-        raise KDConfigError(f"the log folder {save_dir} cannot be created ({err.strerror}); set "
-                            f"--trainer.logger.init_args.save_dir to a folder you can write.") from None
-    if not writable:
-        raise KDConfigError(f"the log folder {save_dir} is not writable; set "
+    folder = Path(save_dir).absolute()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise KDConfigError(f"the log folder {save_dir} cannot be created ({existing} is not a "
+                            f"folder); set --trainer.logger.init_args.save_dir to a folder you "
+                            f"can write.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise KDConfigError(f"the log folder {save_dir} is not writable ({existing} is not); set "
                             f"--trainer.logger.init_args.save_dir to a folder you can write.")
 
 
@@ -178,6 +364,8 @@ def continue_run_folder(config) -> None:
     expected = (Path(args.save_dir) / (args.get("name") or "")).resolve()
     if run_dir.parent == expected and run_dir.name.startswith("version_"):
         args.version = run_dir.name
+
+
 def has_validation_data(datamodule) -> bool:
     """False when the data module holds out no validation examples (``data.val_split: 0``)."""
     if datamodule is None or getattr(datamodule, "val_split", None) is None:
@@ -225,6 +413,9 @@ def cli_main(args: list[str] | None = None, run: bool = True,
             DistillationModule, DistillDataModule, subclass_mode_model=True,
             save_config_kwargs={"overwrite": True}, parser_class=KDArgumentParser, args=args, run=run,
         )
+    except CheckpointWriteError as err:
+        print(f"kd-lightning: error: {err.strerror}", file=sys.stderr)
+        raise SystemExit(1) from None
     except SIGTERMException:
         from kd_lightning.training import preemption
 

@@ -20,7 +20,8 @@ cannot run code. RepDistiller files also pickle the run's ``argparse.Namespace``
 when) ``weights_only`` refuses that class, the file is read again with exactly
 ``argparse.Namespace`` allowed through ``torch.serialization.safe_globals`` (a Namespace only sets
 attributes from already-unpickled values). Anything else is refused with
-:class:`~kd_lightning.KDConfigError`.
+:class:`~kd_lightning.KDConfigError`, and so is a raw pickle (``pickle.dump``), which torch.save
+never writes (:func:`raw_pickle`). The CLI reads a ``--ckpt_path`` with the same function.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import pickle
 import re
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -64,43 +66,79 @@ LAYOUTS: list[tuple[str, Callable[[str], str]]] = [
 ]
 
 
-def read_checkpoint(path: str | Path) -> object:
+#: the first bytes of a file in torch.save's legacy (non-zip) format: the pickled magic number
+_LEGACY_TORCH_PREFIX = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)
+#: the pickle opcode PROTO, the first byte of every pickle of protocol 2 or later
+_PICKLE_PROTO = b"\x80"
+
+
+def raw_pickle(path: str | Path) -> bool:
+    """True for a plain pickle (``pickle.dump``): neither torch.save's zip archive nor its
+    legacy format, whose first pickle is torch's magic number. ``torch.load`` reads neither a
+    raw pickle's tensors nor its objects, so such a file is never a checkpoint."""
+    with open(path, "rb") as f:
+        head = f.read(len(_LEGACY_TORCH_PREFIX))
+    return head.startswith(_PICKLE_PROTO) and head != _LEGACY_TORCH_PREFIX \
+        and not zipfile.is_zipfile(path)
+
+
+def read_checkpoint(path: str | Path, label: str | None = None, trusted_advice: str | None = None,
+                    allow_namespace: bool = True, mmap: bool = False) -> object:
     """``torch.load(path, weights_only=True)``, allowing ``argparse.Namespace`` only if needed.
 
-    Raises :class:`KDConfigError` for a missing, empty, corrupt or truncated file, and for a file
-    that holds any other Python object (it is never unpickled, so it cannot run).
+    Raises :class:`KDConfigError` for a missing, empty, corrupt or truncated file, a raw pickle
+    (not written by torch.save), and a file that holds any other Python object (it is never
+    unpickled, so it cannot run).
+
+    Args:
+        label: how messages name the file (default ``teacher checkpoint '<path>'``).
+        trusted_advice: what a message about a refused object advises (default: save the
+            weights as a plain state_dict for ``teacher_checkpoint``).
+        allow_namespace: retry with ``argparse.Namespace`` allowed (RepDistiller files); off
+            for a file Lightning will load with plain ``weights_only=True``.
+        mmap: map the tensors' storage instead of reading it (a zip file only): enough to
+            inspect keys and shapes.
     """
     path = Path(path)
+    label = label or f"teacher checkpoint '{path}'"
     if not path.is_file():
         raise KDConfigError(
-            f"teacher checkpoint '{path}' does not exist. Train the teacher first, e.g. "
+            f"{label} does not exist. Train the teacher first, e.g. "
             f"`kd-lightning fit --config configs/mnist1d/teacher.yaml`, then point "
             f"model.init_args.teacher_checkpoint at the .ckpt it writes (see the run's "
             f"checkpoints/ folder), or at a plain state_dict file.")
     size = path.stat().st_size
     if size == 0:
-        raise KDConfigError(f"teacher checkpoint '{path}' is an empty file (0 bytes): it was not "
+        raise KDConfigError(f"{label} is an empty file (0 bytes): it was not "
                             f"written completely. Copy or save the checkpoint again.")
+    if raw_pickle(path):
+        raise KDConfigError(
+            f"{label} ({size} bytes) is a raw pickle (pickle.dump), not a checkpoint written by "
+            f"torch.save, and is not loaded (unpickling it could run code). Save the weights with "
+            f"torch.save(model.state_dict(), path), or use a checkpoint of `kd-lightning fit`.")
     try:
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as err:
-            if _refused_global(err) != "argparse.Namespace":
+            if not allow_namespace or _refused_global(err) != "argparse.Namespace":
                 raise
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         name = _refused_global(err)
         if name is None:
-            raise _corrupt(path, size, err) from None
+            raise _corrupt(label, size, err) from None
+        allowed = "tensors, containers, numbers, strings and argparse.Namespace" if allow_namespace \
+            else "tensors, containers, numbers and strings"
+        advice = trusted_advice or (
+            "If you trust the file, save just its weights (the model's state_dict) with torch.save "
+            "and point model.init_args.teacher_checkpoint at that file.")
         raise KDConfigError(
-            f"teacher checkpoint '{path}' holds a Python object of type {name}, which is not "
+            f"{label} holds a Python object of type {name}, which is not "
             f"loaded: checkpoints are read with torch.load(weights_only=True), which unpickles only "
-            f"tensors, containers, numbers, strings and argparse.Namespace, so that a file cannot "
-            f"run code. If you trust the file, save just its weights (the model's state_dict) with "
-            f"torch.save and point model.init_args.teacher_checkpoint at that file.") from None
+            f"{allowed}, so that a file cannot run code. {advice}") from None
     except Exception as err:  # noqa: BLE001 - torch reports corruption as several exception types
-        raise _corrupt(path, size, err) from None
+        raise _corrupt(label, size, err) from None
 
 
 def _refused_global(err: BaseException) -> str | None:
@@ -109,10 +147,10 @@ def _refused_global(err: BaseException) -> str | None:
     return match.group(1) if match else None
 
 
-def _corrupt(path: Path, size: int, err: BaseException) -> KDConfigError:
+def _corrupt(label: str, size: int, err: BaseException) -> KDConfigError:
     detail = (str(err).strip().splitlines() or [""])[0][:200]
     return KDConfigError(
-        f"teacher checkpoint '{path}' ({size} bytes) is corrupt or truncated and cannot be read "
+        f"{label} ({size} bytes) is corrupt or truncated and cannot be read "
         f"({type(err).__name__}{': ' + detail if detail else ''}). Copy or save the checkpoint "
         f"again; a file written by torch.save or `kd-lightning fit` is expected.")
 

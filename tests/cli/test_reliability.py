@@ -1,14 +1,16 @@
-"""Failures of a run, each with one clear message: divergence, a bad checkpoint path, an unwritable
-log folder."""
+"""Failures of a run, each with one clear message: divergence, a bad checkpoint path (missing,
+truncated, of another network, a raw pickle, one that would run code), networks that do not fit the
+data, an unwritable log folder -- each refused before anything is written."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import CONFIGS, TINY, run_cli_error
+from tests.conftest import CONFIGS, TINY, run_cli, run_cli_error
 
 
 def _finite_checkpoints(folder: Path) -> list[Path]:
@@ -57,3 +59,99 @@ def test_unwritable_log_folder_is_one_clear_message(tmp_path, monkeypatch, capsy
                              "--trainer.logger.init_args.save_dir", tmp_path / "file" / "runs"],
                             capsys)
     assert "log folder" in message and "save_dir" in message
+
+
+# ---- checkpoints that cannot be used, refused before anything is written --------------------
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory) -> Path:
+    """The folder of one short run of configs/mnist1d/teacher.yaml (a Supervised ConvNet1D)."""
+    folder = tmp_path_factory.mktemp("teacher_run")
+    cwd = Path.cwd()
+    os.chdir(folder)
+    try:
+        run_cli(["fit", "--config", CONFIGS / "mnist1d/teacher.yaml", *TINY, "--test_after_fit", "false"])
+    finally:
+        os.chdir(cwd)
+    return folder
+
+
+def _nothing_written(runs: Path) -> bool:
+    """No run folder, config, event file or checkpoint under ``runs``."""
+    return not runs.exists() or not [p for p in runs.rglob("*") if p.is_file() or p.name.startswith("version_")]
+
+
+@pytest.mark.parametrize("case", ["teacher-for-response-kd", "student-of-another-width",
+                                  "student-of-another-width-test"])
+def test_ckpt_path_of_another_network_is_refused_before_anything_is_written(case, teacher_run, tmp_path,
+                                                                            monkeypatch, capsys):
+    teacher_ckpt = teacher_run / "runs/mnist1d_teacher/version_0/checkpoints/last.ckpt"
+    monkeypatch.chdir(tmp_path)
+    if case == "teacher-for-response-kd":  # the teacher's own checkpoint given to a student's fit
+        args = ["fit", "--config", CONFIGS / "mnist1d/response.yaml",
+                "--model.init_args.teacher_checkpoint", teacher_ckpt]
+        shapes = "first mismatching key 'student.fc.weight' has shape (10, 320) in the checkpoint but (10, 100)"
+    else:  # a teacher of width 32 resumed from (or tested with) the width-64 teacher's checkpoint
+        args = ["test" if case.endswith("test") else "fit", "--config", CONFIGS / "mnist1d/teacher.yaml",
+                "--model.init_args.student.init_args.width", "32"]
+        shapes = "first mismatching key 'student.conv1.weight' has shape (64, 1, 5) in the checkpoint but (32, 1, 5)"
+    message = run_cli_error([*args, *TINY, "--ckpt_path", teacher_ckpt], capsys)
+    assert f"--ckpt_path {teacher_ckpt} holds the weights of another network" in message
+    assert shapes in message
+    if case == "teacher-for-response-kd":
+        assert "unexpected keys in the checkpoint: 6 ('student.conv1.weight' (64, 1, 5)" in message
+        assert "written by kd_lightning.methods.Supervised" in message
+        assert "model.init_args.teacher_checkpoint" in message
+    assert _nothing_written(tmp_path / "runs")
+
+
+def test_a_ckpt_path_that_would_run_code_is_refused_with_the_teacher_paths_message(tmp_path, monkeypatch,
+                                                                                   capsys):
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "code_ran"
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    ckpt = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"student.fc.weight": torch.zeros(2, 2)}, "payload": RunsCode()}, ckpt)
+    message = run_cli_error(["fit", "--config", CONFIGS / "mnist1d/student.yaml", *TINY,
+                             "--ckpt_path", ckpt], capsys)
+    assert f"--ckpt_path {ckpt} holds a Python object of type posix.system, which is not loaded" in message
+    assert "weights_only=True" in message
+    assert not marker.exists()
+    assert _nothing_written(tmp_path / "runs")
+
+
+def test_a_raw_pickle_as_ckpt_path_is_named_not_a_torch_save_checkpoint(tmp_path, monkeypatch, capsys):
+    import pickle
+
+    monkeypatch.chdir(tmp_path)
+    ckpt = tmp_path / "weights.pkl"
+    with open(ckpt, "wb") as f:
+        pickle.dump({"state_dict": {"student.fc.weight": torch.zeros(2, 2)}}, f)
+    message = run_cli_error(["fit", "--config", CONFIGS / "mnist1d/student.yaml", *TINY,
+                             "--ckpt_path", ckpt], capsys)
+    assert f"--ckpt_path {ckpt} is a raw pickle (pickle.dump), not a checkpoint written by torch.save" in message
+    assert _nothing_written(tmp_path / "runs")
+
+
+@pytest.mark.parametrize("case", ["class-counts", "input-shape"])
+def test_networks_that_do_not_fit_the_data_are_refused_before_the_run_folder_exists(case, tmp_path,
+                                                                                    monkeypatch, capsys):
+    from kd_lightning.models import ConvNet1D
+
+    monkeypatch.chdir(tmp_path)
+    torch.save(ConvNet1D(num_classes=5, width=64).state_dict(), tmp_path / "teacher5.pt")
+    torch.save(ConvNet1D(num_classes=10, width=64).state_dict(), tmp_path / "teacher10.pt")
+    if case == "class-counts":  # a 5-class teacher on 10-class data
+        extra = ["--model.init_args.teacher_checkpoint", "teacher5.pt",
+                 "--model.init_args.teacher.init_args.num_classes", "5"]
+        expected = "class counts disagree (student=10, teacher=5, data=10"
+    else:  # a student for 30 inputs on MNIST-1D's 40
+        extra = ["--model.init_args.teacher_checkpoint", "teacher10.pt",
+                 "--model.init_args.student.init_args.input_dim", "30"]
+        expected = "the student (MLP) cannot process inputs of shape (2, 1, 40)"
+    message = run_cli_error(["fit", "--config", CONFIGS / "mnist1d/response.yaml", *TINY, *extra], capsys)
+    assert expected in message
+    assert _nothing_written(tmp_path / "runs")  # no version_0/, config.yaml, train_subset.json, events

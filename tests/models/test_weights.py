@@ -141,6 +141,26 @@ def test_corrupt_truncated_and_empty_files_each_give_one_clear_error(tmp_path):
         load_teacher_weights(net, tmp_path / "text.pth")
 
 
+def test_a_raw_pickle_is_named_as_one_and_never_unpickled(tmp_path):
+    """A ``pickle.dump`` file is not what torch.save writes (a zip archive, or its legacy format
+    headed by torch's magic number): the message says so, instead of "corrupt or truncated"."""
+    import pickle
+
+    net = M.resnet8(num_classes=10)
+    marker = tmp_path / "code_ran"
+    with open(tmp_path / "raw.pkl", "wb") as f:
+        pickle.dump({"model": net.state_dict(), "payload": _RunsCode(marker)}, f)
+    with pytest.raises(KDConfigError, match=r"'.*raw.pkl' \(\d+ bytes\) is a raw pickle \(pickle.dump\), "
+                                            r"not a checkpoint written by torch.save"):
+        load_teacher_weights(net, tmp_path / "raw.pkl")
+    assert not marker.exists()
+    # torch.save's legacy (non-zip) format, as old RepDistiller files have, still loads
+    torch.save(randomised(net).state_dict(), tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    loaded = M.resnet8(num_classes=10)
+    load_teacher_weights(loaded, tmp_path / "legacy.pth")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), net.state_dict().values()))
+
+
 def test_a_foreign_layout_names_missing_and_unexpected_keys(tmp_path):
     net = M.resnet8(num_classes=10)
     foreign = {k.replace("layer", "stage"): v for k, v in net.state_dict().items()}
