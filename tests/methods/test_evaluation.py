@@ -96,6 +96,38 @@ def test_trainer_logs_distillation_error_and_agreement_for_validation_and_test()
     assert metrics["test/teacher_agreement"] == pytest.approx(float(agreement), abs=1e-6)
 
 
+@pytest.mark.parametrize("mixup", [0.0, 0.4])
+def test_distillation_error_over_the_training_examples_at_the_end_of_fit_by_hand(mixup):
+    """Phi_{gamma,n} over the n = 20 labelled training examples (2 per class), at gamma = 2, against
+    a float64 loop over the examples: with the teacher's per-example cache (no mixing) and with
+    mixed training batches (MixUp), which the measurement does not mix."""
+    import copy
+
+    pl.seed_everything(0)
+    model = ResponseKD(student=MLP(dropout=0.2), teacher=ConvNet1D(width=8), distill_error_temperature=2.0)
+    dm = DistillDataModule("mnist1d", batch_size=8, train_subset_per_class=2, eval_batch_size=6,
+                           mixup=mixup)
+    trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, limit_val_batches=0,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(model, dm)
+    phi = float(trainer.callback_metrics["train/distill_error"])
+    assert model.teacher_cache_used == (mixup == 0)
+    assert model.student.training  # the module's modes are restored after the pass
+    student, teacher = copy.deepcopy(model.student).double().eval(), copy.deepcopy(model.teacher).double().eval()
+    x, y, index = dm._dataset(dm.splits().x_train, dm.splits().y_train, dm.labelled_indices).get_batch(
+        torch.arange(20))
+    assert sorted(index.tolist()) == sorted(dm.labelled_indices.tolist()) and len(set(y.tolist())) == 10
+    gaps = []
+    with torch.no_grad():
+        for i in range(20):  # one example at a time, float64
+            zs, zt, c = student(x[i:i + 1].double())[0].tolist(), teacher(x[i:i + 1].double())[0].tolist(), int(y[i])
+            p_s = math.exp(zs[c] / 2) / sum(math.exp(v / 2) for v in zs)
+            p_t = math.exp(zt[c] / 2) / sum(math.exp(v / 2) for v in zt)
+            gaps.append(abs(p_t - p_s))
+    assert phi == pytest.approx(sum(gaps) / 20, rel=1e-5, abs=1e-7)
+    assert phi > 0
+
+
 def test_no_teacher_no_distillation_error():
     model = Supervised(student=MLP(), num_classes=10)
     assert not hasattr(model, "val_distill_error") and not hasattr(model, "test_teacher_agreement")
@@ -115,7 +147,7 @@ def test_cli_run_logs_distillation_error_to_tensorboard(mnist1d_teacher, tmp_pat
     assert cli.model.test_distill_error.temperature == 4.0
     scalars = tb_scalars(cli.trainer.log_dir)
     for key in ("val/distill_error", "val/teacher_agreement", "test/distill_error",
-                "test/teacher_agreement"):
+                "test/teacher_agreement", "train/distill_error"):
         assert key in scalars and all(0.0 <= v <= 1.0 for v in scalars[key]), key
 
 
