@@ -11,8 +11,9 @@ Every network is tested deterministically (dropout off) and with MC dropout (Gal
 "Dropout as a Bayesian Approximation", ICML 2016): the mean of ``--samples`` softmax outputs with
 fresh dropout masks, batch norm (if any) in eval mode. Reported per row (mean ± std over seeds):
 accuracy, expected calibration error (15 bins), negative log-likelihood and predictive entropy
-(nats), each deterministic and MC, plus the distillation error (the course's lecture notes on
-distillation error, gamma = 1) and, as this project's addition, the top-1 agreement of each
+(nats), each deterministic and MC, the MC entropy's two parts (expected entropy: aleatoric; mutual
+information: epistemic), plus the distillation error (the course's lecture notes on distillation
+error, gamma = 1) on the test set and on the students' labelled training examples, and, as this project's addition, the top-1 agreement of each
 student with the teacher. All numbers come from the methods' own test-time
 metrics (``mc_dropout_samples``, ``test/ece``, ``test/mc_ece``, ``test/distill_error``, ...);
 the student alone is run as ``Supervised`` with the teacher attached only to be measured against.
@@ -43,7 +44,9 @@ from _common import mean_std  # noqa: E402 (benchmarks/)
 COLUMNS = [("acc", "acc", 100, 1), ("ECE", "ece", 100, 1), ("NLL", "nll", 1, 3),
            ("entropy", "entropy", 1, 3), ("MC acc", "mc_acc", 100, 1), ("MC ECE", "mc_ece", 100, 1),
            ("MC NLL", "mc_nll", 1, 3), ("MC entropy", "mc_entropy", 1, 3),
-           ("distill. error", "distill_error", 100, 1), ("agreement", "teacher_agreement", 100, 1)]
+           ("MC exp. entropy", "mc_expected_entropy", 1, 3), ("MC MI", "mc_mutual_info", 1, 3),
+           ("distill. error", "distill_error", 100, 1), ("distill. error, train", "train_distill_error", 100, 1),
+           ("agreement", "teacher_agreement", 100, 1)]
 ROWS = ["teacher", "student alone", "student + KD"]
 
 
@@ -80,11 +83,13 @@ def run_seed(seed: int, args) -> dict[str, dict[str, float]]:
         t = trainer(args.epochs)
         dm = data()
         t.fit(model, dm)
+        train_phi = float(t.callback_metrics["train/distill_error"])  # test() clears callback_metrics
         torch.manual_seed(seed)
         metrics = t.test(model, dm, verbose=False)[0]
         rows[name] = {suffix: metrics[f"test/{suffix}"] for _, suffix, _, _ in COLUMNS
                       if f"test/{suffix}" in metrics}
         rows[name]["acc"] = metrics["test/acc"]
+        rows[name]["train_distill_error"] = train_phi
         rows["teacher"] = {suffix: metrics[f"test/teacher_{suffix}"] for _, suffix, _, _ in COLUMNS
                            if f"test/teacher_{suffix}" in metrics}
         rows["teacher"]["acc"] = metrics["test/teacher_acc"]

@@ -80,6 +80,11 @@ def dropout_modules(net: nn.Module) -> list[nn.Module]:
     return [m for m in net.modules() if isinstance(m, DROPOUT_TYPES) and m.p > 0]
 
 
+def entropy(probs: Tensor) -> Tensor:
+    r""":math:`H(p) = -\sum_k p_k \log p_k` (nats) of each row of ``probs`` (``0 log 0 = 0``)."""
+    return -(probs * probs.clamp_min(torch.finfo(probs.dtype).tiny).log()).sum(-1)
+
+
 @torch.no_grad()
 def mc_dropout_probs(net: nn.Module, x: Tensor, samples: int) -> Tensor:
     r"""MC dropout (Gal & Ghahramani, "Dropout as a Bayesian Approximation", ICML 2016; part 2 of
@@ -91,6 +96,22 @@ def mc_dropout_probs(net: nn.Module, x: Tensor, samples: int) -> Tensor:
 
     Returns ``[B, K]`` probabilities (float32).
     """
+    return mc_dropout_predictive(net, x, samples)[0]
+
+
+@torch.no_grad()
+def mc_dropout_predictive(net: nn.Module, x: Tensor, samples: int) -> tuple[Tensor, Tensor]:
+    r"""The MC-dropout predictive distribution (:func:`mc_dropout_probs`) and, per example, the
+    expected entropy of the ``T`` passes, :math:`\frac{1}{T}\sum_t H(\mathrm{softmax}(f_{\hat
+    W_t}(x)))` (nats): the aleatoric part of the predictive entropy in the decomposition
+    :math:`H(\bar p) = \mathbb{E}_t H(p_t) + I` (Gal, "Uncertainty in Deep Learning", PhD thesis,
+    Cambridge 2016; Depeweg et al., "Decomposition of Uncertainty in Bayesian Deep Learning",
+    ICML 2018), whose rest :math:`I`, the mutual information between the prediction and the
+    weights, is the epistemic part.
+
+    Returns ``([B, K] probabilities, [B] expected entropies)``, float32; the same passes, in the
+    same order, as :func:`mc_dropout_probs`.
+    """
     drops = dropout_modules(net)
     if not drops:
         raise KDConfigError(f"MC dropout needs dropout layers, but {type(net).__name__} has none "
@@ -100,53 +121,78 @@ def mc_dropout_probs(net: nn.Module, x: Tensor, samples: int) -> Tensor:
     for m in drops:
         m.train()
     try:
-        total = None
+        total = total_entropy = None
         for _ in range(samples):
             p = F.softmax(net(x).float(), dim=-1)
             total = p if total is None else total + p
+            total_entropy = entropy(p) if total_entropy is None else total_entropy + entropy(p)
     finally:
         for m, mode in modes.items():
             m.training = mode
-    return total / samples
+    return total / samples, total_entropy / samples
 
 
 class PredictiveUncertainty(nn.Module):
     r"""Accuracy, expected calibration error, negative log-likelihood and predictive entropy of
-    predicted class distributions :math:`p` (e.g. an MC-dropout mean):
+    predicted class distributions :math:`p` (e.g. an MC-dropout mean), and for an MC-dropout mean
+    the two parts of its entropy:
 
     * accuracy of :math:`\arg\max_k p_k`;
     * ECE (Guo et al., ICML 2017): :math:`\sum_b \frac{|B_b|}{n} |\mathrm{acc}(B_b) -
       \mathrm{conf}(B_b)|` over ``n_bins`` equal-width confidence bins (torchmetrics'
       :class:`~torchmetrics.classification.MulticlassCalibrationError`, L1 norm);
     * NLL: :math:`-\frac{1}{n}\sum_i \log p_{i, y_i}`;
-    * predictive entropy: :math:`\frac{1}{n}\sum_i -\sum_k p_{ik} \log p_{ik}` (nats).
+    * predictive entropy (total uncertainty): :math:`\frac{1}{n}\sum_i H(p_i)`,
+      :math:`H(p) = -\sum_k p_k \log p_k` (nats);
+    * with ``mc=True``, from the ``T`` passes :math:`p_{i,t}` whose mean is :math:`p_i`: the
+      expected entropy (aleatoric) :math:`\frac{1}{n}\sum_i \frac{1}{T}\sum_t H(p_{i,t})` and
+      the mutual information (epistemic) :math:`\frac{1}{n}\sum_i \big(H(p_i) -
+      \frac{1}{T}\sum_t H(p_{i,t})\big)`, total = aleatoric + epistemic (see
+      :func:`mc_dropout_predictive`).
 
     Args:
         num_classes: number of classes.
         n_bins: confidence bins of the ECE (default 15, as Guo et al.).
+        mc: also track the expected entropy and the mutual information (``update`` then takes
+            each example's expected entropy).
     """
 
-    def __init__(self, num_classes: int, n_bins: int = 15) -> None:
+    def __init__(self, num_classes: int, n_bins: int = 15, mc: bool = False) -> None:
         super().__init__()
         self.acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.ece = MulticlassCalibrationError(num_classes=num_classes, n_bins=n_bins, norm="l1")
         self.nll = MeanMetric()
         self.entropy = MeanMetric()
+        self.mc = mc
+        if mc:
+            self.expected_entropy, self.mutual_info = MeanMetric(), MeanMetric()
 
-    def update(self, probs: Tensor, target: Tensor) -> None:
+    def update(self, probs: Tensor, target: Tensor, expected_entropy: Tensor | None = None) -> None:
+        """``probs``: ``[B, K]``; ``expected_entropy``: ``[B]``, each example's mean entropy over
+        the MC passes (required with ``mc=True``)."""
         probs = probs.float()
         log_p = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
         self.acc.update(probs, target)
         self.ece.update(probs, target)
         self.nll.update(-log_p.gather(-1, target.long().unsqueeze(-1)).squeeze(-1))
-        self.entropy.update(-(probs * log_p).sum(-1))
+        total = -(probs * log_p).sum(-1)
+        self.entropy.update(total)
+        if self.mc:
+            if expected_entropy is None:
+                raise ValueError("PredictiveUncertainty(mc=True).update needs expected_entropy.")
+            self.expected_entropy.update(expected_entropy.float())
+            self.mutual_info.update(total - expected_entropy.float())
+
+    def _metrics(self) -> dict[str, Metric]:
+        return {"acc": self.acc, "ece": self.ece, "nll": self.nll, "entropy": self.entropy,
+                **({"expected_entropy": self.expected_entropy, "mutual_info": self.mutual_info}
+                   if self.mc else {})}
 
     def compute(self) -> dict[str, Tensor]:
-        return {"acc": self.acc.compute(), "ece": self.ece.compute(), "nll": self.nll.compute(),
-                "entropy": self.entropy.compute()}
+        return {name: metric.compute() for name, metric in self._metrics().items()}
 
     def reset(self) -> None:
-        for metric in (self.acc, self.ece, self.nll, self.entropy):
+        for metric in self._metrics().values():
             metric.reset()
 
 
@@ -157,8 +203,10 @@ class TestUncertainty(nn.Module):
     (dropout off, ``softmax`` of the logits of the ordinary test forward) and, for a network with
     dropout layers, of the MC-dropout mean over ``samples`` passes (:func:`mc_dropout_probs`).
     :meth:`compute` names them ``{prefix}ece``, ``{prefix}nll``, ``{prefix}entropy`` and
-    ``{prefix}mc_acc``, ``{prefix}mc_ece``, ``{prefix}mc_nll``, ``{prefix}mc_entropy`` (the
-    deterministic accuracy is already ``test/acc`` / ``test/teacher_acc``).
+    ``{prefix}mc_acc``, ``{prefix}mc_ece``, ``{prefix}mc_nll``, ``{prefix}mc_entropy`` (total
+    predictive uncertainty), ``{prefix}mc_expected_entropy`` (aleatoric) and
+    ``{prefix}mc_mutual_info`` (epistemic; total = aleatoric + epistemic) (the deterministic
+    accuracy is already ``test/acc`` / ``test/teacher_acc``).
 
     Args:
         num_classes: number of classes.
@@ -177,7 +225,7 @@ class TestUncertainty(nn.Module):
         for prefix, mc in networks.items():
             self.reports[f"{prefix}det"] = PredictiveUncertainty(num_classes)
             if mc:
-                self.reports[f"{prefix}mc"] = PredictiveUncertainty(num_classes)
+                self.reports[f"{prefix}mc"] = PredictiveUncertainty(num_classes, mc=True)
 
     @torch.no_grad()
     def update(self, x: Tensor, target: Tensor, outputs: dict[str, tuple[nn.Module, Tensor]]) -> None:
@@ -185,7 +233,8 @@ class TestUncertainty(nn.Module):
         for prefix, (net, logits) in outputs.items():
             self.reports[f"{prefix}det"].update(F.softmax(logits.float(), dim=-1), target)
             if self.mc[prefix]:
-                self.reports[f"{prefix}mc"].update(mc_dropout_probs(net, x, self.samples), target)
+                probs, expected_entropy = mc_dropout_predictive(net, x, self.samples)
+                self.reports[f"{prefix}mc"].update(probs, target, expected_entropy)
 
     def compute(self) -> dict[str, Tensor]:
         out = {}

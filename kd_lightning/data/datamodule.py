@@ -16,7 +16,8 @@ from kd_lightning.data.custom import CustomSource
 from kd_lightning.data.dataset import (NORMALIZATIONS, IndexedTensorDataset,
                                        MinibatchGroups, PerSampleDataset, batch_collate)
 from kd_lightning.data.sources import SOURCES, Splits, load_source, source_input_shape
-from kd_lightning.data.subset import stratified_subset, train_val_split, unlabelled_subset
+from kd_lightning.data.subset import (stratified_subset, stratified_subset_per_class, train_val_split,
+                                      unlabelled_subset)
 from kd_lightning.losses.labels import UNLABELLED
 
 #: static facts about each data set, so the CLI can link them into models before loading data
@@ -52,6 +53,12 @@ class DistillDataModule(pl.LightningDataModule):
             stratified per class (``M / num_classes`` each) from the training split by a pure
             function of ``(labels, M, subset_seed)``; ``None`` uses the whole training split. The
             chosen indices are written to ``train_subset.json`` in the run's log directory.
+        train_subset_per_class: the few-data budget as a number per class instead: that many
+            labelled examples of every class (``num_classes`` times as many in all), the draw
+            :func:`~kd_lightning.data.stratified_subset_per_class` (the one ``train_subset`` of the
+            product makes, so ``50`` per class on ten classes is ``train_subset: 500``). Exclusive
+            with ``train_subset``; refused when a class has fewer examples.
+            ``train_subset.json`` records which of the two was given.
         subset_seed: seed of the subset draw (and of the unlabelled draw).
         unlabelled: ``U`` unlabelled transfer examples trained on beside the ``M`` labelled ones:
             a number, ``"rest"`` (every training-split example outside the labelled subset) or
@@ -62,7 +69,7 @@ class DistillDataModule(pl.LightningDataModule):
             drawn without them. They are shuffled into the training batches with label
             ``y = UNLABELLED`` (-1), so batches stay ``(x, y, index)``: methods use them in their
             distillation terms and skip them in their label terms (README, "Unlabelled transfer
-            data"). Needs ``train_subset``. Their indices are written to ``train_subset.json``
+            data"). Needs ``train_subset`` or ``train_subset_per_class``. Their indices are written to ``train_subset.json``
             with the labelled ones.
         val_split: fraction (or count) of the source training set held out for validation.
         split_seed: seed of the validation split (kept fixed across few-data runs so every run is
@@ -114,7 +121,7 @@ class DistillDataModule(pl.LightningDataModule):
                  drop_last: bool = False, batches_per_step: int = 1,
                  source_options: dict | None = None,
                  unlabelled: int | str | None = None, mixup: float = 0.0, cutmix: float = 0.0,
-                 mix_prob: float = 1.0) -> None:
+                 mix_prob: float = 1.0, train_subset_per_class: int | None = None) -> None:
         super().__init__()
         # a dataset by class_path is opened (labels read, examples checked) here
         self._custom = CustomSource(dataset, normalize) if isinstance(dataset, dict) else None
@@ -128,13 +135,25 @@ class DistillDataModule(pl.LightningDataModule):
                                 f"one minibatch per Lightning step.")
         info = (self._custom.num_classes, self._custom.input_shape) if self._custom else DATASET_INFO[dataset]
         k = info[0]
+        if train_subset is not None and train_subset_per_class is not None:
+            raise KDConfigError(
+                f"data.train_subset={train_subset} and data.train_subset_per_class="
+                f"{train_subset_per_class} both set the few-data budget; give one of them "
+                f"(train_subset: labelled examples in all; train_subset_per_class: per class).")
+        if train_subset_per_class is not None and (
+                isinstance(train_subset_per_class, bool) or not isinstance(train_subset_per_class, int)
+                or train_subset_per_class < 1):
+            raise KDConfigError(
+                f"train_subset_per_class={train_subset_per_class!r} must be a positive integer (the "
+                f"labelled examples drawn from each class), or null for the full training set.")
         if train_subset is not None and train_subset < k:
             raise KDConfigError(
                 f"train_subset={train_subset} is smaller than the number of classes of "
                 f"{self._custom.name if self._custom else dataset} "
                 f"({k}): a stratified subset needs at least one example per class. Use "
                 f"train_subset >= {k}, or null for the full training set.")
-        unlabelled = _check_unlabelled(unlabelled, train_subset)
+        unlabelled = _check_unlabelled(
+            unlabelled, train_subset if train_subset is not None else train_subset_per_class)
         name = self._custom.name if self._custom else dataset
         augmentation = resolve_augment(augment, name, info[1])
         mixing = Mixing.from_config(mixup, cutmix, mix_prob, name, info[1])
@@ -152,6 +171,7 @@ class DistillDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or max(batch_size, 500)
         self.train_subset, self.subset_seed = train_subset, subset_seed
+        self.train_subset_per_class = train_subset_per_class
         self.unlabelled = unlabelled
         self.val_split, self.split_seed = val_split, split_seed
         self.augment, self.normalize, self.batched = augmentation, normalize, batched
@@ -230,9 +250,11 @@ class DistillDataModule(pl.LightningDataModule):
         s = self.splits()
         pool, val = train_val_split(len(s.y_train), self.val_split, self.split_seed)
         labelled, unlabelled = pool, pool[:0]
-        if self.train_subset is not None:
-            chosen = stratified_subset(s.y_train[pool].numpy(), self.train_subset,
-                                       self.subset_seed, s.num_classes, s.class_names)
+        if self.train_subset is not None or self.train_subset_per_class is not None:
+            draw, size = ((stratified_subset, self.train_subset) if self.train_subset is not None
+                          else (stratified_subset_per_class, self.train_subset_per_class))
+            chosen = draw(s.y_train[pool].numpy(), size, self.subset_seed, s.num_classes,
+                          s.class_names)
             labelled = pool[chosen]
             if self.unlabelled is not None:
                 unlabelled = pool[unlabelled_subset(len(pool), chosen, self.unlabelled,
@@ -275,7 +297,7 @@ class DistillDataModule(pl.LightningDataModule):
         if trainer.strategy.broadcast(digest, src=0) != digest:
             raise KDConfigError(
                 f"rank {trainer.global_rank} drew a different training subset than rank 0; give "
-                f"every process the same data.train_subset / data.subset_seed / data.unlabelled / "
+                f"every process the same data.train_subset / data.train_subset_per_class / data.subset_seed / data.unlabelled / "
                 f"data.val_split.")
 
     def _write_subset_indices(self) -> None:
@@ -289,6 +311,7 @@ class DistillDataModule(pl.LightningDataModule):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({
             "dataset": self.dataset, "train_subset": self.train_subset,
+            "train_subset_per_class": self.train_subset_per_class,
             "subset_seed": self.subset_seed, "val_split": self.val_split,
             "split_seed": self.split_seed, "num_examples": int(len(self.labelled_indices)),
             "indices": [int(i) for i in self.labelled_indices],
@@ -346,6 +369,16 @@ class DistillDataModule(pl.LightningDataModule):
                           collate_fn=loader.collate_fn, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
 
+    def labelled_train_dataloader(self) -> DataLoader:
+        """The labelled training examples (the few-data subset, or the whole training split), each
+        once, in order, without augmentation or mixing, at the evaluation batch size and sharded
+        across DDP ranks like the validation split: to measure a network on the data it was
+        trained on (the distillation error at the end of a fit)."""
+        if self.labelled_indices is None:
+            self._draw_indices()
+        s = self.splits()
+        return self._eval_loader(self._dataset(s.x_train, s.y_train, self.labelled_indices), "training")
+
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
 
@@ -359,13 +392,14 @@ class DistillDataModule(pl.LightningDataModule):
         return augment_training_batch(batch, device_augment, self.train_dataset.finish, self.mixing)
 
     def state_dict(self) -> dict:
-        return {"train_subset": self.train_subset, "subset_seed": self.subset_seed,
+        return {"train_subset": self.train_subset, "train_subset_per_class": self.train_subset_per_class,
+                "subset_seed": self.subset_seed,
                 "unlabelled": self.unlabelled, "dataset": self.dataset,
                 "batches_per_step": self.batches_per_step}
 
     def load_state_dict(self, state_dict: dict) -> None:
         # the subset is a pure function of the configuration; refuse to silently change it
-        for key in ("dataset", "train_subset", "subset_seed", "unlabelled"):
+        for key in ("dataset", "train_subset", "train_subset_per_class", "subset_seed", "unlabelled"):
             if key in state_dict and state_dict[key] != getattr(self, key):
                 raise KDConfigError(
                     f"the checkpoint was trained with data.{key}={state_dict[key]!r} but this run "
@@ -384,7 +418,8 @@ class DistillDataModule(pl.LightningDataModule):
 
 
 def _check_unlabelled(unlabelled, train_subset: int | None) -> int | str | None:
-    """``unlabelled`` as the data module keeps it: a count >= 1, ``"rest"``, or ``None``."""
+    """``unlabelled`` as the data module keeps it: a count >= 1, ``"rest"``, or ``None``
+    (``train_subset``: the labelled budget, a total or per class; ``None``: the full split)."""
     if unlabelled is None:
         return None
     if isinstance(unlabelled, bool) or not isinstance(unlabelled, (int, str)):
@@ -402,5 +437,6 @@ def _check_unlabelled(unlabelled, train_subset: int | None) -> int | str | None:
         raise KDConfigError(
             f"unlabelled={unlabelled!r} needs train_subset: without it every training example is "
             f"labelled and none is left to use unlabelled. Set train_subset (M labelled "
-            f"examples; the unlabelled ones are drawn from the rest of the training split).")
+            f"examples) or train_subset_per_class (M per class); the unlabelled ones are drawn "
+            f"from the rest of the training split.")
     return unlabelled

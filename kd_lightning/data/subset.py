@@ -1,6 +1,7 @@
-"""Stratified few-data subsets, unlabelled transfer subsets and seeded validation splits.
+"""Stratified few-data subsets (a total or a number per class), unlabelled transfer subsets and
+seeded validation splits.
 
-All three are pure functions of their arguments (no global RNG), so every DDP rank, every rerun and
+All are pure functions of their arguments (no global RNG), so every DDP rank, every rerun and
 every machine draws the same indices for the same ``(labels, m, seed)``.
 """
 
@@ -65,6 +66,37 @@ def stratified_subset(labels: Sequence[int] | np.ndarray, m: int, seed: int = 0,
         pos = np.nonzero(y == c)[0]
         chosen.append(rng.choice(pos, size=per_class[c], replace=False))
     return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def stratified_subset_per_class(labels: Sequence[int] | np.ndarray, per_class: int, seed: int = 0,
+                                num_classes: int | None = None,
+                                class_names: Sequence[str] | None = None) -> np.ndarray:
+    """Return ``per_class`` positions of every class of ``labels``, as a sorted int64 array.
+
+    The draw is :func:`stratified_subset`'s with ``m = per_class * K`` (``K`` = number of
+    classes; no remainder), so ``per_class = 50`` on ten classes gives exactly the examples of
+    ``m = 500`` for the same seed.
+
+    Raises :class:`KDConfigError` if ``per_class`` is not a positive integer or a class has fewer
+    than ``per_class`` examples (naming the class, by ``class_names`` when given, and its count).
+    """
+    y = _as_labels(labels)
+    k = int(num_classes) if num_classes is not None else int(y.max()) + 1
+    if isinstance(per_class, bool) or int(per_class) != per_class or per_class < 1:
+        raise KDConfigError(f"train_subset_per_class={per_class!r} must be a positive integer (the "
+                            f"labelled examples drawn from each class), or null for the full set.")
+    per_class = int(per_class)
+    counts = np.bincount(y, minlength=k)
+    short = np.nonzero(counts < per_class)[0]
+    if len(short):
+        c = int(short[0])
+        name = f" ({class_names[c]!r})" if class_names is not None and c < len(class_names) else ""
+        raise KDConfigError(
+            f"train_subset_per_class={per_class} asks for {per_class} examples of class {c}{name}, "
+            f"but the training set (after the validation split) has only {counts[c]}. Use "
+            f"train_subset_per_class <= {int(counts.min())} (the smallest class), a smaller "
+            f"val_split, or null for the full set.")
+    return stratified_subset(y, per_class * k, seed, k, class_names)
 
 
 def train_val_split(n: int, val_split: float | int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

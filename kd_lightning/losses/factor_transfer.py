@@ -1,4 +1,4 @@
-"""Factor transfer (FT): paraphraser, translator and the factor loss.
+r"""Factor transfer (FT): paraphraser, translator and the factor loss.
 
 Reference:
     Kim, Park & Kwak, "Paraphrasing Complex Network: Network Compression via Factor Transfer",
@@ -21,6 +21,13 @@ by a leaky ReLU of slope 0.1, with biases and no batch norm (``use_bn=True`` ins
 after every convolution and drops the biases, a common variant). Maps are ``[B, C, H, W]``
 (``dims=2``) or ``[B, C, L]`` (``dims=1``). Losses are computed in float32; teacher-side
 tensors are detached.
+
+The factor compared is the one of the paper, the authors' code and torchdistill: the whole
+translator/paraphraser output, flattened per example and L2-normalised (:func:`ft_factor`).
+RepDistiller's ``FactorTransfer`` (``distiller_zoo/FT.py``, used by the CRD benchmark) compares
+a different factor, :math:`\mathrm{normalize}(\mathrm{mean}_c F^2)`: the channel mean of the
+squared factor, a spatial map like attention transfer's, so its loss values and gradients differ
+from these.
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ from kd_lightning import KDConfigError
 from kd_lightning.data.augment import check_mixing
 from kd_lightning.losses.labels import labelled_mask, target_classes
 from kd_lightning.methods.checks import check_base_arguments, check_data, check_mc_dropout
-from kd_lightning.methods.evaluation import Evaluation
+from kd_lightning.methods.evaluation import Evaluation, FitEndDistillationError
 from kd_lightning.models.taps import FeatureTaps
 from kd_lightning.models.teacher import FrozenTeacher
 from kd_lightning.training import TermLog, optim, standard_callbacks
@@ -108,7 +108,8 @@ class DistillationModule(Evaluation, GroupedSteps, FastHookBookkeeping, pl.Light
         distill_error_temperature: temperature gamma of the distillation error
             (:class:`~kd_lightning.metrics.DistillationError`) logged with the teacher agreement
             as ``val/`` and ``test/distill_error``, ``.../teacher_agreement`` when there is a
-            teacher (default 1).
+            teacher, and at the end of a fit over the labelled training examples as
+            ``train/distill_error`` (default 1).
         mc_dropout_samples: ``T > 0`` reports the predictive uncertainty at test time: ECE, NLL
             and predictive entropy of the deterministic prediction and accuracy, ECE, NLL and
             entropy of the mean of ``T`` MC-dropout passes, for the student (``test/mc_ece``, ...)
@@ -202,7 +203,7 @@ class DistillationModule(Evaluation, GroupedSteps, FastHookBookkeeping, pl.Light
         if self.trainer.state.fn == TrainerFn.FITTING:
             self.grouped_fit = None
             check_mixing(self, self.trainer.datamodule)
-        return [*standard_callbacks(), *self.extra_callbacks()]
+        return [*standard_callbacks(), FitEndDistillationError(), *self.extra_callbacks()]
 
     def extra_callbacks(self) -> list[pl.Callback]:
         """Callbacks a method needs for every run (none by default)."""

@@ -8,13 +8,19 @@ its rules, :class:`~kd_lightning.methods.DeepMutualLearning` every peer), throug
 
 Logged at every validation epoch: ``val/loss``, ``val/acc`` (also as ``hp_metric``),
 ``val/acc_top5`` (more than 5 classes) and, with a teacher, ``val/distill_error`` and
-``val/teacher_agreement``; at test: the same under ``test/`` plus ``test/errors`` (misclassified
-examples), ``test/teacher_acc`` and ``test/teacher_errors``, and with ``mc_dropout_samples > 0``
-the predictive uncertainty of :class:`~kd_lightning.metrics.TestUncertainty`.
+``val/teacher_agreement``; at the end of a fit, with a teacher, ``train/distill_error``: the
+distillation error over the labelled training examples the student was trained on, in one pass
+without augmentation (:class:`FitEndDistillationError`; the lecture notes state their bound for
+it on these examples); at test: the same as validation under ``test/`` plus ``test/errors``
+(misclassified examples), ``test/teacher_acc`` and ``test/teacher_errors``, and with
+``mc_dropout_samples > 0`` the predictive uncertainty of
+:class:`~kd_lightning.metrics.TestUncertainty`.
 """
 
 from __future__ import annotations
 
+import pytorch_lightning as pl
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import MeanMetric, SumMetric
@@ -47,7 +53,7 @@ class Evaluation:
             self.val_acc5 = MulticlassAccuracy(num_classes=k, top_k=5, average="micro")
             self.test_acc5 = MulticlassAccuracy(num_classes=k, top_k=5, average="micro")
         if self.teacher is not None:
-            for prefix in ("val", "test"):
+            for prefix in ("train", "val", "test"):
                 setattr(self, f"{prefix}_distill_error", DistillationError(self.distill_error_temperature))
                 setattr(self, f"{prefix}_teacher_agreement", MulticlassAccuracy(num_classes=k, average="micro"))
         self.test_uncertainty = None
@@ -104,6 +110,28 @@ class Evaluation:
             metric.reset()
         return metrics
 
+    @torch.no_grad()
+    def training_distill_error(self, loader) -> Tensor:
+        r"""The distillation error :math:`\Phi_{\gamma,n}` of the student against the teacher
+        over the batches ``(x, y, index)`` of ``loader`` (every DDP rank passes its shard; the
+        metric sums across ranks), both networks in eval mode; the teacher's logits come from the
+        per-example cache while it holds them. Every module's mode is restored afterwards."""
+        metric = self.train_distill_error
+        metric.reset()
+        modes = {m: m.training for m in self.modules()}
+        self.eval()
+        try:
+            with self.trainer.precision_plugin.forward_context():
+                for batch in loader:
+                    x, y, index = self.transfer_batch_to_device(batch, self.device, 0)
+                    metric.update(self.student(x), self.frozen_teacher.logits(x, index), y)
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+        value = metric.compute()
+        metric.reset()
+        return value
+
     def validation_step(self, batch, batch_idx: int) -> None:
         self.eval_step(batch, "val")
 
@@ -142,3 +170,25 @@ class Evaluation:
         x, _, idx = batch
         logits = self.student(x)
         return {"index": idx, "logits": logits, "pred": logits.argmax(-1)}
+
+
+class FitEndDistillationError(pl.Callback):
+    r"""At the end of a fit with a teacher, ``train/distill_error``: the distillation error
+    :math:`\Phi_{\gamma,n}` (:class:`~kd_lightning.metrics.DistillationError`) over the ``n``
+    labelled training examples -- the few-data subset, or the whole training split -- in one
+    pass without augmentation (the data module's ``labelled_train_dataloader``), the data the
+    lecture notes' bound is stated for. Logged to every logger at the last global step and put in
+    ``trainer.callback_metrics`` (Lightning allows no ``self.log`` at the end of a fit). Skipped
+    without a teacher or with a data module that has no such loader."""
+
+    KEY = "train/distill_error"
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
+        loader = getattr(trainer.datamodule, "labelled_train_dataloader", None)
+        if getattr(pl_module, "frozen_teacher", None) is None or loader is None \
+                or not hasattr(pl_module, "train_distill_error") or trainer.interrupted:
+            return
+        value = pl_module.training_distill_error(loader())
+        trainer.callback_metrics[self.KEY] = value
+        for logger in trainer.loggers:
+            logger.log_metrics({self.KEY: float(value)}, step=trainer.global_step)

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from kd_lightning.study.spec import Budget, StudySpec, budget_label, require
+from kd_lightning.study.spec import BUDGET_UNITS, PER_CLASS, Budget, StudySpec, budget_label, require
 
 CSV_FIELDS = ("study_hash method M seed test_acc teacher_acc epochs steps wall_time_s run_hash run_dir "
               "finished_at kind candidate val_acc error").split()
@@ -132,14 +132,19 @@ def _test_accuracies(rows: list[dict]) -> dict[tuple[str, str], list[float]]:
     return acc
 
 
-def _header(names: list[str]) -> list[str]:
-    return ["| M | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+def _header(names: list[str], unit: str | None = None) -> list[str]:
+    """The table's first two lines; the budget column names what M counts when ``unit`` is given
+    (``total``: "M (labelled examples)", ``per_class``: "M (per class)")."""
+    first = "M" if unit is None else f"M ({BUDGET_UNITS[unit]})"
+    return [f"| {first} | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
 
 
-def format_table(rows: list[dict], methods: list[str], budgets: list[Budget]) -> str:
+def format_table(rows: list[dict], methods: list[str], budgets: list[Budget],
+                 unit: str | None = None) -> str:
     """Rows M (those with results), columns methods, ``mean ± std`` of test accuracy over seeds
-    (the mean alone for one run), best in bold."""
-    acc, lines = _test_accuracies(rows), _header(methods)
+    (the mean alone for one run), best in bold; ``unit`` (a study's ``budget_unit``) names what M
+    counts in the header."""
+    acc, lines = _test_accuracies(rows), _header(methods, unit)
     for label in map(budget_label, budgets):
         stats = {m: (*_stats(acc[(m, label)]), len(acc[(m, label)]))
                  for m in methods if (m, label) in acc}
@@ -158,7 +163,7 @@ def format_choices(rows: list[dict], spec: StudySpec) -> str:
     """Per M, the grid candidate each method chose on validation accuracy (empty without grids);
     budgets whose candidates are not all trained show what is known so far."""
     grid_methods = [m for m in spec.methods if m.grid]
-    lines = _header([m.name for m in grid_methods])
+    lines = _header([m.name for m in grid_methods], spec.budget_unit)
     for b in spec.budgets:
         cells = []
         for m in grid_methods:
@@ -189,7 +194,7 @@ def results_markdown(spec: StudySpec, study_hash: str, rows: list[dict],
     text = (f"# Study `{spec.name}` (hash {study_hash})\n\n"
             f"Test accuracy (%) of the student, {what}; best per row in bold. "
             f"{length_note(spec)}{teacher}\n\n"
-            + format_table(rows, [m.name for m in spec.methods], spec.budgets) + "\n")
+            + format_table(rows, [m.name for m in spec.methods], spec.budgets, spec.budget_unit) + "\n")
     if len(seeds) > 1 and 1 in [len(v) for v in _test_accuracies(rows).values()]:
         text += "\nA cell without ± holds one run so far (n=1).\n"
     choices = format_choices(rows, spec)
@@ -230,7 +235,8 @@ def plot_results(rows: list[dict], spec: StudySpec, path: Path, teacher_acc: flo
         ax.set_ylim(ax.get_ylim()[0], max(ax.get_ylim()[1], teacher_acc + 2))
     ax.set_xscale("log")
     ax.set_xticks(list(xs.values()), list(xs.keys()))
-    ax.set(xlabel="labelled training examples M", ylabel="test accuracy (%)",
+    ax.set(xlabel="labelled training examples per class M" if spec.budget_unit == PER_CLASS
+           else "labelled training examples M", ylabel="test accuracy (%)",
            title=f"{spec.name}: student accuracy vs data budget "
                  f"({'mean ± std over seeds' if len(spec.seeds) > 1 else 'one seed'})")
     ax.grid(alpha=0.3)
@@ -247,7 +253,7 @@ def write_report(spec: StudySpec, study_hash: str, rows: list[dict], output: Pat
     (output / "results.md").write_text(results_markdown(spec, study_hash, rows, teacher_acc))
     plot_results(rows, spec, output / "accuracy_vs_m.png",
                  None if teacher_acc is None else 100 * teacher_acc)
-    return format_table(rows, [m.name for m in spec.methods], spec.budgets)
+    return format_table(rows, [m.name for m in spec.methods], spec.budgets, spec.budget_unit)
 
 
 def report_only(spec: StudySpec, output: Path) -> str:

@@ -24,7 +24,8 @@ from kd_lightning import KDConfigError, jobs
 from kd_lightning.study.executors import SequentialExecutor
 from kd_lightning.study.results import (CANDIDATE, CHOSEN, FAILED, RUN, Results, candidate_key,
                                         candidate_label, choose)
-from kd_lightning.study.spec import Budget, MethodSpec, StudySpec, budget_label, override_args, require
+from kd_lightning.study.spec import (PER_CLASS, Budget, MethodSpec, StudySpec, budget_data_args, budget_label,
+                                     override_args, require)
 
 #: what a study writes into its output folder (all that --overwrite may delete)
 OWN_FILES = ("study.json", "results.csv", "results.md", "accuracy_vs_m.png", "runs")
@@ -215,7 +216,8 @@ class StudyRunner:
         """Optimizer steps per epoch of a run, from its data module (built once per data)."""
         from kd_lightning.data import DistillDataModule
 
-        data = {**run_config.data.as_dict(), "train_subset": budget, "subset_seed": seed}
+        data = {**run_config.data.as_dict(), **budget_data_args(self.spec.budget_unit, budget),
+                "subset_seed": seed}
         key = json.dumps(data, sort_keys=True, default=str)
         if key not in self._sizes:
             dm = DistillDataModule(**data)  # raises KDConfigError for an impossible budget
@@ -254,7 +256,9 @@ class StudyRunner:
         # arguments add (--trainer.callbacks+=...) reach the run
         args = ["fit", "--config", spec.resolve(method.config), "--trainer.callbacks", "[]",
                 *spec.args, *method.args, *override_args(settings), "--seed_everything", str(seed),
-                "--data.train_subset", "null" if budget is None else label,
+                *(["--data.train_subset", "null", "--data.train_subset_per_class"]
+                  if spec.budget_unit == PER_CLASS else ["--data.train_subset"]),
+                "null" if budget is None else label,
                 "--data.subset_seed", str(seed), "--trainer.max_epochs", str(epochs),
                 "--trainer.max_steps", "-1", "--trainer.limit_val_batches", "0",
                 "--trainer.num_sanity_val_steps", "0", "--trainer.enable_checkpointing", "false",

@@ -18,11 +18,15 @@ from kd_lightning import KDConfigError
 from kd_lightning.jobs import parse_error_text, parse_run, run_parser
 
 FULL, DEFAULT, DEFAULT_STEPS = "full", "default", 2000
+#: what a budget M counts (``budget_unit``): labelled examples in all (the default), or per class
+TOTAL, PER_CLASS = "total", "per_class"
+BUDGET_UNITS = {TOTAL: "labelled examples", PER_CLASS: "per class"}
 #: run settings the study gives every run itself; a spec may not set them
-CONTROLLED = ("seed_everything", "data.train_subset", "data.subset_seed", "trainer.max_epochs",
-              "trainer.max_steps", "model.init_args.teacher_checkpoint", "test_after_fit")
-STUDY_KEYS = ("name", "output", "teacher", "budgets", "seeds", "steps", "epochs", "args", "set",
-              "epoch_args", "methods", "presets")
+CONTROLLED = ("seed_everything", "data.train_subset", "data.train_subset_per_class", "data.subset_seed",
+              "trainer.max_epochs", "trainer.max_steps", "model.init_args.teacher_checkpoint",
+              "test_after_fit")
+STUDY_KEYS = ("name", "output", "teacher", "budgets", "budget_unit", "seeds", "steps", "epochs", "args",
+              "set", "epoch_args", "methods", "presets")
 METHOD_KEYS = ("name", "config", "method", "reference", "args", "set", "grid", "epoch_args")
 Budget = int | None  # None is the full training split
 NO_DEFAULT = object()
@@ -30,6 +34,14 @@ NO_DEFAULT = object()
 
 def budget_label(budget: Budget) -> str:
     return FULL if budget is None else str(budget)
+
+
+def budget_data_args(unit: str, budget: Budget) -> dict[str, int | None]:
+    """The data settings that draw a run's labelled subset: ``data.train_subset`` (M in all) or,
+    for ``budget_unit: per_class``, ``data.train_subset_per_class`` (M per class)."""
+    if unit == PER_CLASS:
+        return {"train_subset": None, "train_subset_per_class": budget}
+    return {"train_subset": budget}
 
 
 @dataclass(frozen=True)
@@ -117,6 +129,7 @@ class StudySpec:
     set: dict[str, Any] = field(default_factory=dict)
     epoch_args: dict[str, float] = field(default_factory=dict)
     path: str = ""  # the study YAML
+    budget_unit: str = TOTAL  # what M counts: labelled examples in all, or per class
     teacher_run_config: Any = None
     _run_configs: dict = field(default_factory=dict, repr=False)
 
@@ -142,7 +155,8 @@ class StudySpec:
                 "epoch_args": self.epoch_args,
                 "methods": [{"name": m.name, "config": digest(m.config), "args": m.args,
                              "epoch_args": m.epoch_args, **settings(m)} for m in self.methods],
-                **settings(self), **({} if self.epochs is None else {"epochs": raw(self.epochs)})}
+                **settings(self), **({} if self.epochs is None else {"epochs": raw(self.epochs)}),
+                **({} if self.budget_unit == TOTAL else {"budget_unit": self.budget_unit})}
 
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:12]
@@ -255,6 +269,9 @@ def load_study(path: str | Path, preset: str | None = None,
     for b, key in zip(written, budgets):
         require(key is not NO_DEFAULT and key != DEFAULT, f"budget {b!r} in {path} is not a positive integer "
                 f"or '{FULL}'.")
+    unit = raw.get("budget_unit", TOTAL)
+    require(unit in BUDGET_UNITS, f"budget_unit in {path} is {unit!r}; it must be '{TOTAL}' (M labelled "
+            f"examples in all, the default) or '{PER_CLASS}' (M labelled examples of every class).")
     seeds = raw.get("seeds", [0, 1, 2])
     require(budgets and seeds, f"study config {path} needs at least one budget and one seed.")
     require(len(set(budgets)) == len(budgets) and len(set(map(str, seeds))) == len(seeds),
@@ -267,6 +284,7 @@ def load_study(path: str | Path, preset: str | None = None,
     spec = StudySpec(name=name, output=output, teacher_config=str(teacher["config"]),
                      teacher_args=_checked(teacher.get("args"), list, f"'teacher: args' in {path}"),
                      budgets=budgets, seeds=list(seeds), methods=[], epochs=epochs, path=str(path),
+                     budget_unit=unit,
                      steps=DEFAULT_STEPS if steps is None and epochs is None else steps,
                      **_settings(raw, ("set",), f" in {path}"))
     for b in budgets:

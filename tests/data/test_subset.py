@@ -1,5 +1,6 @@
 """Stratified few-data subsets and seeded validation splits."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,9 @@ import pytest
 import torch
 
 from kd_lightning import KDConfigError
-from kd_lightning.data import stratified_subset, train_val_split
+from kd_lightning.data import (DistillDataModule, stratified_subset, stratified_subset_per_class,
+                               train_val_split)
+from tests.conftest import CONFIGS, TINY, run_cli, run_cli_error
 
 
 def _labels(n_per_class=(30, 30, 30, 12)):
@@ -63,3 +66,57 @@ def test_train_val_split_disjoint_and_seeded():
     assert np.array_equal(va, train_val_split(100, 0.2, seed=5)[1])
     with pytest.raises(KDConfigError):
         train_val_split(100, 1.5)
+
+
+# ---- budgets per class ------------------------------------------------------------------
+def test_per_class_subset_takes_that_many_of_every_class_and_equals_the_total_draw():
+    y = np.random.default_rng(5).permutation(_labels((30, 30, 30, 12)))
+    idx = stratified_subset_per_class(y, 7, seed=2)
+    assert np.bincount(y[idx], minlength=4).tolist() == [7, 7, 7, 7]
+    assert np.array_equal(idx, stratified_subset(y, 28, seed=2))  # the same examples as M = 7 K
+    assert np.array_equal(idx, stratified_subset_per_class(y, 7, seed=2))
+    assert not np.array_equal(idx, stratified_subset_per_class(y, 7, seed=3))
+
+
+@pytest.mark.parametrize("per_class, match", [(13, "asks for 13 examples of class 3 .'d'., but the "
+                                                   "training set .after the validation split. has "
+                                                   "only 12. Use train_subset_per_class <= 12"),
+                                              (0, "must be a positive integer"),
+                                              (True, "must be a positive integer")])
+def test_per_class_subset_refuses_a_class_too_small_or_a_bad_count(per_class, match):
+    with pytest.raises(KDConfigError, match=match):
+        stratified_subset_per_class(_labels(), per_class, seed=0, class_names=["a", "b", "c", "d"])
+
+
+def test_datamodule_per_class_budget_is_the_total_budget_of_k_times_as_many():
+    total = DistillDataModule("mnist1d", train_subset=500, subset_seed=3)
+    per_class = DistillDataModule("mnist1d", train_subset_per_class=50, subset_seed=3)
+    assert np.array_equal(per_class.labelled_indices, total.labelled_indices)
+    y = per_class.splits().y_train[per_class.labelled_indices].numpy()
+    assert np.bincount(y, minlength=10).tolist() == [50] * 10
+    assert per_class.state_dict()["train_subset_per_class"] == 50
+    with pytest.raises(KDConfigError, match="resume with the same data settings"):
+        DistillDataModule("mnist1d", train_subset=500).load_state_dict(per_class.state_dict())
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"train_subset": 500, "train_subset_per_class": 50}, "both set the few-data budget; give one"),
+    ({"train_subset_per_class": 0}, "must be a positive integer"),
+    ({"train_subset_per_class": 100000}, "asks for 100000 examples of class 0, but the training set "
+                                         r"\(after the validation split\) has only \d+"),
+])
+def test_datamodule_refuses_bad_per_class_budgets(kwargs, match):
+    with pytest.raises(KDConfigError, match=match):
+        DistillDataModule("mnist1d", **kwargs)
+
+
+def test_cli_per_class_budget_is_recorded_in_train_subset_json(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    cli = run_cli(["fit", "--config", CONFIGS / "mnist1d/student.yaml", *TINY,
+                   "--data.train_subset_per_class", "20", "--test_after_fit", "false"])
+    record = json.loads((Path(cli.trainer.log_dir) / "train_subset.json").read_text())
+    assert record["train_subset_per_class"] == 20 and record["train_subset"] is None
+    assert record["num_examples"] == 200
+    err = run_cli_error(["fit", "--config", CONFIGS / "mnist1d/student.yaml", *TINY,
+                         "--data.train_subset", "200", "--data.train_subset_per_class", "20"], capsys)
+    assert "both set the few-data budget" in err

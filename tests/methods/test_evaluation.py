@@ -13,7 +13,8 @@ from torch import nn
 from kd_lightning import KDConfigError, metrics as metrics_module
 from kd_lightning.data import DistillDataModule
 from kd_lightning.methods import ResponseKD, Supervised
-from kd_lightning.metrics import DistillationError, PredictiveUncertainty, mc_dropout_probs
+from kd_lightning.metrics import (DistillationError, PredictiveUncertainty, mc_dropout_predictive,
+                                  mc_dropout_probs)
 from kd_lightning.models import MLP, ConvNet1D
 from tests.conftest import CONFIGS, TINY, run_cli, run_cli_error, tb_scalars
 
@@ -95,6 +96,38 @@ def test_trainer_logs_distillation_error_and_agreement_for_validation_and_test()
     assert metrics["test/teacher_agreement"] == pytest.approx(float(agreement), abs=1e-6)
 
 
+@pytest.mark.parametrize("mixup", [0.0, 0.4])
+def test_distillation_error_over_the_training_examples_at_the_end_of_fit_by_hand(mixup):
+    """Phi_{gamma,n} over the n = 20 labelled training examples (2 per class), at gamma = 2, against
+    a float64 loop over the examples: with the teacher's per-example cache (no mixing) and with
+    mixed training batches (MixUp), which the measurement does not mix."""
+    import copy
+
+    pl.seed_everything(0)
+    model = ResponseKD(student=MLP(dropout=0.2), teacher=ConvNet1D(width=8), distill_error_temperature=2.0)
+    dm = DistillDataModule("mnist1d", batch_size=8, train_subset_per_class=2, eval_batch_size=6,
+                           mixup=mixup)
+    trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, limit_val_batches=0,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(model, dm)
+    phi = float(trainer.callback_metrics["train/distill_error"])
+    assert model.teacher_cache_used == (mixup == 0)
+    assert model.student.training  # the module's modes are restored after the pass
+    student, teacher = copy.deepcopy(model.student).double().eval(), copy.deepcopy(model.teacher).double().eval()
+    x, y, index = dm._dataset(dm.splits().x_train, dm.splits().y_train, dm.labelled_indices).get_batch(
+        torch.arange(20))
+    assert sorted(index.tolist()) == sorted(dm.labelled_indices.tolist()) and len(set(y.tolist())) == 10
+    gaps = []
+    with torch.no_grad():
+        for i in range(20):  # one example at a time, float64
+            zs, zt, c = student(x[i:i + 1].double())[0].tolist(), teacher(x[i:i + 1].double())[0].tolist(), int(y[i])
+            p_s = math.exp(zs[c] / 2) / sum(math.exp(v / 2) for v in zs)
+            p_t = math.exp(zt[c] / 2) / sum(math.exp(v / 2) for v in zt)
+            gaps.append(abs(p_t - p_s))
+    assert phi == pytest.approx(sum(gaps) / 20, rel=1e-5, abs=1e-7)
+    assert phi > 0
+
+
 def test_no_teacher_no_distillation_error():
     model = Supervised(student=MLP(), num_classes=10)
     assert not hasattr(model, "val_distill_error") and not hasattr(model, "test_teacher_agreement")
@@ -114,11 +147,76 @@ def test_cli_run_logs_distillation_error_to_tensorboard(mnist1d_teacher, tmp_pat
     assert cli.model.test_distill_error.temperature == 4.0
     scalars = tb_scalars(cli.trainer.log_dir)
     for key in ("val/distill_error", "val/teacher_agreement", "test/distill_error",
-                "test/teacher_agreement"):
+                "test/teacher_agreement", "train/distill_error"):
         assert key in scalars and all(0.0 <= v <= 1.0 for v in scalars[key]), key
 
 
-UNCERTAINTY_KEYS = ["ece", "nll", "entropy", "mc_acc", "mc_ece", "mc_nll", "mc_entropy"]
+UNCERTAINTY_KEYS = ["ece", "nll", "entropy", "mc_acc", "mc_ece", "mc_nll", "mc_entropy",
+                    "mc_expected_entropy", "mc_mutual_info"]
+
+
+def _entropy64(p: list[float]) -> float:
+    return -sum(q * math.log(q) for q in p if q > 0)
+
+
+def _mc_split64(passes: list[list[list[float]]]) -> tuple[float, float, float]:
+    """Total predictive entropy, expected entropy and mutual information, mean over examples, in
+    float64 with explicit loops: ``passes[t][i]`` is pass t's distribution for example i."""
+    n, t_count = len(passes[0]), len(passes)
+    total = expected = mutual = 0.0
+    for i in range(n):
+        mean = [sum(passes[t][i][k] for t in range(t_count)) / t_count for k in range(len(passes[0][i]))]
+        h_mean = _entropy64(mean)
+        h_expected = sum(_entropy64(passes[t][i]) for t in range(t_count)) / t_count
+        total, expected, mutual = total + h_mean, expected + h_expected, mutual + h_mean - h_expected
+    return total / n, expected / n, mutual / n
+
+
+def test_mc_uncertainty_split_into_expected_entropy_and_mutual_information_by_hand():
+    # three MC passes over three examples of three classes: the first example is certain in every
+    # pass but changes its mind between passes (epistemic), the second is unsure the same way in
+    # every pass (aleatoric), the third a mix
+    passes = [[[0.98, 0.01, 0.01], [0.4, 0.3, 0.3], [0.7, 0.2, 0.1]],
+              [[0.01, 0.98, 0.01], [0.4, 0.3, 0.3], [0.5, 0.25, 0.25]],
+              [[0.01, 0.01, 0.98], [0.4, 0.3, 0.3], [0.2, 0.6, 0.2]]]
+    mean = torch.tensor(passes, dtype=torch.float64).mean(0).float()
+    per_example = [sum(_entropy64(passes[t][i]) for t in range(3)) / 3 for i in range(3)]
+    metric = PredictiveUncertainty(num_classes=3, mc=True)
+    metric.update(mean[:2], torch.tensor([0, 0]), torch.tensor(per_example[:2]))
+    metric.update(mean[2:], torch.tensor([1]), torch.tensor(per_example[2:]))
+    out = metric.compute()
+    total, expected, mutual = _mc_split64(passes)
+    assert float(out["entropy"]) == pytest.approx(total, rel=1e-5)
+    assert float(out["expected_entropy"]) == pytest.approx(expected, rel=1e-5)
+    assert float(out["mutual_info"]) == pytest.approx(mutual, rel=1e-5)
+    assert mutual > 0.3 and float(out["mutual_info"]) + float(out["expected_entropy"]) == \
+        pytest.approx(float(out["entropy"]), rel=1e-5)
+    # the second example alone: the same distribution in every pass, no epistemic part
+    alone = PredictiveUncertainty(num_classes=3, mc=True)
+    alone.update(mean[1:2], torch.tensor([0]), torch.tensor(per_example[1:2]))
+    assert float(alone.compute()["mutual_info"]) == pytest.approx(0.0, abs=1e-6)
+    plain = PredictiveUncertainty(num_classes=3)  # a deterministic prediction has no split
+    plain.update(mean, torch.tensor([0, 0, 1]))
+    assert set(plain.compute()) == {"acc", "ece", "nll", "entropy"}
+
+
+def test_mc_dropout_predictive_is_the_passes_mean_and_their_mean_entropy():
+    torch.manual_seed(0)
+    net = _bn_dropout_net()
+    net.eval()
+    x = torch.randn(4, 6)
+    torch.manual_seed(3)
+    probs, expected_entropy = mc_dropout_predictive(net, x, samples=5)
+    torch.manual_seed(3)
+    assert torch.equal(probs, mc_dropout_probs(net, x, samples=5))  # the same passes, in order
+    net[3].train()  # by hand: the same five dropout masks, one pass at a time, in float64
+    torch.manual_seed(3)
+    passes = [net(x).double().softmax(-1).tolist() for _ in range(5)]
+    for i in range(4):
+        h = sum(_entropy64(passes[t][i]) for t in range(5)) / 5
+        assert float(expected_entropy[i]) == pytest.approx(h, rel=1e-5)
+        mean = [sum(passes[t][i][k] for t in range(5)) / 5 for k in range(3)]
+        assert probs[i].tolist() == pytest.approx(mean, rel=1e-5)
 
 
 def test_predictive_uncertainty_by_hand():
@@ -209,28 +307,32 @@ def test_student_and_teacher_uncertainty_reported_at_test_time(monkeypatch):
     pl.seed_everything(0)
     teacher = MLP(hidden_dims=[64, 64], dropout=0.3)
     model = ResponseKD(student=MLP(dropout=0.2), teacher=teacher, mc_dropout_samples=5)
-    calls = []  # (network, samples, MC probabilities) of every MC pass at test time
+    calls = []  # (network, samples, MC probabilities, expected entropies) of every MC pass at test time
 
     def recorded(net, x, samples):
-        p = mc_dropout_probs(net, x, samples)
-        calls.append((net, samples, p))
-        return p
+        p, expected = mc_dropout_predictive(net, x, samples)
+        calls.append((net, samples, p, expected))
+        return p, expected
 
-    monkeypatch.setattr(metrics_module, "mc_dropout_probs", recorded)
+    monkeypatch.setattr(metrics_module, "mc_dropout_predictive", recorded)
     metrics, dm = _fit_and_test(model)
     for key in UNCERTAINTY_KEYS:
         assert f"test/{key}" in metrics and f"test/teacher_{key}" in metrics
     # the deterministic NLL is the test cross-entropy
     assert metrics["test/nll"] == pytest.approx(metrics["test/loss"], abs=1e-5)
     # one test batch: the student's and the teacher's mean of 5 dropout passes are reported
-    assert [(net, samples) for net, samples, _ in calls] == [(model.student, 5), (model.teacher, 5)]
+    assert [(net, samples) for net, samples, *_ in calls] == [(model.student, 5), (model.teacher, 5)]
     y = dm.test_dataset.get_batch(torch.arange(len(dm.test_dataset)))[1]
-    for prefix, (_, _, p) in zip(("", "teacher_"), calls):
+    for prefix, (_, _, p, expected) in zip(("", "teacher_"), calls):
         assert metrics[f"test/{prefix}mc_acc"] == pytest.approx(float((p.argmax(-1) == y).float().mean()))
         nll = -p[torch.arange(len(y)), y].log().mean()
         assert metrics[f"test/{prefix}mc_nll"] == pytest.approx(float(nll), abs=1e-5)
         entropy = -(p * p.log()).sum(-1).mean()
         assert metrics[f"test/{prefix}mc_entropy"] == pytest.approx(float(entropy), abs=1e-5)
+        assert metrics[f"test/{prefix}mc_expected_entropy"] == pytest.approx(float(expected.mean()), abs=1e-5)
+        assert metrics[f"test/{prefix}mc_mutual_info"] == pytest.approx(float(entropy - expected.mean()),
+                                                                        abs=1e-5)
+        assert 0 < metrics[f"test/{prefix}mc_mutual_info"] < metrics[f"test/{prefix}mc_entropy"]
     assert all(not m.training for m in model.teacher.modules())  # the teacher is back in eval mode
 
 

@@ -55,7 +55,7 @@ def test_choices_table_names_the_chosen_candidate_per_budget(tmp_path):
             + _rows("ResponseKD", "20", "", kind="candidate", candidate=t4, val_acc=45.5)
             + _rows("ResponseKD", "50", "", kind="candidate", candidate=t1, val_acc=50.0))
     assert format_choices(rows, spec).splitlines() == [
-        "| M | ResponseKD |", "|---|---|",
+        "| M (labelled examples) | ResponseKD |", "|---|---|",
         "| 20 | **temperature=4.0** (val 45.50; temperature=1.0: 40.00) |",
         "| 50 | (not all trained; temperature=1.0: 50.00) |"]
     assert format_table(rows, ["student alone", "ResponseKD"], [20, 50]).count("\n") == 1  # no test yet

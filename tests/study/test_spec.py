@@ -130,3 +130,54 @@ def test_quick_preset_of_the_mnist1d_study():
     quick = load_study(CONFIGS / "studies/mnist1d.yaml", "quick")
     assert quick.budgets == [50, 100, 500, None] and quick.seeds == [0, 1] and quick.steps == 500
     assert quick.name == "mnist1d-quick" and quick.output == "studies/mnist1d-quick"
+
+
+# ---- budgets per class ------------------------------------------------------------------
+def _flag(args: list[str], name: str) -> str | None:
+    return args[args.index(name) + 1] if name in args else None
+
+
+def test_budget_unit_per_class_reaches_the_runs_the_identity_and_the_table(tmp_path):
+    from kd_lightning.study.results import format_table, results_markdown
+    from kd_lightning.study.runner import StudyRunner
+
+    total = load_study(write_study(tmp_path, name="total.yaml"))
+    explicit = load_study(write_study(tmp_path, name="explicit.yaml", budget_unit="total"))
+    per_class = load_study(write_study(tmp_path, name="per_class.yaml", budget_unit="per_class",
+                                       budgets=[2, 5, "full"], epochs={"full": 1}))
+    # the default keeps every existing study's identity (and hash); per class is another study
+    assert total.budget_unit == "total" and "budget_unit" not in total.identity()
+    assert explicit.hash() == total.hash()
+    assert per_class.identity()["budget_unit"] == "per_class"
+    assert load_study(write_study(tmp_path, name="pc.yaml", budget_unit="per_class")).hash() != total.hash()
+
+    def plan_args(spec, budget):
+        runner = StudyRunner(spec, tmp_path / "out", [], False, tmp_path / "t", progress=False)
+        plan = runner.plan(spec.methods[0], budget, 0, {}, "run")
+        return plan, plan.jobs[0].args
+
+    plan, args = plan_args(per_class, 5)  # 5 per class of MNIST-1D's 10 classes: 50 examples
+    assert _flag(args, "--data.train_subset_per_class") == "5" and _flag(args, "--data.train_subset") == "null"
+    same, total_args = plan_args(total, 50)
+    assert _flag(total_args, "--data.train_subset") == "50"
+    assert "--data.train_subset_per_class" not in total_args  # the runs of a total study are as before
+    assert (plan.epochs, plan.steps) == (same.epochs, same.steps)  # 50 examples either way
+    _, full = plan_args(per_class, None)
+    assert _flag(full, "--data.train_subset_per_class") == "null"
+
+    rows = [{"method": "student alone", "M": "5", "seed": s, "test_acc": 50.0 + s, "kind": "run",
+             "candidate": "", "val_acc": ""} for s in (0, 1)]
+    assert "| M (per class) | student alone | ResponseKD |" in results_markdown(per_class, "h", rows, None)
+    assert format_table(rows, ["student alone"], [5], "total").startswith("| M (labelled examples) |")
+
+
+def test_budget_unit_must_be_total_or_per_class(tmp_path, capsys):
+    err = _error(tmp_path, capsys, budget_unit="per_label")
+    assert "budget_unit" in err and "'total'" in err and "'per_class'" in err
+    err = _error(tmp_path, capsys, set={"data.train_subset_per_class": 10})
+    assert "data.train_subset_per_class" in err and "the study sets itself" in err
+
+
+def test_a_per_class_budget_larger_than_a_class_is_refused_before_anything_runs(tmp_path, capsys):
+    err = _error(tmp_path, capsys, budget_unit="per_class", budgets=[2, 5000])
+    assert "budget M=5000 cannot be run" in err and "train_subset_per_class=5000" in err

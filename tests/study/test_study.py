@@ -74,7 +74,7 @@ def test_tiny_study_end_to_end_per_budget_settings_and_teacher_cache(tmp_path, m
         if r["method"] == "ResponseKD":
             assert hp["kd_weight"] == (0.5 if r["M"] == "20" else 0.9)
     md = (out / "results.md").read_text()
-    assert "| M | student alone | ResponseKD |" in md and "±" in md
+    assert "| M (labelled examples) | student alone | ResponseKD |" in md and "±" in md
     assert "Training length: M=20: 4 steps, M=50: 6 steps" in md
     assert (out / "accuracy_vs_m.png").stat().st_size > 1000
     assert list((out / "runs").rglob("events.out.tfevents.*"))
