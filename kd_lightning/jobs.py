@@ -124,7 +124,7 @@ def needs_subprocess(config) -> bool:
 @functools.lru_cache(maxsize=1)
 def run_parser():
     """The argument parser of ``kd-lightning fit`` (built once; nothing is instantiated)."""
-    from kd_lightning.cli import KDLightningCLI
+    from kd_lightning.cli import KDArgumentParser, KDLightningCLI
     from kd_lightning.data import DistillDataModule
     from kd_lightning.methods import DistillationModule
 
@@ -137,7 +137,7 @@ def run_parser():
 
     # the same classes and modes as kd_lightning.cli.cli_main; errors raise instead of exiting
     return ParserOnly(DistillationModule, DistillDataModule, subclass_mode_model=True, run=False,
-                      parser_kwargs={"exit_on_error": False}).parser
+                      parser_class=KDArgumentParser, parser_kwargs={"exit_on_error": False}).parser
 
 
 def build(args: list[str]):
@@ -385,7 +385,7 @@ def _subprocess(job: Job, on_epoch) -> JobResult:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m kd_lightning.jobs",
-                                     description=__doc__.split("\n\n")[0])
+                                     description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--result", required=True, help="JSON file for the job's result")
     parser.add_argument("--progress", help="JSON-lines file for per-epoch progress")
     parser.add_argument("--validate", action="store_true")

@@ -15,6 +15,7 @@ from kd_lightning.study.spec import load_study, require
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kd-lightning-study",
+        allow_abbrev=False,  # a misspelt option is an error, never taken for a longer one
         description="Which distillation method works best at my data budget? Trains the teacher once, then "
                     "every method of the study config for every budget M and seed, and writes the table "
                     "(results.md, results.csv) and a plot.",
