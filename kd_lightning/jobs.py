@@ -312,7 +312,9 @@ def _in_process(job: Job, on_epoch) -> JobResult:
     previous = None if signal.getsignal(signal.SIGINT) is signal.SIG_IGN else _set_sigint(on_sigint)
     _listener = on_epoch
     try:
-        with open(job.log, "w") as log, output_to(log):
+        # line-buffered: every line is in the file as soon as it is written, so a job whose
+        # process is killed (a Ray worker, the OOM killer) leaves its log up to that point
+        with open(job.log, "w", buffering=1) as log, output_to(log):
             print("kd-lightning " + shlex.join(map(str, job.args)), flush=True)
             try:
                 return _cli(job)[1]
@@ -354,7 +356,8 @@ def _subprocess(job: Job, on_epoch) -> JobResult:
     cmd += ["--", *map(str, job.args)]
     # the subprocess imports this same kd_lightning, wherever it was imported from
     here = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+    # (unbuffered: the subprocess's output reaches the log as it is written, also when it is killed)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
         p for p in (here, os.environ.get("PYTHONPATH")) if p)}
     seen = 0
     with open(job.log, "w") as log:

@@ -320,8 +320,12 @@ class StudyRunner:
                     hint = (f" The study's teacher is trained from {self.spec.teacher_config} (teacher: "
                             f"in {self.spec.path}) and cached at {self.teacher_ckpt}."
                             if "teacher" in str(outcome).lower() else "")
+                    # the log of the job that failed (a worker killed mid-run says not which:
+                    # the last one that started)
+                    log = outcome.log or next((j.log for j in reversed(plan.jobs) if Path(j.log).exists()),
+                                              plan.jobs[0].log)
                     err = jobs.JobFailed(f"run {plan.describe()} failed: {outcome} (log: "
-                                         f"{plan.jobs[-1].log}).{hint} Finished runs are kept in "
+                                         f"{log}).{hint} Finished runs are kept in "
                                          f"{self.results.path}; rerun the same command to continue.")
                     if not self.keep_going:
                         raise err
