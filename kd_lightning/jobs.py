@@ -74,6 +74,8 @@ class JobResult:
     run_dir: str = ""
     #: the checkpoints the run's ModelCheckpoint callbacks wrote (best first, as configured)
     checkpoints: list[str] = field(default_factory=list)
+    #: where it ran (:func:`kd_lightning.environment.describe`: versions, CPU kernels, threads, device)
+    environment: dict = field(default_factory=dict)
 
 
 class JobFailed(Exception):
@@ -258,6 +260,7 @@ def job_cli():
 def _cli(job: Job) -> tuple[Any, JobResult]:
     """The job through the CLI in this process: (trainer, result without timing)."""
     from kd_lightning.cli import cli_main
+    from kd_lightning.environment import describe
 
     trainer = cli_main(args=[str(a) for a in job.args], cli_class=job_cli()).trainer
     if job.validate:
@@ -268,7 +271,8 @@ def _cli(job: Job) -> tuple[Any, JobResult]:
     ckpts = [p for cb in trainer.checkpoint_callbacks
              for p in (cb.best_model_path, cb.last_model_path) if p]
     return trainer, JobResult({k: float(v) for k, v in trainer.callback_metrics.items()},
-                              run_dir=str(trainer.log_dir or ""), checkpoints=list(dict.fromkeys(ckpts)))
+                              run_dir=str(trainer.log_dir or ""), checkpoints=list(dict.fromkeys(ckpts)),
+                              environment=describe(trainer))
 
 
 @contextlib.contextmanager

@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             jobs.quiet_lightning()
             runner.run()
             rows = runner.results.rows()
-            table = write_report(spec, runner.study_hash, rows, output, runner.teacher_acc)
+            table = write_report(spec, runner.study_hash, rows, output, runner.teacher_acc,
+                                 runner.environments)
             failed = failures(rows)
     except (KDConfigError, jobs.JobFailed) as err:
         print(f"kd-lightning-study: error: {err}", file=sys.stderr)
