@@ -25,6 +25,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from kd_lightning import KDConfigError
 from kd_lightning.data import DistillDataModule
+from kd_lightning.environment import RecordEnvironment
 from kd_lightning.methods import DistillationModule
 from kd_lightning.methods.checks import check_data
 from kd_lightning.models.weights import raw_pickle, read_checkpoint
@@ -41,6 +42,9 @@ _IMPORT_PROBLEM = re.compile(
 class KDArgumentParser(LightningArgumentParser):
     """Lightning's parser, reporting a ``class_path`` that cannot be imported in one line (instead
     of the usage text and every alternative jsonargparse tried)."""
+
+    def __init__(self, *args, **kwargs) -> None:  # --trainer.max_epoch is an error, not max_epochs
+        super().__init__(*args, **{**kwargs, "allow_abbrev": False})
 
     def error(self, message: str, ex: Exception | None = None):
         match = _IMPORT_PROBLEM.search(message or "")
@@ -125,6 +129,7 @@ class KDLightningCLI(LightningCLI):
         if self.trainer.progress_bar_callback is None and not any(
                 isinstance(cb, EpochSummary) for cb in self.trainer.callbacks):
             self.trainer.callbacks.append(EpochSummary())
+        self.trainer.callbacks.append(RecordEnvironment())  # environment.json in the run's folder
         self.attach_inspection()
 
     def before_validate(self) -> None:

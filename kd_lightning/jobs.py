@@ -74,6 +74,8 @@ class JobResult:
     run_dir: str = ""
     #: the checkpoints the run's ModelCheckpoint callbacks wrote (best first, as configured)
     checkpoints: list[str] = field(default_factory=list)
+    #: where it ran (:func:`kd_lightning.environment.describe`: versions, CPU kernels, threads, device)
+    environment: dict = field(default_factory=dict)
 
 
 class JobFailed(Exception):
@@ -124,7 +126,7 @@ def needs_subprocess(config) -> bool:
 @functools.lru_cache(maxsize=1)
 def run_parser():
     """The argument parser of ``kd-lightning fit`` (built once; nothing is instantiated)."""
-    from kd_lightning.cli import KDLightningCLI
+    from kd_lightning.cli import KDArgumentParser, KDLightningCLI
     from kd_lightning.data import DistillDataModule
     from kd_lightning.methods import DistillationModule
 
@@ -137,7 +139,7 @@ def run_parser():
 
     # the same classes and modes as kd_lightning.cli.cli_main; errors raise instead of exiting
     return ParserOnly(DistillationModule, DistillDataModule, subclass_mode_model=True, run=False,
-                      parser_kwargs={"exit_on_error": False}).parser
+                      parser_class=KDArgumentParser, parser_kwargs={"exit_on_error": False}).parser
 
 
 def build(args: list[str]):
@@ -258,6 +260,7 @@ def job_cli():
 def _cli(job: Job) -> tuple[Any, JobResult]:
     """The job through the CLI in this process: (trainer, result without timing)."""
     from kd_lightning.cli import cli_main
+    from kd_lightning.environment import describe
 
     trainer = cli_main(args=[str(a) for a in job.args], cli_class=job_cli()).trainer
     if job.validate:
@@ -268,7 +271,8 @@ def _cli(job: Job) -> tuple[Any, JobResult]:
     ckpts = [p for cb in trainer.checkpoint_callbacks
              for p in (cb.best_model_path, cb.last_model_path) if p]
     return trainer, JobResult({k: float(v) for k, v in trainer.callback_metrics.items()},
-                              run_dir=str(trainer.log_dir or ""), checkpoints=list(dict.fromkeys(ckpts)))
+                              run_dir=str(trainer.log_dir or ""), checkpoints=list(dict.fromkeys(ckpts)),
+                              environment=describe(trainer))
 
 
 @contextlib.contextmanager
@@ -312,7 +316,9 @@ def _in_process(job: Job, on_epoch) -> JobResult:
     previous = None if signal.getsignal(signal.SIGINT) is signal.SIG_IGN else _set_sigint(on_sigint)
     _listener = on_epoch
     try:
-        with open(job.log, "w") as log, output_to(log):
+        # line-buffered: every line is in the file as soon as it is written, so a job whose
+        # process is killed (a Ray worker, the OOM killer) leaves its log up to that point
+        with open(job.log, "w", buffering=1) as log, output_to(log):
             print("kd-lightning " + shlex.join(map(str, job.args)), flush=True)
             try:
                 return _cli(job)[1]
@@ -354,7 +360,8 @@ def _subprocess(job: Job, on_epoch) -> JobResult:
     cmd += ["--", *map(str, job.args)]
     # the subprocess imports this same kd_lightning, wherever it was imported from
     here = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+    # (unbuffered: the subprocess's output reaches the log as it is written, also when it is killed)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
         p for p in (here, os.environ.get("PYTHONPATH")) if p)}
     seen = 0
     with open(job.log, "w") as log:
@@ -385,7 +392,7 @@ def _subprocess(job: Job, on_epoch) -> JobResult:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m kd_lightning.jobs",
-                                     description=__doc__.split("\n\n")[0])
+                                     description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--result", required=True, help="JSON file for the job's result")
     parser.add_argument("--progress", help="JSON-lines file for per-epoch progress")
     parser.add_argument("--validate", action="store_true")

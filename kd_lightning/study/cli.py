@@ -15,6 +15,7 @@ from kd_lightning.study.spec import load_study, require
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kd-lightning-study",
+        allow_abbrev=False,  # a misspelt option is an error, never taken for a longer one
         description="Which distillation method works best at my data budget? Trains the teacher once, then "
                     "every method of the study config for every budget M and seed, and writes the table "
                     "(results.md, results.csv) and a plot.",
@@ -74,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             jobs.quiet_lightning()
             runner.run()
             rows = runner.results.rows()
-            table = write_report(spec, runner.study_hash, rows, output, runner.teacher_acc)
+            table = write_report(spec, runner.study_hash, rows, output, runner.teacher_acc,
+                                 runner.environments)
             failed = failures(rows)
     except (KDConfigError, jobs.JobFailed) as err:
         print(f"kd-lightning-study: error: {err}", file=sys.stderr)

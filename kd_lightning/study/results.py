@@ -40,6 +40,21 @@ class Results:
         reader = csv.DictReader(io.StringIO(text[:text.rfind("\n") + 1], newline=""))  # up to the last \n
         return list(reader.fieldnames or []), [r for r in reader if _valid(r)]
 
+    def damaged(self) -> list[tuple[int, str, dict]]:
+        """The lines :meth:`_read` leaves out: ``(line number, "torn" or "malformed", what of the
+        row could be read)``. A torn line is the last one, without its newline."""
+        if not self.path.is_file():
+            return []
+        text = self.path.read_text()
+        whole, tail = text[:text.rfind("\n") + 1], text[text.rfind("\n") + 1:]
+        reader = csv.DictReader(io.StringIO(whole, newline=""))
+        out = [(reader.line_num, "malformed", {k: v for k, v in r.items() if isinstance(k, str)})
+               for r in reader if not _valid(r)]
+        if tail:
+            fields = next(csv.reader([tail]), [])
+            out.append((whole.count("\n") + 1, "torn", dict(zip(reader.fieldnames or CSV_FIELDS, fields))))
+        return out
+
     def rows(self) -> list[dict]:
         """This study's rows, in the order they were written (files written before grids existed
         have no kind, candidate, val_acc)."""
@@ -186,15 +201,26 @@ def length_note(spec: StudySpec) -> str:
     return "Training length: " + ", ".join(parts) + " (steps are optimizer steps)."
 
 
+def environment_note(environments: list[dict]) -> str:
+    """The environments the runs ran in, one line each (float32 results move within the seed
+    spread across CPU kernels and thread counts)."""
+    from kd_lightning.environment import summary
+
+    return "".join(f"\nEnvironment{f' {i + 1}' if len(environments) > 1 else ''}: {summary(env)}.\n"
+                   for i, env in enumerate(environments))
+
+
 def results_markdown(spec: StudySpec, study_hash: str, rows: list[dict],
-                     teacher_acc: float | None) -> str:
+                     teacher_acc: float | None, environments: list[dict] | None = None) -> str:
     seeds = spec.seeds
     what = f"mean ± std over seeds {seeds}" if len(seeds) > 1 else f"one seed ({seeds[0]}; n=1, so no std)"
     teacher = f" Teacher: {teacher_acc * 100:.2f}%." if teacher_acc is not None else ""
     text = (f"# Study `{spec.name}` (hash {study_hash})\n\n"
             f"Test accuracy (%) of the student, {what}; best per row in bold. "
             f"{length_note(spec)}{teacher}\n\n"
-            + format_table(rows, [m.name for m in spec.methods], spec.budgets, spec.budget_unit) + "\n")
+            + format_table(rows, [m.name for m in spec.methods], spec.budgets, spec.budget_unit) + "
+"
+            + environment_note(environments or []))
     if len(seeds) > 1 and 1 in [len(v) for v in _test_accuracies(rows).values()]:
         text += "\nA cell without ± holds one run so far (n=1).\n"
     choices = format_choices(rows, spec)
@@ -247,10 +273,10 @@ def plot_results(rows: list[dict], spec: StudySpec, path: Path, teacher_acc: flo
 
 
 def write_report(spec: StudySpec, study_hash: str, rows: list[dict], output: Path,
-                 teacher_acc: float | None) -> str:
+                 teacher_acc: float | None, environments: list[dict] | None = None) -> str:
     """Write results.md and accuracy_vs_m.png into ``output``; returns the table."""
     output = Path(output)
-    (output / "results.md").write_text(results_markdown(spec, study_hash, rows, teacher_acc))
+    (output / "results.md").write_text(results_markdown(spec, study_hash, rows, teacher_acc, environments))
     plot_results(rows, spec, output / "accuracy_vs_m.png",
                  None if teacher_acc is None else 100 * teacher_acc)
     return format_table(rows, [m.name for m in spec.methods], spec.budgets, spec.budget_unit)
@@ -266,4 +292,5 @@ def report_only(spec: StudySpec, output: Path) -> str:
             f"study (hash {info.get('hash')}) than {spec.path} describes (hash {spec.hash()}); give the "
             f"study config and --preset that wrote them.")
     return write_report(spec, spec.hash(), Results(output / "results.csv", spec.hash()).rows(),
-                        output, (info.get("teacher") or {}).get("test_acc"))
+                        output, (info.get("teacher") or {}).get("test_acc"),
+                        info.get("run_environments") or ([info["environment"]] if "environment" in info else []))

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kd_lightning import KDConfigError, jobs
+from kd_lightning import KDConfigError, environment, jobs
 from kd_lightning.study.executors import SequentialExecutor
 from kd_lightning.study.results import (CANDIDATE, CHOSEN, FAILED, RUN, Results, candidate_key,
                                         candidate_label, choose)
@@ -157,6 +157,8 @@ class StudyRunner:
         #: keep_going: on a failed run (diverged, crashed) record it as failed and go on
         self.overwrite, self.progress, self.keep_going = overwrite, progress, keep_going
         self.study_hash, self.teacher_acc, self._sizes = spec.hash(), None, {}
+        #: the distinct environments the study's runs reported (kept in study.json across reruns)
+        self.environments: list[dict] = []
         self.results = Results(self.output / "results.csv", self.study_hash)
         key = hashlib.sha256((Path(spec.resolve(spec.teacher_config)).read_text()
                               + json.dumps(spec.teacher_args) + json.dumps(self.trainer_args)).encode())
@@ -170,10 +172,20 @@ class StudyRunner:
         ``--overwrite`` another study's loses exactly the files a study writes (:data:`OWN_FILES`)."""
         jobs.claim_output(self.output, "study.json", self.study_hash, OWN_FILES, self.overwrite,
                           "study", "results of a different study")
+        old = json.loads((self.output / "study.json").read_text()) \
+            if (self.output / "study.json").is_file() else {}
+        if old.get("hash") == self.study_hash:  # resumed: the earlier runs' environments stay
+            self.environments = list(old.get("run_environments") or [])
         self._write_meta()
 
     def _write_meta(self, **teacher) -> None:
-        meta = {"hash": self.study_hash, "identity": self.spec.identity()}
+        """study.json: the study's hash and identity, the teacher, this process's environment and
+        the distinct environments its runs reported (float32 results depend on them)."""
+        meta = {"hash": self.study_hash, "identity": self.spec.identity(),
+                "environment": environment.describe(), "run_environments": self.environments}
+        if not teacher and (self.output / "study.json").is_file():
+            teacher = {k: v for k, v in json.loads((self.output / "study.json").read_text()).items()
+                       if k == "teacher"}
         (self.output / "study.json").write_text(json.dumps({**meta, **teacher}, indent=2))
 
     def prepare_teacher(self, display: _Display) -> None:
@@ -296,6 +308,8 @@ class StudyRunner:
         done = self.results.done()
         todo = [p for p in plans if not self._is_done(p, done)]
         ex, stop, display = self.executor, None, _Display(self.progress)
+        for line in self.damaged_rows(plans, done):
+            display.print(line)
         queue = Queue(longest_first=ex.concurrent)
 
         def fill() -> None:
@@ -324,8 +338,12 @@ class StudyRunner:
                     hint = (f" The study's teacher is trained from {self.spec.teacher_config} (teacher: "
                             f"in {self.spec.path}) and cached at {self.teacher_ckpt}."
                             if "teacher" in str(outcome).lower() else "")
+                    # the log of the job that failed (a worker killed mid-run says not which:
+                    # the last one that started)
+                    log = outcome.log or next((j.log for j in reversed(plan.jobs) if Path(j.log).exists()),
+                                              plan.jobs[0].log)
                     err = jobs.JobFailed(f"run {plan.describe()} failed: {outcome} (log: "
-                                         f"{plan.jobs[-1].log}).{hint} Finished runs are kept in "
+                                         f"{log}).{hint} Finished runs are kept in "
                                          f"{self.results.path}; rerun the same command to continue.")
                     if not self.keep_going:
                         raise err
@@ -344,6 +362,27 @@ class StudyRunner:
                 fill()
         if stop is not None:
             raise stop
+
+    def damaged_rows(self, plans: list[RunPlan], done: set) -> list[str]:
+        """A line per row of results.csv that cannot be read (torn by a kill while it was written,
+        or malformed): which line, whose run, and whether that run is trained again."""
+        lines = []
+        for number, what, row in self.results.damaged():
+            run = " ".join(f"{k}={row[k]}" if k != "method" else row[k]
+                           for k in ("method", "M", "seed") if row.get(k)) or "unreadable"
+            try:
+                key = Results.key(row["method"], row["M"], row["seed"], row.get("kind") or RUN,
+                                  row.get("candidate") or "")
+            except (KeyError, ValueError, TypeError):
+                key = None
+            planned = any(p.key[:3] == key[:3] for p in plans) if key else False
+            fate = ("that run is already recorded by another row" if key in done else
+                    "that run is trained again" if planned else
+                    "it is not a run of this study") if key else "its run, if one of this study, is trained again"
+            lines.append(f"{self.results.path}: line {number} is {what} "
+                         f"({'cut short while it was written, e.g. by a kill' if what == 'torn' else 'it does not parse'}"
+                         f"; run: {run}); it is left out and {fate}.")
+        return lines
 
     def _grid_done(self, plan: RunPlan) -> list[RunPlan]:
         """After a run of ``plan``'s grid: the tests of the chosen candidate to start, once every
@@ -377,6 +416,9 @@ class StudyRunner:
         return row
 
     def _record(self, plan: RunPlan, result: jobs.JobResult, display: _Display) -> None:
+        if result.environment and result.environment not in self.environments:
+            self.environments.append(result.environment)
+            self._write_meta()
         what = f"{result.seconds:.0f} s, {plan.epochs} epochs"
         if plan.kind != CHOSEN:
             row = self._row(plan, result.seconds, result.metrics)

@@ -19,7 +19,8 @@ def test_kd_loss_matches_hand_computed_value():
     pt = _softmax([a / T for a in zt])
     expected = T * T * sum(t * math.log(t / s) for t, s in zip(pt, ps))
     got = kd_loss(torch.tensor([zs]), torch.tensor([zt]), temperature=T)
-    assert got.item() == pytest.approx(expected, rel=1e-6)
+    # float32 KL of nearby distributions loses relative precision: ~100 eps32 (1e-5)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_kd_loss_is_batchmean_and_zero_for_identical_logits():

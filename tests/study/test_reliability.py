@@ -142,3 +142,33 @@ def test_a_signal_during_a_run_stops_the_study_and_the_rerun_finishes_it(
     assert main(argv) == 0
     assert sorted((r["seed"], r["kind"]) for r in read_rows(tmp_path / "out")) == [
         ("0", "run"), ("1", "run")]
+
+
+def test_torn_and_malformed_rows_are_reported_with_the_run_redone(tmp_path, monkeypatch, capsys, teachers):
+    monkeypatch.chdir(tmp_path)
+    cfg = write_study(tmp_path, methods=[STUDENT], budgets=[20], seeds=[0, 1])
+    argv = ["--config", str(cfg), "--no-progress", "--teacher-cache", str(teachers)]
+    assert main(argv) == 0
+    path = tmp_path / "out" / "results.csv"
+    header, first, second = path.read_text().splitlines()
+    # a malformed row between them (seed not a number) and the last row cut short by a kill
+    path.write_text(f"{header}\n{first}\n{first.replace(',0,', ',zero,', 1)}\n{second[:-20]}")
+    capsys.readouterr()
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"{path}: line 3 is malformed (it does not parse; run: student alone M=20 seed=zero); it is " \
+           f"left out and its run, if one of this study, is trained again." in out
+    assert f"{path}: line 4 is torn (cut short while it was written, e.g. by a kill; run: student alone " \
+           f"M=20 seed=1); it is left out and that run is trained again." in out
+    rows = read_rows(tmp_path / "out")
+    assert [(r["seed"], r["kind"]) for r in rows] == [("0", "run"), ("1", "run")]
+    # study.json and results.md say where the runs ran
+    meta = json.loads((tmp_path / "out" / "study.json").read_text())
+    import torch
+
+    (env,) = meta["run_environments"]
+    assert env["torch"] == torch.__version__ and env["cpu_capability"] and env["accelerator"] == "cpu"
+    assert meta["environment"]["threads"] == torch.get_num_threads()
+    from kd_lightning.environment import summary
+
+    assert f"\nEnvironment: {summary(env)}.\n" in (tmp_path / "out" / "results.md").read_text()

@@ -66,3 +66,18 @@ def test_length_note_per_budget(tmp_path):
                                   epochs={"full": 2}))
     assert length_note(spec) == ("Training length: M=20: 4 steps, M=50: 6 steps, full: 2 epochs "
                                  "(steps are optimizer steps).")
+
+
+def test_results_md_names_each_environment_under_the_table(tmp_path):
+    spec = load_study(write_study(tmp_path, methods=[STUDENT]))
+    env = {"python": "3.11.7", "torch": "2.4.0", "pytorch_lightning": "2.4.0", "cpu": "AMD EPYC",
+           "cpu_capability": "AVX512", "threads": 2, "overrides": {}, "accelerator": "cpu", "devices": 1}
+    rows = _rows("student alone", "20", 50.0, 52.0)
+    md = results_markdown(spec, "abc", rows, None, [env])
+    table_end = md.index("| 20 |")
+    assert md.index("\nEnvironment: torch 2.4.0, pytorch-lightning 2.4.0, Python 3.11.7; AMD EPYC (AVX512 "
+                    "kernels), 2 threads; cpu.\n") > table_end
+    avx2 = {**env, "cpu_capability": "AVX2", "overrides": {"ATEN_CPU_CAPABILITY": "avx2"}}
+    md = results_markdown(spec, "abc", rows, None, [env, avx2])
+    assert "Environment 1: " in md and "Environment 2: " in md and "(AVX2 kernels, ATEN_CPU_CAPABILITY=avx2)" in md
+    assert "Environment" not in results_markdown(spec, "abc", rows, None)
