@@ -218,8 +218,7 @@ def results_markdown(spec: StudySpec, study_hash: str, rows: list[dict],
     text = (f"# Study `{spec.name}` (hash {study_hash})\n\n"
             f"Test accuracy (%) of the student, {what}; best per row in bold. "
             f"{length_note(spec)}{teacher}\n\n"
-            + format_table(rows, [m.name for m in spec.methods], spec.budgets, spec.budget_unit) + "
-"
+            + format_table(rows, [m.name for m in spec.methods], spec.budgets, spec.budget_unit) + "\n"
             + environment_note(environments or []))
     if len(seeds) > 1 and 1 in [len(v) for v in _test_accuracies(rows).values()]:
         text += "\nA cell without ± holds one run so far (n=1).\n"
