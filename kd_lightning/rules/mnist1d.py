@@ -109,19 +109,26 @@ def template_placements(dilation_step: int = 1, shift_step: int = 1) -> tuple[Te
     return maps_t, windows_t
 
 
-def _maximisers(t: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Every ``(b, c, n)`` with ``t[b, c, n] == values[b, c]`` (``values = t.amax(-1)``), in
-    two passes over ``t``'s last dimension cut in blocks: the maximum of every block (a
-    reduction), then the entries of the blocks that reach ``values`` (at exact ties, several)."""
+def _max_and_maximisers(t: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+    """``t.amax(-1)`` (``[B, K]``) and every ``(b, c, n)`` where ``t[b, c, n]`` reaches it (several
+    per row only at exact ties), ``[R]`` indices each.
+
+    The last dimension is cut in ``nb`` interleaved groups of ``size`` (``n = i * size + j``):
+    the maximum over ``i`` for every ``j`` (a reduction across rows of ``size`` contiguous
+    values, which vectorises) gives the row maximum and the columns ``j`` that reach it; only
+    those columns' ``nb`` entries are then searched for the maximisers. This costs about one
+    pass over ``t`` instead of the three of ``amax``, a comparison with it and ``nonzero``."""
     b, k, n = t.shape
-    size = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)  # a block size dividing n
-    blocks = t.reshape(b * k * (n // size), size)
-    block_max = blocks.amax(-1).view(b * k, n // size)
-    hit_row, hit_block = (block_max == values.reshape(-1, 1)).nonzero(as_tuple=True)
-    inside = blocks[hit_row * (n // size) + hit_block] == values.reshape(-1)[hit_row, None]
-    hit, offset = inside.nonzero(as_tuple=True)  # [hits] each
+    nb = min(d for d in range(1, n + 1) if n % d == 0 and d * d * 9 >= n)  # about sqrt(n) / 3
+    size = n // nb
+    columns = t.reshape(b * k, nb, size)
+    column_max = columns.amax(1)  # [B * K, size]
+    values = column_max.amax(-1)
+    hit_row, hit_column = (column_max == values[:, None]).nonzero(as_tuple=True)
+    inside = columns[hit_row, :, hit_column] == values[hit_row, None]  # [hits, nb]
+    hit, group = inside.nonzero(as_tuple=True)
     row = hit_row[hit]
-    return row // k, row % k, hit_block[hit] * size + offset
+    return values.view(b, k), (row // k, row % k, group * size + hit_column[hit])
 
 
 class _BestPlacements(torch.autograd.Function):
@@ -236,9 +243,13 @@ class MNIST1DTemplateRule(Rule):
     def placed_templates(self) -> Tensor:
         """``[K, N, L]``: every template at every placement, detrended in its window and of unit norm."""
         g = torch.einsum("nlt,ct->cnl", self.maps, self.templates.float())
-        for e in self.trend_basis:
-            g = g - (g * e).sum(-1, keepdim=True) * e
-        return g / g.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        if torch.is_grad_enabled() and g.requires_grad:
+            for e in self.trend_basis:
+                g = g - (g * e).sum(-1, keepdim=True) * e
+            return g / g.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        for e in self.trend_basis:  # the same operations in place (no graph to keep)
+            g.sub_((g * e).sum(-1, keepdim=True) * e)
+        return g.div_(g.norm(dim=-1, keepdim=True).clamp_min(1e-8))
 
     def window_correlations(self, x: Tensor, norm: Tensor, examples: Tensor, classes: Tensor,
                             placements: Tensor) -> Tensor:
@@ -288,11 +299,10 @@ class MNIST1DTemplateRule(Rule):
                 g = self.placed_templates()  # [K, N, L]
                 k, n, length = g.shape
                 ratio = (x @ g.reshape(k * n, length).T).view(b, k, n).div_(norm[:, None, :])
-                values = ratio.amax(-1)
                 if not need_grad:
-                    return values
-                # every maximiser (b, c, n) of every row; a row has more than one only at exact ties
-                hit_b, hit_c, hit_n = _maximisers(ratio, values)
+                    return ratio.amax(-1)
+                # the maximum of every row and its maximisers (b, c, n): several only at exact ties
+                values, (hit_b, hit_c, hit_n) = _max_and_maximisers(ratio)
                 row = hit_b * k + hit_c
                 count = torch.bincount(row, minlength=b * k)[row].to(values.dtype)
             selected = self.window_correlations(x, norm, hit_b, hit_c, hit_n)  # with autograd
