@@ -41,7 +41,7 @@ Three variants:
 
 from __future__ import annotations
 
-import math
+import functools
 
 import numpy as np
 import torch
@@ -109,6 +109,12 @@ def template_placements(dilation_step: int = 1, shift_step: int = 1) -> tuple[Te
     return maps_t, windows_t
 
 
+@functools.lru_cache(maxsize=None)
+def _group_count(n: int) -> int:
+    """The smallest divisor of ``n`` that is at least about ``sqrt(n) / 3`` (12 for 1,200)."""
+    return min(d for d in range(1, n + 1) if n % d == 0 and d * d * 9 >= n)
+
+
 def _max_and_maximisers(t: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
     """``t.amax(-1)`` (``[B, K]``) and every ``(b, c, n)`` where ``t[b, c, n]`` reaches it (several
     per row only at exact ties), ``[R]`` indices each.
@@ -119,7 +125,7 @@ def _max_and_maximisers(t: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor
     those columns' ``nb`` entries are then searched for the maximisers. This costs about one
     pass over ``t`` instead of the three of ``amax``, a comparison with it and ``nonzero``."""
     b, k, n = t.shape
-    nb = min(d for d in range(1, n + 1) if n % d == 0 and d * d * 9 >= n)  # about sqrt(n) / 3
+    nb = _group_count(n)
     size = n // nb
     columns = t.reshape(b * k, nb, size)
     column_max = columns.amax(1)  # [B * K, size]
