@@ -41,6 +41,8 @@ Three variants:
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -107,28 +109,53 @@ def template_placements(dilation_step: int = 1, shift_step: int = 1) -> tuple[Te
     return maps_t, windows_t
 
 
-class _AmaxLast(torch.autograd.Function):
-    """``t.amax(-1)`` with the gradient of ``torch.amax`` (split evenly among tied maxima), its
-    backward one pass over ``t`` (a mask and a select) instead of ``amax``'s four (the mask, its
-    count, a float copy of it and a product). Only the sign of the zeros it writes can differ from
-    ``amax``'s (``+0`` where ``amax`` writes ``grad * 0``)."""
+@functools.lru_cache(maxsize=None)
+def _group_count(n: int) -> int:
+    """The smallest divisor of ``n`` that is at least about ``sqrt(n) / 3`` (12 for 1,200)."""
+    return min(d for d in range(1, n + 1) if n % d == 0 and d * d * 9 >= n)
+
+
+def _max_and_maximisers(t: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+    """``t.amax(-1)`` (``[B, K]``) and every ``(b, c, n)`` where ``t[b, c, n]`` reaches it (several
+    per row only at exact ties), ``[R]`` indices each.
+
+    The last dimension is cut in ``nb`` interleaved groups of ``size`` (``n = i * size + j``):
+    the maximum over ``i`` for every ``j`` (a reduction across rows of ``size`` contiguous
+    values, which vectorises) gives the row maximum and the columns ``j`` that reach it; only
+    those columns' ``nb`` entries are then searched for the maximisers. This costs about one
+    pass over ``t`` instead of the three of ``amax``, a comparison with it and ``nonzero``."""
+    b, k, n = t.shape
+    nb = _group_count(n)
+    size = n // nb
+    columns = t.reshape(b * k, nb, size)
+    column_max = columns.amax(1)  # [B * K, size]
+    values = column_max.amax(-1)
+    hit_row, hit_column = (column_max == values[:, None]).nonzero(as_tuple=True)
+    inside = columns[hit_row, :, hit_column] == values[hit_row, None]  # [hits, nb]
+    hit, group = inside.nonzero(as_tuple=True)
+    row = hit_row[hit]
+    return values.view(b, k), (row // k, row % k, group * size + hit_column[hit])
+
+
+class _BestPlacements(torch.autograd.Function):
+    """``s[b, c] = max_n t[b, c, n]`` given as its value (computed without autograd) and the
+    recomputed, differentiable entries ``t`` at its maximisers, with ``torch.amax``'s gradient:
+    all of it to a unique maximum, split evenly among tied maxima (``grad / count``).
+
+    ``forward(selected, values, row, count)``: ``selected[i]`` is the entry ``t[b, c, n]`` at a
+    maximiser of flat row ``row[i] = b * K + c`` (every tied maximiser of a row appears once),
+    ``count[i]`` that row's number of maximisers, ``values`` the ``[B, K]`` maxima (returned as
+    they are, so the value is exactly ``amax``'s)."""
 
     @staticmethod
-    def forward(ctx, t: Tensor) -> Tensor:
-        values = t.amax(-1)
-        ctx.save_for_backward(t, values)
-        return values
+    def forward(ctx, selected: Tensor, values: Tensor, row: Tensor, count: Tensor) -> Tensor:
+        ctx.save_for_backward(row, count)
+        return values.clone()
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        t, values = ctx.saved_tensors
-        mask = t == values.unsqueeze(-1)
-        count = mask.sum(-1, keepdim=True)
-        return torch.where(mask, grad.unsqueeze(-1) / count, 0.0)
-
-
-def _amax_last(t: Tensor) -> Tensor:
-    return _AmaxLast.apply(t) if t.requires_grad else t.amax(-1)
+    def backward(ctx, grad: Tensor):
+        row, count = ctx.saved_tensors
+        return grad.reshape(-1)[row] / count, None, None, None
 
 
 class MNIST1DTemplateRule(Rule):
@@ -139,7 +166,9 @@ class MNIST1DTemplateRule(Rule):
 
     Input: MNIST-1D signals ``[B, 1, 40]`` or ``[B, 40]`` (any affine normalisation). Output:
     ``[B, 10]`` in [0, 1]. Computed in float32 even under mixed precision. Cost: one
-    ``[B, 40] x [40, 10 * placements]`` product (12,000 columns with the default grid).
+    ``[B, 40] x [40, 10 * placements]`` product (12,000 columns with the default grid), without
+    autograd; a learnable rule's backward pass goes through the ``B x 10`` best placements only
+    (see :meth:`scores`).
 
     Args:
         sharpness: ``beta``; ``None`` (default) fits it by maximum likelihood of the rule alone
@@ -201,6 +230,15 @@ class MNIST1DTemplateRule(Rule):
         trend = (t - (windows * t).sum(1, keepdim=True) / n) * windows
         e2 = trend / trend.norm(dim=1, keepdim=True).clamp_min(1e-12)
         self.register_buffer("maps", maps.float(), persistent=False)  # [N, L, template_len]
+        # the detrended maps P_n M_n on each placement's window (W samples from window_index[n];
+        # zero outside it): what the best placements' recomputation with autograd needs
+        width = int(windows.sum(1).max())
+        start = windows.argmax(1).clamp(max=self.signal_len - width)  # windows are contiguous
+        index = start[:, None] + torch.arange(width)
+        detrended = maps - sum(e[:, :, None] * (e[:, None, :] @ maps) for e in (e1, e2))
+        self.register_buffer("window_index", index, persistent=False)  # [N, W]
+        self.register_buffer("window_maps", detrended.gather(
+            1, index[:, :, None].expand(-1, -1, self.template_len)).float(), persistent=False)
         self.register_buffer("windows", windows.float(), persistent=False)  # [N, L]
         self.register_buffer("trend_basis", torch.stack([e1, e2]).float(), persistent=False)  # [2, N, L]
 
@@ -211,9 +249,25 @@ class MNIST1DTemplateRule(Rule):
     def placed_templates(self) -> Tensor:
         """``[K, N, L]``: every template at every placement, detrended in its window and of unit norm."""
         g = torch.einsum("nlt,ct->cnl", self.maps, self.templates.float())
-        for e in self.trend_basis:
-            g = g - (g * e).sum(-1, keepdim=True) * e
-        return g / g.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        if torch.is_grad_enabled() and g.requires_grad:
+            for e in self.trend_basis:
+                g = g - (g * e).sum(-1, keepdim=True) * e
+            return g / g.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        for e in self.trend_basis:  # the same operations in place (no graph to keep)
+            g.sub_((g * e).sum(-1, keepdim=True) * e)
+        return g.div_(g.norm(dim=-1, keepdim=True).clamp_min(1e-8))
+
+    def window_correlations(self, x: Tensor, norm: Tensor, examples: Tensor, classes: Tensor,
+                            placements: Tensor) -> Tensor:
+        """The correlations of some ``(example, class, placement)`` triples (``[R]`` indices
+        each), ``[R]``: the entries of :meth:`scores`' ``[B, K, N]`` correlations, computed from
+        the placements' windows alone (a placed template is zero outside its window), with
+        autograd. ``x``: ``[B, L]`` float32; ``norm``: :meth:`example_features` of ``x``."""
+        u = torch.bmm(self.window_maps[placements],
+                      self.templates.float()[classes].unsqueeze(-1)).squeeze(-1)  # P_n M_n t_c
+        g = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        x_window = x[examples.unsqueeze(-1), self.window_index[placements]]  # [R, W]
+        return (x_window * g).sum(-1) / norm[examples, placements]
 
     def example_features(self, x: Tensor) -> Tensor:
         """``||P_n x||``, ``[B, N]``: the norm of the signal in every placement's window after
@@ -234,15 +288,31 @@ class MNIST1DTemplateRule(Rule):
 
     def scores(self, x: Tensor, features: Tensor | None = None) -> Tensor:
         """``s_c(x)``: ``[B, K]`` best detrended normalised cross-correlation per class, in [-1, 1].
-        ``features``: :meth:`example_features` of ``x`` (computed here when ``None``)."""
+        ``features``: :meth:`example_features` of ``x`` (computed here when ``None``).
+
+        The correlation of every placement is computed without autograd; only each example's
+        best placement of each class gets a gradient (the max's gradient), so only those
+        ``B x K`` placements (and every tied one, sharing the gradient evenly as ``torch.amax``
+        does) are recomputed with autograd: the backward pass touches ``B x K`` placed templates
+        instead of ``B x K x N``."""
         norm = self.example_features(x) if features is None else features
         b = x.shape[0]
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.reshape(b, -1).float()
-            g = self.placed_templates()  # [K, N, L]
-            k, n, length = g.shape
-            num = (x @ g.reshape(k * n, length).T).view(b, k, n)
-            return _amax_last(num / norm[:, None, :])
+            need_grad = torch.is_grad_enabled() and (
+                self.templates.requires_grad or x.requires_grad or norm.requires_grad)
+            with torch.no_grad():
+                g = self.placed_templates()  # [K, N, L]
+                k, n, length = g.shape
+                ratio = (x @ g.reshape(k * n, length).T).view(b, k, n).div_(norm[:, None, :])
+                if not need_grad:
+                    return ratio.amax(-1)
+                # the maximum of every row and its maximisers (b, c, n): several only at exact ties
+                values, (hit_b, hit_c, hit_n) = _max_and_maximisers(ratio)
+                row = hit_b * k + hit_c
+                count = torch.bincount(row, minlength=b * k)[row].to(values.dtype)
+            selected = self.window_correlations(x, norm, hit_b, hit_c, hit_n)  # with autograd
+            return _BestPlacements.apply(selected, values, row, count)
 
     def forward(self, x: Tensor, features: Tensor | None = None) -> Tensor:
         s = self.scores(x, features)

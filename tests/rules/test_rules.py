@@ -182,22 +182,142 @@ def test_example_features_give_the_same_rule_values_and_gradients(mnist1d):
     assert torch.equal(r[0], out[0][0])
 
 
-def test_best_placement_gradient_is_amaxs_also_at_ties():
-    """The template rule's max over placements has torch.amax's gradient: all of it at a unique
-    maximum, split evenly between tied maxima."""
-    from kd_lightning.rules.mnist1d import _amax_last
+def _dense_scores(rule, x, features=None):
+    """The template rule's ``s_c(x)`` as one autograd graph over every placement: the correlations
+    ``[B, K, N]`` and ``torch.amax`` over placements (whose gradient is split evenly among tied
+    maxima). The reference for :meth:`MNIST1DTemplateRule.scores`."""
+    x = x.reshape(x.shape[0], -1).float()
+    norm = rule.example_features(x) if features is None else features
+    g = rule.placed_templates()
+    k, n, length = g.shape
+    return ((x @ g.reshape(k * n, length).T).view(-1, k, n) / norm[:, None, :]).amax(-1)
 
-    t = torch.randn(6, 3, 50, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    t[2, 1, 7] = t[2, 1, 30] = 9.0  # a tie
-    t[4, 0, 1] = t[4, 0, 2] = t[4, 0, 3] = 9.0  # a triple tie
-    t.requires_grad_(True)
-    w = torch.randn(6, 3, dtype=torch.float64)
-    (expected,) = torch.autograd.grad((t.amax(-1) * w).sum(), t)
-    (got,) = torch.autograd.grad((_amax_last(t) * w).sum(), t)
-    assert torch.equal(got, expected)
-    assert float(got[2, 1, 7]) == float(got[2, 1, 30]) == float(w[2, 1]) / 2
-    assert float(got[4, 0, 1]) == float(w[4, 0]) / 3 and float(got[4, 0, 4]) == 0.0
-    assert torch.equal(_amax_last(t.detach()), t.detach().amax(-1))
+
+def _select_placements(rule, index):
+    """The rule restricted to (or repeating) the placements ``index``, in that order."""
+    for name in ("maps", "windows", "window_maps", "window_index"):
+        setattr(rule, name, getattr(rule, name)[index])
+    rule.trend_basis = rule.trend_basis[:, index]
+    return rule
+
+
+def _with_duplicated_placements(rule, copies):
+    """The rule with placement ``dst`` replaced by a copy of placement ``src`` for every
+    ``(dst, src)`` in ``copies``: the two then score every example identically (exact ties)."""
+    index = torch.arange(rule.maps.shape[0])
+    for dst, src in copies:
+        index[dst] = src
+    return _select_placements(rule, index)
+
+
+def test_best_placement_scores_equal_the_dense_max_and_its_gradient_also_at_ties(mnist1d):
+    """scores() computes every correlation without autograd and recomputes only each row's
+    maximisers with it: the same values as the dense amax, bit for bit, and the same gradients
+    (templates, x) up to float32 summation order, also at exact ties (constructed: duplicated
+    placements, and all-zero signals, where every placement scores 0), where the gradient is
+    split evenly among the tied placements as torch.amax splits it."""
+    x = mnist1d.x_test[:40].reshape(40, -1).clone()
+    x[7] = 0.0  # every placement of every class ties at 0
+    probe = MNIST1DLearnableTemplateRule(sharpness=50.0)
+    with torch.no_grad():
+        g = probe.placed_templates()
+        ratio = (x @ g.reshape(-1, g.shape[-1]).T).view(40, 10, -1) / probe.example_features(x)[:, None]
+        arg = ratio.argmax(-1)
+    n = probe.maps.shape[0]
+    # a double tie at (example 3, class 2) and a triple tie at (example 5, class 6)
+    a, b = int(arg[3, 2]), int(arg[5, 6])
+    copies = [((a + 600) % n, a), ((b + 300) % n, b), ((b + 900) % n, b)]
+    assert len({c[0] for c in copies} | {a, b}) == 5
+    rule = _with_duplicated_placements(MNIST1DLearnableTemplateRule(sharpness=50.0), copies)
+    with torch.no_grad():
+        g = rule.placed_templates()
+        ratio = (x @ g.reshape(-1, g.shape[-1]).T).view(40, 10, -1) / rule.example_features(x)[:, None]
+        count = (ratio == ratio.amax(-1, keepdim=True)).sum(-1)
+    assert int(count[3, 2]) == 2 and int(count[5, 6]) == 3 and bool((count[7] == n).all())
+    assert int((count > 1).sum()) >= 12  # the constructed ties (others may tie as well)
+    w = torch.randn(40, 10, generator=torch.Generator().manual_seed(0))
+    out = []
+    for scores in (lambda x: _dense_scores(rule, x), rule.scores):
+        rule.zero_grad()
+        x_in = x.clone().requires_grad_(True)
+        s = scores(x_in)
+        (s * w).sum().backward()
+        out.append((s.detach(), rule.templates.grad.clone(), x_in.grad.clone()))
+    (s_ref, t_ref, x_ref), (s_got, t_got, x_got) = out
+    assert torch.equal(s_got, s_ref)
+    # each entry of a gradient sums many terms of both signs, so compare on the gradient's scale
+    for got, ref in ((t_got, t_ref), (x_got, x_ref)):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    assert float(x_ref[7].abs().max()) > 0  # the all-way tie of the zero signal has a gradient
+    # cached features (no gradient through the window norms) and the no-gradient path
+    with torch.no_grad():
+        features = rule.example_features(x)
+    rule.zero_grad()
+    (_dense_scores(rule, x, features) * w).sum().backward()
+    t_ref = rule.templates.grad.clone()
+    rule.zero_grad()
+    (rule.scores(x, features) * w).sum().backward()
+    torch.testing.assert_close(rule.templates.grad, t_ref, rtol=1e-5, atol=1e-5 * float(t_ref.abs().max()))
+    with torch.no_grad():
+        assert torch.equal(rule.scores(x, features), s_ref)
+
+
+def test_best_placement_scores_match_the_dense_max_on_other_grids(mnist1d):
+    """The same equality on coarser placement grids (other block sizes in the maximiser search,
+    including a prime number of placements) and a random start."""
+    x = mnist1d.x_train[:64]
+    w = torch.randn(64, 10, generator=torch.Generator().manual_seed(1))
+    for kwargs in ({"dilation_step": 3, "shift_step": 5}, {"dilation_step": 2, "templates": "random"},
+                   {"dilation_step": 25}):
+        rule = MNIST1DLearnableTemplateRule(sharpness=80.0, **kwargs)
+        if kwargs == {"dilation_step": 25}:  # 48 placements; keep 47, a prime: blocks of one
+            _select_placements(rule, torch.arange(47))
+        grads = []
+        for scores in (lambda x: _dense_scores(rule, x), rule.scores):
+            rule.zero_grad()
+            r = torch.softmax(rule.sharpness * scores(x), -1)
+            (r * w).sum().backward()
+            grads.append((r.detach(), rule.templates.grad.clone(), rule.log_sharpness.grad.clone()))
+        (r_ref, t_ref, b_ref), (r_got, t_got, b_got) = grads
+        assert torch.equal(r_got, r_ref) and torch.equal(b_got, b_ref)
+        torch.testing.assert_close(t_got, t_ref, rtol=1e-5, atol=1e-5 * float(t_ref.abs().max()))
+
+
+def test_the_backward_pass_of_a_learnable_rule_stores_no_per_placement_tensor(mnist1d):
+    """Only the best placements are recomputed with autograd: nothing the backward pass keeps is
+    as large as the [B, K, N] correlations (what makes the rule's backward cheap)."""
+    rule = MNIST1DLearnableTemplateRule(sharpness=50.0)
+    x = mnist1d.x_test[:50]
+    with torch.no_grad():
+        features = rule.example_features(x)
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        r = rule(x, features=features)
+    r.sum().backward()
+    n = rule.maps.shape[0]
+    assert sizes and max(sizes) < 50 * 10 * n / 4  # [R, W, T] window maps: 50 * 10 * 11 * 12
+    assert rule.templates.grad is not None and float(rule.templates.grad.abs().sum()) > 0
+
+
+def test_window_maps_are_the_detrended_placements():
+    """The windowed maps that recompute the best placements are P_n M_n: placed templates are zero
+    outside their window, and the windowed product equals the full detrended placement."""
+    rule = MNIST1DLearnableTemplateRule(dilation_step=2)
+    with torch.no_grad():
+        g = rule.placed_templates()  # [K, N, L], detrended and normalised
+        n = rule.maps.shape[0]
+        inside = torch.zeros(n, rule.signal_len, dtype=torch.bool)
+        inside[torch.arange(n)[:, None], rule.window_index] = True
+        assert float(g[:, ~inside].abs().max()) == 0.0
+        u = torch.einsum("nwt,ct->cnw", rule.window_maps, rule.templates)
+        u = u / u.norm(dim=-1, keepdim=True)
+        idx = rule.window_index[None].expand(10, -1, -1)
+        torch.testing.assert_close(u, g.gather(2, idx), rtol=1e-5, atol=1e-6)
 
 
 def test_bad_template_rule_arguments():
