@@ -15,8 +15,8 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
 
+from kd_lightning.environment import summary
 from kd_lightning.study.spec import BUDGET_UNITS, PER_CLASS, Budget, StudySpec, budget_label, require
 
 CSV_FIELDS = ("study_hash method M seed test_acc teacher_acc epochs steps wall_time_s run_hash run_dir "
@@ -30,30 +30,26 @@ class Results:
     def __init__(self, path: Path, study_hash: str) -> None:
         self.path, self.study_hash = path, study_hash
 
-    def _read(self) -> tuple[list[str], list[dict]]:
-        """The header and the valid rows. A row is written with one ``write`` and ``fsync``, so
-        only a kill during that write leaves a torn last line (no final newline); it and any row
-        that does not parse are left out, and their runs count as not done."""
-        if not self.path.is_file():
-            return [], []
-        text = self.path.read_text()
-        reader = csv.DictReader(io.StringIO(text[:text.rfind("\n") + 1], newline=""))  # up to the last \n
-        return list(reader.fieldnames or []), [r for r in reader if _valid(r)]
+    def _read(self) -> tuple[list[str], list[dict], list[tuple[int, str, dict]]]:
+        """The header, the valid rows and the lines left out: ``(line number, "torn" or
+        "malformed", what of the row could be read)``. A row is written with one ``write`` and
+        ``fsync``, so only a kill during that write leaves a torn last line (no final newline); it
+        and any row that does not parse are left out, and their runs count as not done."""
+        text = self.path.read_text() if self.path.is_file() else ""
+        whole, tail = text[:text.rfind("\n") + 1], text[text.rfind("\n") + 1:]
+        reader, rows, damaged = csv.DictReader(io.StringIO(whole, newline="")), [], []
+        for r in reader:
+            if _valid(r):
+                rows.append(r)
+            else:
+                damaged.append((reader.line_num, "malformed", {k: v for k, v in r.items() if isinstance(k, str)}))
+        if tail:
+            fields = dict(zip(reader.fieldnames or CSV_FIELDS, next(csv.reader([tail]), [])))
+            damaged.append((whole.count("\n") + 1, "torn", fields))
+        return list(reader.fieldnames or []), rows, damaged
 
     def damaged(self) -> list[tuple[int, str, dict]]:
-        """The lines :meth:`_read` leaves out: ``(line number, "torn" or "malformed", what of the
-        row could be read)``. A torn line is the last one, without its newline."""
-        if not self.path.is_file():
-            return []
-        text = self.path.read_text()
-        whole, tail = text[:text.rfind("\n") + 1], text[text.rfind("\n") + 1:]
-        reader = csv.DictReader(io.StringIO(whole, newline=""))
-        out = [(reader.line_num, "malformed", {k: v for k, v in r.items() if isinstance(k, str)})
-               for r in reader if not _valid(r)]
-        if tail:
-            fields = next(csv.reader([tail]), [])
-            out.append((whole.count("\n") + 1, "torn", dict(zip(reader.fieldnames or CSV_FIELDS, fields))))
-        return out
+        return self._read()[2]
 
     def rows(self) -> list[dict]:
         """This study's rows, in the order they were written (files written before grids existed
@@ -62,17 +58,12 @@ class Results:
                  or RUN} for r in self._read()[1] if r.get("study_hash") == self.study_hash]
 
     def done(self) -> set[tuple]:
-        return {self.key(r["method"], r["M"], r["seed"], r["kind"], r["candidate"])
-                for r in self.rows() if r["kind"] != FAILED}
-
-    @staticmethod
-    def key(method: str, label: str, seed: Any, kind: str, candidate: str) -> tuple:
-        return method, str(label), int(seed), kind, candidate
+        return {run_key(r) for r in self.rows() if r["kind"] != FAILED}
 
     def append(self, row: dict) -> None:
         """Append ``row``, flushed to disk. A new file, one of an older layout or one with a torn
         last line is first rewritten (atomically) with today's columns and its valid rows."""
-        fields, old = self._read()
+        fields, old, _ = self._read()
         if fields != CSV_FIELDS or not self.path.read_bytes().endswith(b"\n"):
             tmp = self.path.with_name(self.path.name + ".tmp")
             with open(tmp, "w", newline="") as f:
@@ -94,6 +85,11 @@ def _valid(row: dict) -> bool:
     except (KeyError, ValueError, TypeError):
         return False
     return None not in row and None not in row.values() and bool(row.get("study_hash") and row.get("method"))
+
+
+def run_key(row: dict) -> tuple:
+    """Which run a row records: ``(method, M, seed, kind, candidate)``."""
+    return row["method"], str(row["M"]), int(row["seed"]), row.get("kind") or RUN, row.get("candidate") or ""
 
 
 def candidate_key(candidate: dict) -> str:
@@ -204,8 +200,6 @@ def length_note(spec: StudySpec) -> str:
 def environment_note(environments: list[dict]) -> str:
     """The environments the runs ran in, one line each (float32 results move within the seed
     spread across CPU kernels and thread counts)."""
-    from kd_lightning.environment import summary
-
     return "".join(f"\nEnvironment{f' {i + 1}' if len(environments) > 1 else ''}: {summary(env)}.\n"
                    for i, env in enumerate(environments))
 

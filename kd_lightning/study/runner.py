@@ -23,8 +23,8 @@ from pathlib import Path
 from kd_lightning import KDConfigError, environment, jobs
 from kd_lightning.study.executors import SequentialExecutor
 from kd_lightning.study.results import (CANDIDATE, CHOSEN, FAILED, RUN, Results, candidate_key,
-                                        candidate_label, choose)
-from kd_lightning.study.spec import (PER_CLASS, Budget, MethodSpec, StudySpec, budget_data_args, budget_label,
+                                        candidate_label, choose, run_key)
+from kd_lightning.study.spec import (Budget, MethodSpec, StudySpec, budget_data_args, budget_label,
                                      override_args, require)
 
 #: what a study writes into its output folder (all that --overwrite may delete)
@@ -58,8 +58,7 @@ class RunPlan:
 
     @property
     def key(self) -> tuple:
-        return Results.key(self.method.name, self.label, self.seed, self.kind,
-                           candidate_key(self.candidate))
+        return self.method.name, self.label, self.seed, self.kind, candidate_key(self.candidate)
 
     def describe(self) -> str:
         extra = f" {candidate_label(self.candidate)}" if self.candidate else ""
@@ -156,7 +155,7 @@ class StudyRunner:
         self.executor = executor or SequentialExecutor()
         #: keep_going: on a failed run (diverged, crashed) record it as failed and go on
         self.overwrite, self.progress, self.keep_going = overwrite, progress, keep_going
-        self.study_hash, self.teacher_acc, self._sizes = spec.hash(), None, {}
+        self.study_hash, self.teacher_acc, self._sizes, self._teacher = spec.hash(), None, {}, {}
         #: the distinct environments the study's runs reported (kept in study.json across reruns)
         self.environments: list[dict] = []
         self.results = Results(self.output / "results.csv", self.study_hash)
@@ -168,30 +167,27 @@ class StudyRunner:
 
     # ---- output folder and teacher -----------------------------------------------------------
     def prepare_output(self) -> None:
-        """Use the output folder: new, empty, or holding this study's results (resumed); with
-        ``--overwrite`` another study's loses exactly the files a study writes (:data:`OWN_FILES`)."""
+        """Use the output folder: new, empty, or holding this study's results (resumed: the earlier
+        runs' environments and the teacher stay); with ``--overwrite`` another study's loses
+        exactly the files a study writes (:data:`OWN_FILES`)."""
         jobs.claim_output(self.output, "study.json", self.study_hash, OWN_FILES, self.overwrite,
                           "study", "results of a different study")
-        old = json.loads((self.output / "study.json").read_text()) \
-            if (self.output / "study.json").is_file() else {}
-        if old.get("hash") == self.study_hash:  # resumed: the earlier runs' environments stay
-            self.environments = list(old.get("run_environments") or [])
+        meta = self.output / "study.json"  # now absent or this study's: claim_output deleted another's
+        old = json.loads(meta.read_text()) if meta.is_file() else {}
+        self.environments = list(old.get("run_environments") or [])
+        self._teacher = {k: v for k, v in old.items() if k == "teacher"}
         self._write_meta()
 
-    def _write_meta(self, **teacher) -> None:
+    def _write_meta(self) -> None:
         """study.json: the study's hash and identity, the teacher, this process's environment and
         the distinct environments its runs reported (float32 results depend on them)."""
         meta = {"hash": self.study_hash, "identity": self.spec.identity(),
                 "environment": environment.describe(), "run_environments": self.environments}
-        if not teacher and (self.output / "study.json").is_file():
-            teacher = {k: v for k, v in json.loads((self.output / "study.json").read_text()).items()
-                       if k == "teacher"}
-        (self.output / "study.json").write_text(json.dumps({**meta, **teacher}, indent=2))
+        (self.output / "study.json").write_text(json.dumps({**meta, **self._teacher}, indent=2))
 
     def prepare_teacher(self, display: _Display) -> None:
         """The study's teacher: from the cache, or trained now (and cached by configuration)."""
         spec, folder, info = self.spec, self.teacher_dir, self.teacher_dir / "teacher.json"
-        where = f"{spec.teacher_config} (teacher: in {spec.path})"
         if not (self.teacher_ckpt.is_file() and info.is_file()):
             folder.mkdir(parents=True, exist_ok=True)
             cfg = spec.resolve(spec.teacher_config)
@@ -208,10 +204,10 @@ class StudyRunner:
             try:
                 result = jobs.run_job(job, display.teacher_epoch)
             except jobs.JobFailed as err:
-                raise KDConfigError(f"the teacher run failed ({err}); see {job.log}. The study trains "
-                                    f"its teacher from {where} with the arguments "
-                                    f"{[*spec.teacher_args, *self.trainer_args]}. Results already "
-                                    f"written are kept.") from None
+                raise KDConfigError(f"the teacher run failed ({err}); see {job.log}. The study trains its teacher "
+                                    f"from {spec.teacher_config} (teacher: in {spec.path}) with the arguments "
+                                    f"{[*spec.teacher_args, *self.trainer_args]}. Results already written "
+                                    f"are kept.") from None
             found = [Path(p) for p in result.checkpoints if Path(p).is_file()]
             best = [p for p in found if p.name.startswith("best")] or found
             require(best, f"the teacher run wrote no checkpoint (config {spec.teacher_config}, teacher: in "
@@ -220,8 +216,9 @@ class StudyRunner:
             info.write_text(json.dumps({"config": cfg, "args": spec.teacher_args,
                                         "source": str(best[0]), "test_acc": result.metrics.get("test/acc")}))
         self.teacher_acc = json.loads(info.read_text()).get("test_acc")
-        self._write_meta(teacher={"config": spec.teacher_config, "checkpoint": str(self.teacher_ckpt),
-                                  "test_acc": self.teacher_acc})
+        self._teacher = {"teacher": {"config": spec.teacher_config, "checkpoint": str(self.teacher_ckpt),
+                                     "test_acc": self.teacher_acc}}
+        self._write_meta()
 
     # ---- planning ----------------------------------------------------------------------------
     def _steps_per_epoch(self, run_config, budget: Budget, seed: int) -> int:
@@ -268,9 +265,7 @@ class StudyRunner:
         # arguments add (--trainer.callbacks+=...) reach the run
         args = ["fit", "--config", spec.resolve(method.config), "--trainer.callbacks", "[]",
                 *spec.args, *method.args, *override_args(settings), "--seed_everything", str(seed),
-                *(["--data.train_subset", "null", "--data.train_subset_per_class"]
-                  if spec.budget_unit == PER_CLASS else ["--data.train_subset"]),
-                "null" if budget is None else label,
+                *override_args({f"data.{k}": v for k, v in budget_data_args(spec.budget_unit, budget).items()}),
                 "--data.subset_seed", str(seed), "--trainer.max_epochs", str(epochs),
                 "--trainer.max_steps", "-1", "--trainer.limit_val_batches", "0",
                 "--trainer.num_sanity_val_steps", "0", "--trainer.enable_checkpointing", "false",
@@ -335,16 +330,14 @@ class StudyRunner:
             fill()
             for plan, outcome in ex.results():
                 if isinstance(outcome, jobs.JobFailed):
-                    hint = (f" The study's teacher is trained from {self.spec.teacher_config} (teacher: "
-                            f"in {self.spec.path}) and cached at {self.teacher_ckpt}."
+                    hint = (f" The study's teacher is trained from {self.spec.teacher_config} (teacher: in "
+                            f"{self.spec.path}) and cached at {self.teacher_ckpt}."
                             if "teacher" in str(outcome).lower() else "")
-                    # the log of the job that failed (a worker killed mid-run says not which:
-                    # the last one that started)
-                    log = outcome.log or next((j.log for j in reversed(plan.jobs) if Path(j.log).exists()),
-                                              plan.jobs[0].log)
-                    err = jobs.JobFailed(f"run {plan.describe()} failed: {outcome} (log: "
-                                         f"{log}).{hint} Finished runs are kept in "
-                                         f"{self.results.path}; rerun the same command to continue.")
+                    # the log of the job that failed (a worker killed mid-run says not which: the last started)
+                    tried = [j.log for j in reversed(plan.jobs) if Path(j.log).exists()]
+                    log = outcome.log or (tried or [plan.jobs[0].log])[0]
+                    err = jobs.JobFailed(f"run {plan.describe()} failed: {outcome} (log: {log}).{hint} Finished runs "
+                                         f"are kept in {self.results.path}; rerun the same command to continue.")
                     if not self.keep_going:
                         raise err
                     if plan.kind == RUN:
@@ -368,20 +361,17 @@ class StudyRunner:
         or malformed): which line, whose run, and whether that run is trained again."""
         lines = []
         for number, what, row in self.results.damaged():
-            run = " ".join(f"{k}={row[k]}" if k != "method" else row[k]
-                           for k in ("method", "M", "seed") if row.get(k)) or "unreadable"
+            run = " ".join(f"{k}={row[k]}" if k != "method" else row[k] for k in ("method", "M", "seed")
+                           if row.get(k))
             try:
-                key = Results.key(row["method"], row["M"], row["seed"], row.get("kind") or RUN,
-                                  row.get("candidate") or "")
+                key = run_key(row)
+                fate = ("that run is already recorded by another row" if key in done else "that run is trained "
+                        "again" if any(p.key[:3] == key[:3] for p in plans) else "it is not a run of this study")
             except (KeyError, ValueError, TypeError):
-                key = None
-            planned = any(p.key[:3] == key[:3] for p in plans) if key else False
-            fate = ("that run is already recorded by another row" if key in done else
-                    "that run is trained again" if planned else
-                    "it is not a run of this study") if key else "its run, if one of this study, is trained again"
-            lines.append(f"{self.results.path}: line {number} is {what} "
-                         f"({'cut short while it was written, e.g. by a kill' if what == 'torn' else 'it does not parse'}"
-                         f"; run: {run}); it is left out and {fate}.")
+                fate = "its run, if one of this study, is trained again"
+            why = "cut short while it was written, e.g. by a kill" if what == "torn" else "it does not parse"
+            lines.append(f"{self.results.path}: line {number} is {what} ({why}; run: {run or 'unreadable'}); it is "
+                         f"left out and {fate}.")
         return lines
 
     def _grid_done(self, plan: RunPlan) -> list[RunPlan]:
@@ -426,8 +416,7 @@ class StudyRunner:
                                     if plan.kind == RUN else
                                     f"{plan.describe()}: val acc {row['val_acc']:.2f}% ({what}; a candidate)")
         rows, key = self.results.rows(), plan.key[4]
-        fit = next(r for r in rows if (r["method"], r["M"], int(r["seed"]), r["kind"],
-                                       r["candidate"]) == (*plan.key[:3], CANDIDATE, key))
+        fit = next(r for r in rows if run_key(r) == (*plan.key[:3], CANDIDATE, key))
         keys = [candidate_key(c) for c in self.spec.candidates(plan.method, plan.budget)]
         means = choose(rows, plan.method.name, plan.label, keys, self.spec.seeds)[1]
         others = "".join(f"; {candidate_label(k)}: {m:.2f}%" for k, m in means.items() if k != key)
