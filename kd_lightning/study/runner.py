@@ -98,9 +98,8 @@ class Queue:
         return (max(self._slowest.values(), default=0.0) if rate is None else rate) * plan.steps
 
     def pop(self) -> RunPlan:
-        best = max(range(len(self.plans)), key=lambda i: (self.estimate(self.plans[i]), -i)) \
-            if self.longest_first else 0
-        plan = self.plans.pop(best)
+        plan = self.plans.pop(max(range(len(self.plans)), key=lambda i: (self.estimate(self.plans[i]), -i))
+                              if self.longest_first else 0)
         self._started.add(plan.method.name)
         return plan
 
@@ -115,10 +114,9 @@ class _Display:
 
         # bound now: in-process runs redirect sys.stdout into their logs
         self.console, self.tasks = Console(file=sys.stdout, highlight=False), {}
-        self.bar = rp.Progress(rp.TextColumn("[bold]{task.description}"), rp.BarColumn(),
-                               rp.MofNCompleteColumn(), rp.TextColumn("elapsed"), rp.TimeElapsedColumn(),
-                               rp.TextColumn("left"), rp.TimeRemainingColumn(),
-                               console=self.console) if enabled else None
+        self.bar = rp.Progress(rp.TextColumn("[bold]{task.description}"), rp.BarColumn(), rp.MofNCompleteColumn(),
+                               rp.TextColumn("elapsed"), rp.TimeElapsedColumn(), rp.TextColumn("left"),
+                               rp.TimeRemainingColumn(), console=self.console) if enabled else None
 
     def print(self, line: str) -> None:
         self.console.print(line, markup=False, soft_wrap=True)
@@ -133,10 +131,8 @@ class _Display:
     def teacher_epoch(self, event: dict) -> None:
         epoch, total = event["epoch"], event["max_epochs"]
         val = "" if event.get("val_acc") is None else f", val acc {100 * event['val_acc']:.2f}%"
-        if self.bar is not None:
-            self.show("teacher", completed=epoch, total=total,
-                      description=f"teacher epoch {epoch}/{total}{val}")
-        elif epoch in (1, total) or epoch % max(1, total // 10) == 0:
+        self.show("teacher", completed=epoch, total=total, description=f"teacher epoch {epoch}/{total}{val}")
+        if self.bar is None and (epoch in (1, total) or epoch % max(1, total // 10) == 0):
             self.print(f"teacher: epoch {epoch}/{total}{val}")
 
     def finished(self, line: str) -> None:
@@ -191,9 +187,8 @@ class StudyRunner:
         if not (self.teacher_ckpt.is_file() and info.is_file()):
             folder.mkdir(parents=True, exist_ok=True)
             cfg = spec.resolve(spec.teacher_config)
-            job = jobs.Job(["fit", "--config", cfg, *spec.teacher_args,
-                            "--trainer.logger.init_args.save_dir", str(folder),
-                            "--trainer.logger.init_args.name", "teacher",
+            job = jobs.Job(["fit", "--config", cfg, *spec.teacher_args, "--trainer.logger.init_args.save_dir",
+                            str(folder), "--trainer.logger.init_args.name", "teacher",
                             "--trainer.enable_progress_bar", "false", *self.trainer_args,
                             "--trainer.callbacks+=kd_lightning.jobs.EpochProgress"],
                            folder / "teacher.log", jobs.needs_subprocess(spec.teacher_run_config))
@@ -252,8 +247,7 @@ class StudyRunner:
         try:
             per_epoch = self._steps_per_epoch(config, budget, seed)
         except KDConfigError as err:
-            raise KDConfigError(f"budget M={label} cannot be run for method '{method.name}': "
-                                f"{err}") from None
+            raise KDConfigError(f"budget M={label} cannot be run for method '{method.name}': {err}") from None
         unit, n = spec.length(budget)
         epochs = n if unit == "epochs" else max(1, round(n / max(per_epoch, 1)))
         name = f"{_slug(method.name)}/M{label}/seed{seed}"
@@ -263,19 +257,18 @@ class StudyRunner:
         needs_teacher = config.model.init_args.get("teacher") is not None
         # the config's callbacks are dropped first, so callbacks the study's or the method's
         # arguments add (--trainer.callbacks+=...) reach the run
-        args = ["fit", "--config", spec.resolve(method.config), "--trainer.callbacks", "[]",
-                *spec.args, *method.args, *override_args(settings), "--seed_everything", str(seed),
+        args = ["fit", "--config", spec.resolve(method.config), "--trainer.callbacks", "[]", *spec.args,
+                *method.args, *override_args(settings), "--seed_everything", str(seed),
                 *override_args({f"data.{k}": v for k, v in budget_data_args(spec.budget_unit, budget).items()}),
-                "--data.subset_seed", str(seed), "--trainer.max_epochs", str(epochs),
-                "--trainer.max_steps", "-1", "--trainer.limit_val_batches", "0",
-                "--trainer.num_sanity_val_steps", "0", "--trainer.enable_checkpointing", "false",
-                "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-                "--trainer.logger.init_args.save_dir", str(self.output / "runs"),
-                "--trainer.logger.init_args.name", name,
+                "--data.subset_seed", str(seed), "--trainer.max_epochs", str(epochs), "--trainer.max_steps", "-1",
+                "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
+                "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
+                "--trainer.enable_model_summary", "false", "--trainer.logger.init_args.save_dir",
+                str(self.output / "runs"), "--trainer.logger.init_args.name", name,
                 "--test_after_fit", "false" if kind == CANDIDATE else "true",
                 *(["--model.init_args.teacher_checkpoint", str(self.teacher_ckpt)] if needs_teacher else []),
-                *override_args({k: max(1, round(f * epochs)) for k, f in fractions.items()
-                                if k in method.run_config}), *self.trainer_args]
+                *override_args({k: max(1, round(f * epochs)) for k, f in fractions.items() if k in method.run_config}),
+                *self.trainer_args]
         weights = run_dir / "final.ckpt"
         job = jobs.Job(args, run_dir / "run.log", jobs.needs_subprocess(config), validate=kind == CANDIDATE,
                        save_weights=weights if kind == CANDIDATE else None)
@@ -286,8 +279,7 @@ class StudyRunner:
         """Every training of the study, in study order (budget, method, candidate, seed); the
         tests of chosen grid candidates follow from these (:meth:`_grid_done`)."""
         spec = self.spec
-        return [self.plan(m, b, s, c, CANDIDATE if m.grid else RUN)
-                for b in spec.budgets for m in spec.methods
+        return [self.plan(m, b, s, c, CANDIDATE if m.grid else RUN) for b in spec.budgets for m in spec.methods
                 for c in spec.candidates(m, b) for s in spec.seeds]
 
     @staticmethod
