@@ -145,8 +145,7 @@ class StudyRunner:
     or on the ``executor`` given (:class:`kd_lightning.study.executors.RayExecutor`)."""
 
     def __init__(self, spec: StudySpec, output: Path, trainer_args: list[str], overwrite: bool,
-                 teacher_cache: Path, progress: bool = True, keep_going: bool = True,
-                 executor=None) -> None:
+                 teacher_cache: Path, progress: bool = True, keep_going: bool = True, executor=None) -> None:
         self.spec, self.output, self.trainer_args = spec, Path(output), list(trainer_args)
         self.executor = executor or SequentialExecutor()
         #: keep_going: on a failed run (diverged, crashed) record it as failed and go on
@@ -193,8 +192,8 @@ class StudyRunner:
                             "--trainer.callbacks+=kd_lightning.jobs.EpochProgress"],
                            folder / "teacher.log", jobs.needs_subprocess(spec.teacher_run_config))
             epochs = spec.teacher_run_config.trainer.max_epochs
-            display.print(f"training the teacher ({spec.teacher_config}, {epochs or '?'} epochs); "
-                          f"it is cached for later studies")
+            display.print(f"training the teacher ({spec.teacher_config}, {epochs or '?'} epochs); it is cached for "
+                          f"later studies")
             display.show("teacher", description="teacher", total=epochs)
             try:
                 result = jobs.run_job(job, display.teacher_epoch)
@@ -220,8 +219,7 @@ class StudyRunner:
         """Optimizer steps per epoch of a run, from its data module (built once per data)."""
         from kd_lightning.data import DistillDataModule
 
-        data = {**run_config.data.as_dict(), **budget_data_args(self.spec.budget_unit, budget),
-                "subset_seed": seed}
+        data = {**run_config.data.as_dict(), **budget_data_args(self.spec.budget_unit, budget), "subset_seed": seed}
         key = json.dumps(data, sort_keys=True, default=str)
         if key not in self._sizes:
             dm = DistillDataModule(**data)  # raises KDConfigError for an impossible budget
@@ -229,18 +227,15 @@ class StudyRunner:
             self._sizes[key] = n // dm.batch_size if dm.drop_last else math.ceil(n / dm.batch_size)
         return self._sizes[key]
 
-    def plan(self, method: MethodSpec, budget: Budget, seed: int, candidate: dict,
-             kind: str) -> RunPlan:
+    def plan(self, method: MethodSpec, budget: Budget, seed: int, candidate: dict, kind: str) -> RunPlan:
         """One training: its ``kd-lightning fit`` arguments and its length. ``CHOSEN``: the test
         of a chosen candidate's weights, trained again first if they were removed (the same run
         gives the same weights)."""
         if kind == CHOSEN:
             fit = self.plan(method, budget, seed, candidate, CANDIDATE)
-            test = jobs.Job(["test", *fit.jobs[0].args[1:], "--trainer.logger.init_args.version",
-                             "test", "--ckpt_path", str(fit.weights)], fit.run_dir / "test.log",
-                            fit.jobs[0].isolate)
-            return dataclasses.replace(fit, kind=CHOSEN,
-                                       jobs=([] if fit.weights.is_file() else fit.jobs) + [test])
+            test = jobs.Job(["test", *fit.jobs[0].args[1:], "--trainer.logger.init_args.version", "test",
+                             "--ckpt_path", str(fit.weights)], fit.run_dir / "test.log", fit.jobs[0].isolate)
+            return dataclasses.replace(fit, kind=CHOSEN, jobs=([] if fit.weights.is_file() else fit.jobs) + [test])
         spec, label = self.spec, budget_label(budget)
         settings = {**spec.settings(method, budget), **candidate}
         config = spec.run_config(method, settings)
@@ -315,8 +310,7 @@ class StudyRunner:
             total = len(plans) + len(grids) * len(self.spec.seeds)
             finished = len(plans) - len(todo) + sum(any(k[:4] == (*g, s, CHOSEN) for k in done)
                                                     for g in grids for s in self.spec.seeds)
-            display.show("runs", description=f"{total - finished} runs", total=total,
-                         completed=finished)
+            display.show("runs", description=f"{total - finished} runs", total=total, completed=finished)
             for plan in grids.values():
                 queue.plans[:0] = self._grid_done(plan)
             fill()
@@ -334,8 +328,8 @@ class StudyRunner:
                         raise err
                     if plan.kind == RUN:
                         self._row(plan, 0.0, {}, kind=FAILED, error=" ".join(str(err).split())[:2000])
-                        display.finished(f"{plan.describe()}: FAILED, recorded as failed (not a "
-                                         f"result); the study goes on. {err}")
+                        display.finished(f"{plan.describe()}: FAILED, recorded as failed (not a result); the study "
+                                         f"goes on. {err}")
                     else:  # a grid's choice needs every candidate
                         stop = stop or err
                 else:
@@ -385,15 +379,13 @@ class StudyRunner:
         return [] if plan.kind == CHOSEN else tests
 
     def _row(self, plan: RunPlan, seconds: float, metrics: dict, **values) -> dict:
-        pct = {k: round(100 * metrics[k], 3) if k in metrics else "" for k in
-               ("test/acc", "test/teacher_acc", "val/acc")}
-        row = {"study_hash": self.study_hash, "method": plan.method.name, "M": plan.label,
-               "seed": plan.seed, "test_acc": pct["test/acc"], "teacher_acc": pct["test/teacher_acc"],
+        pct = {col: round(100 * metrics[k], 3) if k in metrics else "" for col, k in
+               (("test_acc", "test/acc"), ("teacher_acc", "test/teacher_acc"), ("val_acc", "val/acc"))}
+        row = {"study_hash": self.study_hash, "method": plan.method.name, "M": plan.label, "seed": plan.seed,
                "epochs": plan.epochs, "steps": plan.steps, "wall_time_s": round(seconds, 2),
                "run_hash": hashlib.sha256(json.dumps(plan.jobs[0].args[2:]).encode()).hexdigest()[:12],
-               "run_dir": str(plan.run_dir), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-               "kind": plan.kind, "candidate": candidate_key(plan.candidate),
-               "val_acc": pct["val/acc"], **values}
+               "run_dir": str(plan.run_dir), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), "kind": plan.kind,
+               "candidate": candidate_key(plan.candidate), **pct, **values}
         self.results.append(row)
         return row
 

@@ -39,9 +39,7 @@ def budget_label(budget: Budget) -> str:
 def budget_data_args(unit: str, budget: Budget) -> dict[str, int | None]:
     """The data settings that draw a run's labelled subset: ``data.train_subset`` (M in all) or,
     for ``budget_unit: per_class``, ``data.train_subset_per_class`` (M per class)."""
-    if unit == PER_CLASS:
-        return {"train_subset": None, "train_subset_per_class": budget}
-    return {"train_subset": budget}
+    return {"train_subset": None, "train_subset_per_class": budget} if unit == PER_CLASS else {"train_subset": budget}
 
 
 @dataclass(frozen=True)
@@ -164,8 +162,7 @@ class StudySpec:
         naming the budget wins, else the one with a plain value (or a ``default``)."""
         both = (("epochs", self.epochs), ("steps", self.steps))
         named = [(k, v) for k, v in both if isinstance(v, PerBudget) and budget in v.values]
-        fallback = [(k, v) for k, v in both
-                    if v is not None and not (isinstance(v, PerBudget) and not v.covers(budget))]
+        fallback = [(k, v) for k, v in both if v is not None and (not isinstance(v, PerBudget) or v.covers(budget))]
         label = budget_label(budget)
         require(len(named) < 2, f"both 'steps' and 'epochs' give a value for M={label} in {self.path}; give one "
                 f"of them per budget.")
@@ -175,8 +172,8 @@ class StudySpec:
                 f"steps) or 'epochs'.")
         kind, value = (named or fallback)[0]
         n = at_budget(value, budget)
-        require(isinstance(n, int) and not isinstance(n, bool) and n >= 1,
-                f"'{kind}' for M={label} in {self.path} is {n!r}; it must be a positive integer.")
+        require(isinstance(n, int) and not isinstance(n, bool) and n >= 1, f"'{kind}' for M={label} in {self.path} "
+                f"is {n!r}; it must be a positive integer.")
         return kind, n
 
     def settings(self, method: MethodSpec, budget: Budget) -> dict[str, Any]:
@@ -231,8 +228,8 @@ def _known_keys(entry: dict, valid: tuple[str, ...], where: str) -> None:
 
 
 def _not_controlled(key: str, where: str) -> None:
-    require(key not in CONTROLLED, f"{where} sets {key}, which the study sets itself for every run "
-            f"(controlled: {', '.join(CONTROLLED)}).")
+    require(key not in CONTROLLED,
+            f"{where} sets {key}, which the study sets itself for every run (controlled: {', '.join(CONTROLLED)}).")
 
 
 def load_study(path: str | Path, preset: str | None = None,
@@ -259,8 +256,8 @@ def load_study(path: str | Path, preset: str | None = None,
     for key in ("teacher", "methods"):
         require(raw.get(key), f"study config {path} has no '{key}' section.")
     teacher = raw["teacher"]
-    require(isinstance(teacher, dict) and "config" in teacher, f"'teacher' in {path} must be a mapping with "
-            f"'config' (a kd-lightning fit config) and optionally 'args', got {teacher!r}.")
+    require(isinstance(teacher, dict) and "config" in teacher, f"'teacher' in {path} must be a mapping with 'config' "
+            f"(a kd-lightning fit config) and optionally 'args', got {teacher!r}.")
     _known_keys(teacher, ("config", "args"), f"'teacher' in {path}")
     written = raw.get("budgets", [50, 100, 500, 1000, FULL])
     budgets = [_budget_key(b) for b in written]
@@ -273,8 +270,8 @@ def load_study(path: str | Path, preset: str | None = None,
     require(budgets and seeds, f"study config {path} needs at least one budget and one seed.")
     require(len(set(budgets)) == len(budgets) and len(set(map(str, seeds))) == len(seeds),
             f"budgets and seeds in {path} must not repeat, got budgets {raw.get('budgets')} and seeds {seeds}.")
-    require(all(isinstance(s, int) and not isinstance(s, bool) for s in seeds),
-            f"seeds in {path} must be integers, got {seeds}.")
+    require(all(isinstance(s, int) and not isinstance(s, bool) for s in seeds), f"seeds in {path} must be integers, "
+            f"got {seeds}.")
     steps = per_budget(raw.get("steps"), f"'steps' in {path}")
     epochs = per_budget(raw.get("epochs"), f"'epochs' in {path}")
     spec = StudySpec(name=name, output=output, teacher_config=str(teacher["config"]),
@@ -294,8 +291,8 @@ def load_study(path: str | Path, preset: str | None = None,
     names = [m.name for m in spec.methods]
     require(len(set(names)) == len(names), f"method names in {path} must be unique, got {names}.")
     for k in spec.set:
-        require(any(k in m.run_config for m in spec.methods), f"'set: {k}' in {path} is an argument of "
-                f"none of the methods' runs (write the full dotted name, as in --{k}).")
+        require(any(k in m.run_config for m in spec.methods), f"'set: {k}' in {path} is an argument of none of the "
+                f"methods' runs (write the full dotted name, as in --{k}).")
     return spec
 
 
@@ -313,9 +310,8 @@ def _load_method(entry: Any, spec: StudySpec, path: Path, run_args: list[str]) -
             f"needs a name and a config (a kd-lightning fit config), got {entry!r}.")
     where = f"method '{entry['name']}' in {path}"
     _known_keys(entry, METHOD_KEYS, where)
-    m = MethodSpec(name=str(entry["name"]), config=str(entry["config"]),
-                   reference=bool(entry.get("reference", False)), method=entry.get("method"),
-                   **_settings(entry, ("set", "grid"), f" of {where}"))
+    m = MethodSpec(name=str(entry["name"]), config=str(entry["config"]), reference=bool(entry.get("reference", False)),
+                   method=entry.get("method"), **_settings(entry, ("set", "grid"), f" of {where}"))
     valid = sorted(available_methods())
     require(m.method is None or m.method in valid, f"unknown method '{m.method}' in study config {path}. Valid "
             f"methods: {', '.join(valid)}.")
@@ -323,7 +319,7 @@ def _load_method(entry: Any, spec: StudySpec, path: Path, run_args: list[str]) -
     require(Path(cfg).is_file(), f"{where}: config '{m.config}' does not exist.")
     m.run_config = parse_run(cfg, [*spec.args, *m.args, *run_args], where)
     class_path = m.run_config.model.class_path
-    require(m.method is None or class_path.rsplit(".", 1)[-1] == m.method,
+    require(m.method in (None, class_path.rsplit(".", 1)[-1]),
             f"{where} says method: {m.method} but its config {m.config} trains {class_path}.")
     for kind in ("set", "grid", "epoch_args"):
         for key in getattr(m, kind):
@@ -343,9 +339,8 @@ def _load_method(entry: Any, spec: StudySpec, path: Path, run_args: list[str]) -
                     f"M={label}: give a non-empty list, e.g. [0.3, 1, 2], or one per budget, e.g. "
                     f"{{{FULL}: [0.1, 0.3], {DEFAULT}: [1, 2]}}.")
         for key, value in [*spec.set.items(), *m.set.items()]:
-            require(not isinstance(value, PerBudget) or value.covers(b) or key not in m.run_config,
-                    f"'set: {key}' for {where} has no value for M={label}: name the budget or add a "
-                    f"'{DEFAULT}' entry.")
+            require(not isinstance(value, PerBudget) or value.covers(b) or key not in m.run_config, f"'set: {key}' "
+                    f"for {where} has no value for M={label}: name the budget or add a '{DEFAULT}' entry.")
         for candidate in spec.candidates(m, b):
             values = {**spec.settings(m, b), **candidate}
             try:
@@ -360,9 +355,8 @@ def _load_method(entry: Any, spec: StudySpec, path: Path, run_args: list[str]) -
     if hasattr(wanted, "as_dict") and hasattr(trained, "as_dict") and wanted.as_dict() != trained.as_dict():
         args = [", ".join(f"{k}={v!r}" for k, v in (n.as_dict().get("init_args") or {}).items())
                 for n in (wanted, trained)]
-        raise KDConfigError(
-            f"{where} distils from the teacher network {wanted.class_path}({args[0]}) but the study's "
-            f"teacher (teacher: config: {spec.teacher_config}) trains {trained.class_path}({args[1]}), whose "
-            f"weights would not fit. Make model.init_args.teacher of {m.config} the network of "
-            f"model.init_args.student in {spec.teacher_config}.")
+        raise KDConfigError(f"{where} distils from the teacher network {wanted.class_path}({args[0]}) but the "
+                            f"study's teacher (teacher: config: {spec.teacher_config}) trains {trained.class_path}"
+                            f"({args[1]}), whose weights would not fit. Make model.init_args.teacher of {m.config} "
+                            f"the network of model.init_args.student in {spec.teacher_config}.")
     return m
