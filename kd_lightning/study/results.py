@@ -48,8 +48,24 @@ class Results:
             damaged.append((whole.count("\n") + 1, "torn", fields))
         return list(reader.fieldnames or []), rows, damaged
 
-    def damaged(self) -> list[tuple[int, str, dict]]:
-        return self._read()[2]
+    def damaged(self, planned: set[tuple], done: set[tuple]) -> list[str]:
+        """A line per row that cannot be read (torn by a kill while it was written, or malformed):
+        which line, whose run, and whether that run is trained again (``planned``: the study's runs'
+        ``(method, M, seed)``; ``done``: :meth:`done`)."""
+        lines = []
+        for number, what, row in self._read()[2]:
+            run = " ".join(f"{k}={row[k]}" if k != "method" else row[k] for k in ("method", "M", "seed")
+                           if row.get(k))
+            try:
+                key = run_key(row)
+                fate = ("that run is already recorded by another row" if key in done else "that run is trained "
+                        "again" if key[:3] in planned else "it is not a run of this study")
+            except (KeyError, ValueError, TypeError):
+                fate = "its run, if one of this study, is trained again"
+            why = "cut short while it was written, e.g. by a kill" if what == "torn" else "it does not parse"
+            lines.append(f"{self.path}: line {number} is {what} ({why}; run: {run or 'unreadable'}); it is left "
+                         f"out and {fate}.")
+        return lines
 
     def rows(self) -> list[dict]:
         """This study's rows, in the order they were written (files written before grids existed

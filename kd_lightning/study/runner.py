@@ -17,7 +17,6 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from kd_lightning import KDConfigError, environment, jobs
@@ -35,7 +34,7 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in name)
 
 
-@dataclass
+@dataclasses.dataclass
 class RunPlan:
     """One training of the study (or the test of a chosen grid candidate), before it runs;
     ``needs_teacher``: it waits for the study's teacher checkpoint; ``weights``: a candidate's."""
@@ -290,7 +289,7 @@ class StudyRunner:
         done = self.results.done()
         todo = [p for p in plans if not self._is_done(p, done)]
         ex, stop, display = self.executor, None, _Display(self.progress)
-        for line in self.damaged_rows(plans, done):
+        for line in self.results.damaged({p.key[:3] for p in plans}, done):
             display.print(line)
         queue = Queue(longest_first=ex.concurrent)
 
@@ -341,24 +340,6 @@ class StudyRunner:
                 fill()
         if stop is not None:
             raise stop
-
-    def damaged_rows(self, plans: list[RunPlan], done: set) -> list[str]:
-        """A line per row of results.csv that cannot be read (torn by a kill while it was written,
-        or malformed): which line, whose run, and whether that run is trained again."""
-        lines = []
-        for number, what, row in self.results.damaged():
-            run = " ".join(f"{k}={row[k]}" if k != "method" else row[k] for k in ("method", "M", "seed")
-                           if row.get(k))
-            try:
-                key = run_key(row)
-                fate = ("that run is already recorded by another row" if key in done else "that run is trained "
-                        "again" if any(p.key[:3] == key[:3] for p in plans) else "it is not a run of this study")
-            except (KeyError, ValueError, TypeError):
-                fate = "its run, if one of this study, is trained again"
-            why = "cut short while it was written, e.g. by a kill" if what == "torn" else "it does not parse"
-            lines.append(f"{self.results.path}: line {number} is {what} ({why}; run: {run or 'unreadable'}); it is "
-                         f"left out and {fate}.")
-        return lines
 
     def _grid_done(self, plan: RunPlan) -> list[RunPlan]:
         """After a run of ``plan``'s grid: the tests of the chosen candidate to start, once every
