@@ -77,19 +77,18 @@ class RayExecutor(SequentialExecutor):
         require((workers is None) != (address is None), "give either --workers N (a local Ray "
                 "instance) or --address ADDR (an existing Ray cluster), not both.")
         require(workers is None or workers >= 1, f"--workers must be at least 1, got {workers}.")
-        require(cpus_per_run > 0 and gpus_per_run >= 0, f"--cpus-per-run must be > 0 and "
-                f"--gpus-per-run >= 0, got {cpus_per_run} and {gpus_per_run}.")
-        require(workers is None or cpus_per_run <= workers, f"--cpus-per-run {cpus_per_run} is more "
-                f"than the {workers} CPUs of --workers {workers}; no run could start.")
+        require(cpus_per_run > 0 and gpus_per_run >= 0, f"--cpus-per-run must be > 0 and --gpus-per-run >= 0, "
+                f"got {cpus_per_run} and {gpus_per_run}.")
+        require(workers is None or cpus_per_run <= workers, f"--cpus-per-run {cpus_per_run} is more than the "
+                f"{workers} CPUs of --workers {workers}; no run could start.")
         try:
             import ray
         except ImportError:
-            raise KDConfigError("--workers and --address run the study on Ray, which is not "
-                                "installed; install it with `pip install kd_lightning[ray]` (or "
-                                "run the study sequentially, without --workers/--address).") from None
-        self.ray, self.workers, self.address, self.cpus, self.gpus = ray, workers, address, \
-            cpus_per_run, gpus_per_run
-        self.pending: dict = {}
+            raise KDConfigError("--workers and --address run the study on Ray, which is not installed; install "
+                                "it with `pip install kd_lightning[ray]` (or run the study sequentially, "
+                                "without --workers/--address).") from None
+        super().__init__()
+        self.ray, self.workers, self.address, self.cpus, self.gpus = ray, workers, address, cpus_per_run, gpus_per_run
         self._started = False
 
     def __enter__(self):
@@ -112,8 +111,7 @@ class RayExecutor(SequentialExecutor):
                     raise
         self._started = True
         have = ray.cluster_resources()
-        for name, need, flag in (("CPU", self.cpus, "--cpus-per-run"),
-                                 ("GPU", self.gpus, "--gpus-per-run")):
+        for name, need, flag in (("CPU", self.cpus, "--cpus-per-run"), ("GPU", self.gpus, "--gpus-per-run")):
             if need > have.get(name, 0):
                 self.__exit__()
                 raise KDConfigError(f"{flag} {need} asks for more {name}s than the Ray cluster has "
@@ -138,8 +136,7 @@ class RayExecutor(SequentialExecutor):
     def describe(self) -> str:
         where = f"a local Ray instance with {self.workers} CPUs" if self.workers is not None \
             else f"the Ray cluster at {self.address}"
-        gpus = f", {self.gpus:g} GPU" if self.gpus else ""
-        return f"running on {where}: {self.cpus:g} CPU{gpus} per run"
+        return f"running on {where}: {self.cpus:g} CPU{f', {self.gpus:g} GPU' if self.gpus else ''} per run"
 
     def submit(self, plan) -> None:
         self.pending[self._remote.remote(plan.jobs, max(1, int(self.cpus)))] = plan
@@ -152,6 +149,5 @@ class RayExecutor(SequentialExecutor):
                 outcome = self.ray.get(ref)
             except self.ray.exceptions.RayError as err:
                 first = (str(err).strip().splitlines() or [""])[0]
-                outcome = jobs.JobFailed(f"the Ray worker running it failed "
-                                         f"({type(err).__name__}: {first})")
+                outcome = jobs.JobFailed(f"the Ray worker running it failed ({type(err).__name__}: {first})")
             yield plan, outcome

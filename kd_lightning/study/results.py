@@ -15,8 +15,8 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
 
+from kd_lightning.environment import summary
 from kd_lightning.study.spec import BUDGET_UNITS, PER_CLASS, Budget, StudySpec, budget_label, require
 
 CSV_FIELDS = ("study_hash method M seed test_acc teacher_acc epochs steps wall_time_s run_hash run_dir "
@@ -30,30 +30,42 @@ class Results:
     def __init__(self, path: Path, study_hash: str) -> None:
         self.path, self.study_hash = path, study_hash
 
-    def _read(self) -> tuple[list[str], list[dict]]:
-        """The header and the valid rows. A row is written with one ``write`` and ``fsync``, so
-        only a kill during that write leaves a torn last line (no final newline); it and any row
-        that does not parse are left out, and their runs count as not done."""
-        if not self.path.is_file():
-            return [], []
-        text = self.path.read_text()
-        reader = csv.DictReader(io.StringIO(text[:text.rfind("\n") + 1], newline=""))  # up to the last \n
-        return list(reader.fieldnames or []), [r for r in reader if _valid(r)]
-
-    def damaged(self) -> list[tuple[int, str, dict]]:
-        """The lines :meth:`_read` leaves out: ``(line number, "torn" or "malformed", what of the
-        row could be read)``. A torn line is the last one, without its newline."""
-        if not self.path.is_file():
-            return []
-        text = self.path.read_text()
+    def _read(self) -> tuple[list[str], list[dict], list[tuple[int, str, dict]]]:
+        """The header, the valid rows and the lines left out: ``(line number, "torn" or
+        "malformed", what of the row could be read)``. A row is written with one ``write`` and
+        ``fsync``, so only a kill during that write leaves a torn last line (no final newline); it
+        and any row that does not parse are left out, and their runs count as not done."""
+        text = self.path.read_text() if self.path.is_file() else ""
         whole, tail = text[:text.rfind("\n") + 1], text[text.rfind("\n") + 1:]
-        reader = csv.DictReader(io.StringIO(whole, newline=""))
-        out = [(reader.line_num, "malformed", {k: v for k, v in r.items() if isinstance(k, str)})
-               for r in reader if not _valid(r)]
+        reader, rows, damaged = csv.DictReader(io.StringIO(whole, newline="")), [], []
+        for r in reader:
+            if _valid(r):
+                rows.append(r)
+            else:
+                damaged.append((reader.line_num, "malformed", {k: v for k, v in r.items() if isinstance(k, str)}))
         if tail:
-            fields = next(csv.reader([tail]), [])
-            out.append((whole.count("\n") + 1, "torn", dict(zip(reader.fieldnames or CSV_FIELDS, fields))))
-        return out
+            fields = dict(zip(reader.fieldnames or CSV_FIELDS, next(csv.reader([tail]), [])))
+            damaged.append((whole.count("\n") + 1, "torn", fields))
+        return list(reader.fieldnames or []), rows, damaged
+
+    def damaged(self, planned: set[tuple], done: set[tuple]) -> list[str]:
+        """A line per row that cannot be read (torn by a kill while it was written, or malformed):
+        which line, whose run, and whether that run is trained again (``planned``: the study's runs'
+        ``(method, M, seed)``; ``done``: :meth:`done`)."""
+        lines = []
+        for number, what, row in self._read()[2]:
+            run = " ".join(f"{k}={row[k]}" if k != "method" else row[k] for k in ("method", "M", "seed")
+                           if row.get(k))
+            try:
+                key = run_key(row)
+                fate = ("that run is already recorded by another row" if key in done else "that run is trained "
+                        "again" if key[:3] in planned else "it is not a run of this study")
+            except (KeyError, ValueError, TypeError):
+                fate = "its run, if one of this study, is trained again"
+            why = "cut short while it was written, e.g. by a kill" if what == "torn" else "it does not parse"
+            lines.append(f"{self.path}: line {number} is {what} ({why}; run: {run or 'unreadable'}); it is left "
+                         f"out and {fate}.")
+        return lines
 
     def rows(self) -> list[dict]:
         """This study's rows, in the order they were written (files written before grids existed
@@ -62,17 +74,12 @@ class Results:
                  or RUN} for r in self._read()[1] if r.get("study_hash") == self.study_hash]
 
     def done(self) -> set[tuple]:
-        return {self.key(r["method"], r["M"], r["seed"], r["kind"], r["candidate"])
-                for r in self.rows() if r["kind"] != FAILED}
-
-    @staticmethod
-    def key(method: str, label: str, seed: Any, kind: str, candidate: str) -> tuple:
-        return method, str(label), int(seed), kind, candidate
+        return {run_key(r) for r in self.rows() if r["kind"] != FAILED}
 
     def append(self, row: dict) -> None:
         """Append ``row``, flushed to disk. A new file, one of an older layout or one with a torn
         last line is first rewritten (atomically) with today's columns and its valid rows."""
-        fields, old = self._read()
+        fields, old, _ = self._read()
         if fields != CSV_FIELDS or not self.path.read_bytes().endswith(b"\n"):
             tmp = self.path.with_name(self.path.name + ".tmp")
             with open(tmp, "w", newline="") as f:
@@ -96,6 +103,11 @@ def _valid(row: dict) -> bool:
     return None not in row and None not in row.values() and bool(row.get("study_hash") and row.get("method"))
 
 
+def run_key(row: dict) -> tuple:
+    """Which run a row records: ``(method, M, seed, kind, candidate)``."""
+    return row["method"], str(row["M"]), int(row["seed"]), row.get("kind") or RUN, row.get("candidate") or ""
+
+
 def candidate_key(candidate: dict) -> str:
     return json.dumps(candidate) if candidate else ""
 
@@ -116,8 +128,7 @@ def choose(rows: list[dict], method: str, label: str, candidates: list[str],
     seed's run -- and every candidate's mean. Test accuracy is not consulted."""
     val: dict[str, dict[int, float]] = {c: {} for c in candidates}
     for r in rows:
-        if (r["method"], str(r["M"]), r["kind"]) == (method, label, CANDIDATE) \
-                and r["candidate"] in val:
+        if (r["method"], str(r["M"]), r["kind"]) == (method, label, CANDIDATE) and r["candidate"] in val:
             val[r["candidate"]][int(r["seed"])] = float(r["val_acc"])
     means = {c: sum(v.values()) / len(v) for c, v in val.items() if v}
     if any(set(seeds) - set(v) for v in val.values()):
@@ -127,8 +138,7 @@ def choose(rows: list[dict], method: str, label: str, candidates: list[str],
 
 def failures(rows: list[dict]) -> list[dict]:
     """Failed runs not replaced by a later row of the same run."""
-    latest = {(r["method"], str(r["M"]), str(r["seed"]), RUN if r["kind"] == FAILED else r["kind"],
-               r["candidate"]): r for r in rows}
+    latest = {run_key({**r, "kind": RUN if r["kind"] == FAILED else r["kind"]}): r for r in rows}
     return [r for r in latest.values() if r["kind"] == FAILED]
 
 
@@ -154,22 +164,19 @@ def _header(names: list[str], unit: str | None = None) -> list[str]:
     return [f"| {first} | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
 
 
-def format_table(rows: list[dict], methods: list[str], budgets: list[Budget],
-                 unit: str | None = None) -> str:
+def format_table(rows: list[dict], methods: list[str], budgets: list[Budget], unit: str | None = None) -> str:
     """Rows M (those with results), columns methods, ``mean ± std`` of test accuracy over seeds
     (the mean alone for one run), best in bold; ``unit`` (a study's ``budget_unit``) names what M
     counts in the header."""
     acc, lines = _test_accuracies(rows), _header(methods, unit)
     for label in map(budget_label, budgets):
-        stats = {m: (*_stats(acc[(m, label)]), len(acc[(m, label)]))
-                 for m in methods if (m, label) in acc}
+        stats = {m: (*_stats(acc[(m, label)]), len(acc[(m, label)])) for m in methods if (m, label) in acc}
         if not stats:
             continue
         best, cells = max(s[0] for s in stats.values()), []
         for mean, std, n in (stats.get(m, (None, 0, 0)) for m in methods):
             cell = "–" if mean is None else f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}"
-            cells.append(f"**{cell}**" if mean is not None and math.isclose(mean, best, abs_tol=1e-9)
-                         else cell)
+            cells.append(f"**{cell}**" if mean is not None and math.isclose(mean, best, abs_tol=1e-9) else cell)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -184,8 +191,7 @@ def format_choices(rows: list[dict], spec: StudySpec) -> str:
         for m in grid_methods:
             keys = [candidate_key(c) for c in spec.candidates(m, b)]
             chosen, means = choose(rows, m.name, budget_label(b), keys, spec.seeds)
-            others = ", ".join(f"{candidate_label(k)}: {means[k]:.2f}"
-                               for k in keys if k != chosen and k in means)
+            others = ", ".join(f"{candidate_label(k)}: {means[k]:.2f}" for k in keys if k != chosen and k in means)
             cells.append((f"(not all trained; {others})" if others else "–") if chosen is None else
                          f"**{candidate_label(chosen)}** (val {means[chosen]:.2f}"
                          + (f"; {others})" if others else ")"))
@@ -201,33 +207,26 @@ def length_note(spec: StudySpec) -> str:
     return "Training length: " + ", ".join(parts) + " (steps are optimizer steps)."
 
 
-def environment_note(environments: list[dict]) -> str:
-    """The environments the runs ran in, one line each (float32 results move within the seed
-    spread across CPU kernels and thread counts)."""
-    from kd_lightning.environment import summary
-
-    return "".join(f"\nEnvironment{f' {i + 1}' if len(environments) > 1 else ''}: {summary(env)}.\n"
-                   for i, env in enumerate(environments))
-
-
 def results_markdown(spec: StudySpec, study_hash: str, rows: list[dict],
                      teacher_acc: float | None, environments: list[dict] | None = None) -> str:
-    seeds = spec.seeds
+    """results.md: the table, then the environments the runs ran in, one line each (float32 results
+    move within the seed spread across CPU kernels and thread counts), the grid choices and the failures."""
+    seeds, environments = spec.seeds, environments or []
     what = f"mean ± std over seeds {seeds}" if len(seeds) > 1 else f"one seed ({seeds[0]}; n=1, so no std)"
     teacher = f" Teacher: {teacher_acc * 100:.2f}%." if teacher_acc is not None else ""
-    text = (f"# Study `{spec.name}` (hash {study_hash})\n\n"
-            f"Test accuracy (%) of the student, {what}; best per row in bold. "
-            f"{length_note(spec)}{teacher}\n\n"
+    text = (f"# Study `{spec.name}` (hash {study_hash})\n\nTest accuracy (%) of the student, {what}; best per row "
+            f"in bold. {length_note(spec)}{teacher}\n\n"
             + format_table(rows, [m.name for m in spec.methods], spec.budgets, spec.budget_unit) + "\n"
-            + environment_note(environments or []))
+            + "".join(f"\nEnvironment{f' {i + 1}' if len(environments) > 1 else ''}: {summary(env)}.\n"
+                      for i, env in enumerate(environments)))
     if len(seeds) > 1 and 1 in [len(v) for v in _test_accuracies(rows).values()]:
         text += "\nA cell without ± holds one run so far (n=1).\n"
     choices = format_choices(rows, spec)
     if choices:
-        text += ("\nChosen on validation accuracy (%): for each M, every candidate of the grid was "
-                 f"trained with every seed and its final weights were measured on the held-out "
-                 f"validation split; the candidate with the best mean (bold; the others' means "
-                 f"follow) is the one tested and reported above.\n\n{choices}\n")
+        text += ("\nChosen on validation accuracy (%): for each M, every candidate of the grid was trained with "
+                 f"every seed and its final weights were measured on the held-out validation split; the candidate "
+                 f"with the best mean (bold; the others' means follow) is the one tested and reported above."
+                 f"\n\n{choices}\n")
     failed = "".join(f"- {r['method']} M={r['M']} seed={r['seed']}: {r['error']}\n" for r in failures(rows))
     return text + (f"\nFailed runs (not in the table; a rerun of the study tries them again):\n\n{failed}"
                    if failed else "")
@@ -246,8 +245,7 @@ def plot_results(rows: list[dict], spec: StudySpec, path: Path, teacher_acc: flo
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.set_prop_cycle(color=plt.get_cmap("tab20").colors[::2] + plt.get_cmap("tab20").colors[1::2])
     for m in spec.methods:
-        pts = sorted((x, *_stats(acc[(m.name, label)])) for label, x in xs.items()
-                     if (m.name, label) in acc)
+        pts = sorted((x, *_stats(acc[(m.name, label)])) for label, x in xs.items() if (m.name, label) in acc)
         if pts:
             x, mean, std = zip(*pts)
             line, = ax.plot(x, mean, label=m.name, **(dict(linestyle="--", color="black", marker="s")
@@ -255,8 +253,7 @@ def plot_results(rows: list[dict], spec: StudySpec, path: Path, teacher_acc: flo
             ax.fill_between(x, [a - s for a, s in zip(mean, std)],
                             [a + s for a, s in zip(mean, std)], alpha=0.15, color=line.get_color())
     if teacher_acc is not None:
-        ax.axhline(teacher_acc, color="firebrick", linestyle=":", linewidth=2,
-                   label=f"teacher ({teacher_acc:.1f}%)")
+        ax.axhline(teacher_acc, color="firebrick", linestyle=":", linewidth=2, label=f"teacher ({teacher_acc:.1f}%)")
         ax.set_ylim(ax.get_ylim()[0], max(ax.get_ylim()[1], teacher_acc + 2))
     ax.set_xscale("log")
     ax.set_xticks(list(xs.values()), list(xs.keys()))
@@ -276,8 +273,7 @@ def write_report(spec: StudySpec, study_hash: str, rows: list[dict], output: Pat
     """Write results.md and accuracy_vs_m.png into ``output``; returns the table."""
     output = Path(output)
     (output / "results.md").write_text(results_markdown(spec, study_hash, rows, teacher_acc, environments))
-    plot_results(rows, spec, output / "accuracy_vs_m.png",
-                 None if teacher_acc is None else 100 * teacher_acc)
+    plot_results(rows, spec, output / "accuracy_vs_m.png", None if teacher_acc is None else 100 * teacher_acc)
     return format_table(rows, [m.name for m in spec.methods], spec.budgets, spec.budget_unit)
 
 

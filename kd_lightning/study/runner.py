@@ -17,14 +17,13 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from kd_lightning import KDConfigError, environment, jobs
 from kd_lightning.study.executors import SequentialExecutor
 from kd_lightning.study.results import (CANDIDATE, CHOSEN, FAILED, RUN, Results, candidate_key,
-                                        candidate_label, choose)
-from kd_lightning.study.spec import (PER_CLASS, Budget, MethodSpec, StudySpec, budget_data_args, budget_label,
+                                        candidate_label, choose, run_key)
+from kd_lightning.study.spec import (Budget, MethodSpec, StudySpec, budget_data_args, budget_label,
                                      override_args, require)
 
 #: what a study writes into its output folder (all that --overwrite may delete)
@@ -35,7 +34,7 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in name)
 
 
-@dataclass
+@dataclasses.dataclass
 class RunPlan:
     """One training of the study (or the test of a chosen grid candidate), before it runs;
     ``needs_teacher``: it waits for the study's teacher checkpoint; ``weights``: a candidate's."""
@@ -58,8 +57,7 @@ class RunPlan:
 
     @property
     def key(self) -> tuple:
-        return Results.key(self.method.name, self.label, self.seed, self.kind,
-                           candidate_key(self.candidate))
+        return self.method.name, self.label, self.seed, self.kind, candidate_key(self.candidate)
 
     def describe(self) -> str:
         extra = f" {candidate_label(self.candidate)}" if self.candidate else ""
@@ -99,9 +97,8 @@ class Queue:
         return (max(self._slowest.values(), default=0.0) if rate is None else rate) * plan.steps
 
     def pop(self) -> RunPlan:
-        best = max(range(len(self.plans)), key=lambda i: (self.estimate(self.plans[i]), -i)) \
-            if self.longest_first else 0
-        plan = self.plans.pop(best)
+        plan = self.plans.pop(max(range(len(self.plans)), key=lambda i: (self.estimate(self.plans[i]), -i))
+                              if self.longest_first else 0)
         self._started.add(plan.method.name)
         return plan
 
@@ -116,10 +113,9 @@ class _Display:
 
         # bound now: in-process runs redirect sys.stdout into their logs
         self.console, self.tasks = Console(file=sys.stdout, highlight=False), {}
-        self.bar = rp.Progress(rp.TextColumn("[bold]{task.description}"), rp.BarColumn(),
-                               rp.MofNCompleteColumn(), rp.TextColumn("elapsed"), rp.TimeElapsedColumn(),
-                               rp.TextColumn("left"), rp.TimeRemainingColumn(),
-                               console=self.console) if enabled else None
+        self.bar = rp.Progress(rp.TextColumn("[bold]{task.description}"), rp.BarColumn(), rp.MofNCompleteColumn(),
+                               rp.TextColumn("elapsed"), rp.TimeElapsedColumn(), rp.TextColumn("left"),
+                               rp.TimeRemainingColumn(), console=self.console) if enabled else None
 
     def print(self, line: str) -> None:
         self.console.print(line, markup=False, soft_wrap=True)
@@ -134,10 +130,8 @@ class _Display:
     def teacher_epoch(self, event: dict) -> None:
         epoch, total = event["epoch"], event["max_epochs"]
         val = "" if event.get("val_acc") is None else f", val acc {100 * event['val_acc']:.2f}%"
-        if self.bar is not None:
-            self.show("teacher", completed=epoch, total=total,
-                      description=f"teacher epoch {epoch}/{total}{val}")
-        elif epoch in (1, total) or epoch % max(1, total // 10) == 0:
+        self.show("teacher", completed=epoch, total=total, description=f"teacher epoch {epoch}/{total}{val}")
+        if self.bar is None and (epoch in (1, total) or epoch % max(1, total // 10) == 0):
             self.print(f"teacher: epoch {epoch}/{total}{val}")
 
     def finished(self, line: str) -> None:
@@ -150,13 +144,12 @@ class StudyRunner:
     or on the ``executor`` given (:class:`kd_lightning.study.executors.RayExecutor`)."""
 
     def __init__(self, spec: StudySpec, output: Path, trainer_args: list[str], overwrite: bool,
-                 teacher_cache: Path, progress: bool = True, keep_going: bool = True,
-                 executor=None) -> None:
+                 teacher_cache: Path, progress: bool = True, keep_going: bool = True, executor=None) -> None:
         self.spec, self.output, self.trainer_args = spec, Path(output), list(trainer_args)
         self.executor = executor or SequentialExecutor()
         #: keep_going: on a failed run (diverged, crashed) record it as failed and go on
         self.overwrite, self.progress, self.keep_going = overwrite, progress, keep_going
-        self.study_hash, self.teacher_acc, self._sizes = spec.hash(), None, {}
+        self.study_hash, self.teacher_acc, self._sizes, self._teacher = spec.hash(), None, {}, {}
         #: the distinct environments the study's runs reported (kept in study.json across reruns)
         self.environments: list[dict] = []
         self.results = Results(self.output / "results.csv", self.study_hash)
@@ -168,50 +161,46 @@ class StudyRunner:
 
     # ---- output folder and teacher -----------------------------------------------------------
     def prepare_output(self) -> None:
-        """Use the output folder: new, empty, or holding this study's results (resumed); with
-        ``--overwrite`` another study's loses exactly the files a study writes (:data:`OWN_FILES`)."""
+        """Use the output folder: new, empty, or holding this study's results (resumed: the earlier
+        runs' environments and the teacher stay); with ``--overwrite`` another study's loses
+        exactly the files a study writes (:data:`OWN_FILES`)."""
         jobs.claim_output(self.output, "study.json", self.study_hash, OWN_FILES, self.overwrite,
                           "study", "results of a different study")
-        old = json.loads((self.output / "study.json").read_text()) \
-            if (self.output / "study.json").is_file() else {}
-        if old.get("hash") == self.study_hash:  # resumed: the earlier runs' environments stay
-            self.environments = list(old.get("run_environments") or [])
+        meta = self.output / "study.json"  # now absent or this study's: claim_output deleted another's
+        old = json.loads(meta.read_text()) if meta.is_file() else {}
+        self.environments = list(old.get("run_environments") or [])
+        self._teacher = {k: v for k, v in old.items() if k == "teacher"}
         self._write_meta()
 
-    def _write_meta(self, **teacher) -> None:
+    def _write_meta(self) -> None:
         """study.json: the study's hash and identity, the teacher, this process's environment and
         the distinct environments its runs reported (float32 results depend on them)."""
         meta = {"hash": self.study_hash, "identity": self.spec.identity(),
                 "environment": environment.describe(), "run_environments": self.environments}
-        if not teacher and (self.output / "study.json").is_file():
-            teacher = {k: v for k, v in json.loads((self.output / "study.json").read_text()).items()
-                       if k == "teacher"}
-        (self.output / "study.json").write_text(json.dumps({**meta, **teacher}, indent=2))
+        (self.output / "study.json").write_text(json.dumps({**meta, **self._teacher}, indent=2))
 
     def prepare_teacher(self, display: _Display) -> None:
         """The study's teacher: from the cache, or trained now (and cached by configuration)."""
         spec, folder, info = self.spec, self.teacher_dir, self.teacher_dir / "teacher.json"
-        where = f"{spec.teacher_config} (teacher: in {spec.path})"
         if not (self.teacher_ckpt.is_file() and info.is_file()):
             folder.mkdir(parents=True, exist_ok=True)
             cfg = spec.resolve(spec.teacher_config)
-            job = jobs.Job(["fit", "--config", cfg, *spec.teacher_args,
-                            "--trainer.logger.init_args.save_dir", str(folder),
-                            "--trainer.logger.init_args.name", "teacher",
+            job = jobs.Job(["fit", "--config", cfg, *spec.teacher_args, "--trainer.logger.init_args.save_dir",
+                            str(folder), "--trainer.logger.init_args.name", "teacher",
                             "--trainer.enable_progress_bar", "false", *self.trainer_args,
                             "--trainer.callbacks+=kd_lightning.jobs.EpochProgress"],
                            folder / "teacher.log", jobs.needs_subprocess(spec.teacher_run_config))
             epochs = spec.teacher_run_config.trainer.max_epochs
-            display.print(f"training the teacher ({spec.teacher_config}, {epochs or '?'} epochs); "
-                          f"it is cached for later studies")
+            display.print(f"training the teacher ({spec.teacher_config}, {epochs or '?'} epochs); it is cached for "
+                          f"later studies")
             display.show("teacher", description="teacher", total=epochs)
             try:
                 result = jobs.run_job(job, display.teacher_epoch)
             except jobs.JobFailed as err:
-                raise KDConfigError(f"the teacher run failed ({err}); see {job.log}. The study trains "
-                                    f"its teacher from {where} with the arguments "
-                                    f"{[*spec.teacher_args, *self.trainer_args]}. Results already "
-                                    f"written are kept.") from None
+                raise KDConfigError(f"the teacher run failed ({err}); see {job.log}. The study trains its teacher "
+                                    f"from {spec.teacher_config} (teacher: in {spec.path}) with the arguments "
+                                    f"{[*spec.teacher_args, *self.trainer_args]}. Results already written "
+                                    f"are kept.") from None
             found = [Path(p) for p in result.checkpoints if Path(p).is_file()]
             best = [p for p in found if p.name.startswith("best")] or found
             require(best, f"the teacher run wrote no checkpoint (config {spec.teacher_config}, teacher: in "
@@ -220,16 +209,16 @@ class StudyRunner:
             info.write_text(json.dumps({"config": cfg, "args": spec.teacher_args,
                                         "source": str(best[0]), "test_acc": result.metrics.get("test/acc")}))
         self.teacher_acc = json.loads(info.read_text()).get("test_acc")
-        self._write_meta(teacher={"config": spec.teacher_config, "checkpoint": str(self.teacher_ckpt),
-                                  "test_acc": self.teacher_acc})
+        self._teacher = {"teacher": {"config": spec.teacher_config, "checkpoint": str(self.teacher_ckpt),
+                                     "test_acc": self.teacher_acc}}
+        self._write_meta()
 
     # ---- planning ----------------------------------------------------------------------------
     def _steps_per_epoch(self, run_config, budget: Budget, seed: int) -> int:
         """Optimizer steps per epoch of a run, from its data module (built once per data)."""
         from kd_lightning.data import DistillDataModule
 
-        data = {**run_config.data.as_dict(), **budget_data_args(self.spec.budget_unit, budget),
-                "subset_seed": seed}
+        data = {**run_config.data.as_dict(), **budget_data_args(self.spec.budget_unit, budget), "subset_seed": seed}
         key = json.dumps(data, sort_keys=True, default=str)
         if key not in self._sizes:
             dm = DistillDataModule(**data)  # raises KDConfigError for an impossible budget
@@ -237,26 +226,22 @@ class StudyRunner:
             self._sizes[key] = n // dm.batch_size if dm.drop_last else math.ceil(n / dm.batch_size)
         return self._sizes[key]
 
-    def plan(self, method: MethodSpec, budget: Budget, seed: int, candidate: dict,
-             kind: str) -> RunPlan:
+    def plan(self, method: MethodSpec, budget: Budget, seed: int, candidate: dict, kind: str) -> RunPlan:
         """One training: its ``kd-lightning fit`` arguments and its length. ``CHOSEN``: the test
         of a chosen candidate's weights, trained again first if they were removed (the same run
         gives the same weights)."""
         if kind == CHOSEN:
             fit = self.plan(method, budget, seed, candidate, CANDIDATE)
-            test = jobs.Job(["test", *fit.jobs[0].args[1:], "--trainer.logger.init_args.version",
-                             "test", "--ckpt_path", str(fit.weights)], fit.run_dir / "test.log",
-                            fit.jobs[0].isolate)
-            return dataclasses.replace(fit, kind=CHOSEN,
-                                       jobs=([] if fit.weights.is_file() else fit.jobs) + [test])
+            test = jobs.Job(["test", *fit.jobs[0].args[1:], "--trainer.logger.init_args.version", "test",
+                             "--ckpt_path", str(fit.weights)], fit.run_dir / "test.log", fit.jobs[0].isolate)
+            return dataclasses.replace(fit, kind=CHOSEN, jobs=([] if fit.weights.is_file() else fit.jobs) + [test])
         spec, label = self.spec, budget_label(budget)
         settings = {**spec.settings(method, budget), **candidate}
         config = spec.run_config(method, settings)
         try:
             per_epoch = self._steps_per_epoch(config, budget, seed)
         except KDConfigError as err:
-            raise KDConfigError(f"budget M={label} cannot be run for method '{method.name}': "
-                                f"{err}") from None
+            raise KDConfigError(f"budget M={label} cannot be run for method '{method.name}': {err}") from None
         unit, n = spec.length(budget)
         epochs = n if unit == "epochs" else max(1, round(n / max(per_epoch, 1)))
         name = f"{_slug(method.name)}/M{label}/seed{seed}"
@@ -266,21 +251,18 @@ class StudyRunner:
         needs_teacher = config.model.init_args.get("teacher") is not None
         # the config's callbacks are dropped first, so callbacks the study's or the method's
         # arguments add (--trainer.callbacks+=...) reach the run
-        args = ["fit", "--config", spec.resolve(method.config), "--trainer.callbacks", "[]",
-                *spec.args, *method.args, *override_args(settings), "--seed_everything", str(seed),
-                *(["--data.train_subset", "null", "--data.train_subset_per_class"]
-                  if spec.budget_unit == PER_CLASS else ["--data.train_subset"]),
-                "null" if budget is None else label,
-                "--data.subset_seed", str(seed), "--trainer.max_epochs", str(epochs),
-                "--trainer.max_steps", "-1", "--trainer.limit_val_batches", "0",
-                "--trainer.num_sanity_val_steps", "0", "--trainer.enable_checkpointing", "false",
-                "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-                "--trainer.logger.init_args.save_dir", str(self.output / "runs"),
-                "--trainer.logger.init_args.name", name,
+        args = ["fit", "--config", spec.resolve(method.config), "--trainer.callbacks", "[]", *spec.args,
+                *method.args, *override_args(settings), "--seed_everything", str(seed),
+                *override_args({f"data.{k}": v for k, v in budget_data_args(spec.budget_unit, budget).items()}),
+                "--data.subset_seed", str(seed), "--trainer.max_epochs", str(epochs), "--trainer.max_steps", "-1",
+                "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
+                "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
+                "--trainer.enable_model_summary", "false", "--trainer.logger.init_args.save_dir",
+                str(self.output / "runs"), "--trainer.logger.init_args.name", name,
                 "--test_after_fit", "false" if kind == CANDIDATE else "true",
                 *(["--model.init_args.teacher_checkpoint", str(self.teacher_ckpt)] if needs_teacher else []),
-                *override_args({k: max(1, round(f * epochs)) for k, f in fractions.items()
-                                if k in method.run_config}), *self.trainer_args]
+                *override_args({k: max(1, round(f * epochs)) for k, f in fractions.items() if k in method.run_config}),
+                *self.trainer_args]
         weights = run_dir / "final.ckpt"
         job = jobs.Job(args, run_dir / "run.log", jobs.needs_subprocess(config), validate=kind == CANDIDATE,
                        save_weights=weights if kind == CANDIDATE else None)
@@ -291,8 +273,7 @@ class StudyRunner:
         """Every training of the study, in study order (budget, method, candidate, seed); the
         tests of chosen grid candidates follow from these (:meth:`_grid_done`)."""
         spec = self.spec
-        return [self.plan(m, b, s, c, CANDIDATE if m.grid else RUN)
-                for b in spec.budgets for m in spec.methods
+        return [self.plan(m, b, s, c, CANDIDATE if m.grid else RUN) for b in spec.budgets for m in spec.methods
                 for c in spec.candidates(m, b) for s in spec.seeds]
 
     @staticmethod
@@ -308,7 +289,7 @@ class StudyRunner:
         done = self.results.done()
         todo = [p for p in plans if not self._is_done(p, done)]
         ex, stop, display = self.executor, None, _Display(self.progress)
-        for line in self.damaged_rows(plans, done):
+        for line in self.results.damaged({p.key[:3] for p in plans}, done):
             display.print(line)
         queue = Queue(longest_first=ex.concurrent)
 
@@ -328,29 +309,26 @@ class StudyRunner:
             total = len(plans) + len(grids) * len(self.spec.seeds)
             finished = len(plans) - len(todo) + sum(any(k[:4] == (*g, s, CHOSEN) for k in done)
                                                     for g in grids for s in self.spec.seeds)
-            display.show("runs", description=f"{total - finished} runs", total=total,
-                         completed=finished)
+            display.show("runs", description=f"{total - finished} runs", total=total, completed=finished)
             for plan in grids.values():
                 queue.plans[:0] = self._grid_done(plan)
             fill()
             for plan, outcome in ex.results():
                 if isinstance(outcome, jobs.JobFailed):
-                    hint = (f" The study's teacher is trained from {self.spec.teacher_config} (teacher: "
-                            f"in {self.spec.path}) and cached at {self.teacher_ckpt}."
+                    hint = (f" The study's teacher is trained from {self.spec.teacher_config} (teacher: in "
+                            f"{self.spec.path}) and cached at {self.teacher_ckpt}."
                             if "teacher" in str(outcome).lower() else "")
-                    # the log of the job that failed (a worker killed mid-run says not which:
-                    # the last one that started)
-                    log = outcome.log or next((j.log for j in reversed(plan.jobs) if Path(j.log).exists()),
-                                              plan.jobs[0].log)
-                    err = jobs.JobFailed(f"run {plan.describe()} failed: {outcome} (log: "
-                                         f"{log}).{hint} Finished runs are kept in "
-                                         f"{self.results.path}; rerun the same command to continue.")
+                    # the log of the job that failed (a worker killed mid-run says not which: the last started)
+                    tried = [j.log for j in reversed(plan.jobs) if Path(j.log).exists()]
+                    log = outcome.log or (tried or [plan.jobs[0].log])[0]
+                    err = jobs.JobFailed(f"run {plan.describe()} failed: {outcome} (log: {log}).{hint} Finished runs "
+                                         f"are kept in {self.results.path}; rerun the same command to continue.")
                     if not self.keep_going:
                         raise err
                     if plan.kind == RUN:
                         self._row(plan, 0.0, {}, kind=FAILED, error=" ".join(str(err).split())[:2000])
-                        display.finished(f"{plan.describe()}: FAILED, recorded as failed (not a "
-                                         f"result); the study goes on. {err}")
+                        display.finished(f"{plan.describe()}: FAILED, recorded as failed (not a result); the study "
+                                         f"goes on. {err}")
                     else:  # a grid's choice needs every candidate
                         stop = stop or err
                 else:
@@ -362,27 +340,6 @@ class StudyRunner:
                 fill()
         if stop is not None:
             raise stop
-
-    def damaged_rows(self, plans: list[RunPlan], done: set) -> list[str]:
-        """A line per row of results.csv that cannot be read (torn by a kill while it was written,
-        or malformed): which line, whose run, and whether that run is trained again."""
-        lines = []
-        for number, what, row in self.results.damaged():
-            run = " ".join(f"{k}={row[k]}" if k != "method" else row[k]
-                           for k in ("method", "M", "seed") if row.get(k)) or "unreadable"
-            try:
-                key = Results.key(row["method"], row["M"], row["seed"], row.get("kind") or RUN,
-                                  row.get("candidate") or "")
-            except (KeyError, ValueError, TypeError):
-                key = None
-            planned = any(p.key[:3] == key[:3] for p in plans) if key else False
-            fate = ("that run is already recorded by another row" if key in done else
-                    "that run is trained again" if planned else
-                    "it is not a run of this study") if key else "its run, if one of this study, is trained again"
-            lines.append(f"{self.results.path}: line {number} is {what} "
-                         f"({'cut short while it was written, e.g. by a kill' if what == 'torn' else 'it does not parse'}"
-                         f"; run: {run}); it is left out and {fate}.")
-        return lines
 
     def _grid_done(self, plan: RunPlan) -> list[RunPlan]:
         """After a run of ``plan``'s grid: the tests of the chosen candidate to start, once every
@@ -403,15 +360,13 @@ class StudyRunner:
         return [] if plan.kind == CHOSEN else tests
 
     def _row(self, plan: RunPlan, seconds: float, metrics: dict, **values) -> dict:
-        pct = {k: round(100 * metrics[k], 3) if k in metrics else "" for k in
-               ("test/acc", "test/teacher_acc", "val/acc")}
-        row = {"study_hash": self.study_hash, "method": plan.method.name, "M": plan.label,
-               "seed": plan.seed, "test_acc": pct["test/acc"], "teacher_acc": pct["test/teacher_acc"],
+        pct = {col: round(100 * metrics[k], 3) if k in metrics else "" for col, k in
+               (("test_acc", "test/acc"), ("teacher_acc", "test/teacher_acc"), ("val_acc", "val/acc"))}
+        row = {"study_hash": self.study_hash, "method": plan.method.name, "M": plan.label, "seed": plan.seed,
                "epochs": plan.epochs, "steps": plan.steps, "wall_time_s": round(seconds, 2),
                "run_hash": hashlib.sha256(json.dumps(plan.jobs[0].args[2:]).encode()).hexdigest()[:12],
-               "run_dir": str(plan.run_dir), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-               "kind": plan.kind, "candidate": candidate_key(plan.candidate),
-               "val_acc": pct["val/acc"], **values}
+               "run_dir": str(plan.run_dir), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), "kind": plan.kind,
+               "candidate": candidate_key(plan.candidate), **pct, **values}
         self.results.append(row)
         return row
 
@@ -426,8 +381,7 @@ class StudyRunner:
                                     if plan.kind == RUN else
                                     f"{plan.describe()}: val acc {row['val_acc']:.2f}% ({what}; a candidate)")
         rows, key = self.results.rows(), plan.key[4]
-        fit = next(r for r in rows if (r["method"], r["M"], int(r["seed"]), r["kind"],
-                                       r["candidate"]) == (*plan.key[:3], CANDIDATE, key))
+        fit = next(r for r in rows if run_key(r) == (*plan.key[:3], CANDIDATE, key))
         keys = [candidate_key(c) for c in self.spec.candidates(plan.method, plan.budget)]
         means = choose(rows, plan.method.name, plan.label, keys, self.spec.seeds)[1]
         others = "".join(f"; {candidate_label(k)}: {m:.2f}%" for k, m in means.items() if k != key)

@@ -39,9 +39,7 @@ def budget_label(budget: Budget) -> str:
 def budget_data_args(unit: str, budget: Budget) -> dict[str, int | None]:
     """The data settings that draw a run's labelled subset: ``data.train_subset`` (M in all) or,
     for ``budget_unit: per_class``, ``data.train_subset_per_class`` (M per class)."""
-    if unit == PER_CLASS:
-        return {"train_subset": None, "train_subset_per_class": budget}
-    return {"train_subset": budget}
+    return {"train_subset": None, "train_subset_per_class": budget} if unit == PER_CLASS else {"train_subset": budget}
 
 
 @dataclass(frozen=True)
@@ -55,10 +53,8 @@ class PerBudget:
     def covers(self, budget: Budget) -> bool:
         return budget in self.values or self.default is not NO_DEFAULT
 
-    def at(self, budget: Budget) -> Any:
-        if not self.covers(budget):
-            raise KeyError(budget)
-        return self.values.get(budget, self.default)
+    def at(self, budget: Budget) -> Any:  # KeyError for a budget it does not cover
+        return self.values[budget] if self.default is NO_DEFAULT else self.values.get(budget, self.default)
 
     def raw(self) -> dict[str, Any]:
         """The mapping as written (string keys, for the study's identity)."""
@@ -82,9 +78,9 @@ def per_budget(value: Any, where: str) -> Any:
     bad = [k for k, b in keys.items() if b is NO_DEFAULT]
     if len(bad) == len(value):
         return value  # an ordinary mapping value (e.g. a class_path/init_args block)
-    require(not bad, f"{where} mixes budgets and other keys ({', '.join(map(repr, bad))}). A per-budget "
-            f"value is a mapping from budgets (positive integers or '{FULL}') and optionally '{DEFAULT}' "
-            f"to values, e.g. {{50: 2.0, {FULL}: 0.3}}.")
+    require(not bad, f"{where} mixes budgets and other keys ({', '.join(map(repr, bad))}). A per-budget value is "
+            f"a mapping from budgets (positive integers or '{FULL}') and optionally '{DEFAULT}' to values, e.g. "
+            f"{{50: 2.0, {FULL}: 0.3}}.")
     return PerBudget({b: value[k] for k, b in keys.items() if b != DEFAULT},
                      next((value[k] for k, b in keys.items() if b == DEFAULT), NO_DEFAULT))
 
@@ -166,19 +162,18 @@ class StudySpec:
         naming the budget wins, else the one with a plain value (or a ``default``)."""
         both = (("epochs", self.epochs), ("steps", self.steps))
         named = [(k, v) for k, v in both if isinstance(v, PerBudget) and budget in v.values]
-        fallback = [(k, v) for k, v in both
-                    if v is not None and not (isinstance(v, PerBudget) and not v.covers(budget))]
+        fallback = [(k, v) for k, v in both if v is not None and (not isinstance(v, PerBudget) or v.covers(budget))]
         label = budget_label(budget)
-        require(len(named) < 2, f"both 'steps' and 'epochs' give a value for M={label} in {self.path}; "
-                f"give one of them per budget.")
-        require(named or len(fallback) < 2, f"both 'steps' and 'epochs' apply to M={label} in {self.path}; "
-                f"give one of them, or name the budgets, e.g. steps: 3000 with epochs: {{{FULL}: 60}}.")
-        require(named or fallback, f"no training length for M={label} in {self.path}: give it in 'steps' "
-                f"(optimizer steps) or 'epochs'.")
+        require(len(named) < 2, f"both 'steps' and 'epochs' give a value for M={label} in {self.path}; give one "
+                f"of them per budget.")
+        require(named or len(fallback) < 2, f"both 'steps' and 'epochs' apply to M={label} in {self.path}; give "
+                f"one of them, or name the budgets, e.g. steps: 3000 with epochs: {{{FULL}: 60}}.")
+        require(named or fallback, f"no training length for M={label} in {self.path}: give it in 'steps' (optimizer "
+                f"steps) or 'epochs'.")
         kind, value = (named or fallback)[0]
         n = at_budget(value, budget)
-        require(isinstance(n, int) and not isinstance(n, bool) and n >= 1,
-                f"'{kind}' for M={label} in {self.path} is {n!r}; it must be a positive integer.")
+        require(isinstance(n, int) and not isinstance(n, bool) and n >= 1, f"'{kind}' for M={label} in {self.path} "
+                f"is {n!r}; it must be a positive integer.")
         return kind, n
 
     def settings(self, method: MethodSpec, budget: Budget) -> dict[str, Any]:
@@ -233,8 +228,8 @@ def _known_keys(entry: dict, valid: tuple[str, ...], where: str) -> None:
 
 
 def _not_controlled(key: str, where: str) -> None:
-    require(key not in CONTROLLED, f"{where} sets {key}, which the study sets itself for every run "
-            f"(controlled: {', '.join(CONTROLLED)}).")
+    require(key not in CONTROLLED,
+            f"{where} sets {key}, which the study sets itself for every run (controlled: {', '.join(CONTROLLED)}).")
 
 
 def load_study(path: str | Path, preset: str | None = None,
@@ -245,8 +240,8 @@ def load_study(path: str | Path, preset: str | None = None,
     path = Path(path)
     require(path.is_file(), f"study config '{path}' does not exist.")
     raw = yaml.safe_load(path.read_text()) or {}
-    require(isinstance(raw, dict), f"study config {path} must be a YAML mapping (name, teacher, methods, "
-            f"...), got {type(raw).__name__}.")
+    require(isinstance(raw, dict), f"study config {path} must be a YAML mapping (name, teacher, methods, ...), got "
+            f"{type(raw).__name__}.")
     _known_keys(raw, STUDY_KEYS, f"study config {path}")
     name, output = str(raw.get("name", path.stem)), str(raw.get("output", f"studies/{path.stem}"))
     if preset is not None:
@@ -261,30 +256,27 @@ def load_study(path: str | Path, preset: str | None = None,
     for key in ("teacher", "methods"):
         require(raw.get(key), f"study config {path} has no '{key}' section.")
     teacher = raw["teacher"]
-    require(isinstance(teacher, dict) and "config" in teacher, f"'teacher' in {path} must be a mapping with "
-            f"'config' (a kd-lightning fit config) and optionally 'args', got {teacher!r}.")
+    require(isinstance(teacher, dict) and "config" in teacher, f"'teacher' in {path} must be a mapping with 'config' "
+            f"(a kd-lightning fit config) and optionally 'args', got {teacher!r}.")
     _known_keys(teacher, ("config", "args"), f"'teacher' in {path}")
     written = raw.get("budgets", [50, 100, 500, 1000, FULL])
     budgets = [_budget_key(b) for b in written]
     for b, key in zip(written, budgets):
-        require(key is not NO_DEFAULT and key != DEFAULT, f"budget {b!r} in {path} is not a positive integer "
-                f"or '{FULL}'.")
+        require(key not in (NO_DEFAULT, DEFAULT), f"budget {b!r} in {path} is not a positive integer or '{FULL}'.")
     unit = raw.get("budget_unit", TOTAL)
     require(unit in BUDGET_UNITS, f"budget_unit in {path} is {unit!r}; it must be '{TOTAL}' (M labelled "
             f"examples in all, the default) or '{PER_CLASS}' (M labelled examples of every class).")
     seeds = raw.get("seeds", [0, 1, 2])
     require(budgets and seeds, f"study config {path} needs at least one budget and one seed.")
     require(len(set(budgets)) == len(budgets) and len(set(map(str, seeds))) == len(seeds),
-            f"budgets and seeds in {path} must not repeat, got budgets {raw.get('budgets')} and seeds "
-            f"{seeds}.")
-    require(all(isinstance(s, int) and not isinstance(s, bool) for s in seeds),
-            f"seeds in {path} must be integers, got {seeds}.")
+            f"budgets and seeds in {path} must not repeat, got budgets {raw.get('budgets')} and seeds {seeds}.")
+    require(all(isinstance(s, int) and not isinstance(s, bool) for s in seeds), f"seeds in {path} must be integers, "
+            f"got {seeds}.")
     steps = per_budget(raw.get("steps"), f"'steps' in {path}")
     epochs = per_budget(raw.get("epochs"), f"'epochs' in {path}")
     spec = StudySpec(name=name, output=output, teacher_config=str(teacher["config"]),
                      teacher_args=_checked(teacher.get("args"), list, f"'teacher: args' in {path}"),
-                     budgets=budgets, seeds=list(seeds), methods=[], epochs=epochs, path=str(path),
-                     budget_unit=unit,
+                     budgets=budgets, seeds=list(seeds), methods=[], epochs=epochs, path=str(path), budget_unit=unit,
                      steps=DEFAULT_STEPS if steps is None and epochs is None else steps,
                      **_settings(raw, ("set",), f" in {path}"))
     for b in budgets:
@@ -292,18 +284,15 @@ def load_study(path: str | Path, preset: str | None = None,
     for key in spec.set:
         _not_controlled(key, f"'set' in {path}")
     teacher_cfg = spec.resolve(spec.teacher_config)
-    require(Path(teacher_cfg).is_file(), f"teacher config '{spec.teacher_config}' (in {path}) does not "
-            f"exist.")
-    spec.teacher_run_config = parse_run(teacher_cfg, [*spec.teacher_args, *run_args],
-                                        f"the teacher of {path}")
-    require(isinstance(raw["methods"], list), f"'methods' in {path} must be a list of entries with name and "
-            f"config.")
+    require(Path(teacher_cfg).is_file(), f"teacher config '{spec.teacher_config}' (in {path}) does not exist.")
+    spec.teacher_run_config = parse_run(teacher_cfg, [*spec.teacher_args, *run_args], f"the teacher of {path}")
+    require(isinstance(raw["methods"], list), f"'methods' in {path} must be a list of entries with name and config.")
     spec.methods = [_load_method(entry, spec, path, list(run_args)) for entry in raw["methods"]]
     names = [m.name for m in spec.methods]
     require(len(set(names)) == len(names), f"method names in {path} must be unique, got {names}.")
     for k in spec.set:
-        require(any(k in m.run_config for m in spec.methods), f"'set: {k}' in {path} is an argument of "
-                f"none of the methods' runs (write the full dotted name, as in --{k}).")
+        require(any(k in m.run_config for m in spec.methods), f"'set: {k}' in {path} is an argument of none of the "
+                f"methods' runs (write the full dotted name, as in --{k}).")
     return spec
 
 
@@ -312,26 +301,25 @@ def available_methods() -> list[str]:
     import kd_lightning.methods as methods
 
     bases = ("DistillationModule", "FeatureDistillation", "TwoStageFeatureDistillation")
-    return [n for n in methods.__all__ if n not in bases and isinstance(getattr(methods, n), type)
-            and issubclass(getattr(methods, n), methods.DistillationModule)]
+    return [n for n in methods.__all__
+            if n not in bases and issubclass(getattr(methods, n), methods.DistillationModule)]
 
 
 def _load_method(entry: Any, spec: StudySpec, path: Path, run_args: list[str]) -> MethodSpec:
-    require(isinstance(entry, dict) and "name" in entry and "config" in entry, f"every entry of 'methods' in "
-            f"{path} needs a name and a config (a kd-lightning fit config), got {entry!r}.")
+    require(isinstance(entry, dict) and "name" in entry and "config" in entry, f"every entry of 'methods' in {path} "
+            f"needs a name and a config (a kd-lightning fit config), got {entry!r}.")
     where = f"method '{entry['name']}' in {path}"
     _known_keys(entry, METHOD_KEYS, where)
-    m = MethodSpec(name=str(entry["name"]), config=str(entry["config"]),
-                   reference=bool(entry.get("reference", False)), method=entry.get("method"),
-                   **_settings(entry, ("set", "grid"), f" of {where}"))
+    m = MethodSpec(name=str(entry["name"]), config=str(entry["config"]), reference=bool(entry.get("reference", False)),
+                   method=entry.get("method"), **_settings(entry, ("set", "grid"), f" of {where}"))
     valid = sorted(available_methods())
-    require(m.method is None or m.method in valid, f"unknown method '{m.method}' in study config {path}. "
-            f"Valid methods: {', '.join(valid)}.")
+    require(m.method is None or m.method in valid, f"unknown method '{m.method}' in study config {path}. Valid "
+            f"methods: {', '.join(valid)}.")
     cfg = spec.resolve(m.config)
     require(Path(cfg).is_file(), f"{where}: config '{m.config}' does not exist.")
     m.run_config = parse_run(cfg, [*spec.args, *m.args, *run_args], where)
     class_path = m.run_config.model.class_path
-    require(m.method is None or class_path.rsplit(".", 1)[-1] == m.method,
+    require(m.method in (None, class_path.rsplit(".", 1)[-1]),
             f"{where} says method: {m.method} but its config {m.config} trains {class_path}.")
     for kind in ("set", "grid", "epoch_args"):
         for key in getattr(m, kind):
@@ -342,19 +330,17 @@ def _load_method(entry: Any, spec: StudySpec, path: Path, run_args: list[str]) -
             require(key in m.run_config, f"'{kind}' of {where}: '{key}' is not an argument of the run "
                     f"configured by {m.config} (write the full dotted name, as in --{key})."
                     + (f" Arguments under {parent}: {', '.join(names)}." if names else ""))
-            require(kind != "grid" or key not in m.set,
-                    f"{where} gives {key} in both 'set' and 'grid'; keep one.")
+            require(kind != "grid" or key not in m.set, f"{where} gives {key} in both 'set' and 'grid'; keep one.")
     for b in spec.budgets:
         label = budget_label(b)
         for key, value in m.grid.items():
             values = value.at(b) if isinstance(value, PerBudget) and value.covers(b) else value
-            require(isinstance(values, list) and values, f"'grid: {key}' of {where} has no list of "
-                    f"candidates for M={label}: give a non-empty list, e.g. [0.3, 1, 2], or one per "
-                    f"budget, e.g. {{{FULL}: [0.1, 0.3], {DEFAULT}: [1, 2]}}.")
+            require(isinstance(values, list) and values, f"'grid: {key}' of {where} has no list of candidates for "
+                    f"M={label}: give a non-empty list, e.g. [0.3, 1, 2], or one per budget, e.g. "
+                    f"{{{FULL}: [0.1, 0.3], {DEFAULT}: [1, 2]}}.")
         for key, value in [*spec.set.items(), *m.set.items()]:
-            require(not isinstance(value, PerBudget) or value.covers(b) or key not in m.run_config,
-                    f"'set: {key}' for {where} has no value for M={label}: name the budget or add a "
-                    f"'{DEFAULT}' entry.")
+            require(not isinstance(value, PerBudget) or value.covers(b) or key not in m.run_config, f"'set: {key}' "
+                    f"for {where} has no value for M={label}: name the budget or add a '{DEFAULT}' entry.")
         for candidate in spec.candidates(m, b):
             values = {**spec.settings(m, b), **candidate}
             try:
@@ -369,9 +355,8 @@ def _load_method(entry: Any, spec: StudySpec, path: Path, run_args: list[str]) -
     if hasattr(wanted, "as_dict") and hasattr(trained, "as_dict") and wanted.as_dict() != trained.as_dict():
         args = [", ".join(f"{k}={v!r}" for k, v in (n.as_dict().get("init_args") or {}).items())
                 for n in (wanted, trained)]
-        raise KDConfigError(
-            f"{where} distils from the teacher network {wanted.class_path}({args[0]}) but the study's "
-            f"teacher (teacher: config: {spec.teacher_config}) trains {trained.class_path}({args[1]}), whose "
-            f"weights would not fit. Make model.init_args.teacher of {m.config} the network of "
-            f"model.init_args.student in {spec.teacher_config}.")
+        raise KDConfigError(f"{where} distils from the teacher network {wanted.class_path}({args[0]}) but the "
+                            f"study's teacher (teacher: config: {spec.teacher_config}) trains {trained.class_path}"
+                            f"({args[1]}), whose weights would not fit. Make model.init_args.teacher of {m.config} "
+                            f"the network of model.init_args.student in {spec.teacher_config}.")
     return m
