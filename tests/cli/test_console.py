@@ -89,7 +89,8 @@ def test_a_piped_fit_prints_a_flushed_line_per_epoch_and_validation(piped_fit):
     progress = [line for line in lines if line.startswith(("epoch ", "validation "))]
     # per epoch: the validation half-way through, then the epoch's line (with the validation
     # that ends it)
-    assert [line.split("  ")[:3] for line in progress] == [
+    assert [[f.split(" ")[0] if f.startswith("train/") else f for f in line.split("  ")[:3]]
+            for line in progress] == [
         part for k in (1, 2, 3) for part in (["validation", f"epoch {k}/3", f"step {4 * k - 2}"],
                                              [f"epoch {k}/3", f"step {4 * k}", "train/loss"])]
     for line in progress:
@@ -157,8 +158,9 @@ def test_kd_lightning_test_of_a_checkpoint_prints_no_warning(piped_fit, monkeypa
         warnings.simplefilter("always")
         for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
             warnings.filterwarnings("ignore", category=category)  # (hidden by Python's defaults)
-        cli = cli_main(["test", "--config", CONFIGS / "mnist1d" / "teacher.yaml", "--data.root", REPO / "data",
-                        "--trainer.limit_test_batches", "1", "--ckpt_path", best])
+        cli = cli_main(["test", "--config", str(CONFIGS / "mnist1d" / "teacher.yaml"), "--data.root",
+                        str(REPO / "data"), "--data.train_subset", "200", "--data.batches_per_step", "1",
+                        "--trainer.limit_test_batches", "1", "--ckpt_path", str(best)])
     assert "test/acc" in cli.trainer.callback_metrics
     assert not [str(w.message) for w in caught]
 

@@ -135,15 +135,34 @@ def _config_args(config: Path) -> list[str]:
     return args
 
 
-def _build(name: str, *extra: str):
+#: each method's config parsed as ``kd-lightning fit`` parses it, with a random teacher and the
+#: tiny data: each check instantiates its own model and data module from it
+_PARSED: dict[str, KDLightningCLI] = {}
+
+
+def _instantiate(cli: KDLightningCLI, **data):
+    """A fresh ``(model, datamodule)`` from ``cli``'s parsed config, with ``data`` changed (as
+    ``--data.<name> <value>`` would)."""
+    config = cli.config.clone()
+    sub = config.fit if "fit" in config else config
+    for key, value in data.items():
+        sub.data[key] = value
+    built = cli.parser.instantiate_classes(config)
+    built = built.fit if "fit" in built else built
+    return built.model, built.data
+
+
+def _build(name: str, **data):
     """``(model, datamodule)`` of ``name``'s MNIST-1D config as ``kd-lightning fit`` builds them,
-    with a random teacher and the tiny data; a two-stage method gets one epoch per stage."""
-    config = _config_of(name)
-    args = _config_args(config)
-    if "teacher_checkpoint" in (yaml.safe_load(config.read_text())["model"].get("init_args") or {}):
-        args += ["--model.init_args.teacher_checkpoint", "null"]
-    cli = cli_main([*args, *extra], run=False)
-    return cli.model, cli.datamodule
+    with a random teacher and the tiny data changed by ``data``; a two-stage method gets one
+    epoch per stage."""
+    if name not in _PARSED:
+        config = _config_of(name)
+        args = _config_args(config)
+        if "teacher_checkpoint" in (yaml.safe_load(config.read_text())["model"].get("init_args") or {}):
+            args += ["--model.init_args.teacher_checkpoint", "null"]
+        _PARSED[name] = cli_main(args, run=False)
+    return _instantiate(_PARSED[name], **data)
 
 
 def _trainer(**kw) -> pl.Trainer:
@@ -262,15 +281,15 @@ def test_a_default_fit_trains_the_student_only_restores_exactly_and_prints_no_wa
     assert "val/acc" in scalars and (log_dir / "config.yaml").is_file()
     # a fresh instance built from the config, set up and then loaded from last.ckpt as
     # `kd-lightning test --ckpt_path` does, computes what the student computed after training
-    fresh = cli_main(args, run=False)
-    fresh.model.eval()
+    fresh, fresh_data = _instantiate(cli)
+    fresh.eval()
     with torch.no_grad():
-        assert not torch.equal(fresh.model.student(cli.x), cli.outputs)  # (untrained)
-    _trainer(limit_test_batches=1).test(fresh.model, fresh.datamodule, verbose=False,
+        assert not torch.equal(fresh.student(cli.x), cli.outputs)  # (untrained)
+    _trainer(limit_test_batches=1).test(fresh, fresh_data, verbose=False,
                                         ckpt_path=log_dir / "checkpoints" / "last.ckpt")
-    fresh.model.eval()
+    fresh.eval()
     with torch.no_grad():
-        assert torch.equal(fresh.model.student(cli.x), cli.outputs)
+        assert torch.equal(fresh.student(cli.x), cli.outputs)
 
 
 def _trains_or_refuses(name: str, model: DistillationModule, dm) -> Recorder:
@@ -293,8 +312,7 @@ def _trains_or_refuses(name: str, model: DistillationModule, dm) -> Recorder:
 
 @pytest.mark.parametrize("name", METHODS)
 def test_a_batch_with_unlabelled_rows_trains_or_is_refused(name):
-    model, dm = _build(name, "--data.train_subset", "10", "--data.unlabelled", "10",
-                       "--data.batch_size", "20")
+    model, dm = _build(name, train_subset=10, unlabelled=10, batch_size=20)
     record = _trains_or_refuses(name, model, dm)
     for y in record.targets:  # (the batch the method trained on had both kinds of rows)
         assert (y == UNLABELLED).any() and (y != UNLABELLED).any()
@@ -303,7 +321,7 @@ def test_a_batch_with_unlabelled_rows_trains_or_is_refused(name):
 @pytest.mark.parametrize("name", METHODS)
 def test_a_mixup_batch_trains_or_is_refused(name):
     # two minibatches per step: each is mixed on its own
-    model, dm = _build(name, "--data.mixup", "0.4", "--data.batches_per_step", "2")
+    model, dm = _build(name, mixup=0.4, batches_per_step=2)
     record = _trains_or_refuses(name, model, dm)
     assert all(isinstance(y, MixedTargets) for y in record.targets)
     if record.targets:  # trained: mixed inputs are never served from a teacher cache
