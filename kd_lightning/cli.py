@@ -11,16 +11,20 @@ Examples::
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
 import os
 import re
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 
 from lightning_fabric.plugins import CheckpointIO, TorchCheckpointIO
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from kd_lightning import KDConfigError
@@ -30,8 +34,10 @@ from kd_lightning.methods import DistillationModule
 from kd_lightning.methods.checks import check_data
 from kd_lightning.models.weights import raw_pickle, read_checkpoint
 from kd_lightning.training.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
+from kd_lightning.training import PublishBest
 from kd_lightning.training.figures import InspectionFigures, tensorboard_logger
-from kd_lightning.training.progress import EpochSummary
+from kd_lightning.models.teacher import record_test_metrics
+from kd_lightning.training.progress import EpochSummary, console_progress_bar
 
 #: a class_path that could not be imported, as jsonargparse reports it
 _IMPORT_PROBLEM = re.compile(
@@ -122,6 +128,17 @@ class KDLightningCLI(LightningCLI):
         if isinstance(self.model, DistillationModule) and self.datamodule is not None:
             check_data(self.model, self.datamodule)
 
+    def instantiate_trainer(self, **kwargs):
+        """The configured trainer, with a progress bar that suits where stdout goes
+        (:func:`~kd_lightning.training.progress.console_progress_bar`) unless the configuration
+        turns the bar off or names one."""
+        trainer = self.config_init.get(self.subcommand, self.config_init).get("trainer") or {}
+        callbacks = list(kwargs.get("callbacks", trainer.get("callbacks")) or [])
+        if trainer.get("enable_progress_bar") is not False and \
+                not any(isinstance(cb, ProgressBar) for cb in callbacks):
+            kwargs["callbacks"] = [*callbacks, console_progress_bar()]
+        return super().instantiate_trainer(**kwargs)
+
     def before_fit(self) -> None:
         self.check_before_writing()
         if not has_validation_data(self.datamodule):
@@ -131,6 +148,9 @@ class KDLightningCLI(LightningCLI):
             self.trainer.callbacks.append(EpochSummary())
         self.trainer.callbacks.append(RecordEnvironment())  # environment.json in the run's folder
         self.attach_inspection()
+        frozen_teacher = getattr(self.model, "frozen_teacher", None)
+        if frozen_teacher is not None:
+            print_rank_zero(frozen_teacher.describe())
 
     def before_validate(self) -> None:
         self.check_before_writing()
@@ -153,9 +173,14 @@ class KDLightningCLI(LightningCLI):
 
     def after_fit(self) -> None:
         if self.config.get(self.subcommand, {}).get("test_after_fit", False) and not self.trainer.interrupted:
-            ckpt = "best" if self.trainer.checkpoint_callback is not None and \
-                self.trainer.checkpoint_callback.best_model_path else None
+            # the best checkpoint of the first ModelCheckpoint (by val/acc in the shipped configs),
+            # named by its path: ckpt_path="best" would pick the same one but warns whenever a
+            # run has several checkpoint callbacks (best.ckpt and last.ckpt)
+            callback = self.trainer.checkpoint_callback
+            ckpt = callback.best_model_path if callback is not None and callback.best_model_path else None
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
+            if ckpt and self.trainer.is_global_zero:
+                record_tested_checkpoint(self.trainer, ckpt)
         else:  # no test: the hparams tab gets the last validation metrics
             for callback in self.trainer.callbacks:
                 if isinstance(callback, InspectionFigures):
@@ -175,6 +200,23 @@ def _is_special(ckpt) -> bool:
 #: checkpoint files found readable in this process: (path, size, mtime), so that a large file's
 #: checksums are verified once, not at each place that looks at ``--ckpt_path``
 _readable: set[tuple[str, int, int]] = set()
+
+
+def record_tested_checkpoint(trainer, ckpt: str) -> None:
+    """Record the test metrics in the checkpoint just tested, and in its published copy
+    (:class:`~kd_lightning.training.PublishBest`) when this run made one, so that a student
+    distilling from it can say how good its teacher is."""
+    if not record_test_metrics(ckpt, trainer.callback_metrics):
+        return
+    for callback in trainer.callbacks:
+        published = getattr(callback, "published", None)
+        if isinstance(callback, PublishBest) and published is not None and Path(published).is_file():
+            record_test_metrics(published, trainer.callback_metrics)
+
+
+@rank_zero_only
+def print_rank_zero(line: str) -> None:
+    print(line, flush=True)
 
 
 def check_checkpoint_path(ckpt: str | None) -> None:
@@ -395,6 +437,59 @@ def _is_validation_metric(name: str | None) -> bool:
     return name is not None and (name.startswith(("val/", "val_")) or name == "hp_metric")
 
 
+#: warnings of other packages that say nothing about the run, ignored while ``kd-lightning`` runs:
+#: (message, category, module that issues it)
+IGNORED_WARNINGS = [
+    # torch deprecated an isinstance check that Lightning's own pytree helper still makes; a
+    # Lightning release fixes it, nothing in a run can
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning,
+     r"pytorch_lightning\.utilities\._pytree"),
+    # Lightning compares its batches per epoch with log_every_n_steps; kd_lightning's loss-term
+    # windows (training.term_log) span epochs and count optimizer steps, so each window is logged
+    # whatever the epoch length
+    (r"The number of training batches \(\d+\) is smaller than the logging interval", Warning,
+     r"pytorch_lightning\.loops\.fit_loop"),
+]
+#: ignored while ``kd-lightning test|validate|predict`` runs: such a run logs to a new version
+#: folder and writes no checkpoint, so Lightning's notice that the checkpoint callbacks' records of
+#: the run (kept for resuming its training) are not restored says nothing about it
+IGNORED_EVALUATION_WARNINGS = [
+    (r"The dirpath has changed from", UserWarning, r"pytorch_lightning\.callbacks\.model_checkpoint"),
+]
+#: log records of other packages that say nothing about the run: (logger, start of the message)
+IGNORED_LOG_RECORDS = [
+    # an advertisement for a cloud logging product, printed by every Trainer
+    ("pytorch_lightning.utilities.rank_zero", "💡 Tip: For seamless cloud logging"),
+]
+
+
+class _DropRecords(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+@contextlib.contextmanager
+def third_party_notices_filtered(evaluation: bool = False):
+    """:data:`IGNORED_WARNINGS` (and, for an ``evaluation`` subcommand,
+    :data:`IGNORED_EVALUATION_WARNINGS`) and :data:`IGNORED_LOG_RECORDS` ignored for the duration
+    (the process-wide warning filters and loggers are restored after it)."""
+    with warnings.catch_warnings():
+        for message, category, module in IGNORED_WARNINGS + (IGNORED_EVALUATION_WARNINGS if evaluation else []):
+            warnings.filterwarnings("ignore", message=message, category=category, module=module)
+        filters = [(logging.getLogger(name), _DropRecords(prefix)) for name, prefix in IGNORED_LOG_RECORDS]
+        for logger, dropped in filters:
+            logger.addFilter(dropped)
+        try:
+            yield
+        finally:
+            for logger, dropped in filters:
+                logger.removeFilter(dropped)
+
+
 def cli_main(args: list[str] | None = None, run: bool = True,
              cli_class: type[KDLightningCLI] | None = None) -> KDLightningCLI | None:
     """Entry point of ``kd-lightning``; ``args`` lets tests and notebooks drive it in-process
@@ -414,10 +509,13 @@ def cli_main(args: list[str] | None = None, run: bool = True,
                 check_checkpoint_path(arg.split("=", 1)[1])
             elif arg == "--ckpt_path" and i + 1 < len(argv):
                 check_checkpoint_path(argv[i + 1])
-        return (cli_class or KDLightningCLI)(
-            DistillationModule, DistillDataModule, subclass_mode_model=True,
-            save_config_kwargs={"overwrite": True}, parser_class=KDArgumentParser, args=args, run=run,
-        )
+        subcommand = next((a for a in argv if a in ("fit", "validate", "test", "predict")), None)
+        with third_party_notices_filtered(evaluation=subcommand in ("validate", "test", "predict")):
+            return (cli_class or KDLightningCLI)(
+                DistillationModule, DistillDataModule, subclass_mode_model=True,
+                save_config_kwargs={"overwrite": True}, parser_class=KDArgumentParser, args=args,
+                run=run,
+            )
     except CheckpointWriteError as err:
         print(f"kd-lightning: error: {err.strerror}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
+import torch
 from torch.utils.data import DataLoader
 
 from kd_lightning import KDConfigError
@@ -19,6 +20,7 @@ from kd_lightning.data.sources import SOURCES, Splits, load_source, source_input
 from kd_lightning.data.subset import (stratified_subset, stratified_subset_per_class, train_val_split,
                                       unlabelled_subset)
 from kd_lightning.losses.labels import UNLABELLED
+from kd_lightning.training.grouping import move_batch
 
 #: static facts about each data set, so the CLI can link them into models before loading data
 DATASET_INFO: dict[str, tuple[int, tuple[int, ...]]] = {
@@ -381,6 +383,12 @@ class DistillDataModule(pl.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
+
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        """An ``(x, y, index)`` batch, or a group of them, moved in one call
+        (:func:`~kd_lightning.training.grouping.move_batch`); anything else as Lightning moves it."""
+        moved = move_batch(batch, device)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx) if moved is None else moved
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """Training batches, on their device: the transform pipeline, the scaling, then

@@ -58,8 +58,8 @@ from kd_lightning.losses.labels import labelled_mask, target_classes
 from kd_lightning.methods.checks import check_base_arguments, check_data, check_mc_dropout
 from kd_lightning.methods.evaluation import Evaluation, FitEndDistillationError
 from kd_lightning.models.taps import FeatureTaps
-from kd_lightning.models.teacher import FrozenTeacher
-from kd_lightning.training import TermLog, optim, standard_callbacks
+from kd_lightning.models.teacher import FrozenTeacher, record_validation_metrics
+from kd_lightning.training import TermLog, optim, stage_callbacks
 from kd_lightning.training.grouping import GroupedSteps, run_group
 from kd_lightning.training.lightning_compat import FastHookBookkeeping, attached_trainer
 
@@ -197,13 +197,11 @@ class DistillationModule(Evaluation, GroupedSteps, FastHookBookkeeping, pl.Light
         return run_group(self, batch, batch_idx, self.minibatch_step)
 
     def configure_callbacks(self):
-        # called at the start of every fit/validate/test/predict, before Lightning checks the
-        # optimisation mode: each fit starts in the mode the method declares (after a fit the
-        # mode stays, so that trainer.global_step keeps counting that fit's optimizer steps)
+        # each fit starts in the optimisation mode the method declares (kept after it: global_step counts its steps)
         if self.trainer.state.fn == TrainerFn.FITTING:
             self.grouped_fit = None
             check_mixing(self, self.trainer.datamodule)
-        return [*standard_callbacks(), FitEndDistillationError(), *self.extra_callbacks()]
+        return stage_callbacks(self.trainer, [FitEndDistillationError(), *self.extra_callbacks()])
 
     def extra_callbacks(self) -> list[pl.Callback]:
         """Callbacks a method needs for every run (none by default)."""
@@ -261,6 +259,9 @@ class DistillationModule(Evaluation, GroupedSteps, FastHookBookkeeping, pl.Light
     def on_train_end(self) -> None:
         if self.frozen_teacher is not None:
             self.frozen_teacher.cache.clear()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        record_validation_metrics(self.trainer, checkpoint)  # read when it is loaded as a teacher
 
     # ---- learnable parameters and optimisation -------------------------------------------
     def learnable_parameters(self) -> Iterator[nn.Parameter]:

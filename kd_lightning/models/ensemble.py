@@ -102,6 +102,7 @@ class EnsembleTeacher(nn.Module):
                     except KDConfigError as err:
                         raise KDConfigError(f"EnsembleTeacher member {i}: {err}") from None
         self.members = nn.ModuleList(members)
+        self.checkpoints = checkpoints  # (named in the line a fit prints about its teacher)
         self.average = average
 
     def member_logits(self, x: Tensor) -> Tensor:

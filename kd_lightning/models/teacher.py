@@ -5,11 +5,19 @@ features) of a batch; where they come from -- a no-grad forward of the frozen ne
 filled once per training example when the training inputs are deterministic -- is this module's
 business. :class:`PerExampleCache` is the cache itself, also used for other per-example constants
 (MutualDistillation's fixed rules).
+
+:func:`describe_teacher` is the line a fit prints about its teacher: its weights file, class,
+parameter count, and the validation and test metrics recorded in the checkpoint (a checkpoint
+written by ``kd-lightning fit`` records them under :data:`RECORDED_METRICS`: the validation's
+when the checkpoint is saved, the test's when ``fit`` tests it after training).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import io
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -78,11 +86,16 @@ class FrozenTeacher:
     def __init__(self, net: nn.Module, checkpoint: str | None = None) -> None:
         if checkpoint is not None:
             load_teacher_weights(net, checkpoint)
+        self.checkpoint = checkpoint
         net.requires_grad_(False)
         net.eval()
         self.net = net
         self.taps: FeatureTaps | None = None
         self.cache = PerExampleCache()
+
+    def describe(self) -> str:
+        """The line a fit prints about its teacher (:func:`describe_teacher`)."""
+        return describe_teacher(self.net, self.checkpoint)
 
     def tap(self, layers: Sequence[str], pre_activation: bool | list[bool] = False) -> FeatureTaps:
         """Record the features at ``layers`` (module paths) on every forward of the teacher."""
@@ -146,3 +159,85 @@ def check_teacher_cache_setting(setting: bool | None, deterministic_inputs: bool
         raise KDConfigError(
             "teacher_cache=true needs deterministic training inputs, but the data module "
             "augments them (or is not a DistillDataModule); set teacher_cache to null (auto).")
+
+
+#: the checkpoint key under which a fit records the metrics of the saved weights
+RECORDED_METRICS = "recorded_metrics"
+
+
+def _scalars(metrics: Mapping, prefix: str) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()
+            if k.startswith(prefix) and torch.as_tensor(v).numel() == 1}
+
+
+def record_validation_metrics(trainer, checkpoint: dict) -> None:
+    """Record in ``checkpoint`` (being saved) the metrics of the trainer's last validation
+    (``val/...``; nothing when the run has no validation)."""
+    values = _scalars(trainer.callback_metrics, "val/") if trainer is not None else {}
+    if values:
+        checkpoint[RECORDED_METRICS] = {**checkpoint.get(RECORDED_METRICS, {}), **values}
+
+
+def record_test_metrics(path: str | Path, metrics: Mapping) -> bool:
+    """Add the ``test/...`` values of ``metrics`` to the checkpoint file ``path`` (rewritten
+    atomically: a temporary file renamed into place). False, with the file unchanged, when it
+    cannot be read as a checkpoint dict or there is nothing to add."""
+    values = _scalars(metrics, "test/")
+    path = Path(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - any file torch cannot read safely is left as it is
+        return False
+    if not values or not isinstance(checkpoint, dict):
+        return False
+    checkpoint[RECORDED_METRICS] = {**checkpoint.get(RECORDED_METRICS, {}), **values}
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.write_bytes(buffer.getvalue())
+    os.replace(partial, path)
+    return True
+
+
+def recorded_metrics(path: str | Path) -> dict[str, float] | None:
+    """The metrics recorded in the checkpoint file ``path``; ``None`` when it records none (a
+    plain ``state_dict``, a checkpoint from elsewhere or from before they were recorded). Reads
+    the file memory-mapped, so the tensors' data is not read."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - e.g. a legacy (non-zip) file, which cannot be mapped
+        return None
+    recorded = checkpoint.get(RECORDED_METRICS) if isinstance(checkpoint, dict) else None
+    return dict(recorded) if isinstance(recorded, Mapping) and recorded else None
+
+
+def _recorded_accuracy(checkpoint: str) -> str:
+    recorded = recorded_metrics(checkpoint)
+    shown = [k for k in ("val/acc", "test/acc", "test/errors") if k in (recorded or {})]
+    if not shown:
+        return "validation/test accuracy not recorded in the checkpoint"
+    return "  ".join(f"{k} {recorded[k]:.0f}" if k.endswith("errors") else f"{k} {recorded[k]:.4f}"
+                     for k in shown)
+
+
+def _network(net: nn.Module) -> str:
+    return f"{type(net).__name__}, {sum(p.numel() for p in net.parameters()):,} parameters"
+
+
+def _weights(net: nn.Module, checkpoint: str | None) -> str:
+    if checkpoint is None:
+        return f"{_network(net)}, weights as constructed (no checkpoint)"
+    return f"{checkpoint} ({_network(net)})  {_recorded_accuracy(checkpoint)}"
+
+
+def describe_teacher(net: nn.Module, checkpoint: str | None) -> str:
+    """``teacher: <file> (<class>, <n> parameters)  val/acc ...  test/acc ...`` (the accuracies
+    the checkpoint records, or that it records none); an
+    :class:`~kd_lightning.models.EnsembleTeacher` without a checkpoint of its own names each
+    member's."""
+    members = getattr(net, "members", None)
+    checkpoints = getattr(net, "checkpoints", None)
+    if checkpoint is None and isinstance(members, nn.ModuleList) and checkpoints is not None:
+        parts = [f"member {i}: {_weights(m, c)}" for i, (m, c) in enumerate(zip(members, checkpoints))]
+        return f"teacher: {_network(net)} in {len(members)} members; " + "; ".join(parts)
+    return f"teacher: {_weights(net, checkpoint)}"

@@ -14,8 +14,11 @@ module can hand over ``k`` consecutive minibatches per Lightning step (exactly t
   plugins, DDP gradient all-reduce, callbacks and ``global_step`` behave as with ``k = 1``, and
   the student is bit-identical to a ``k = 1`` run;
 - :class:`GroupedSteps` (a base of :class:`~kd_lightning.methods.DistillationModule`) reports
-  the optimisation mode of the current fit to Lightning and moves a group of minibatches to the
-  device in one call.
+  the optimisation mode of the current fit to Lightning;
+- :func:`move_batch` moves a batch, or a group of minibatches, to the device in one call (the
+  data module's ``transfer_batch_to_device``: the hook belongs to the data module, which makes
+  the batches, and a module overriding it beside a data module is a configuration Lightning warns
+  about).
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
@@ -114,8 +116,8 @@ def move_batch(batch, device):
 
 class GroupedSteps:
     """The grouped-fit side of a LightningModule (a base class placed before
-    ``pl.LightningModule``): the optimisation mode Lightning sees, and the device transfer of a
-    group of minibatches. The module sets ``grouped_fit`` (``None`` outside a grouped fit)."""
+    ``pl.LightningModule``): the optimisation mode Lightning sees. :class:`GroupedOptimization`
+    sets ``grouped_fit`` (``None`` outside a grouped fit)."""
 
     #: set by :class:`GroupedOptimization` for a fit with ``data.batches_per_step > 1``
     grouped_fit: GroupedFit | None = None
@@ -131,7 +133,3 @@ class GroupedSteps:
     @automatic_optimization.setter
     def automatic_optimization(self, value: bool) -> None:
         self.declared_automatic_optimization = value
-
-    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
-        moved = move_batch(batch, device)
-        return super().transfer_batch_to_device(batch, device, dataloader_idx) if moved is None else moved

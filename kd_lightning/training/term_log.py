@@ -53,11 +53,12 @@ class TermLog:
         return (trainer.global_step - self.opened_at_step >= trainer.log_every_n_steps
                 or last_epoch or trainer.should_stop)
 
-    def mark(self) -> dict[tuple[str, ...], int]:
-        """A bookmark of what was recorded so far (for :meth:`mean` over the steps after it)."""
-        return {key: len(records) for key, records in self._records.items()}
+    def mark(self) -> dict:
+        """A bookmark of what was recorded so far (for :meth:`mean` and :meth:`accuracy` over
+        the steps after it)."""
+        return {**{key: len(records) for key, records in self._records.items()}, "preds": len(self._preds)}
 
-    def mean(self, name: str, since: dict[tuple[str, ...], int] | None = None) -> Tensor | None:
+    def mean(self, name: str, since: dict | None = None) -> Tensor | None:
         """Mean of term ``name`` over this window's steps recorded after the bookmark ``since``
         (all of them without one); ``None`` if none of them has the term. With a bookmark taken
         when an epoch began, this is the epoch's mean."""
@@ -65,6 +66,16 @@ class TermLog:
         values = [record[names.index(name)] for names, records in self._records.items()
                   if name in names for record in records[since.get(names, 0):]]
         return torch.stack(values).float().mean() if values else None
+
+    def accuracy(self, since: dict | None = None) -> Tensor | None:
+        """Accuracy over the labelled examples of the steps recorded after the bookmark ``since``
+        (all of them without one); ``None`` if there are none."""
+        preds = self._preds[(since or {}).get("preds", 0):]
+        if not preds:
+            return None
+        predicted, targets = torch.cat([p for p, _ in preds]), torch.cat([t for _, t in preds])
+        labelled = labelled_mask(targets)
+        return ((predicted == targets) & labelled).sum().float() / labelled.sum().clamp_min(1)
 
     def means(self) -> dict[str, Tensor]:
         """``train/<name>``: each term's mean over the window's steps; ``train/acc``."""
@@ -77,16 +88,12 @@ class TermLog:
                 steps[name] = steps.get(name, 0) + len(records)
         out = {f"train/{name}": total / steps[name] for name, total in sums.items()}
         if self._preds:
-            preds = torch.cat([p for p, _ in self._preds])
-            targets = torch.cat([t for _, t in self._preds])
             # DDP shards are padded to equal size, so the mean over ranks is the global accuracy
             # (without unlabelled examples; with them, the mean of the ranks' accuracies). A
             # window without a labelled example reports 0 rather than nan (which would stop
             # training as diverged); with batches of unlabelled and labelled examples mixed at
             # random this needs a window in which no labelled example was drawn at all.
-            labelled = labelled_mask(targets)
-            correct = ((preds == targets) & labelled).sum()
-            out["train/acc"] = correct.float() / labelled.sum().clamp_min(1)
+            out["train/acc"] = self.accuracy()
         return out
 
 
