@@ -3,17 +3,19 @@
 Every method is built from its shipped config the way ``kd-lightning fit`` builds it (the CLI's
 parser, ``run=False``), with a random teacher (``teacher_checkpoint: null``), and trained by
 ``pl.Trainer`` for ``--warmup`` untimed and ``--steps`` timed optimizer steps; the time per
-optimizer step is divided by ResponseKD's on the same pair (same student, teacher, batch).
+optimizer step is divided by that of ResponseKD built from the pair's ResponseKD config with the
+method config's student, teacher, batch size and ``batches_per_step`` (measured once per such
+setting). A two-stage method is timed in its first stage.
 
 Pairs:
 
 - ``mnist1d``: ``configs/mnist1d/<method>.yaml`` (for each method the shortest file name that
-  names it, as the conformance tests pick them), MNIST-1D generated offline, the config's batch
+  names it, as the conformance tests do), MNIST-1D generated offline, the config's batch
   (100) and ``batches_per_step`` (10); deterministic inputs, so the teacher-output cache is on
   as in a real run (built at the start of training, outside the timed steps).
 - ``cifar``: ``configs/cifar100/<method>_resnet56_resnet20.yaml`` (else ``configs/cifar10/``),
-  resnet56 -> resnet20 on CIFAR-shaped random images (50,000 uint8 images, 100 classes, pad-4
-  crop + flip), batch 64. A method with no such config is left out of this pair.
+  resnet56 -> resnet20 on CIFAR-shaped random images in place of the CIFAR files (50,000 uint8
+  training images, the config's augmentation), batch 64. A method with no such config is left out of this pair.
 
 Each (pair, method) runs in a fresh subprocess. Peak memory: on a GPU,
 ``torch.cuda.max_memory_allocated`` during training; on a CPU the growth of the process's peak
@@ -70,39 +72,48 @@ def configs(pair: str) -> dict[str, Path]:
 
 
 # ---- one measurement (in a subprocess) ----------------------------------------------------------
-def _synthetic_cifar(batch_size: int):
+def _random_cifar() -> None:
+    """Serve CIFAR-shaped random images in place of the CIFAR-10/100 files: 50,000 training and
+    1,000 test uint8 images of the set's number of classes, normalised and augmented by the
+    data module as the real files are."""
+    import functools
+
     import torch
 
-    from kd_lightning.data import DistillDataModule
-    from kd_lightning.data.dataset import IndexedTensorDataset
+    from kd_lightning.data import sources
 
-    class SyntheticCifar(DistillDataModule):
-        """CIFAR-100-shaped random uint8 images, augmented (pad-4 crop + flip) like real runs."""
+    def load(name: str, root=None, download=False) -> sources.Splits:
+        _, _, classes, mean, std = sources._TV[name]
+        g = torch.Generator().manual_seed(0)
+        x = torch.randint(0, 256, (51_000, 3, 32, 32), dtype=torch.uint8, generator=g)
+        y = torch.randint(0, classes, (51_000,), generator=g)
+        return sources.Splits(name, x[:50_000], y[:50_000], x[50_000:], y[50_000:], classes,
+                              mean=mean, std=std)
 
-        def __init__(self) -> None:
-            super().__init__("cifar100", batch_size=batch_size, augment=True, download=True)
-            g = torch.Generator().manual_seed(0)
-            self._x = torch.randint(0, 256, (50_000, 3, 32, 32), dtype=torch.uint8, generator=g)
-            self._y = torch.randint(0, 100, (50_000,), generator=g)
-
-        def prepare_data(self) -> None:
-            pass
-
-        def setup(self, stage=None) -> None:
-            mean, std = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
-            self.train_indices = torch.arange(len(self._y)).numpy()
-            self.train_dataset = IndexedTensorDataset(self._x, self._y, None, mean, std, augment=True)
-
-    return SyntheticCifar()
+    for name in ("cifar10", "cifar100"):
+        sources.SOURCES[name] = functools.partial(load, name)
 
 
-def measure(pair: str, name: str, steps: int, warmup: int, cpu_time: bool = False) -> dict:
-    """Build ``name`` from its ``pair`` config as the CLI does and time its optimizer steps."""
+def _setting(config: Path) -> dict:
+    """What a method's cost is compared on: its student, teacher, batch size and grouping."""
+    import yaml
+
+    c = yaml.safe_load(config.read_text())
+    init, data = (c.get("model") or {}).get("init_args") or {}, c.get("data") or {}
+    return {"student": init.get("student"), "teacher": init.get("teacher"),
+            "batch_size": data.get("batch_size"), "batches_per_step": data.get("batches_per_step")}
+
+
+def measure(pair: str, name: str, steps: int, warmup: int, cpu_time: bool = False,
+            like: str | None = None) -> dict:
+    """Build ``name`` from its ``pair`` config as the CLI does and time its optimizer steps; with
+    ``like``, ``name`` (ResponseKD) gets the student, teacher and batch of ``like``'s config."""
     import pytorch_lightning as pl
     import torch
     import yaml
 
     from kd_lightning.cli import cli_main
+    from kd_lightning.training.term_log import TrainingDiverged
 
     config = configs(pair)[name]
     init = yaml.safe_load(config.read_text())["model"].get("init_args") or {}
@@ -111,10 +122,15 @@ def measure(pair: str, name: str, steps: int, warmup: int, cpu_time: bool = Fals
     args = ["--config", str(config), "--trainer.logger", "false"]
     if "teacher_checkpoint" in init:
         args += ["--model.init_args.teacher_checkpoint", "null"]
+    if like is not None:
+        for key, value in _setting(configs(pair)[like]).items():
+            if value is not None:
+                section = "model.init_args" if key in ("student", "teacher") else "data"
+                args += [f"--{section}.{key}", json.dumps(value)]
+    if pair == "cifar":
+        _random_cifar()
     cli = cli_main(args, run=False)
     model, dm = cli.model, cli.datamodule
-    if pair == "cifar":
-        dm = _synthetic_cifar(dm.batch_size)
 
     class Clock(pl.Callback):
         """Times each Lightning batch (a group of ``batches_per_step`` minibatches, one optimizer
@@ -148,24 +164,30 @@ def measure(pair: str, name: str, steps: int, warmup: int, cpu_time: bool = Fals
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if gpu:
         torch.cuda.reset_peak_memory_stats()
-    trainer.fit(model, dm)
+    diverged = False
+    try:
+        trainer.fit(model, dm)
+    except TrainingDiverged:  # checked at the epoch end, after the timed steps; noted in the table
+        diverged = True
     if clock.timed < steps:
         raise RuntimeError(f"{name}: {clock.timed} timed steps, expected {steps}")
     peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if gpu else
                (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024)
     return {"pair": pair, "method": name, "config": str(config.relative_to(REPO)),
             "ms_per_step": 1e3 * clock.elapsed / clock.timed, "steps": clock.timed, "peak_mb": peak_mb,
-            "device": torch.cuda.get_device_name() if gpu else "cpu"}
+            "device": torch.cuda.get_device_name() if gpu else "cpu", "diverged": diverged}
 
 
-def run_one(pair: str, name: str, steps: int, warmup: int, cpu_time: bool) -> dict:
+def run_one(pair: str, name: str, steps: int, warmup: int, cpu_time: bool,
+            like: str | None = None) -> dict:
     """:func:`measure` in a fresh Python process (a clean peak-memory figure)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
         env = {**os.environ, "PYTHONPATH": path}
         proc = subprocess.run(
             [sys.executable, str(Path(__file__).resolve()), "--worker", "--pair", pair, "--methods", name,
-             "--steps", str(steps), "--warmup", str(warmup)] + (["--cpu-time"] if cpu_time else []),
+             "--steps", str(steps), "--warmup", str(warmup)] + (["--cpu-time"] if cpu_time else [])
+            + (["--like", like] if like else []),
             cwd=tmp, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"pair": pair, "method": name, "error": proc.stderr.strip().splitlines()[-1:]}
@@ -174,7 +196,6 @@ def run_one(pair: str, name: str, steps: int, warmup: int, cpu_time: bool) -> di
 
 # ---- the table ----------------------------------------------------------------------------------
 def table(rows: list[dict], fmt: str) -> str:
-    base = {r["pair"]: r["ms_per_step"] for r in rows if r["method"] == BASELINE and "error" not in r}
     pairs = sorted({r["pair"] for r in rows}, key=["mnist1d", "cifar"].index)
     methods = sorted({r["method"] for r in rows})
     cell = {(r["pair"], r["method"]): r for r in rows}
@@ -182,13 +203,17 @@ def table(rows: list[dict], fmt: str) -> str:
     def fields(p: str, m: str) -> list[str]:
         r = cell.get((p, m))
         if r is None:
-            return ["–", "–", "–"]
+            return ["–", "–", "–", "–"]
         if "error" in r:
-            return ["error", "", ""]
-        ratio = f"{r['ms_per_step'] / base[p]:.2f}" if p in base else "–"
-        return [f"{r['ms_per_step']:.2f}", ratio, f"{r['peak_mb']:.0f}"]
+            return ["error", "", "", ""]
+        base = r.get("baseline") or {}
+        ratio = f"{r['ms_per_step'] / base['ms_per_step']:.2f}" if "ms_per_step" in base else "–"
+        note = " (diverged)" if r.get("diverged") else ""
+        return [f"{r['ms_per_step']:.2f}{note}", f"{base.get('ms_per_step', float('nan')):.2f}", ratio,
+                f"{r['peak_mb']:.0f}"]
 
-    head = ["method"] + [f"{p} {h}" for p in pairs for h in ("ms/step", f"x {BASELINE}", "peak MB")]
+    head = ["method"] + [f"{p} {h}" for p in pairs
+                         for h in ("ms/step", f"{BASELINE} ms/step", "ratio", "peak MB")]
     body = [[m] + [f for p in pairs for f in fields(p, m)] for m in methods]
     if fmt == "csv":
         return "\n".join(",".join(line) for line in [head, *body]) + "\n"
@@ -210,25 +235,30 @@ def main() -> None:
                              "on a busy machine)")
     parser.add_argument("--out", type=Path, help="also write the table here (.csv or .md)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--like", help=argparse.SUPPRESS)
     args = parser.parse_args()
     pairs = ["mnist1d", "cifar"] if args.pair == "both" else [args.pair]
     if args.worker:
         pair, name = pairs[0], args.methods[0]
         steps = args.steps or (100 if pair == "mnist1d" else 4)
         warmup = args.warmup if args.warmup is not None else (20 if pair == "mnist1d" else 1)
-        print(json.dumps(measure(pair, name, steps, warmup, args.cpu_time)))
+        print(json.dumps(measure(pair, name, steps, warmup, args.cpu_time, args.like)))
         return
     rows = []
     for pair in pairs:
         available = configs(pair)
-        names = args.methods or sorted(available)
-        for name in [BASELINE] + [n for n in names if n != BASELINE]:
+        steps = args.steps or (100 if pair == "mnist1d" else 4)
+        warmup = args.warmup if args.warmup is not None else (20 if pair == "mnist1d" else 1)
+        baselines: dict[str, dict] = {}  # setting -> ResponseKD measured on it
+        for name in args.methods or sorted(available):
             if name not in available:
                 print(f"{pair}: no config for {name}; left out", file=sys.stderr)
                 continue
-            steps = args.steps or (100 if pair == "mnist1d" else 4)
-            warmup = args.warmup if args.warmup is not None else (20 if pair == "mnist1d" else 1)
             row = run_one(pair, name, steps, warmup, args.cpu_time)
+            key = json.dumps(_setting(available[name]), sort_keys=True)
+            if key not in baselines:
+                baselines[key] = run_one(pair, BASELINE, steps, warmup, args.cpu_time, like=name)
+            row["baseline"] = baselines[key]
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     text = table(rows, "csv" if args.out and args.out.suffix == ".csv" else "md")
