@@ -15,7 +15,8 @@ Pairs:
   as in a real run (built at the start of training, outside the timed steps).
 - ``cifar``: ``configs/cifar100/<method>_resnet56_resnet20.yaml`` (else ``configs/cifar10/``),
   resnet56 -> resnet20 on CIFAR-shaped random images in place of the CIFAR files (50,000 uint8
-  training images, the config's augmentation), batch 64. A method with no such config is left out of this pair.
+  training images, the config's augmentation), batch 64. A method with no such config is left
+  out of this pair.
 
 Each (pair, method) runs in a fresh subprocess. Peak memory: on a GPU,
 ``torch.cuda.max_memory_allocated`` during training; on a CPU the growth of the process's peak
