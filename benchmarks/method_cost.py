@@ -4,7 +4,7 @@ Every method is built from its shipped config the way ``kd-lightning fit`` build
 parser, ``run=False``), with a random teacher (``teacher_checkpoint: null``), and trained by
 ``pl.Trainer`` for ``--warmup`` untimed and ``--steps`` timed optimizer steps; the time per
 optimizer step is divided by that of ResponseKD built from the pair's ResponseKD config with the
-method config's student, teacher, batch size and ``batches_per_step`` (measured once per such
+method config's student, teacher, data set, batch size and ``batches_per_step`` (measured once per
 setting). A two-stage method is timed in its first stage.
 
 Pairs:
@@ -101,7 +101,7 @@ def _setting(config: Path) -> dict:
 
     c = yaml.safe_load(config.read_text())
     init, data = (c.get("model") or {}).get("init_args") or {}, c.get("data") or {}
-    return {"student": init.get("student"), "teacher": init.get("teacher"),
+    return {"student": init.get("student"), "teacher": init.get("teacher"), "dataset": data.get("dataset"),
             "batch_size": data.get("batch_size"), "batches_per_step": data.get("batches_per_step")}
 
 
@@ -127,7 +127,7 @@ def measure(pair: str, name: str, steps: int, warmup: int, cpu_time: bool = Fals
         for key, value in _setting(configs(pair)[like]).items():
             if value is not None:
                 section = "model.init_args" if key in ("student", "teacher") else "data"
-                args += [f"--{section}.{key}", json.dumps(value)]
+                args += [f"--{section}.{key}", value if isinstance(value, str) else json.dumps(value)]
     if pair == "cifar":
         _random_cifar()
     cli = cli_main(args, run=False)
