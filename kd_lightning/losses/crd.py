@@ -101,6 +101,13 @@ class CRDEmbed(nn.Module):
         return F.normalize(self.linear(x).float(), p=2, dim=1)
 
 
+def _below(high: Tensor, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
+    """Integers uniform in ``[0, high)`` (``high`` broadcast against ``shape``), from 62 random
+    bits each: the modulo's bias is below ``high / 2**62``."""
+    bits = torch.randint(0, 2 ** 62, shape, generator=generator, device=high.device)
+    return bits % high
+
+
 class CRDMemoryBank(nn.Module):
     r"""CRD memory bank: one L2-normalised embedding per training example and per side.
 
@@ -189,6 +196,25 @@ class CRDMemoryBank(nn.Module):
                                     f"{expected} examples; give one label per pool entry.")
         self.pool, self.pool_labels = pool, labels
 
+    def _sampling_tables(self) -> tuple[Tensor, Tensor | None, Tensor]:
+        """The pool sorted by label (unlabelled first, then each class as one contiguous run,
+        each in dataset order), its sorted labels (``None`` without labels), and each dataset
+        row's position in it (-1 outside the pool). Cached until the pool or the device changes."""
+        device = self.memory_s.device
+        cache = getattr(self, "_tables", None)
+        if cache is not None and cache[0] is self.pool and cache[1] is self.pool_labels \
+                and cache[2].device == device:
+            return cache[2], cache[3], cache[4]
+        order = self.pool if self.pool is not None else torch.arange(self.num_data, device=device)
+        sorted_labels = None
+        if self.pool_labels is not None:
+            sorted_labels, perm = torch.sort(self.pool_labels, stable=True)
+            order = order[perm]
+        position = torch.full((self.num_data,), -1, dtype=torch.long, device=device)
+        position[order] = torch.arange(order.numel(), device=device)
+        self._tables = (self.pool, self.pool_labels, order, sorted_labels, position)
+        return order, sorted_labels, position
+
     def sample_negatives(self, indices: Tensor, num_negatives: int, generator: torch.Generator,
                          targets: Tensor | None = None) -> Tensor:
         """Draw ``num_negatives`` negative dataset indices for each anchor, ``[B, K]`` long.
@@ -196,18 +222,30 @@ class CRDMemoryBank(nn.Module):
         Negatives are drawn from the pool (:meth:`set_negative_pool`; default all ``N`` rows),
         never the anchor's own index and, when ``targets`` (the anchors' labels) are given,
         never an example of the anchor's class (the reference code's CIFAR-100 setting; needs
-        pool labels). Each anchor's negatives are drawn without replacement, unless ``K``
-        exceeds the smallest number of candidates of an anchor, in which case every anchor's are
-        drawn with replacement (the reference code does the same per example).
+        pool labels). Each anchor's negatives are a uniformly random set of distinct candidates
+        (drawn without replacement), unless ``K`` exceeds the smallest number of candidates of
+        an anchor, in which case every anchor's are drawn uniformly with replacement (the
+        reference code does the same per example). Anchors draw independently of each other.
 
         Unlabelled examples (label ``-1``, in ``targets`` or in the pool labels) have no known
         class: an unlabelled anchor gets uniform negatives (any pool example but itself), and an
         unlabelled pool example is a candidate negative for every anchor.
 
+        How: the pool is kept sorted by label, so an anchor's candidates are the pool minus at
+        most two runs of it (its class, and its own position); each anchor draws ``K`` ranks in
+        ``[0, candidates)`` and a rank maps to a pool position by skipping those runs. Without
+        replacement, ranks that repeat one drawn before are drawn again until all are distinct
+        (every set of ``K`` candidates is then equally likely, since the procedure treats all
+        candidates alike); when ``K`` is more than half the candidates of some anchor, the ``K``
+        smallest of uniform random keys are taken instead. Time :math:`O(B K \log K)` per round
+        (:math:`O(B \cdot \text{pool})` in the second case); one host-device synchronisation per
+        round on a GPU.
+
         All randomness comes from ``generator`` (on the bank's device), so ranks seeded alike
-        draw alike (see the module docstring). Memory: a ``[B, pool size]`` weight matrix.
+        draw alike (see the module docstring).
         """
-        if int(num_negatives) < 1:
+        k = int(num_negatives)
+        if k < 1:
             raise KDConfigError(f"sample_negatives: num_negatives must be >= 1 (the paper uses "
                                 f"16384 on CIFAR-100), got {num_negatives}.")
         device = self.memory_s.device
@@ -216,8 +254,10 @@ class CRDMemoryBank(nn.Module):
                                 f"bank is on {device}; create it with "
                                 f"torch.Generator(device=bank.memory_s.device).")
         idx = self._check_indices(indices, "sample_negatives")
-        cand = self.pool if self.pool is not None else torch.arange(self.num_data, device=device)
-        exclude = cand.unsqueeze(0) == idx.unsqueeze(1)
+        order, sorted_labels, position = self._sampling_tables()
+        size = order.numel()
+        anchor = position[idx]  # the anchor's pool position, -1 outside the pool
+        start = end = torch.zeros_like(idx)  # the run of the anchor's class (empty: none)
         if targets is not None:
             if self.pool_labels is None:
                 raise KDConfigError("sample_negatives: targets were given for class-aware "
@@ -228,18 +268,41 @@ class CRDMemoryBank(nn.Module):
             if y.shape != idx.shape:
                 raise KDConfigError(f"sample_negatives: {y.numel()} targets for {idx.numel()} "
                                     f"indices.")
-            same_class = self.pool_labels.unsqueeze(0) == y.unsqueeze(1)
-            exclude |= same_class & (y >= 0).unsqueeze(1)  # -1 (unlabelled) excludes no class
-        weights = (~exclude).float()
-        available = weights.sum(1)
-        if bool((available == 0).any()):
+            labelled = y >= 0  # -1 (unlabelled) excludes no class
+            start = torch.where(labelled, torch.searchsorted(sorted_labels, y), 0)
+            end = torch.where(labelled, torch.searchsorted(sorted_labels, y, right=True), 0)
+        own = (anchor >= 0) & ((anchor < start) | (anchor >= end))  # the anchor outside its run
+        available = size - (end - start) - own.long()
+        fewest = int(available.min())
+        if fewest == 0:
             raise KDConfigError("sample_negatives: some anchor has no candidate negative (every "
                                 "pool example is the anchor itself or of its class); widen the "
                                 "pool or drop targets.")
-        replacement = int(num_negatives) > int(available.min().item())
-        pos = torch.multinomial(weights, int(num_negatives), replacement=replacement,
-                                generator=generator)
-        return cand[pos]
+        high = available.unsqueeze(1)
+        if k > fewest:
+            ranks = _below(high, (idx.numel(), k), generator)
+        elif 2 * k <= fewest:
+            ranks = _below(high, (idx.numel(), k), generator)
+            while True:
+                ranks = ranks.sort(dim=1).values
+                repeat = ranks[:, 1:] == ranks[:, :-1]
+                if not bool(repeat.any()):
+                    break
+                ranks[:, 1:] = torch.where(repeat, _below(high, repeat.shape, generator), ranks[:, 1:])
+        else:
+            keys = torch.rand(idx.numel(), int(available.max()), generator=generator, device=device)
+            keys.masked_fill_(torch.arange(keys.shape[1], device=device) >= high, 2.0)
+            ranks = keys.topk(k, dim=1, largest=False).indices
+        # skip the two excluded runs of pool positions, the earlier one first: the class
+        # [start, end) and the anchor [anchor, anchor + 1) (length 0 where not excluded)
+        run, own_len = (end - start).unsqueeze(1), own.long().unsqueeze(1)
+        start, anchor = start.unsqueeze(1), anchor.unsqueeze(1)
+        anchor_first = (own.unsqueeze(1)) & (anchor < start)
+        s1, n1 = torch.where(anchor_first, anchor, start), torch.where(anchor_first, own_len, run)
+        s2, n2 = torch.where(anchor_first, start, anchor), torch.where(anchor_first, run, own_len)
+        pos = ranks + n1 * (ranks >= s1)
+        pos = pos + n2 * (pos >= s2)
+        return order[pos]
 
     # ---- scores, normalisation, update -----------------------------------------------------
     def _check_indices(self, indices: Tensor, who: str) -> Tensor:
@@ -305,18 +368,20 @@ class CRDMemoryBank(nn.Module):
         of candidates (:attr:`num_candidates`), as in the reference code: a Monte-Carlo estimate
         of the partition function :math:`\sum_i e^{v \cdot m_i / \tau}` that is then kept fixed.
         The first call computes and stores them (``log_z`` buffer); later calls return the
-        stored values. ``reduce`` maps the ``[2]`` float64 tensor of means to its mean over DDP
-        ranks (identity by default). Returned as detached float32 scalars.
+        stored values. ``reduce`` maps the ``[2]`` float32 tensor of means to its mean over DDP
+        ranks (identity by default). Computed in float32 through ``logsumexp`` (a score is at most
+        :math:`\|m\| / \tau` with :math:`\|m\| \le \sqrt 3`, so the means stay far inside
+        float32's range). Returned as detached float32 scalars.
         """
         if bool(torch.isnan(self.log_z).any()):
             with torch.no_grad():
                 means = []
                 for lg in (logits_s, logits_t):
-                    flat = lg.detach().double().flatten()
+                    flat = lg.detach().float().flatten()
                     means.append(torch.exp(torch.logsumexp(flat, 0) - math.log(flat.numel())))
                 mean_exp = torch.stack(means)
                 if reduce is not None:
-                    mean_exp = reduce(mean_exp).to(torch.float64)
+                    mean_exp = reduce(mean_exp).float()
                 log_z = torch.log(mean_exp) + math.log(self.num_candidates)
                 self.log_z.copy_(log_z.to(self.log_z.dtype))
         return self.log_z[0].detach().clone(), self.log_z[1].detach().clone()

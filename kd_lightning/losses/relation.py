@@ -11,10 +11,14 @@ w_a = 50 were tuned for): the Huber loss (smooth-L1, delta = 1) is averaged over
 repeated example (``i == j`` etc.) are zero on both sides and contribute zero loss. The teacher
 side is computed without gradient.
 
-Precision: distances and angles are computed in float64 (float32 on MPS, which has no float64)
-with autocast off, from the Gram matrix of the centred batch with equal rows detected exactly
-(see :func:`pairwise_distances` for why), and each loss is returned in the embedding's dtype
-(float32 for half-precision embeddings, float64 stays float64).
+Precision: everything is computed in float32 (float64 inputs stay float64) with autocast off,
+from the explicit difference vectors :math:`e_i - e_j`, never from the Gram identity
+:math:`\|e_i\|^2 + \|e_j\|^2 - 2 e_i^\top e_j` (which cancels terms of the size of the rows' norms):
+a distance or a cosine is then accurate to float32 rounding whatever the norm of the rows, a
+common offset, or how different the distances of one batch are, and two equal rows (duplicate
+examples, collapsed features) are at distance exactly 0, since the difference of two
+floating-point numbers is 0 exactly when they are equal. The losses are returned in the
+embedding's dtype (float32 for half-precision embeddings).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from kd_lightning import KDConfigError
 
@@ -48,107 +53,151 @@ def _check_pair(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _upcast(e: Tensor) -> Tensor:
-    """float32 for half-precision (autocast) embeddings; float64 stays float64."""
-    return e if e.dtype == torch.float64 else e.float()
-
-
-def _wide(e: Tensor) -> torch.dtype:
-    """The dtype the relations are computed in: float64 (float32 on MPS, which has no float64)."""
-    return torch.float32 if e.device.type == "mps" else torch.float64
-
-
-def _equal_rows(e: Tensor) -> Tensor:
-    """``[N, N]`` bool, True where rows ``i`` and ``j`` of ``e`` are equal (exact comparison)."""
-    _, ids = torch.unique(e.detach(), dim=0, return_inverse=True)
-    return ids.unsqueeze(0) == ids.unsqueeze(1)
-
-
-def _distances(e: Tensor) -> Tensor:
-    """``[N, N]`` distances of the rows of ``e`` in the wide dtype (see :func:`pairwise_distances`)."""
-    with torch.autocast(device_type=e.device.type, enabled=False):
-        ew = e.to(_wide(e))
-        # distances are translation invariant, so the batch mean is a constant here (detached:
-        # its exact gradient contribution is zero)
-        c = ew - ew.mean(dim=0, keepdim=True).detach()
-        g = c @ c.t()
-        sq = g.diagonal()
-        d2 = sq.unsqueeze(1) + sq.unsqueeze(0) - 2.0 * g
-        # 0 for equal rows (and a rounding residue <= 0), with a zero gradient: sqrt(0) stays out
-        # of the graph; written so that a nan (non-finite embedding) propagates
-        zero = _equal_rows(e) | (d2 <= 0)
-        return torch.where(zero, torch.zeros_like(d2), torch.where(zero, torch.ones_like(d2), d2).sqrt())
+    """float32 for half-precision (autocast) embeddings; float32 and float64 stay as they are."""
+    return e if e.dtype in (torch.float32, torch.float64) else e.float()
 
 
 def pairwise_distances(e: Tensor, squared: bool = False) -> Tensor:
     r"""Euclidean distances :math:`\|e_i - e_j\|_2` between the rows of ``e`` (``[N, D]`` -> ``[N, N]``).
 
-    From the Gram matrix of the centred batch, in :math:`O(N^2 D)` without the ``[N, N, D]``
-    difference vectors: with :math:`c_i = e_i - \bar e` (the batch mean, subtracted first),
-    :math:`\|e_i - e_j\|^2 = \|c_i\|^2 + \|c_j\|^2 - 2 c_i^\top c_j`. Computed in float64 (float32
-    on MPS, which has no float64) with autocast off, and returned in ``e``'s dtype (float32 for
-    half precision).
-
-    What is exact and why. The Gram identity cancels terms of size :math:`\|c\|^2`, so its
-    rounding error is :math:`\sim \epsilon_{mach} (\|c_i\|^2 + \|c_j\|^2)`, whatever the distance.
-    (1) Centring makes :math:`\|c\|` the spread of the batch instead of the norm of its rows, so a
-    common offset costs no digits. (2) For two *equal* rows the identity returns a rounding
-    residue instead of 0 (the matrix product sums :math:`c_i^\top c_i` and :math:`c_i^\top c_j` in
-    different orders), which would make the pair look distinct. So equal rows are detected by
-    comparing them exactly, and their distance is set to exactly 0: this is the same decision the
-    explicit formula makes, because a difference of two floating-point numbers is 0 exactly when
-    they are equal (IEEE subtraction with gradual underflow), so :math:`e_i - e_j = 0` if and only
-    if the rows are equal. (The comparison sorts the rows with ``torch.unique``: one host-device
-    synchronisation per call on a GPU.) Every other pair keeps its Gram value, with a relative
-    error of :math:`\sim \epsilon_{mach} \|c\|^2 / d_{ij}^2`, and the gradient at a zero distance
-    is 0. The limit: two *distinct* rows closer than about :math:`10^{-7} \|c\|` (float64) get an
-    inaccurate distance (0 if the residue is not positive) -- and the cosines at such a pair
-    are ill-conditioned in any form, since the direction of a difference of that size is set by
-    the rounding of the embeddings themselves.
+    Computed from the difference vectors themselves (``torch.cdist`` without its matrix-product
+    shortcut), in :math:`O(N^2 D)` time without materialising the ``[N, N, D]`` differences, in
+    float32 (float64 stays float64) with autocast off. So each distance has the relative
+    accuracy of float32 rounding whatever the norm of the rows or a common offset (the Gram
+    identity :math:`\|e_i\|^2 + \|e_j\|^2 - 2 e_i^\top e_j` would lose
+    :math:`\epsilon_{mach} \|e\|^2 / d_{ij}^2` of it), and two equal rows are at distance exactly
+    0 with a zero gradient (as is the diagonal).
     """
-    d = _distances(e)
-    return (d * d if squared else d).to(_upcast(e).dtype)
+    e = _upcast(e.reshape(len(e), -1))
+    with torch.autocast(device_type=e.device.type, enabled=False):
+        # the direct kernel: sqrt(sum_k (e_ik - e_jk)^2) per pair; its gradient at a zero
+        # distance (the diagonal, equal rows) is 0
+        d = torch.cdist(e, e, compute_mode="donot_use_mm_for_euclid_dist")
+    return d * d if squared else d
 
 
-def _normalised_distances(d: Tensor) -> Tensor:
-    r""":math:`\psi_D = d_{ij} / \mu`, :math:`\mu` the mean over the non-zero pairs (``d`` from :func:`_distances`)."""
-    # zero entries (i == j and equal rows, exactly 0) add nothing to the sum, so this is the
-    # mean over the non-zero pairs (without a host-device synchronisation); the clamps keep an
-    # all-zero batch at 0 instead of 0/0
-    mu = d.sum() / (d > 0).sum().clamp(min=1)
-    return d / mu.clamp(min=torch.finfo(d.dtype).tiny)
+def _block_size(n: int, width: int, device: torch.device) -> int:
+    """Vertices per block of :class:`_RKDTerms`: about 512k floats of ``[b, N, N + width]`` per
+    block on a CPU (cache-sized blocks: large temporaries cost more to allocate than to compute),
+    up to 64M on an accelerator (few kernel launches)."""
+    budget = (1 << 19) if device.type == "cpu" else (1 << 26)
+    return max(1, min(n, budget // max(1, n * (n + width))))
 
 
-def _angles(d: Tensor) -> Tensor:
-    r"""Cosines :math:`\psi_A(e_i, e_j, e_k)` of the angle at :math:`e_j` for all triplets, as
-    ``[N, N, N]`` indexed ``[j, i, k]`` (``j`` is the vertex), from the distances ``d``
-    (:func:`_distances`) by the law of cosines,
-    :math:`\langle e_i - e_j, e_k - e_j\rangle = (d_{ij}^2 + d_{jk}^2 - d_{ik}^2) / 2`.
-    A zero distance (``i == j``, or equal rows) gives cosine 0, like normalising a zero vector.
+def _blocks(n: int, width: int, device: torch.device) -> list[slice]:
+    b = _block_size(n, width, device)
+    return [slice(j, min(n, j + b)) for j in range(0, n, b)]
+
+
+def _differences(e: Tensor, vertices: slice) -> tuple[Tensor, Tensor, Tensor]:
+    r"""For the vertices ``j`` of a block: the unit differences
+    :math:`u_{ji} = (e_i - e_j) / \|e_i - e_j\|` (the zero vector where :math:`e_i = e_j`),
+    ``[b, N, D]``, the distances :math:`\|e_i - e_j\|`, ``[b, N, 1]``, and the mask of non-zero
+    differences (a NaN propagates: its distance is NaN and its mask False)."""
+    v = e.unsqueeze(0) - e[vertices].unsqueeze(1)
+    dist = torch.linalg.vector_norm(v, dim=2, keepdim=True)
+    nonzero = dist > 0
+    return v.div_(torch.where(nonzero, dist, 1.0)), dist, nonzero
+
+
+class _RKDTerms(torch.autograd.Function):
+    r"""The unweighted distance and angle terms and their gradient with respect to ``s``.
+
+    Pass 1, per block of vertices ``j``: the difference vectors :math:`v_{ji} = e_i - e_j` of
+    each side, their norms (the distances) and unit vectors ``U_j``; the cosines as the Gram
+    matrices :math:`C_j = U_j U_j^\top` (``[b, N, N]``), the angle term's Huber sum and its
+    derivative :math:`G_j = \mathrm{clamp}(C^s_j - C^t_j, -1, 1)` (symmetric, so
+    :math:`\partial L_A / \partial U^s_j = 2 G_j U^s_j / N^3`), taken through
+    :math:`u = v / \|v\|`: :math:`\partial L_A / \partial v = (g - u\, u^\top g) / \|v\|`.
+
+    Distance term: :math:`\mu` over the :math:`N(N-1)` pairs ``i != j`` and
+    :math:`L_D = \frac{1}{N^2}\sum_{ij} \ell_\delta(d^s_{ij}/\mu_s - d^t_{ij}/\mu_t)`. With
+    :math:`h` the Huber derivative at the residuals,
+    :math:`\partial L_D / \partial d^s_{ij} = \big(h_{ij} - \frac{1}{N(N-1)} \sum_{kl} h_{kl}
+    d^s_{kl} / \mu_s\big) / (N^2 \mu_s)`; pass 2 (student only) sends it along the unit
+    differences, :math:`\partial L_D / \partial v_{ji} = (\partial L_D / \partial d_{ji})\, u_{ji}`.
+
+    A zero difference (``i == j``, equal rows) is a constant zero vector at a constant zero
+    distance: no gradient. :math:`v_{ji} = s_i - s_j` sends :math:`\partial L / \partial v_{ji}`
+    to rows ``i`` (+) and ``j`` (-).
+
+    The gradient is computed with the value when ``s`` requires one, so no ``[N, N, N]`` or
+    ``[N, N, D]`` tensor is stored: memory is one block's; time :math:`O(N^2 (D_s + D_t))` for
+    the distances and :math:`O(N^3 (2 D_s + D_t))` for the angles (three batched matrix
+    products). First order only (no double backward).
     """
-    d2 = d * d
-    pos = d > 0
-    # 1/d where d > 0 and 0 elsewhere, with a finite gradient (the where() keeps 1/0 out of it)
-    inv = torch.where(pos, 1.0 / torch.where(pos, d, torch.ones_like(d)), torch.zeros_like(d))
-    dot2 = d2.unsqueeze(2) + d2.unsqueeze(1) - d2.unsqueeze(0)  # [j, i, k]: 2 <e_i - e_j, e_k - e_j>
-    return dot2 * (0.5 * inv).unsqueeze(2) * inv.unsqueeze(1)
+
+    @staticmethod
+    def forward(ctx, s: Tensor, t: Tensor, distance: bool, angle: bool) -> tuple[Tensor, Tensor]:
+        n = s.shape[0]
+        need_grad = ctx.needs_input_grad[0]
+        blocks = _blocks(n, s.shape[1] + t.shape[1], s.device)
+        dist_term = ang_term = s.new_zeros(())
+        grad_d = None
+        # pass 1: the angle term and its gradient, and each side's distances
+        d_s, d_t = [], []
+        grad_a = torch.zeros_like(s) if need_grad and angle else None
+        total = s.new_zeros(())
+        for j in blocks:
+            u_s, dist_s, nonzero = _differences(s, j)
+            u_t, dist_t, _ = _differences(t, j)
+            d_s.append(dist_s.squeeze(2))
+            d_t.append(dist_t.squeeze(2))
+            if not angle:
+                continue
+            c_s = torch.bmm(u_s, u_s.transpose(1, 2))
+            c_t = torch.bmm(u_t, u_t.transpose(1, 2))
+            total += F.smooth_l1_loss(c_s, c_t, reduction="sum")
+            if grad_a is not None:
+                g_u = torch.bmm(c_s.sub_(c_t).clamp_(-1.0, 1.0), u_s)
+                g_v = g_u.sub_(u_s * (u_s * g_u).sum(2, keepdim=True))
+                _scatter(grad_a, g_v.div_(torch.where(nonzero, dist_s, 1.0)).mul_(nonzero), j)
+        if angle:
+            ang_term = total / n ** 3
+            if grad_a is not None:
+                grad_a.mul_(2.0 / n ** 3)
+        if distance:
+            d_s, d_t = torch.cat(d_s), torch.cat(d_t)
+            pairs = n * (n - 1)
+            # every pair i != j counts, equal rows (distance 0) included, as in Park et al.'s
+            # eq. 4; the clamp keeps an all-equal batch at 0 instead of 0/0
+            tiny = torch.finfo(s.dtype).tiny
+            mu_s = (d_s.sum() / pairs).clamp(min=tiny)
+            psi_s, psi_t = d_s / mu_s, d_t / (d_t.sum() / pairs).clamp(min=tiny)
+            dist_term = F.smooth_l1_loss(psi_s, psi_t, reduction="mean")
+            if need_grad:
+                # pass 2 (student only): dL/dd along the unit differences
+                h = psi_s.sub_(psi_t).clamp_(-1.0, 1.0)
+                g_dist = (h - (h * d_s).sum() / (pairs * mu_s)).div_(n * n * mu_s)
+                grad_d = torch.zeros_like(s)
+                for j in blocks:
+                    u_s, _, nonzero = _differences(s, j)
+                    _scatter(grad_d, u_s.mul_(g_dist[j].unsqueeze(2) * nonzero), j)
+        ctx.save_for_backward(grad_d, grad_a)
+        return dist_term, ang_term
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_dist: Tensor, grad_ang: Tensor):
+        grad_d, grad_a = ctx.saved_tensors
+        grad = None
+        if grad_d is not None:
+            grad = grad_d * grad_dist
+        if grad_a is not None:
+            grad = grad_a * grad_ang if grad is None else grad.add_(grad_a * grad_ang)
+        return grad, None, None, None
 
 
-def _huber_mean(student: Tensor, teacher: Tensor) -> Tensor:
-    return F.smooth_l1_loss(student, teacher, reduction="mean")
+def _scatter(grad: Tensor, g_v: Tensor, vertices: slice) -> None:
+    """Add ``dL/dv`` for ``v[j, i] = s_i - s_j`` (``[b, N, D]``) to rows ``i`` (+) and ``j`` (-)."""
+    grad += g_v.sum(0)
+    grad[vertices] -= g_v.sum(1)
 
 
 def _rkd_terms(s: Tensor, t: Tensor, distance: bool, angle: bool) -> tuple[Tensor, Tensor]:
-    """Unweighted distance and angle terms (0 when not asked for); each side's distances computed once."""
-    out_dtype = s.dtype
-    zero = s.new_zeros(())
-    d_s = _distances(s)
-    with torch.no_grad():
-        d_t = _distances(t.detach())
+    """Unweighted distance and angle terms (0 when not asked for), in ``s``'s dtype."""
     with torch.autocast(device_type=s.device.type, enabled=False):
-        dist = _huber_mean(_normalised_distances(d_s), _normalised_distances(d_t)).to(out_dtype) \
-            if distance else zero
-        ang = _huber_mean(_angles(d_s), _angles(d_t)).to(out_dtype) if angle else zero
-    return dist, ang
+        return _RKDTerms.apply(s, t.detach().to(s.dtype), distance, angle)
 
 
 def rkd_distance_loss(student: Tensor, teacher: Tensor) -> Tensor:
@@ -156,13 +205,15 @@ def rkd_distance_loss(student: Tensor, teacher: Tensor) -> Tensor:
 
     .. math::
         \psi_D(e_i, e_j) = \frac{1}{\mu} \|e_i - e_j\|_2,\quad
-        \mu = \operatorname{mean}_{(i,j):\, \|e_i - e_j\| > 0} \|e_i - e_j\|_2 \\
+        \mu = \frac{1}{N (N - 1)} \sum_{i \ne j} \|e_i - e_j\|_2 \\
         L_{RKD-D} = \frac{1}{N^2} \sum_{i,j} \ell_\delta\big(\psi_D(t_i, t_j), \psi_D(s_i, s_j)\big)
 
     with :math:`\ell_\delta` the Huber loss (smooth-L1, :math:`\delta = 1`). Normalising by
-    :math:`\mu` makes the term independent of the scale of each embedding. The distances are
-    those of :func:`pairwise_distances`: exactly 0 for equal rows (duplicate examples or
-    collapsed features), which therefore do not enter :math:`\mu`, as in the formula.
+    :math:`\mu` makes the term independent of the scale of each embedding; :math:`\mu` is the
+    mean over all pairs of distinct examples, as Park et al. define it, so a pair of equal rows
+    (a repeated example, collapsed features) counts with its distance 0. The distances are
+    those of :func:`pairwise_distances` (exact to float32 rounding, 0 with a zero gradient for
+    equal rows).
 
     Args:
         student: ``[N, ...]`` student embeddings (flattened to ``[N, D_s]``).
@@ -184,13 +235,14 @@ def rkd_angle_loss(student: Tensor, teacher: Tensor) -> Tensor:
     A zero difference vector (``i == j``, or two equal rows) normalises to zero, so degenerate
     triplets give 0 on both sides (and no gradient).
 
-    Computed without the ``[N, N, D]`` difference vectors, in :math:`O(N^2 D + N^3)`: the
-    distances :math:`d_{ij}` come from :func:`pairwise_distances` and the inner products from the
-    law of cosines, :math:`\langle e_i - e_j, e_k - e_j\rangle = (d_{ij}^2 + d_{jk}^2 - d_{ik}^2)/2`.
-    So the decision "zero difference" is exact -- :math:`d_{ij}` is exactly 0 if and only if
-    :math:`e_i = e_j`, which is where the formula jumps from a unit vector to 0 -- and every other
-    cosine is as accurate as the centred distances it is built from (the law of cosines adds an
-    error of about :math:`\epsilon_{mach}(d_{ij}/d_{jk} + d_{jk}/d_{ij})` at most).
+    Computed as the paper writes it, from the unit difference vectors: for each vertex ``j`` the
+    cosines are the Gram matrix of :math:`u_{ji} = (e_i - e_j) / \|e_i - e_j\|`, so every cosine
+    has the accuracy of float32 rounding however different the lengths of its two sides (a law
+    of cosines from the distances would lose :math:`\epsilon_{mach}\, d_{jk} / d_{ij}` of it).
+    The vertices are processed in blocks, with the gradient computed alongside the value, so
+    no ``[N, N, N]`` tensor is stored: :math:`O(N^3 (2 D_s + D_t))` time in batched matrix
+    products, :math:`O(N^2 (N + D))` memory per block (see ``_RKDTerms``). The gradient is
+    first order only (no double backward).
     """
     s, t = _check_pair(student, teacher)
     return _rkd_terms(s, t, distance=False, angle=True)[1]

@@ -238,3 +238,93 @@ def test_crd_bad_inputs_raise_one_clear_error():
         bank.set_negative_pool(torch.tensor([1, 2, 3]), torch.tensor([0, 1]))
     with pytest.raises(KDConfigError, match=r"\[B, 1 \+ K\]"):
         crd_nce_loss(randn(2, 1), 0.0, 10)
+
+
+# ---- the negatives' distribution, by its statistics ----------------------------------------
+def _chi2(counts: torch.Tensor) -> float:
+    """Pearson's statistic of ``counts`` against equal expected counts."""
+    counts = counts.double()
+    expected = counts.sum() / counts.numel()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def _chi2_bound(cells: int) -> float:
+    # the statistic has mean cells - 1 and standard deviation sqrt(2 (cells - 1)); this bound
+    # is about 6 standard deviations out (the draws are seeded, so the test is deterministic)
+    return cells - 1 + 6 * math.sqrt(2 * (cells - 1))
+
+
+def _draw_many(bank, anchors, k, rounds, targets=None, seed=0):
+    g = gen(seed)
+    return torch.cat([bank.sample_negatives(anchors, k, g, targets=targets) for _ in range(rounds)])
+
+
+@pytest.mark.parametrize("k", [3, 9, 12, 20],
+                         ids=["rejection", "rejection-half", "keys", "replacement"])
+def test_uniform_negatives_never_the_anchor_and_equally_frequent(k):
+    # pool: the bank's 19 rows; the anchor 6 has 18 candidates: K = 3 and 9 draw distinct ranks by
+    # redrawing repeats, K = 12 (> 18 / 2) by random keys, K = 20 (> 18) with replacement
+    bank = CRDMemoryBank(19, dim=2, generator=gen(0))
+    anchors = torch.full((500,), 6)
+    neg = _draw_many(bank, anchors, k, rounds=8, seed=k)
+    assert neg.shape == (4000, k)
+    assert not (neg == 6).any()
+    counts = torch.bincount(neg.flatten(), minlength=19)
+    assert counts[6] == 0
+    others = torch.cat([counts[:6], counts[7:]])
+    assert _chi2(others) < _chi2_bound(18)
+    distinct = torch.tensor([len(set(row)) for row in neg.tolist()])
+    if k <= 18:
+        assert (distinct == k).all()  # without replacement
+    else:
+        assert (distinct < k).all()  # 20 draws among 18: repeats, as with replacement
+
+
+def test_negatives_are_uniform_over_sets_of_k():
+    # every 3-subset of the 7 candidates (35 of them) equally likely, and every order of draws
+    # by rejection of repeats: checked on the sets themselves
+    bank = CRDMemoryBank(8, dim=2, generator=gen(0))
+    neg = _draw_many(bank, torch.full((2000,), 0), 3, rounds=10, seed=1)
+    subsets = {s: i for i, s in enumerate(itertools.combinations(range(1, 8), 3))}
+    ids = torch.tensor([subsets[tuple(sorted(row))] for row in neg.tolist()])
+    assert _chi2(torch.bincount(ids, minlength=35)) < _chi2_bound(35)
+
+
+def test_class_aware_negatives_have_exactly_the_allowed_support_uniformly():
+    # a few-data pool of 14 rows of a bank of 40, with two unlabelled (-1) examples
+    bank = CRDMemoryBank(40, dim=2, generator=gen(0))
+    pool = torch.tensor([1, 4, 5, 9, 12, 17, 18, 22, 25, 26, 30, 33, 36, 39])
+    labels = torch.tensor([0, 2, 1, 0, -1, 2, 1, 1, 0, 2, -1, 0, 1, 2])
+    bank.set_negative_pool(pool, labels)
+    label_of = dict(zip(pool.tolist(), labels.tolist()))
+    # anchors: labelled in the pool (of each class), unlabelled in the pool, labelled outside
+    # the pool, and one whose target (0) differs from its pool label (2): it is still excluded
+    cases = [(9, 0), (5, 1), (4, 2), (12, -1), (7, 1), (39, 0)]
+    for anchor, y in cases:
+        allowed = [i for i in pool.tolist() if i != anchor and (y < 0 or label_of[i] != y)]
+        for k in (2, len(allowed) - 1, len(allowed) + 3):
+            neg = _draw_many(bank, torch.full((400,), anchor), k, rounds=5,
+                             targets=torch.full((400,), y), seed=anchor + k)
+            seen = set(neg.flatten().tolist())
+            assert seen == set(allowed), (anchor, y, k)  # every allowed one, nothing else
+            counts = torch.bincount(neg.flatten(), minlength=40)[allowed]
+            assert _chi2(counts) < _chi2_bound(len(allowed)), (anchor, y, k)
+            if k <= len(allowed):
+                assert all(len(set(row)) == k for row in neg.tolist())
+
+
+def test_anchors_of_one_batch_draw_independently_and_mixed_batches_follow_the_smallest():
+    bank = CRDMemoryBank(12, dim=2, generator=gen(0))
+    bank.set_negative_pool(torch.arange(12), torch.tensor([0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 2, 2]))
+    # class 0 anchors have 4 candidates, class 1 anchors 10: K = 5 exceeds the fewest, so every
+    # anchor draws with replacement (as the reference code does per example)
+    idx, y = torch.tensor([0, 8]), torch.tensor([0, 1])
+    neg = bank.sample_negatives(idx, 5, gen(3), targets=y)
+    assert set(neg[0].tolist()) <= {8, 9, 10, 11}
+    assert set(neg[1].tolist()) <= {0, 1, 2, 3, 4, 5, 6, 7, 10, 11}
+    many = _draw_many(bank, idx, 5, rounds=200, targets=y)
+    assert any(len(set(row)) < 5 for row in many[1::2].tolist())  # class 1 rows repeat too
+    # two identical anchors in one batch get different draws (independent rows)
+    rows = bank.sample_negatives(torch.tensor([9, 9, 9, 9]), 3, gen(4),
+                                 targets=torch.tensor([1, 1, 1, 1]))
+    assert len({tuple(sorted(r)) for r in rows.tolist()}) > 1
