@@ -217,7 +217,7 @@ class CRDMemoryBank(nn.Module):
 
     def sample_negatives(self, indices: Tensor, num_negatives: int, generator: torch.Generator,
                          targets: Tensor | None = None) -> Tensor:
-        """Draw ``num_negatives`` negative dataset indices for each anchor, ``[B, K]`` long.
+        r"""Draw ``num_negatives`` negative dataset indices for each anchor, ``[B, K]`` long.
 
         Negatives are drawn from the pool (:meth:`set_negative_pool`; default all ``N`` rows),
         never the anchor's own index and, when ``targets`` (the anchors' labels) are given,

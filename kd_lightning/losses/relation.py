@@ -1,4 +1,4 @@
-"""Relation-based distillation: Relational Knowledge Distillation (RKD).
+r"""Relation-based distillation: Relational Knowledge Distillation (RKD).
 
 Park, Kim, Lu & Cho, "Relational Knowledge Distillation", CVPR 2019 (arXiv:1904.05068).
 Park et al., section 3: :math:`L_R(F_t, F_s) = L(\\phi_t(t_i, t_j), \\phi_s(s_i, s_j))` -- the
