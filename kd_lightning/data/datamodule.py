@@ -375,9 +375,10 @@ class DistillDataModule(pl.LightningDataModule):
         """The labelled training examples (the few-data subset, or the whole training split), each
         once, in order, without augmentation or mixing, at the evaluation batch size and sharded
         across DDP ranks like the validation split: to measure a network on the data it was
-        trained on (the distillation error at the end of a fit)."""
+        trained on (the distillation error at the end of a fit). ``None`` when ``setup`` drew no
+        labelled subset (a subclass that builds its own training set)."""
         if self.labelled_indices is None:
-            self._draw_indices()
+            return None
         s = self.splits()
         return self._eval_loader(self._dataset(s.x_train, s.y_train, self.labelled_indices), "training")
 

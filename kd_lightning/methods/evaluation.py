@@ -179,7 +179,7 @@ class FitEndDistillationError(pl.Callback):
     pass without augmentation (the data module's ``labelled_train_dataloader``), the data the
     lecture notes' bound is stated for. Logged to every logger at the last global step and put in
     ``trainer.callback_metrics`` (Lightning allows no ``self.log`` at the end of a fit). Skipped
-    without a teacher or with a data module that has no such loader."""
+    without a teacher or with a data module that has no such loader (or returns ``None``)."""
 
     KEY = "train/distill_error"
 
@@ -188,7 +188,10 @@ class FitEndDistillationError(pl.Callback):
         if getattr(pl_module, "frozen_teacher", None) is None or loader is None \
                 or not hasattr(pl_module, "train_distill_error") or trainer.interrupted:
             return
-        value = pl_module.training_distill_error(loader())
+        loader = loader()
+        if loader is None:
+            return
+        value = pl_module.training_distill_error(loader)
         trainer.callback_metrics[self.KEY] = value
         for logger in trainer.loggers:
             logger.log_metrics({self.KEY: float(value)}, step=trainer.global_step)
