@@ -141,6 +141,17 @@ def run_cli(args: list[str]):
         return cli_main([str(a) for a in args])
 
 
+def run_cli_in(folder: Path, args: list[str]):
+    """:func:`run_cli` with ``folder`` as the working directory, restored after (for
+    module-scoped fixtures, which cannot use ``monkeypatch.chdir``)."""
+    cwd = Path.cwd()
+    os.chdir(folder)
+    try:
+        return run_cli(args)
+    finally:
+        os.chdir(cwd)
+
+
 def run_cli_error(args: list[str], capsys) -> str:
     """Run ``kd-lightning`` expecting a configuration error (exit 2); returns stderr."""
     with pytest.raises(SystemExit) as exc:

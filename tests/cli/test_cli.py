@@ -5,14 +5,13 @@ from __future__ import annotations
 import importlib
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from tests.conftest import (CONFIGS, DUMP_WEIGHTS, TINY, prepare_config, run_cli, run_cli_error,
+from tests.conftest import (CONFIGS, DUMP_WEIGHTS, TINY, prepare_config, run_cli, run_cli_error, run_cli_in,
                             run_cli_subprocess, run_ddp, tb_scalars, write_cifar, write_mnist_idx)
 
 
@@ -45,13 +44,8 @@ def test_every_config_fits_end_to_end(config, tmp_path, monkeypatch):
 def teacher_ckpt(tmp_path_factory) -> Path:
     """A real (briefly trained) MNIST-1D teacher checkpoint written by `kd-lightning fit`."""
     work = tmp_path_factory.mktemp("teacher")
-    old = os.getcwd()
-    os.chdir(work)
-    try:
-        run_cli(["fit", "--config", CONFIGS / "mnist1d/teacher.yaml", *TINY,
-                 "--trainer.limit_train_batches", "5"])
-    finally:
-        os.chdir(old)
+    run_cli_in(work, ["fit", "--config", CONFIGS / "mnist1d/teacher.yaml", *TINY,
+                      "--trainer.limit_train_batches", "5"])
     ckpt = work / "runs/mnist1d_teacher/checkpoints/best.ckpt"
     assert ckpt.is_file()
     return ckpt

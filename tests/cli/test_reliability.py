@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import CONFIGS, TINY, run_cli, run_cli_error
+from tests.conftest import CONFIGS, TINY, run_cli_error, run_cli_in
 
 
 def _finite_checkpoints(folder: Path) -> list[Path]:
@@ -66,12 +66,7 @@ def test_unwritable_log_folder_is_one_clear_message(tmp_path, monkeypatch, capsy
 def teacher_run(tmp_path_factory) -> Path:
     """The folder of one short run of configs/mnist1d/teacher.yaml (a Supervised ConvNet1D)."""
     folder = tmp_path_factory.mktemp("teacher_run")
-    cwd = Path.cwd()
-    os.chdir(folder)
-    try:
-        run_cli(["fit", "--config", CONFIGS / "mnist1d/teacher.yaml", *TINY, "--test_after_fit", "false"])
-    finally:
-        os.chdir(cwd)
+    run_cli_in(folder, ["fit", "--config", CONFIGS / "mnist1d/teacher.yaml", *TINY, "--test_after_fit", "false"])
     return folder
 
 
