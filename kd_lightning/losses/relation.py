@@ -17,8 +17,11 @@ from the explicit difference vectors :math:`e_i - e_j`, never from the Gram iden
 a distance or a cosine is then accurate to float32 rounding whatever the norm of the rows, a
 common offset, or how different the distances of one batch are, and two equal rows (duplicate
 examples, collapsed features) are at distance exactly 0, since the difference of two
-floating-point numbers is 0 exactly when they are equal. The losses are returned in the
-embedding's dtype (float32 for half-precision embeddings).
+floating-point numbers is 0 exactly when they are equal. An embedding wider than the batch is
+first written in an orthonormal basis of the span of its centred rows (at most N wide), which
+keeps every distance and angle and makes the angle term's cost independent of the width
+(``_span_coordinates``). The losses are returned in the embedding's dtype (float32 for
+half-precision embeddings).
 """
 
 from __future__ import annotations
@@ -76,6 +79,61 @@ def pairwise_distances(e: Tensor, squared: bool = False) -> Tensor:
     return d * d if squared else d
 
 
+#: Largest ``(|c_i| + |c_j|) / |e_i - e_j|`` (``c`` the centred rows) for which RKD works in the
+#: coordinates of :func:`_span_coordinates`: a coordinate carries a rounding error of about
+#: :math:`\epsilon_{mach} |c_i|`, so a difference keeps a relative accuracy of about
+#: :math:`\epsilon_{mach}` times this ratio (below 1e-5 in float32).
+_SPAN_CONDITION = 64.0
+
+
+def _span_coordinates(e: Tensor, with_basis: bool) -> tuple[Tensor, Tensor | None]:
+    r"""The rows of ``e`` (``[N, D]``) in an orthonormal basis ``Q`` (``[D, N_u]``) of the span of
+    its centred distinct rows, and ``Q`` (if ``with_basis``); ``(e, None)`` where that is not
+    narrower (``D <= N_u``) or not accurate enough.
+
+    Every difference :math:`e_i - e_j` lies in that span and an orthonormal change of basis keeps
+    every inner product of differences, so the distances and cosines are those of the rows
+    themselves, at :math:`O(N^3 N_u)` cost for the angles instead of :math:`O(N^3 D)`, and a
+    gradient ``g`` with respect to the coordinates is :math:`g Q^\top` with respect to the rows.
+    Basis and coordinates are the QR factorisation of the centred distinct rows
+    (:math:`C^\top = Q R`, coordinates :math:`R^\top`). Equal rows get the coordinates of their
+    first occurrence bit for bit, so their difference stays exactly zero. A batch with a pair
+    that is close compared with the rows' distance from the centre (:data:`_SPAN_CONDITION`;
+    found from the Gram matrix of the centred rows, whose distances are accurate enough for
+    that test) keeps its rows, as does one with a non-finite entry.
+    """
+    n, width = e.shape
+    if width <= n:
+        return e, None
+    centred = e - e.mean(0)
+    sq = centred.pow(2).sum(1)
+    gram_sq = (sq.unsqueeze(0) + sq.unsqueeze(1) - 2.0 * (centred @ centred.T)).clamp_(min=0.0)
+    radius = sq.sqrt()
+    close = gram_sq * _SPAN_CONDITION ** 2 <= (radius.unsqueeze(0) + radius.unsqueeze(1)) ** 2
+    close.fill_diagonal_(False)
+    if not bool(torch.isfinite(sq).all()):
+        return e, None
+    same = torch.eye(n, dtype=torch.bool, device=e.device)
+    if bool(close.any()):
+        i, j = close.nonzero(as_tuple=True)
+        equal = (e[i] == e[j]).all(1)
+        if not bool(equal.all()):  # a close pair of different rows: ill-conditioned here
+            return e, None
+        same[i, j] = True
+    first = same.to(torch.uint8).argmax(1)  # each row's first equal row (itself at least)
+    distinct = first == torch.arange(n, device=e.device)
+    if width <= int(distinct.sum()):
+        return e, None
+    rows = e[distinct]
+    rows = rows - rows.mean(0)
+    if with_basis:
+        basis, triangle = torch.linalg.qr(rows.T)
+    else:
+        basis, triangle = None, torch.linalg.qr(rows.T, mode="r")[1]
+    slot = torch.cumsum(distinct, 0) - 1  # each row's index among the distinct rows
+    return triangle.T[slot[first]], basis
+
+
 def _block_size(n: int, width: int, device: torch.device) -> int:
     """Vertices per block of :class:`_RKDTerms`: about 512k floats of ``[b, N, N + width]`` per
     block on a CPU (cache-sized blocks: large temporaries cost more to allocate than to compute),
@@ -124,13 +182,18 @@ class _RKDTerms(torch.autograd.Function):
     The gradient is computed with the value when ``s`` requires one, so no ``[N, N, N]`` or
     ``[N, N, D]`` tensor is stored: memory is one block's; time :math:`O(N^2 (D_s + D_t))` for
     the distances and :math:`O(N^3 (2 D_s + D_t))` for the angles (three batched matrix
-    products). First order only (no double backward).
+    products), with each width at most the number of distinct rows (:func:`_span_coordinates`).
+    First order only (no double backward).
     """
 
     @staticmethod
     def forward(ctx, s: Tensor, t: Tensor, distance: bool, angle: bool) -> tuple[Tensor, Tensor]:
         n = s.shape[0]
         need_grad = ctx.needs_input_grad[0]
+        # each side in the coordinates of the span of its centred rows where that is narrower;
+        # the student's gradient is mapped back through the same basis at the end
+        s, basis = _span_coordinates(s, with_basis=need_grad)
+        t, _ = _span_coordinates(t, with_basis=False)
         blocks = _blocks(n, s.shape[1] + t.shape[1], s.device)
         dist_term = ang_term = s.new_zeros(())
         grad_d = None
@@ -173,6 +236,9 @@ class _RKDTerms(torch.autograd.Function):
                 for j in blocks:
                     u_s, _, nonzero = _differences(s, j)
                     _scatter(grad_d, u_s.mul_(g_dist[j].unsqueeze(2) * nonzero), j)
+        if basis is not None:
+            grad_d = None if grad_d is None else grad_d @ basis.T
+            grad_a = None if grad_a is None else grad_a @ basis.T
         ctx.save_for_backward(grad_d, grad_a)
         return dist_term, ang_term
 
@@ -241,8 +307,9 @@ def rkd_angle_loss(student: Tensor, teacher: Tensor) -> Tensor:
     of cosines from the distances would lose :math:`\epsilon_{mach}\, d_{jk} / d_{ij}` of it).
     The vertices are processed in blocks, with the gradient computed alongside the value, so
     no ``[N, N, N]`` tensor is stored: :math:`O(N^3 (2 D_s + D_t))` time in batched matrix
-    products, :math:`O(N^2 (N + D))` memory per block (see ``_RKDTerms``). The gradient is
-    first order only (no double backward).
+    products, the widths first reduced to at most ``N`` (the span of the rows), and
+    :math:`O(N^2 (N + D))` memory per block (see ``_RKDTerms``). The gradient is first order
+    only (no double backward).
     """
     s, t = _check_pair(student, teacher)
     return _rkd_terms(s, t, distance=False, angle=True)[1]

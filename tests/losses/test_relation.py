@@ -354,3 +354,46 @@ def test_a_non_finite_embedding_gives_a_non_finite_loss():
         assert term.isnan()
     s[2, 1] = float("inf")
     assert not torch.isfinite(rkd_loss(s, _batch(6, 3, 13))[0])
+
+
+# ---- embeddings wider than the batch: the angles in the span of the centred rows ----------------
+def _projected(e: torch.Tensor) -> bool:
+    from kd_lightning.losses.relation import _span_coordinates
+
+    return _span_coordinates(e, with_basis=True)[1] is not None
+
+
+@pytest.mark.parametrize("term", ["distance", "angle"])
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+def test_wide_embeddings_with_duplicates_match_the_paper_formula(term, offset):
+    # D = 48 and 40 > N = 12: both sides are taken in the coordinates of their span (12 wide);
+    # three equal rows on the student side, two on the teacher side, a common offset
+    s = _with_duplicate(_batch(12, 48, 22), 30.0, rows=(0, 4, 9)) + offset
+    t = _with_duplicate(_batch(12, 40, 23), 3.0, rows=(2, 5))
+    assert _projected(s) and _projected(t)
+    _compare(s, t, term)
+    d = pairwise_distances(s)
+    assert d[0, 4].item() == 0.0 and d[4, 9].item() == 0.0
+
+
+@pytest.mark.parametrize("term", ["distance", "angle"])
+def test_a_wide_few_data_batch_matches_the_paper_formula(term):
+    # 20 rows of 6 distinct examples, 320-wide as the MNIST-1D CNN's embedding
+    base_s, base_t = _batch(6, 320, 24) * 4.0, _batch(6, 320, 25)
+    pick = torch.tensor([0, 1, 2, 3, 4, 5, 0, 1, 2, 0, 3, 3, 4, 1, 0, 2, 2, 5, 5, 1])
+    assert _projected(base_s[pick])
+    _compare(base_s[pick], base_t[pick], term)
+
+
+@pytest.mark.parametrize("term", ["distance", "angle"])
+def test_ill_conditioned_wide_batches_keep_their_rows(term):
+    # rows of norms from 1 to 1e4, and a pair 1e-3 apart at norm 10: pairs far closer than their
+    # distance from the centre, where coordinates in the span would lose accuracy
+    e = _batch(14, 40, 26, dtype=F64)
+    norms = 10.0 ** torch.linspace(0, 4, 14, dtype=F64)
+    spread = (e / e.norm(dim=1, keepdim=True) * norms.unsqueeze(1)).float()
+    near = _batch(14, 40, 27) * 10.0
+    near[5] = near[3] + 1e-3
+    for s in (spread, near):
+        assert not _projected(s)
+        _compare(s, _batch(14, 36, 28), term)
