@@ -322,11 +322,15 @@ class CRDMemoryBank(nn.Module):
                                 f"outputs), got {tuple(v.shape)}.")
 
     @staticmethod
-    def _scores(v: Tensor, memory: Tensor, contrast: Tensor) -> Tensor:
-        """``v[b] . memory[contrast[b, j]]`` for every ``b, j``, computed in float32."""
-        n, d = memory.shape
-        if n <= contrast.shape[1] * d:  # the [B, N] product is no larger than the gathered rows
-            return (v @ memory.t()).gather(1, contrast)
+    def _scores(v: Tensor, memory: Tensor, contrast: Tensor, pool: Tensor | None,
+                slot: Tensor | None) -> Tensor:
+        """``v[b] . memory[contrast[b, j]]`` for every ``b, j``, computed in float32: as one
+        product with the rows the contrast can use (the pool's, ``slot`` = each contrast entry's
+        position among them, when every entry is in the pool) where that product is no larger
+        than the gathered rows, else from the gathered rows (``[B, K, D]``)."""
+        rows = memory if pool is None else memory[pool]
+        if rows.shape[0] <= contrast.shape[1] * memory.shape[1]:
+            return (v @ rows.t()).gather(1, contrast if pool is None else slot)
         return torch.bmm(memory[contrast], v.unsqueeze(2)).squeeze(2)
 
     def logits(self, v_s: Tensor, v_t: Tensor, indices: Tensor,
@@ -353,9 +357,16 @@ class CRDMemoryBank(nn.Module):
             raise KDConfigError(f"CRDMemoryBank.logits: negatives must be [B={b}, K>=1], got "
                                 f"{tuple(neg.shape)}.")
         contrast = torch.cat([idx.unsqueeze(1), neg], dim=1)
+        # a few-data pool: scores against its rows only (the negatives are drawn from it; the
+        # anchors are in it unless the pool was set to other examples than the training set's)
+        pool = slot = None
+        if self.pool is not None and self.pool.numel() < self.num_data:
+            order, _, position = self._sampling_tables()
+            slot = position[contrast]
+            pool = order if bool((slot[:, 0] >= 0).all()) else None
         with torch.autocast(device_type=idx.device.type, enabled=False):
-            logits_s = self._scores(v_s.float(), self.memory_t, contrast) / self.temperature
-            logits_t = self._scores(v_t.float(), self.memory_s, contrast) / self.temperature
+            logits_s = self._scores(v_s.float(), self.memory_t, contrast, pool, slot) / self.temperature
+            logits_t = self._scores(v_t.float(), self.memory_s, contrast, pool, slot) / self.temperature
         return logits_s, logits_t
 
     def log_normalisers(self, logits_s: Tensor, logits_t: Tensor,

@@ -328,3 +328,20 @@ def test_anchors_of_one_batch_draw_independently_and_mixed_batches_follow_the_sm
     rows = bank.sample_negatives(torch.tensor([9, 9, 9, 9]), 3, gen(4),
                                  targets=torch.tensor([1, 1, 1, 1]))
     assert len({tuple(sorted(r)) for r in rows.tolist()}) > 1
+
+
+def test_crd_logits_with_a_few_data_pool_are_the_scores_against_the_gathered_rows():
+    # a pool of 12 of 50 rows (a few-data subset): the scores come from a product with the pool's
+    # rows only, and equal v . m[c] / tau for the positive and every negative
+    bank = CRDMemoryBank(50, dim=8, temperature=0.1, generator=torch.Generator().manual_seed(0))
+    pool = torch.randperm(50, generator=torch.Generator().manual_seed(1))[:12]
+    bank.set_negative_pool(pool, torch.arange(12) % 3)
+    v_s, v_t = F.normalize(torch.randn(5, 8), dim=1), F.normalize(torch.randn(5, 8), dim=1)
+    for idx in (pool[[0, 4, 5, 7, 11]], torch.tensor([int(pool[0]), 49 if 49 not in pool else 48, 3, 3, 3])):
+        neg = bank.sample_negatives(idx, 6, torch.Generator().manual_seed(2))
+        logits_s, logits_t = bank.logits(v_s, v_t, idx, neg)
+        contrast = torch.cat([idx.unsqueeze(1), neg], dim=1)
+        want_s = torch.einsum("bd,bkd->bk", v_s, bank.memory_t[contrast]) / 0.1
+        want_t = torch.einsum("bd,bkd->bk", v_t, bank.memory_s[contrast]) / 0.1
+        assert torch.allclose(logits_s, want_s, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(logits_t, want_t, rtol=1e-5, atol=1e-5)
