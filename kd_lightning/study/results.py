@@ -238,6 +238,7 @@ def plot_results(rows: list[dict], spec: StudySpec, path: Path, teacher_acc: flo
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     acc = _test_accuracies(rows)
     numeric = [b for b in spec.budgets if b is not None]
@@ -247,11 +248,10 @@ def plot_results(rows: list[dict], spec: StudySpec, path: Path, teacher_acc: flo
     for m in spec.methods:
         pts = sorted((x, *_stats(acc[(m.name, label)])) for label, x in xs.items() if (m.name, label) in acc)
         if pts:
-            x, mean, std = zip(*pts)
+            x, mean, std = map(np.array, zip(*pts))
             line, = ax.plot(x, mean, label=m.name, **(dict(linestyle="--", color="black", marker="s")
                                                        if m.reference else {"marker": "o"}))
-            ax.fill_between(x, [a - s for a, s in zip(mean, std)],
-                            [a + s for a, s in zip(mean, std)], alpha=0.15, color=line.get_color())
+            ax.fill_between(x, mean - std, mean + std, alpha=0.15, color=line.get_color())
     if teacher_acc is not None:
         ax.axhline(teacher_acc, color="firebrick", linestyle=":", linewidth=2, label=f"teacher ({teacher_acc:.1f}%)")
         ax.set_ylim(ax.get_ylim()[0], max(ax.get_ylim()[1], teacher_acc + 2))

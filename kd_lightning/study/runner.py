@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import shutil
 import sys
 import time
@@ -28,10 +29,8 @@ from kd_lightning.study.spec import (Budget, MethodSpec, StudySpec, budget_data_
 
 #: what a study writes into its output folder (all that --overwrite may delete)
 OWN_FILES = ("study.json", "results.csv", "results.md", "accuracy_vs_m.png", "runs")
-
-
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in name)
+#: what a run's folder name keeps of a method or candidate name (the rest becomes "_")
+_UNSAFE = re.compile(r"[^\w\-.=]")
 
 
 @dataclasses.dataclass
@@ -244,9 +243,9 @@ class StudyRunner:
             raise KDConfigError(f"budget M={label} cannot be run for method '{method.name}': {err}") from None
         unit, n = spec.length(budget)
         epochs = n if unit == "epochs" else max(1, round(n / max(per_epoch, 1)))
-        name = f"{_slug(method.name)}/M{label}/seed{seed}"
+        name = f"{_UNSAFE.sub('_', method.name)}/M{label}/seed{seed}"
         if candidate:
-            name += "/" + _slug(candidate_label(candidate).replace(", ", "_"))
+            name += "/" + _UNSAFE.sub("_", candidate_label(candidate).replace(", ", "_"))
         run_dir, fractions = self.output / "runs" / name, {**spec.epoch_args, **method.epoch_args}
         needs_teacher = config.model.init_args.get("teacher") is not None
         # the config's callbacks are dropped first, so callbacks the study's or the method's

@@ -213,23 +213,22 @@ def _checked(value: Any, kind: type, where: str) -> Any:
 
 def _settings(entry: dict, kinds: tuple[str, ...], suffix: str) -> dict[str, Any]:
     """``args``, ``epoch_args`` and the per-budget ``kinds`` (set, grid) of a study or method
-    entry; ``suffix`` places them in messages (`` in FILE`` or `` of method 'X' in FILE``)."""
+    entry, none of them a :data:`CONTROLLED` key; ``suffix`` places them in messages (`` in FILE``
+    or `` of method 'X' in FILE``)."""
     out = {"args": _checked(entry.get("args"), list, f"'args'{suffix}")}
-    for kind in kinds:
-        out[kind] = {k: per_budget(v, f"'{kind}: {k}'{suffix}")
-                     for k, v in _checked(entry.get(kind), dict, f"'{kind}'{suffix}").items()}
-    epoch_args = _checked(entry.get("epoch_args"), dict, f"'epoch_args'{suffix}")
-    return {**out, "epoch_args": {str(k): float(v) for k, v in epoch_args.items()}}
+    for kind in (*kinds, "epoch_args"):
+        values = _checked(entry.get(kind), dict, f"'{kind}'{suffix}")
+        for key in values:
+            require(key not in CONTROLLED, f"'{kind}'{suffix} sets {key}, which the study sets itself for every "
+                    f"run (controlled: {', '.join(CONTROLLED)}).")
+        out[kind] = {str(k): float(v) for k, v in values.items()} if kind == "epoch_args" else \
+            {k: per_budget(v, f"'{kind}: {k}'{suffix}") for k, v in values.items()}
+    return out
 
 
 def _known_keys(entry: dict, valid: tuple[str, ...], where: str) -> None:
     unknown = ", ".join(repr(k) for k in entry if k not in valid)
     require(not unknown, f"{where} has unknown key(s) {unknown}; valid keys: {', '.join(valid)}.")
-
-
-def _not_controlled(key: str, where: str) -> None:
-    require(key not in CONTROLLED,
-            f"{where} sets {key}, which the study sets itself for every run (controlled: {', '.join(CONTROLLED)}).")
 
 
 def load_study(path: str | Path, preset: str | None = None,
@@ -281,8 +280,6 @@ def load_study(path: str | Path, preset: str | None = None,
                      **_settings(raw, ("set",), f" in {path}"))
     for b in budgets:
         spec.length(b)  # every budget has exactly one training length
-    for key in spec.set:
-        _not_controlled(key, f"'set' in {path}")
     teacher_cfg = spec.resolve(spec.teacher_config)
     require(Path(teacher_cfg).is_file(), f"teacher config '{spec.teacher_config}' (in {path}) does not exist.")
     spec.teacher_run_config = parse_run(teacher_cfg, [*spec.teacher_args, *run_args], f"the teacher of {path}")
@@ -323,7 +320,6 @@ def _load_method(entry: Any, spec: StudySpec, path: Path, run_args: list[str]) -
             f"{where} says method: {m.method} but its config {m.config} trains {class_path}.")
     for kind in ("set", "grid", "epoch_args"):
         for key in getattr(m, kind):
-            _not_controlled(key, f"'{kind}' of {where}")
             parent = key.rsplit(".", 1)[0] if "." in key and key not in m.run_config else ""
             node = m.run_config.get(parent) if parent else None
             names = sorted({k.split(".")[0] for k in node.keys()}) if hasattr(node, "keys") else []
