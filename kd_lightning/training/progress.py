@@ -7,6 +7,10 @@ training epoch and one per validation that does not end an epoch::
 
     epoch 3/20  step 120  train/loss 0.1234  train/loss_ce 0.1000  train/acc 0.9512  val/loss 0.2101  val/acc 0.9400  lr 9.76e-03  elapsed 0:41
 
+A fit of more than :data:`MAX_EPOCH_LINES` epochs (a few-data run of hundreds of one-step epochs)
+prints the first epoch, every ``k``-th with ``k = ceil(max_epochs / MAX_EPOCH_LINES)``, and the
+last, so its log stays readable and the lines cost nothing next to the steps.
+
 ``train/...``: the means of the method's loss terms over the epoch's steps (the module's
 :class:`~kd_lightning.training.TermLog`, averaged over DDP ranks) and the accuracy over its
 labelled training examples; ``val/...``: the validation at the end of the epoch (absent when
@@ -44,6 +48,21 @@ def format_value(value: float) -> str:
     if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e4):
         return f"{value:.2e}"
     return f"{value:.4f}"
+
+
+#: most epoch lines of one fit (see the module docstring)
+MAX_EPOCH_LINES = 100
+
+
+def _line_due(trainer: pl.Trainer) -> bool:
+    """Whether the epoch now ending gets its line: every epoch of a fit of at most
+    :data:`MAX_EPOCH_LINES` epochs; else the first, every ``k``-th and the last (decided from the
+    epoch and step counts alone, so every DDP rank agrees and joins the means' reduction)."""
+    total, epoch = trainer.max_epochs, trainer.current_epoch + 1
+    if total is None or total < 0 or total <= MAX_EPOCH_LINES:
+        return True
+    last = epoch >= total or 0 < trainer.max_steps <= trainer.global_step
+    return epoch == 1 or epoch % math.ceil(total / MAX_EPOCH_LINES) == 0 or last
 
 
 def _metric_order(name: str) -> tuple[int, str]:
@@ -106,6 +125,8 @@ class _EpochLineHooks:
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
         # (callbacks passed to the trainer run before the term log closes its window at the end
         # of the epoch, so the window still holds this epoch's steps)
+        if not _line_due(trainer):
+            return
         parts = self._where(trainer)
         train = _epoch_means(trainer, pl_module, self._mark)
         parts += [f"{k} {format_value(train[k])}" for k in train]

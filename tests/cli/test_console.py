@@ -180,3 +180,15 @@ def test_a_terminal_keeps_the_live_bar_without_v_num(tmp_path):
                              enable_model_summary=False, accelerator="cpu")
         metrics = callback.get_metrics(trainer, None)
         assert ("v_num" in metrics) == (callback is plain)
+
+
+def test_a_fit_of_hundreds_of_epochs_prints_at_most_a_hundred_epoch_lines(monkeypatch, capsys, tmp_path):
+    # a few-data run: 250 one-step epochs -> the first, every 3rd (ceil(250 / 100)) and the last
+    monkeypatch.chdir(tmp_path)
+    run_cli(["fit", "--config", CONFIGS / "mnist1d" / "student.yaml", *TINY, "--trainer.max_epochs", "250",
+             "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "0",
+             "--trainer.logger", "false", "--trainer.callbacks", "[]", "--test_after_fit", "false",
+             "--data.root", REPO / "data"])
+    epochs = [int(line.split()[1].split("/")[0]) for line in capsys.readouterr().out.splitlines()
+              if line.startswith("epoch ")]
+    assert epochs == [1, *range(3, 250, 3), 250]
