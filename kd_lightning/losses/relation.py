@@ -107,12 +107,12 @@ def _span_coordinates(e: Tensor, with_basis: bool) -> tuple[Tensor, Tensor | Non
         return e, None
     centred = e - e.mean(0)
     sq = centred.pow(2).sum(1)
+    if not bool(torch.isfinite(sq).all()):
+        return e, None
     gram_sq = (sq.unsqueeze(0) + sq.unsqueeze(1) - 2.0 * (centred @ centred.T)).clamp_(min=0.0)
     radius = sq.sqrt()
     close = gram_sq * _SPAN_CONDITION ** 2 <= (radius.unsqueeze(0) + radius.unsqueeze(1)) ** 2
     close.fill_diagonal_(False)
-    if not bool(torch.isfinite(sq).all()):
-        return e, None
     same = torch.eye(n, dtype=torch.bool, device=e.device)
     if bool(close.any()):
         i, j = close.nonzero(as_tuple=True)
@@ -124,8 +124,7 @@ def _span_coordinates(e: Tensor, with_basis: bool) -> tuple[Tensor, Tensor | Non
     distinct = first == torch.arange(n, device=e.device)
     if width <= int(distinct.sum()):
         return e, None
-    rows = e[distinct]
-    rows = rows - rows.mean(0)
+    rows = centred[distinct]  # any common centre keeps the differences
     if with_basis:
         basis, triangle = torch.linalg.qr(rows.T)
     else:

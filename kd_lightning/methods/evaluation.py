@@ -184,11 +184,11 @@ class FitEndDistillationError(pl.Callback):
     KEY = "train/distill_error"
 
     def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
-        loader = getattr(trainer.datamodule, "labelled_train_dataloader", None)
-        if getattr(pl_module, "frozen_teacher", None) is None or loader is None \
+        make_loader = getattr(trainer.datamodule, "labelled_train_dataloader", None)
+        if getattr(pl_module, "frozen_teacher", None) is None or make_loader is None \
                 or not hasattr(pl_module, "train_distill_error") or trainer.interrupted:
             return
-        loader = loader()
+        loader = make_loader()
         if loader is None:
             return
         value = pl_module.training_distill_error(loader)

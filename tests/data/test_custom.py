@@ -370,6 +370,7 @@ def test_cli_refuses_a_bad_dataset_before_anything_is_written(dataset, message, 
                                                ("FashionMNIST", "fashion_mnist", "FashionMNIST")])
 def test_real_mnist_by_class_path_equals_the_built_in_set(cls, name, folder):
     raw = DATA_ROOT / folder / "raw"
+    # real data stays out of the repository: this runs where the files were prepared, else skips
     if not (raw / "train-images-idx3-ubyte").is_file():
         pytest.skip(f"{cls} idx files not found in {raw} (scripts/prepare_real_data.py writes them)")
     spec = {"class_path": f"torchvision.datasets.{cls}", "init_args": {"root": str(DATA_ROOT)}}

