@@ -27,3 +27,7 @@ def _discover() -> dict[str, type]:
 _methods = _discover()
 globals().update(_methods)
 __all__ = ["NonFiniteGradientError", *sorted(_methods)]
+#: the shared bases methods build on: exported, but not methods of their own
+BASES = ("DistillationModule", "FeatureDistillation", "TwoStageFeatureDistillation")
+#: every method a config or study may name
+METHODS = sorted(n for n in _methods if n not in BASES)

@@ -7,6 +7,7 @@ the study folder and teacher cache must be on a file system every node sees.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -27,7 +28,7 @@ def execute(run: list[jobs.Job]) -> jobs.JobResult | jobs.JobFailed:
     return results[-1]
 
 
-class SequentialExecutor:
+class SequentialExecutor(contextlib.AbstractContextManager):
     """Runs one after another in this process, in the order submitted (each is started when
     ``results()`` reaches it)."""
 
@@ -35,9 +36,6 @@ class SequentialExecutor:
 
     def __init__(self) -> None:
         self.pending: dict = {}  # a run's handle (here its id; a Ray task's reference) -> its plan
-
-    def __enter__(self):
-        return self
 
     def __exit__(self, *exc) -> None:
         self.pending.clear()

@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import statistics
 from pathlib import Path
 
 from kd_lightning.environment import summary
@@ -145,8 +146,7 @@ def failures(rows: list[dict]) -> list[dict]:
 # ---- the report -----------------------------------------------------------------------------
 def _stats(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value)."""
-    n, mean = len(values), sum(values) / len(values)
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def _test_accuracies(rows: list[dict]) -> dict[tuple[str, str], list[float]]:

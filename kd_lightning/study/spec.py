@@ -293,15 +293,6 @@ def load_study(path: str | Path, preset: str | None = None,
     return spec
 
 
-def available_methods() -> list[str]:
-    """Every method of :mod:`kd_lightning.methods` (the shared bases are not methods)."""
-    import kd_lightning.methods as methods
-
-    bases = ("DistillationModule", "FeatureDistillation", "TwoStageFeatureDistillation")
-    return [n for n in methods.__all__
-            if n not in bases and issubclass(getattr(methods, n), methods.DistillationModule)]
-
-
 def _load_method(entry: Any, spec: StudySpec, path: Path, run_args: list[str]) -> MethodSpec:
     require(isinstance(entry, dict) and "name" in entry and "config" in entry, f"every entry of 'methods' in {path} "
             f"needs a name and a config (a kd-lightning fit config), got {entry!r}.")
@@ -309,9 +300,10 @@ def _load_method(entry: Any, spec: StudySpec, path: Path, run_args: list[str]) -
     _known_keys(entry, METHOD_KEYS, where)
     m = MethodSpec(name=str(entry["name"]), config=str(entry["config"]), reference=bool(entry.get("reference", False)),
                    method=entry.get("method"), **_settings(entry, ("set", "grid"), f" of {where}"))
-    valid = sorted(available_methods())
-    require(m.method is None or m.method in valid, f"unknown method '{m.method}' in study config {path}. Valid "
-            f"methods: {', '.join(valid)}.")
+    from kd_lightning.methods import METHODS
+
+    require(m.method is None or m.method in METHODS, f"unknown method '{m.method}' in study config {path}. "
+            f"Valid methods: {', '.join(METHODS)}.")
     cfg = spec.resolve(m.config)
     require(Path(cfg).is_file(), f"{where}: config '{m.config}' does not exist.")
     m.run_config = parse_run(cfg, [*spec.args, *m.args, *run_args], where)
