@@ -249,12 +249,13 @@ class StudyRunner:
         run_dir, fractions = self.output / "runs" / name, {**spec.epoch_args, **method.epoch_args}
         needs_teacher = config.model.init_args.get("teacher") is not None
         # the config's callbacks are dropped first, so callbacks the study's or the method's
-        # arguments add (--trainer.callbacks+=...) reach the run
-        args = ["fit", "--config", spec.resolve(method.config), "--trainer.callbacks", "[]", *spec.args,
+        # arguments add (--trainer.callbacks+=...) reach the run; no validation unless those
+        # arguments turn it on (e.g. --trainer.limit_val_batches=0.25 for validation curves)
+        args = ["fit", "--config", spec.resolve(method.config), "--trainer.callbacks", "[]",
+                "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0", *spec.args,
                 *method.args, *override_args(settings), "--seed_everything", str(seed),
                 *override_args({f"data.{k}": v for k, v in budget_data_args(spec.budget_unit, budget).items()}),
                 "--data.subset_seed", str(seed), "--trainer.max_epochs", str(epochs), "--trainer.max_steps", "-1",
-                "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
                 "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
                 "--trainer.enable_model_summary", "false", "--trainer.logger.init_args.save_dir",
                 str(self.output / "runs"), "--trainer.logger.init_args.name", name,

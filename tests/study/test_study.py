@@ -15,7 +15,7 @@ import yaml
 
 from kd_lightning import jobs
 from kd_lightning.study import main
-from tests.conftest import CONFIGS, REPO
+from tests.conftest import CONFIGS, REPO, tb_scalars
 
 TEACHER_ARGS = ["--data.batches_per_step", "1", "--trainer.max_epochs", "1",
                 "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1",
@@ -91,6 +91,23 @@ def test_tiny_study_end_to_end_per_budget_settings_and_teacher_cache(tmp_path, m
     assert main(["--config", str(cfg2), "--no-progress", "--teacher-cache", str(teachers)]) == 0
     assert len(calls) == 2  # the two student runs only: no teacher run
     assert all("configs/mnist1d/teacher.yaml" not in " ".join(map(str, c)) for c in calls)
+
+
+def test_runs_validate_only_when_the_study_args_turn_it_on(tmp_path, monkeypatch, teachers):
+    """A study's runs skip validation (the test is of the final weights); ``args:
+    [--trainer.limit_val_batches=...]`` turns it on, so every epoch logs val/acc, the validation
+    curve that shows whether a run's length was enough."""
+    monkeypatch.chdir(tmp_path)
+    curves = {}
+    for name, extra in (("plain", []), ("curves", ["--trainer.limit_val_batches=2"])):
+        cfg = write_study(tmp_path, f"{name}.yaml", output=str(tmp_path / name), budgets=[20], seeds=[0],
+                          methods=[STUDENT], args=["--trainer.limit_test_batches", "1", *extra])
+        assert main(["--config", str(cfg), "--no-progress", "--teacher-cache", str(teachers)]) == 0
+        (row,) = read_rows(tmp_path / name)
+        assert row["epochs"] == "4" and float(row["test_acc"]) >= 0  # 4 steps of one per epoch
+        curves[name] = tb_scalars(Path(row["run_dir"]) / "version_0").get("val/acc", [])
+    assert curves["plain"] == [] and len(curves["curves"]) == 4  # one point per epoch
+    assert all(0 <= v <= 1 for v in curves["curves"])
 
 
 def test_grid_chooses_on_validation_and_tests_the_chosen_weights(tmp_path, monkeypatch, capsys, teachers):
