@@ -36,7 +36,9 @@ class WassersteinKD(DistillationModule):
     ``penalty_through_teacher=False`` is the student-only variant: the teacher's output is a
     constant target (from the per-example cache), so the penalty measures the student's own
     sensitivity; it is cheaper (no teacher forward or backward in the step) but not Eq. (2).
-    With ``eps = 0`` both are :class:`~kd_lightning.methods.ResponseKD`.
+    With ``eps = 0`` both are :class:`~kd_lightning.methods.ResponseKD`, and the step is its step:
+    no input gradient is taken (it would weigh nothing), so it costs what a KD step costs and
+    ``grad_norm`` is not logged.
 
     Under ``bf16-mixed`` the networks run in bf16 (autocast) while the loss, the input gradient's
     norm and the penalty are computed in float32. The input batch is never modified (the method
@@ -85,6 +87,11 @@ class WassersteinKD(DistillationModule):
             self.teacher_cache = False  # the teacher runs on every step anyway
 
     def compute_losses(self, x, y, index):
+        if self.eps == 0:  # L_W is the mean of l alone: the objective without its penalty
+            logits = self.student(x)
+            per_example = kd_loss(logits, self.teacher_logits(x, index), self.temperature, reduction="none")
+            loss_kd = per_example.mean(dtype=torch.promote_types(per_example.dtype, torch.float32))
+            return Losses(logits, self._terms(loss_kd, logits, y), {"loss_kd": loss_kd})
         x = x.detach()  # a new tensor object: requires_grad never reaches the data set's tensors
         if not x.is_floating_point():
             x = x.float()
@@ -98,10 +105,13 @@ class WassersteinKD(DistillationModule):
                               detach_teacher=not self.penalty_through_teacher)
         loss_w, loss_kd, grad_norm = wasserstein_kd_loss(per_example, x, self.eps, self.norm_p)
         self._check_finite(grad_norm)
+        return Losses(logits, self._terms(loss_w, logits, y), {"loss_kd": loss_kd, "grad_norm": grad_norm})
+
+    def _terms(self, loss_w, logits, y) -> dict:
         terms = {"loss_w": self.kd_weight * loss_w}
         if self.ce_weight > 0:
             terms["loss_ce"] = self.ce_weight * labelled_cross_entropy(logits, y)
-        return Losses(logits, terms, {"loss_kd": loss_kd, "grad_norm": grad_norm})
+        return terms
 
     def _check_finite(self, grad_norm: torch.Tensor) -> None:
         trainer = self.trainer_or_none

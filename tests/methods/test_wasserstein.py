@@ -69,6 +69,9 @@ def test_wasserstein_kd_with_eps_zero_is_response_kd():
     gr = torch.autograd.grad(lr, list(r.student.parameters()))
     for a, b in zip(gw, gr):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    # ResponseKD's step: no input gradient is taken, so no grad_norm, and the input stays a leaf
+    x, y, idx = batch
+    assert "grad_norm" not in w.compute_losses(x, y, idx).logged and not x.requires_grad
 
 
 def test_wasserstein_kd_step_trains_through_the_input_gradient():

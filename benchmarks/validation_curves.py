@@ -1,0 +1,97 @@
+"""Did a study's runs train long enough? Validation curves of a study that validated every epoch.
+
+A study's runs log ``val/acc`` every epoch when its ``args`` turn validation on (e.g.
+``--trainer.limit_val_batches=0.25``; the Kong et al. Table 3 study's ``row_500`` and ``row_1000``
+presets do). For every method and budget M of the study's ``results.csv`` this prints the mean
+over seeds of the validation accuracy (%) at 25, 50, 75 and 100% of the run, its best epoch, and
+the rise over the last quarter (final minus the value at 75%): a run whose accuracy has stopped
+rising gains about nothing there. A grid method's curve is its chosen candidate's.
+
+Run::
+
+    python benchmarks/validation_curves.py studies/fashion_mnist_kong-row_500 [more folders]
+    python benchmarks/validation_curves.py FOLDER --plot curves.png   # the curves, one panel per M
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+from pathlib import Path
+
+QUARTERS = (0.25, 0.5, 0.75, 1.0)
+
+
+def curve(run_dir: Path) -> list[float]:
+    """``val/acc`` (%) per validation, in order, from a run's TensorBoard log (version_0)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "version_0"), size_guidance={"scalars": 0})
+    acc.Reload()
+    if "val/acc" not in acc.Tags()["scalars"]:
+        return []
+    return [100 * e.value for e in sorted(acc.Scalars("val/acc"), key=lambda e: e.step)]
+
+
+def study_curves(folder: Path) -> dict[tuple[str, str], list[list[float]]]:
+    """(method, M) -> the seeds' curves, for the tested runs (plain runs and chosen candidates)."""
+    with open(folder / "results.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("kind", "run") in ("run", "chosen")]
+    out: dict[tuple[str, str], list[list[float]]] = {}
+    for r in rows:
+        c = curve(Path(r["run_dir"]))
+        if c:
+            out.setdefault((r["method"], r["M"]), []).append(c)
+    return out
+
+
+def summary(curves: list[list[float]]) -> tuple[list[float], int, float]:
+    """Mean over seeds at each quarter of the run, the best epoch of the mean curve (1-based),
+    and the rise over the last quarter."""
+    n = min(map(len, curves))
+    mean = [statistics.fmean(c[i] for c in curves) for i in range(n)]
+    at = [mean[max(0, round(q * n) - 1)] for q in QUARTERS]
+    return at, 1 + max(range(n), key=mean.__getitem__), at[-1] - at[-2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folders", nargs="+", type=Path, help="study output folders")
+    ap.add_argument("--plot", type=Path, help="write the mean curves to this PNG")
+    args = ap.parse_args()
+    found = {k: v for folder in args.folders for k, v in study_curves(folder).items()}
+    if not found:
+        raise SystemExit(f"no validation curves in {[str(f) for f in args.folders]}: the study's runs did not "
+                         f"validate (give the study args: [--trainer.limit_val_batches=0.25]).")
+    print("| M | method | seeds | epochs | val acc at 25% | 50% | 75% | 100% | best epoch | last-quarter rise |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for (method, m), curves in sorted(found.items(), key=lambda kv: (int(kv[0][1]) if kv[0][1].isdigit()
+                                                                      else 10**9, kv[0][0])):
+        at, best, rise = summary(curves)
+        cells = " | ".join(f"{v:.2f}" for v in at)
+        print(f"| {m} | {method} | {len(curves)} | {min(map(len, curves))} | {cells} | {best} | {rise:+.2f} |")
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        budgets = sorted({m for _, m in found}, key=lambda m: int(m) if m.isdigit() else 10**9)
+        fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 3.8), squeeze=False)
+        for ax, m in zip(axes[0], budgets):
+            for (method, mm), curves in sorted(found.items()):
+                if mm == m:
+                    n = min(map(len, curves))
+                    ax.plot(range(1, n + 1), [statistics.fmean(c[i] for c in curves) for i in range(n)],
+                            marker=".", label=method)
+            ax.set(title=f"M = {m}", xlabel="epoch", ylabel="validation accuracy (%)")
+            ax.grid(alpha=0.3)
+        axes[0][-1].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=110)
+        print(f"wrote {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
