@@ -2,7 +2,9 @@
 
 :class:`InspectionFigures` (a Lightning callback, attached by the CLI when the logger is a
 :class:`~pytorch_lightning.loggers.TensorBoardLogger`) draws, at the end of every
-``every_n_epochs``-th validation epoch and of the last epoch:
+``every_n_epochs``-th validation epoch and of the last epoch, at most about :data:`MAX_DRAWS`
+times per fit (a longer fit draws every ``ceil(max_epochs / MAX_DRAWS)``-th epoch instead: a
+few-data fit of hundreds of one-step epochs would otherwise spend most of its time drawing):
 
 * the student's validation confusion matrix (``val/confusion_matrix``; torchmetrics
   :class:`~torchmetrics.classification.MulticlassConfusionMatrix`, rows = true class, columns =
@@ -23,6 +25,7 @@ global backend is left alone, so a notebook keeps its own).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -162,6 +165,10 @@ def weights_over_time_figure(steps: Sequence[int], series: dict[str, Sequence[fl
 
 
 # ---- the callback -----------------------------------------------------------------------------
+#: how many times a fit draws its figures at most (plus the last epoch)
+MAX_DRAWS = 10
+
+
 def tensorboard_logger(trainer: pl.Trainer) -> TensorBoardLogger | None:
     """The trainer's TensorBoard logger, or ``None`` when it logs elsewhere (or nowhere)."""
     for logger in trainer.loggers:
@@ -176,7 +183,8 @@ class InspectionFigures(Callback):
 
     Args:
         every_n_epochs: draw at the end of every ``n``-th validation epoch (and of the last
-            epoch); 0 turns the figures off (default 10).
+            epoch), at most about :data:`MAX_DRAWS` times per fit; 0 turns the figures off
+            (default 10).
         confusion_matrix: draw the validation confusion matrix (default true).
         method_figures: draw the method's ``inspection_figures`` (default true).
         num_examples: how many fixed validation examples the method figures show (default 4).
@@ -210,9 +218,8 @@ class InspectionFigures(Callback):
             return False
         if trainer.state.fn != "fit":  # `kd-lightning validate`: one validation, drawn
             return trainer.state.fn == "validate"
-        epoch = trainer.current_epoch + 1
-        last = trainer.max_epochs is not None and epoch == trainer.max_epochs
-        return epoch % self.every_n_epochs == 0 or last
+        epoch, epochs = trainer.current_epoch + 1, trainer.max_epochs or 0
+        return epoch % max(self.every_n_epochs, math.ceil(epochs / MAX_DRAWS)) == 0 or epoch == epochs
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._drawing = self._draws(trainer)

@@ -116,6 +116,27 @@ def test_figures_follow_the_interval_and_the_last_epoch(tmp_path, monkeypatch):
     assert [e.step for e in acc.Images("val/confusion_matrix")] == [4, 6]  # epoch 2, and epoch 3 (last)
 
 
+def test_a_long_fit_draws_about_ten_times():
+    """Hundreds of one-step few-data epochs draw every ceil(epochs / MAX_DRAWS)-th epoch and the
+    last, not every every_n_epochs-th (each drawing costs far more than such an epoch)."""
+    from types import SimpleNamespace
+
+    from kd_lightning.training.figures import MAX_DRAWS
+
+    callback = InspectionFigures(every_n_epochs=10)
+
+    def drawn(max_epochs):
+        trainer = SimpleNamespace(sanity_checking=False, loggers=[TensorBoardLogger("tb")], max_epochs=max_epochs,
+                                  state=SimpleNamespace(fn="fit"))
+        return [e for e in range(1, max_epochs + 1)
+                if callback._draws(SimpleNamespace(**vars(trainer), current_epoch=e - 1))]
+
+    assert MAX_DRAWS == 10
+    assert drawn(1500) == list(range(150, 1501, 150))  # every 150th, the last among them
+    assert drawn(95) == [*range(10, 91, 10), 95]  # short fits keep every_n_epochs and the last
+    assert drawn(1234) == [*range(124, 1234, 124), 1234]
+
+
 def test_figures_can_be_turned_off(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli = run_cli([*DIGITS, "--inspection.every_n_epochs", "0"])
