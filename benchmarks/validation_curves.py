@@ -24,10 +24,15 @@ QUARTERS = (0.25, 0.5, 0.75, 1.0)
 
 
 def curve(run_dir: Path) -> list[float]:
-    """``val/acc`` (%) per validation, in order, from a run's TensorBoard log (version_0)."""
+    """``val/acc`` (%) per validation, in order, from a run's TensorBoard log: its last
+    ``version_N`` (a run interrupted and trained again logs into the next version)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run_dir / "version_0"), size_guidance={"scalars": 0})
+    versions = [p for p in run_dir.glob("version_*") if p.name.split("_")[-1].isdigit()]
+    if not versions:
+        return []
+    last = max(versions, key=lambda p: int(p.name.split("_")[-1]))
+    acc = EventAccumulator(str(last), size_guidance={"scalars": 0})
     acc.Reload()
     if "val/acc" not in acc.Tags()["scalars"]:
         return []

@@ -1,0 +1,72 @@
+"""benchmarks/validation_curves.py: a validating study's curves, read from its runs' TensorBoard logs."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+from torch.utils.tensorboard import SummaryWriter
+
+from tests.conftest import REPO
+
+SCRIPT = REPO / "benchmarks" / "validation_curves.py"
+
+
+@pytest.fixture(scope="module")
+def curves_mod():
+    spec = importlib.util.spec_from_file_location("validation_curves", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _log(folder, version: int, values: list[float]) -> None:
+    with SummaryWriter(str(folder / f"version_{version}")) as w:
+        for step, v in enumerate(values):
+            w.add_scalar("val/acc", v, step)
+
+
+def _study(tmp_path):
+    """Two seeds of one method (seed 1 interrupted once: its version_0 is a partial curve) and a
+    grid candidate that was not chosen (not read)."""
+    rows = []
+    for seed, values in ((0, [0.5, 0.6, 0.7, 0.75, 0.76, 0.76, 0.77, 0.77]),
+                         (1, [0.4, 0.6, 0.72, 0.77, 0.78, 0.78, 0.79, 0.79])):
+        run = tmp_path / "runs" / "KD" / "M500" / f"seed{seed}"
+        if seed == 1:
+            _log(run, 0, [0.1, 0.2])  # the interrupted attempt
+        _log(run, int(seed == 1), values)
+        rows.append({"method": "KD", "M": "500", "seed": seed, "kind": "run", "run_dir": str(run)})
+    other = tmp_path / "runs" / "W" / "M500" / "seed0" / "eps=1"
+    _log(other, 0, [0.1] * 8)
+    rows.append({"method": "W", "M": "500", "seed": 0, "kind": "candidate", "run_dir": str(other)})
+    with open(tmp_path / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_curves_of_the_tested_runs_from_their_last_version(tmp_path, curves_mod):
+    _study(tmp_path)
+    found = curves_mod.study_curves(tmp_path)
+    assert list(found) == [("KD", "500")]  # the candidate row is not a tested run
+    (seed0, seed1) = found[("KD", "500")]
+    assert len(seed1) == 8 and seed1[0] == pytest.approx(40.0)  # version_1, not the partial version_0
+    at, best, rise = curves_mod.summary(found[("KD", "500")])
+    # mean curve: 45, 60, 71, 76, 77, 77, 78, 78; quarters of 8 epochs: epochs 2, 4, 6, 8
+    assert at == pytest.approx([60.0, 76.0, 77.0, 78.0], abs=1e-4)
+    assert best == 7 and rise == pytest.approx(1.0, abs=1e-4)
+
+
+def test_the_script_prints_the_table_and_refuses_a_silent_study(tmp_path):
+    _study(tmp_path)
+    out = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], capture_output=True, text=True, check=True)
+    assert "| 500 | KD | 2 | 8 | 60.00 | 76.00 | 77.00 | 78.00 | 7 | +1.00 |" in out.stdout
+    silent = tmp_path / "silent"
+    silent.mkdir()
+    (silent / "results.csv").write_text("method,M,seed,kind,run_dir\n")
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(silent)], capture_output=True, text=True)
+    assert proc.returncode != 0 and "limit_val_batches" in proc.stderr
