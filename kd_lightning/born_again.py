@@ -170,6 +170,7 @@ def results_table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="kd-lightning-born-again",
+        allow_abbrev=False,  # a misspelt option is an error, never taken for a longer one
         description="Born-again networks (Furlanello et al. 2018): generation 0 on the labels, generation k "
                     "distilled from generation k-1 (same architecture); reports each generation's test "
                     "accuracy and that of their ensemble.",

@@ -134,6 +134,9 @@ def test_bad_input_is_refused_before_anything_trains(tmp_path, capsys):
     assert main(["--config", str(CONFIG), "--output", str(tmp_path / "d"),
                  "--model.init_args.temperature", "nope"]) == 2
     assert "does not parse" in capsys.readouterr().err
+    # an abbreviation is not taken for --generations: it reaches the runs' parser, which refuses it
+    assert main(["--config", str(CONFIG), "--gen", "2", "--output", str(tmp_path / "e")]) == 2
+    assert "unrecognized arguments: --gen 2" in capsys.readouterr().err and not (tmp_path / "e").exists()
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
