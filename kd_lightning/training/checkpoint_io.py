@@ -23,6 +23,8 @@ import contextlib
 import errno
 import itertools
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,13 +60,30 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save(obj, path)`` through a temporary file in ``path``'s folder, flushed, synced
     and renamed over ``path``. Raises :class:`CheckpointWriteError` when the disk is full (or a
     quota is reached); every failure leaves ``path`` as it was and no temporary file behind."""
+    _atomic_write(path, lambda f: torch.save(obj, f), f"resume with --ckpt_path {path}")
+
+
+def atomic_copy(source: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Copy the file ``source`` to ``path`` as :func:`atomic_save` writes (a published
+    checkpoint is never a partial or, after a power cut, an empty file)."""
+    def copy(f) -> None:
+        with open(source, "rb") as src:
+            shutil.copyfileobj(src, f)
+
+    _atomic_write(path, copy, f"run the command again to copy {source} there")
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None], then: str) -> None:
+    """``write(file)`` into a new temporary file beside ``path``, flushed, synced and renamed over
+    ``path``, the folder synced; on a full disk a :class:`CheckpointWriteError` that says to free
+    space and then ``then``."""
     path = Path(path)
     folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
     partial, fd = _create_partial(path)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(partial, path)
@@ -76,7 +95,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
                 err.errno,
                 f"the checkpoint {path} could not be written: {os.strerror(err.errno).lower()} "
                 f"on the disk of {folder}. The previous {path.name} there is unchanged (writes "
-                f"are atomic); free some space, then resume with --ckpt_path {path}.") from err
+                f"are atomic); free some space, then {then}.") from err
         raise
     _sync_folder(folder)
     _remove_stale_partials(path)

@@ -11,11 +11,12 @@ teacher the student configs distil from changes only when the researcher says so
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from pathlib import Path
 
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+
+from kd_lightning.training.checkpoint_io import atomic_copy
 
 
 class PublishBest(Callback):
@@ -30,8 +31,9 @@ class PublishBest(Callback):
             its teacher in its own cache folder) publishes there and nowhere else.
 
     Nothing is written for a run that stops early (an error, divergence, SIGTERM, Ctrl-C): only a
-    finished run's best checkpoint is published, and the copy is atomic (a temporary file renamed
-    into place), so the stable path never holds a partial file.
+    finished run's best checkpoint is published, and the copy is atomic and durable
+    (:func:`~kd_lightning.training.checkpoint_io.atomic_copy`: a temporary file synced and renamed
+    into place), so the stable path never holds a partial or, after a power cut, an empty file.
     """
 
     def __init__(self, path: str = "{save_dir}/{name}/checkpoints/best.ckpt") -> None:
@@ -60,10 +62,7 @@ class PublishBest(Callback):
                       f"load) is kept from an earlier run; this run's best is {best}. To publish "
                       f"this run's instead, copy it there: cp {best} {target}", file=sys.stderr)
             return
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
-        shutil.copyfile(best, partial)
-        os.replace(partial, target)
+        atomic_copy(best, target)
         self.published = target
         print(f"kd-lightning: published {best} as {target}", file=sys.stderr)
 

@@ -181,3 +181,29 @@ def test_a_failed_write_removes_its_temporary_file_and_raises(tmp_path, monkeypa
         io_plugin.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, target)
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_a_published_checkpoint_is_copied_atomically_and_durably(tmp_path, monkeypatch):
+    """PublishBest's copy (atomic_copy): the bytes of the source, synced before the rename; a
+    full disk keeps the file that was there, names what to do, and leaves no temporary file."""
+    from kd_lightning.training import checkpoint_io
+    from kd_lightning.training.checkpoint_io import CheckpointWriteError, atomic_copy
+
+    source, target = tmp_path / "best.ckpt", tmp_path / "published" / "best.ckpt"
+    source.write_bytes(os.urandom(3000))
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(checkpoint_io.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    atomic_copy(source, target)
+    assert target.read_bytes() == source.read_bytes() and len(synced) == 2  # the file, then its folder
+    before = target.read_bytes()
+    source.write_bytes(b"another checkpoint")
+
+    def full(src, dst, *args):
+        dst.write(b"half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint_io.shutil, "copyfileobj", full)
+    with pytest.raises(CheckpointWriteError, match=f"free some space, then run the command again to copy {source}"):
+        atomic_copy(source, target)
+    assert target.read_bytes() == before and [p.name for p in target.parent.iterdir()] == ["best.ckpt"]
