@@ -40,12 +40,14 @@ def curve(run_dir: Path) -> list[float]:
 
 
 def study_curves(folder: Path) -> dict[tuple[str, str], list[list[float]]]:
-    """(method, M) -> the seeds' curves, for the tested runs (plain runs and chosen candidates)."""
+    """(method, M) -> the seeds' curves, for the tested runs (plain runs and chosen candidates):
+    each run's first ``epochs`` validations, one per epoch (a grid candidate's final measurement
+    on the whole validation split follows them and is not part of the curve)."""
     with open(folder / "results.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r.get("kind", "run") in ("run", "chosen")]
     out: dict[tuple[str, str], list[list[float]]] = {}
     for r in rows:
-        c = curve(Path(r["run_dir"]))
+        c = curve(Path(r["run_dir"]))[:int(r["epochs"])]
         if c:
             out.setdefault((r["method"], r["M"]), []).append(c)
     return out

@@ -30,8 +30,8 @@ def _log(folder, version: int, values: list[float]) -> None:
 
 
 def _study(tmp_path):
-    """Two seeds of one method (seed 1 interrupted once: its version_0 is a partial curve) and a
-    grid candidate that was not chosen (not read)."""
+    """Two seeds of one method (seed 1 interrupted once: its version_0 is a partial curve), a
+    grid candidate that was not chosen (not read) and one that was."""
     rows = []
     for seed, values in ((0, [0.5, 0.6, 0.7, 0.75, 0.76, 0.76, 0.77, 0.77]),
                          (1, [0.4, 0.6, 0.72, 0.77, 0.78, 0.78, 0.79, 0.79])):
@@ -39,10 +39,13 @@ def _study(tmp_path):
         if seed == 1:
             _log(run, 0, [0.1, 0.2])  # the interrupted attempt
         _log(run, int(seed == 1), values)
-        rows.append({"method": "KD", "M": "500", "seed": seed, "kind": "run", "run_dir": str(run)})
+        rows.append({"method": "KD", "M": "500", "seed": seed, "kind": "run", "epochs": 8, "run_dir": str(run)})
     other = tmp_path / "runs" / "W" / "M500" / "seed0" / "eps=1"
     _log(other, 0, [0.1] * 8)
-    rows.append({"method": "W", "M": "500", "seed": 0, "kind": "candidate", "run_dir": str(other)})
+    rows.append({"method": "W", "M": "500", "seed": 0, "kind": "candidate", "epochs": 8, "run_dir": str(other)})
+    chosen = tmp_path / "runs" / "W" / "M500" / "seed0" / "eps=2"
+    _log(chosen, 0, [0.3] * 8 + [0.35])  # eight epochs, then the final measurement on the whole split
+    rows.append({"method": "W", "M": "500", "seed": 0, "kind": "chosen", "epochs": 8, "run_dir": str(chosen)})
     with open(tmp_path / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -52,7 +55,8 @@ def _study(tmp_path):
 def test_curves_of_the_tested_runs_from_their_last_version(tmp_path, curves_mod):
     _study(tmp_path)
     found = curves_mod.study_curves(tmp_path)
-    assert list(found) == [("KD", "500")]  # the candidate row is not a tested run
+    assert list(found) == [("KD", "500"), ("W", "500")]  # the unchosen candidate is not a tested run
+    assert found[("W", "500")] == [[pytest.approx(30.0)] * 8]  # the final measurement is not an epoch
     (seed0, seed1) = found[("KD", "500")]
     assert len(seed1) == 8 and seed1[0] == pytest.approx(40.0)  # version_1, not the partial version_0
     at, best, rise = curves_mod.summary(found[("KD", "500")])
@@ -67,6 +71,6 @@ def test_the_script_prints_the_table_and_refuses_a_silent_study(tmp_path):
     assert "| 500 | KD | 2 | 8 | 60.00 | 76.00 | 77.00 | 78.00 | 7 | +1.00 |" in out.stdout
     silent = tmp_path / "silent"
     silent.mkdir()
-    (silent / "results.csv").write_text("method,M,seed,kind,run_dir\n")
+    (silent / "results.csv").write_text("method,M,seed,kind,epochs,run_dir\n")
     proc = subprocess.run([sys.executable, str(SCRIPT), str(silent)], capture_output=True, text=True)
     assert proc.returncode != 0 and "limit_val_batches" in proc.stderr
