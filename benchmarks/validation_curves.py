@@ -85,16 +85,18 @@ def main() -> None:
         import matplotlib.pyplot as plt
 
         budgets = sorted({m for _, m in found}, key=lambda m: int(m) if m.isdigit() else 10**9)
+        methods = sorted({name for name, _ in found})
+        colour = dict(zip(methods, plt.get_cmap("tab10").colors))  # one colour per method in every panel
         fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 3.8), squeeze=False)
         for ax, m in zip(axes[0], budgets):
             for (method, mm), curves in sorted(found.items()):
                 if mm == m:
                     n = min(map(len, curves))
                     ax.plot(range(1, n + 1), [statistics.fmean(c[i] for c in curves) for i in range(n)],
-                            marker=".", label=method)
+                            marker=".", label=method, color=colour[method])
             ax.set(title=f"M = {m}", xlabel="epoch", ylabel="validation accuracy (%)")
             ax.grid(alpha=0.3)
-        axes[0][-1].legend(fontsize=7)
+            ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(args.plot, dpi=110)
         print(f"wrote {args.plot}")
