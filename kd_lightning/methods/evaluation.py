@@ -19,6 +19,9 @@ it on these examples); at test: the same as validation under ``test/`` plus ``te
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -177,9 +180,12 @@ class FitEndDistillationError(pl.Callback):
     :math:`\Phi_{\gamma,n}` (:class:`~kd_lightning.metrics.DistillationError`) over the ``n``
     labelled training examples -- the few-data subset, or the whole training split -- in one
     pass without augmentation (the data module's ``labelled_train_dataloader``), the data the
-    lecture notes' bound is stated for. Logged to every logger at the last global step and put in
-    ``trainer.callback_metrics`` (Lightning allows no ``self.log`` at the end of a fit). Skipped
-    without a teacher or with a data module that has no such loader (or returns ``None``)."""
+    lecture notes' bound is stated for. A trainer that limits its training batches
+    (``limit_train_batches``, ``fast_dev_run``) limits this pass the same way, as Lightning's own
+    loops are limited, so a debugging run stays short. Logged to every logger at the last global
+    step and put in ``trainer.callback_metrics`` (Lightning allows no ``self.log`` at the end of a
+    fit). Skipped without a teacher or with a data module that has no such loader (or returns
+    ``None``)."""
 
     KEY = "train/distill_error"
 
@@ -191,6 +197,12 @@ class FitEndDistillationError(pl.Callback):
         loader = make_loader()
         if loader is None:
             return
+        limit = trainer.limit_train_batches  # a count of batches, or a fraction of them (1.0: all)
+        if isinstance(limit, int) or limit < 1.0:
+            count = limit if isinstance(limit, int) else math.ceil(limit * len(loader))
+            if count <= 0:
+                return
+            loader = itertools.islice(loader, count)
         value = pl_module.training_distill_error(loader)
         trainer.callback_metrics[self.KEY] = value
         for logger in trainer.loggers:

@@ -131,6 +131,29 @@ def test_distillation_error_over_the_training_examples_at_the_end_of_fit_by_hand
     assert phi > 0
 
 
+@pytest.mark.parametrize("limit, batches", [(2, 2), (0.5, 2), (1.0, 3)])
+def test_the_fit_end_pass_is_limited_as_the_training_batches_are(limit, batches, monkeypatch):
+    """limit_train_batches (a count or a fraction) bounds the Phi pass over the labelled training
+    examples as it bounds the training loop, so a debugging run stays short; 1.0 passes them all."""
+    seen = []
+    real = ResponseKD.training_distill_error
+
+    def counting(self, loader):
+        loader = list(loader)
+        seen.append(len(loader))
+        return real(self, loader)
+
+    monkeypatch.setattr(ResponseKD, "training_distill_error", counting)
+    pl.seed_everything(0)
+    model = ResponseKD(student=MLP(), teacher=ConvNet1D(width=8))
+    dm = DistillDataModule("mnist1d", batch_size=8, train_subset_per_class=3, eval_batch_size=10)  # 30: 3 batches
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, limit_val_batches=0,
+                         limit_train_batches=limit, enable_progress_bar=False, enable_model_summary=False,
+                         accelerator="cpu")
+    trainer.fit(model, dm)
+    assert seen == [batches] and 0 <= float(trainer.callback_metrics["train/distill_error"]) <= 1
+
+
 def test_no_teacher_no_distillation_error():
     model = Supervised(student=MLP(), num_classes=10)
     assert not hasattr(model, "val_distill_error") and not hasattr(model, "test_teacher_agreement")
