@@ -23,6 +23,11 @@ from pathlib import Path
 QUARTERS = (0.25, 0.5, 0.75, 1.0)
 
 
+def budget_order(label: str) -> int:
+    """Budgets in increasing order, ``full`` last."""
+    return int(label) if label.isdigit() else 10**9
+
+
 def curve(run_dir: Path) -> list[float]:
     """``val/acc`` (%) per validation, in order, from a run's TensorBoard log: its last
     ``version_N`` (a run interrupted and trained again logs into the next version)."""
@@ -73,8 +78,7 @@ def main() -> None:
                          f"validate (give the study args: [--trainer.limit_val_batches=0.25]).")
     print("| M | method | seeds | epochs | val acc at 25% | 50% | 75% | 100% | best epoch | last-quarter rise |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for (method, m), curves in sorted(found.items(), key=lambda kv: (int(kv[0][1]) if kv[0][1].isdigit()
-                                                                      else 10**9, kv[0][0])):
+    for (method, m), curves in sorted(found.items(), key=lambda kv: (budget_order(kv[0][1]), kv[0][0])):
         at, best, rise = summary(curves)
         cells = " | ".join(f"{v:.2f}" for v in at)
         print(f"| {m} | {method} | {len(curves)} | {min(map(len, curves))} | {cells} | {best} | {rise:+.2f} |")
@@ -84,7 +88,7 @@ def main() -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        budgets = sorted({m for _, m in found}, key=lambda m: int(m) if m.isdigit() else 10**9)
+        budgets = sorted({m for _, m in found}, key=budget_order)
         methods = sorted({name for name, _ in found})
         colour = dict(zip(methods, plt.get_cmap("tab10").colors))  # one colour per method in every panel
         fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 3.8), squeeze=False)
