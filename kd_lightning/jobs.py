@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import hashlib
 import io
 import json
 import logging
@@ -37,11 +38,11 @@ import sys
 import time
 import traceback
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.callbacks import Callback, Checkpoint
 
 from kd_lightning import KDConfigError
 
@@ -55,7 +56,10 @@ class Job:
     """``kd-lightning ARGS``, its output to ``log``; ``isolate``: in a subprocess.
 
     ``validate``: afterwards measure the final weights on the validation split (``val/acc``);
-    ``save_weights``: write the final weights there (a checkpoint without optimizer state).
+    ``save_weights``: write the final weights there (a checkpoint without optimizer state);
+    ``resume``: a ``fit`` job's resume folder (:class:`ResumePoint`, written at an epoch's end
+    once ``resume_every`` seconds have passed since the last): a job killed part-way continues
+    from there when it is run again.
     """
 
     args: list[str]
@@ -63,6 +67,8 @@ class Job:
     isolate: bool = False
     validate: bool = False
     save_weights: Path | None = None
+    resume: Path | None = None
+    resume_every: float = 60.0
 
 
 @dataclass
@@ -76,6 +82,8 @@ class JobResult:
     checkpoints: list[str] = field(default_factory=list)
     #: where it ran (:func:`kd_lightning.environment.describe`: versions, CPU kernels, threads, device)
     environment: dict = field(default_factory=dict)
+    #: the epochs an earlier, killed attempt had finished (0: trained from the start)
+    resumed_epochs: int = 0
 
 
 class JobFailed(Exception):
@@ -233,17 +241,110 @@ class EpochProgress(Callback):
                    "val_acc": None if val is None else float(val)})
 
 
+class ResumePoint(Checkpoint):
+    """``resume.ckpt`` in ``dirpath`` at the end of a training epoch once ``every`` seconds have
+    passed since the fit started or the last one was written (0: every epoch; a few-data run's
+    epochs can be single steps), so that a job killed part-way (a machine lost, a session ended,
+    SIGKILL) loses at most that long and an epoch.
+
+    A checkpoint at an epoch's end resumes the run bit for bit (the random states are in it:
+    :mod:`kd_lightning.training.random_states`), so a resumed job ends with the weights and
+    metrics of an uninterrupted one. The checkpoint carries ``key`` (the job's arguments: a
+    checkpoint of other arguments is never resumed), the logger's version (the resumed run logs
+    into the same folder) and the seconds trained so far. It is a :class:`Checkpoint`, so Lightning
+    calls it after every other callback and the module's own epoch-end hooks; it is not a
+    ``ModelCheckpoint``, so ``fit``'s test after training uses the final weights in memory as
+    before. :func:`run_job` adds it to jobs with a ``resume`` folder and removes the folder once
+    the job has succeeded."""
+
+    FILE = "resume.ckpt"
+
+    def __init__(self, dirpath: str, key: str, every: float = 60.0) -> None:
+        self.dirpath, self.key, self.every = dirpath, key, every
+        #: Lightning's checkpoint-callback attributes (none of them tested or published)
+        self.best_model_path = self.last_model_path = ""
+        self._seconds_before = 0.0
+        self._start = self._saved = time.perf_counter()
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._start = self._saved = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if time.perf_counter() - self._saved >= self.every:
+            trainer.save_checkpoint(str(Path(self.dirpath) / self.FILE))
+            self._saved = time.perf_counter()
+
+    def state_dict(self) -> dict:
+        # the trainer (and its logger) this callback is attached to, at the time it saves
+        trainer = getattr(self, "_trainer", None)
+        version = getattr(getattr(trainer, "logger", None), "version", None)
+        return {"key": self.key, "logger_version": version,
+                "seconds": self._seconds_before + time.perf_counter() - self._start}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._seconds_before = float(state.get("seconds", 0.0))
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._trainer = trainer
+
+
+def job_key(job: Job) -> str:
+    """What a resume checkpoint must have been written with: the job's arguments."""
+    return hashlib.sha256(json.dumps([str(a) for a in job.args]).encode()).hexdigest()[:16]
+
+
+@dataclass
+class _Resume:
+    args: list[str]
+    epochs: int = 0
+    seconds: float = 0.0
+
+
+def _resume_args(job: Job) -> _Resume:
+    """The arguments that keep ``job``'s :class:`ResumePoint` and, when its folder holds a
+    checkpoint of the same arguments, continue from it (in the same logger version)."""
+    folder, key = Path(job.resume), job_key(job)
+    point = {"class_path": f"{__name__}.ResumePoint",
+             "init_args": {"dirpath": str(folder), "key": key, "every": job.resume_every}}
+    args = [*map(str, job.args), "--trainer.enable_checkpointing", "true",
+            f"--trainer.callbacks+={json.dumps(point)}"]
+    ckpt = folder / ResumePoint.FILE
+    if not ckpt.is_file():
+        return _Resume(args)
+    import torch
+
+    try:
+        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+        state = next(v for k, v in saved.get("callbacks", {}).items() if k.startswith(ResumePoint.__qualname__))
+    except Exception:  # noqa: BLE001 - unreadable or not one of ours: train from the start
+        state = {}
+    if state.get("key") != key:
+        return _Resume(args)
+    version = state.get("logger_version")
+    args += ["--ckpt_path", str(ckpt), *(["--trainer.logger.init_args.version", str(version)]
+                                         if version is not None else [])]
+    return _Resume(args, int(saved.get("epoch", 0)) + 1, float(state.get("seconds", 0.0)))
+
+
 # ------------------------------------------------------------------------------------------
 # running
 
 
 def run_job(job: Job, on_epoch: Callable[[dict], None] | None = None) -> JobResult:
-    """Run ``job``; raises :class:`JobFailed` or :class:`JobInterrupted`."""
+    """Run ``job``; raises :class:`JobFailed` or :class:`JobInterrupted`. A job with a
+    ``resume`` folder continues an earlier attempt's :class:`ResumePoint` (its seconds count
+    those of the earlier attempt's finished epochs) and removes the folder when it succeeds."""
     job.log = Path(job.log)
     job.log.parent.mkdir(parents=True, exist_ok=True)
+    resume = _resume_args(job) if job.resume is not None else None
+    run = job if resume is None else replace(job, args=resume.args)
     start = time.perf_counter()
-    result = (_subprocess if job.isolate else _in_process)(job, on_epoch)
+    result = (_subprocess if job.isolate else _in_process)(run, on_epoch)
     result.seconds, result.log = time.perf_counter() - start, str(job.log)
+    if resume is not None:
+        result.seconds += resume.seconds
+        result.resumed_epochs = resume.epochs
+        shutil.rmtree(job.resume, ignore_errors=True)
     return result
 
 

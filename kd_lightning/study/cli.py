@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop at the first failed run (default: record it as failed and go on)")
     add("--report-only", action="store_true", help="rebuild results.md and the plot; train nothing")
     add("--no-progress", action="store_true", help="no progress bars, a line per finished run")
+    add("--resume-every", type=float, default=60.0, metavar="SECONDS",
+        help="a run's resume checkpoint is rewritten at an epoch's end once SECONDS have passed since the last "
+             "(0: every epoch); a rerun continues a run killed part-way from it (default: 60)")
     ray = parser.add_argument_group(
         "parallel runs on Ray (pip install kd_lightning[ray])",
         "Each run is a Ray task; results.csv is written by this process alone.").add_argument
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                     "--gpus-per-run declare the resources of Ray tasks; give them with --workers N or --address ADDR.")
             runner = StudyRunner(spec, output, rest, args.overwrite,
                                  Path(args.teacher_cache or output.parent / "_teachers"),
-                                 not args.no_progress, not args.stop_on_failure, executor)
+                                 not args.no_progress, not args.stop_on_failure, executor, args.resume_every)
             jobs.quiet_lightning()
             runner.run()
             rows = runner.results.rows()

@@ -25,6 +25,7 @@ def execute(run: list[jobs.Job]) -> jobs.JobResult | jobs.JobFailed:
     except jobs.JobFailed as err:
         return err
     results[-1].seconds = sum(r.seconds for r in results)
+    results[-1].resumed_epochs = max(r.resumed_epochs for r in results)
     return results[-1]
 
 

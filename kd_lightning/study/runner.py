@@ -2,7 +2,8 @@
 
 :meth:`StudyRunner.planned` enumerates the study's trainings, once, as :class:`RunPlan` s whose
 jobs an executor runs (:mod:`~kd_lightning.study.executors`). Each finished run appends its row
-to ``results.csv`` at once, so a rerun skips what is done. Grid candidates are trained without
+to ``results.csv`` at once, so a rerun skips what is done; a run killed part-way continues from
+its last finished epoch (:class:`kd_lightning.jobs.ResumePoint`). Grid candidates are trained without
 testing and measured on the validation split; once all are in, the best mean validation accuracy
 over the seeds is chosen (:func:`~kd_lightning.study.results.choose`) and only its weights tested.
 """
@@ -143,8 +144,11 @@ class StudyRunner:
     or on the ``executor`` given (:class:`kd_lightning.study.executors.RayExecutor`)."""
 
     def __init__(self, spec: StudySpec, output: Path, trainer_args: list[str], overwrite: bool,
-                 teacher_cache: Path, progress: bool = True, keep_going: bool = True, executor=None) -> None:
+                 teacher_cache: Path, progress: bool = True, keep_going: bool = True, executor=None,
+                 resume_every: float = 60.0) -> None:
         self.spec, self.output, self.trainer_args = spec, Path(output), list(trainer_args)
+        #: seconds between a run's resume checkpoints (:class:`kd_lightning.jobs.ResumePoint`)
+        self.resume_every = resume_every
         self.executor = executor or SequentialExecutor()
         #: keep_going: on a failed run (diverged, crashed) record it as failed and go on
         self.overwrite, self.progress, self.keep_going = overwrite, progress, keep_going
@@ -265,7 +269,8 @@ class StudyRunner:
                 *self.trainer_args]
         weights = run_dir / "final.ckpt"
         job = jobs.Job(args, run_dir / "run.log", jobs.needs_subprocess(config), validate=kind == CANDIDATE,
-                       save_weights=weights if kind == CANDIDATE else None)
+                       save_weights=weights if kind == CANDIDATE else None, resume=run_dir / "resume",
+                       resume_every=self.resume_every)
         return RunPlan(method, budget, seed, candidate, kind, [job], epochs, epochs * per_epoch, run_dir,
                        needs_teacher, weights)
 
@@ -374,7 +379,8 @@ class StudyRunner:
         if result.environment and result.environment not in self.environments:
             self.environments.append(result.environment)
             self._write_meta()
-        what = f"{result.seconds:.0f} s, {plan.epochs} epochs"
+        what = f"{result.seconds:.0f} s, {plan.epochs} epochs" + (
+            f", resumed after epoch {result.resumed_epochs}" if result.resumed_epochs else "")
         if plan.kind != CHOSEN:
             row = self._row(plan, result.seconds, result.metrics)
             return display.finished(f"{plan.describe()}: test acc {row['test_acc']:.2f}% ({what})"

@@ -91,3 +91,26 @@ def test_a_failing_job_says_why_with_its_exit_status_and_log(tmp_path, monkeypat
 ])
 def test_multi_process_jobs_go_to_a_subprocess(trainer, expected):
     assert jobs.needs_subprocess(SimpleNamespace(trainer=SimpleNamespace(**trainer))) is expected
+
+
+def test_a_killed_job_resumes_only_from_a_checkpoint_of_its_own_arguments(tmp_path, monkeypatch):
+    """A job with a resume folder, killed with SIGKILL in its second epoch, leaves the first
+    epoch's checkpoint; run with other arguments it trains from the start (that checkpoint is not
+    its run's), and the folder is removed once the job succeeds."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("KD_TEST_KILL_AT", "1:0")
+    monkeypatch.setenv("KD_TEST_SIGNAL", "SIGKILL")
+    args = _args(tmp_path, "--trainer.max_epochs", "2", "--trainer.callbacks+=tests.kill_helpers.KillAt")
+    job = jobs.Job(args, tmp_path / "a.log", isolate=True, resume=tmp_path / "resume", resume_every=0)
+    with pytest.raises(jobs.JobFailed, match="exit status -9"):
+        jobs.run_job(job)
+    assert (tmp_path / "resume" / jobs.ResumePoint.FILE).is_file()
+    assert jobs._resume_args(job).epochs == 1
+    monkeypatch.delenv("KD_TEST_KILL_AT")
+    other = jobs.Job([*args, "--model.init_args.optimizer.init_args.lr", "0.02"], tmp_path / "b.log", isolate=True,
+                     resume=tmp_path / "resume", resume_every=0)
+    assert jobs._resume_args(other).epochs == 0
+    result = jobs.run_job(other)
+    assert result.resumed_epochs == 0 and "test/acc" in result.metrics
+    assert not (tmp_path / "resume").exists()

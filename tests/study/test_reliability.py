@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from kd_lightning.study import main
-from tests.study.test_study import STUDENT, read_rows, write_study
+from tests.study.test_study import KD, STUDENT, read_rows, write_study
 
 
 # ---- the study ---------------------------------------------------------------------------------
@@ -172,3 +172,51 @@ def test_torn_and_malformed_rows_are_reported_with_the_run_redone(tmp_path, monk
     from kd_lightning.environment import summary
 
     assert f"\nEnvironment: {summary(env)}.\n" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_a_run_killed_part_way_resumes_from_its_last_epoch_to_the_same_weights(tmp_path, teachers):
+    """A study killed with SIGKILL in a run's second epoch (a lost machine or session: no hook,
+    no checkpoint written then): the rerun continues that run from its first epoch's resume
+    checkpoint, in the same log folder, and ends with the weights, validation and test accuracy
+    of an uninterrupted study; the resume folder is gone once the run is recorded."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    from tests.conftest import REPO
+
+    kd = {**KD, "grid": {"model.init_args.temperature": [4.0]}}  # a candidate: its weights are saved
+    args = ["--data.batch_size", "10", "--data.batches_per_step", "1", "--trainer.deterministic", "true",
+            "--trainer.limit_test_batches", "1"]
+
+    def study(folder: Path, kill_at: str | None = None) -> subprocess.CompletedProcess:
+        folder.mkdir(exist_ok=True)
+        cfg = write_study(folder, methods=[kd], budgets=[40], seeds=[0], steps=12, args=args)
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "KD_TEST_SIGNAL": "SIGKILL"}
+        env.pop("KD_TEST_KILL_AT", None)
+        env.update({"KD_TEST_KILL_AT": kill_at} if kill_at else {})
+        cmd = [sys.executable, "-m", "kd_lightning.study", "--config", str(cfg), "--no-progress",
+               "--teacher-cache", str(teachers), "--trainer.callbacks+=tests.kill_helpers.KillAt",
+               "--resume-every", "0"]
+        return subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True, timeout=300)
+
+    whole = study(tmp_path / "a")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = study(tmp_path / "b", kill_at="1:0")  # 4 steps an epoch, 3 epochs: killed in the second
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    run_b = tmp_path / "b" / "out" / "runs" / "ResponseKD" / "M40" / "seed0" / "temperature=4.0"
+    resume = run_b / "resume" / "resume.ckpt"
+    assert torch.load(resume, weights_only=True)["epoch"] == 0  # the first epoch's end
+    resumed = study(tmp_path / "b")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed after epoch 1" in resumed.stdout
+    assert not (run_b / "resume").exists()
+    assert [p.name for p in run_b.glob("version_*")] == ["version_0"]  # one log history
+    run_a = tmp_path / "a" / "out" / "runs" / "ResponseKD" / "M40" / "seed0" / "temperature=4.0"
+    a, b = (torch.load(r / "final.ckpt", weights_only=True)["state_dict"] for r in (run_a, run_b))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # same machine: bit for bit
+    rows_a, rows_b = read_rows(tmp_path / "a" / "out"), read_rows(tmp_path / "b" / "out")
+    for col in ("kind", "val_acc", "test_acc"):
+        assert [r[col] for r in rows_a] == [r[col] for r in rows_b]
