@@ -270,7 +270,9 @@ class ResumePoint(Checkpoint):
         self._start = self._saved = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if time.perf_counter() - self._saved >= self.every:
+        # every process of a multi-process run saves together (the save has a barrier): rank 0's
+        # clock decides
+        if trainer.strategy.broadcast(time.perf_counter() - self._saved >= self.every):
             trainer.save_checkpoint(str(Path(self.dirpath) / self.FILE))
             self._saved = time.perf_counter()
 

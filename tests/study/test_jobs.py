@@ -114,3 +114,34 @@ def test_a_killed_job_resumes_only_from_a_checkpoint_of_its_own_arguments(tmp_pa
     result = jobs.run_job(other)
     assert result.resumed_epochs == 0 and "test/acc" in result.metrics
     assert not (tmp_path / "resume").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_a_killed_two_process_ddp_job_resumes_from_the_checkpoint_both_ranks_wrote(tmp_path, monkeypatch):
+    """Under DDP both processes write the resume checkpoint together (rank 0's clock decides);
+    after a SIGKILL of both in the second epoch the job continues from the first epoch's end and
+    ends with the weights of an uninterrupted DDP job."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("KD_TEST_SIGNAL", "SIGKILL")
+    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+           "--trainer.max_epochs", "3", "--trainer.callbacks+=tests.kill_helpers.KillAt"]
+
+    def job(name: str) -> jobs.Job:
+        return jobs.Job(_args(tmp_path, *ddp, "--trainer.logger.init_args.name", name), tmp_path / f"{name}.log",
+                        isolate=True, save_weights=tmp_path / f"{name}.ckpt", resume=tmp_path / name / "resume",
+                        resume_every=0)
+
+    whole = jobs.run_job(job("a"))
+    monkeypatch.setenv("KD_TEST_KILL_AT", "1:0")
+    with pytest.raises(jobs.JobFailed):
+        jobs.run_job(job("b"))
+    assert torch.load(tmp_path / "b" / "resume" / jobs.ResumePoint.FILE, weights_only=True)["epoch"] == 0
+    monkeypatch.delenv("KD_TEST_KILL_AT")
+    resumed = jobs.run_job(job("b"))
+    assert resumed.resumed_epochs == 1 and resumed.metrics == whole.metrics
+    a, b = (torch.load(tmp_path / f"{n}.ckpt", weights_only=True)["state_dict"] for n in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)

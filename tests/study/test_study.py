@@ -272,13 +272,16 @@ def test_failing_run_stops_the_study_with_its_error_on_request(tmp_path, monkeyp
 @pytest.mark.ddp
 def test_grid_study_under_ddp_on_two_cpu_processes(tmp_path, monkeypatch, teachers):
     """--trainer.strategy=ddp --trainer.devices 2: candidates are fitted, validated, saved and the
-    chosen one tested, each in a `python -m kd_lightning.jobs` process group."""
+    chosen one tested, each in a `python -m kd_lightning.jobs` process group; both processes write
+    the resume checkpoint together at every epoch's end (--resume-every 0)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     kd = {**KD, "grid": {"model.init_args.temperature": [1.0, 4.0]}}
     cfg = write_study(tmp_path, methods=[kd], budgets=[40], seeds=[0])
     assert main(["--config", str(cfg), "--no-progress", "--teacher-cache", str(teachers),
-                 "--trainer.strategy=ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]) == 0
+                 "--trainer.strategy=ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+                 "--resume-every", "0"]) == 0
     rows = read_rows(tmp_path / "out")
     assert [r["kind"] for r in rows] == ["candidate", "candidate", "chosen"]
+    assert not list((tmp_path / "out" / "runs").rglob("resume"))  # removed once each run is recorded
     assert all(r["val_acc"] for r in rows) and rows[-1]["test_acc"]
