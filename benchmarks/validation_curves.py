@@ -30,7 +30,9 @@ def budget_order(label: str) -> int:
 
 def curve(run_dir: Path) -> list[float]:
     """``val/acc`` (%) per validation, in order, from a run's TensorBoard log: its last
-    ``version_N`` (a run interrupted and trained again logs into the next version)."""
+    ``version_N`` (a run interrupted and trained again from the start logs into the next version;
+    one resumed from its checkpoint logs into the same one, and where both attempts logged a step
+    the later value is the run's)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     versions = [p for p in run_dir.glob("version_*") if p.name.split("_")[-1].isdigit()]
@@ -41,7 +43,8 @@ def curve(run_dir: Path) -> list[float]:
     acc.Reload()
     if "val/acc" not in acc.Tags()["scalars"]:
         return []
-    return [100 * e.value for e in sorted(acc.Scalars("val/acc"), key=lambda e: e.step)]
+    by_step = {e.step: e.value for e in sorted(acc.Scalars("val/acc"), key=lambda e: e.wall_time)}
+    return [100 * by_step[step] for step in sorted(by_step)]
 
 
 def study_curves(folder: Path) -> dict[tuple[str, str], list[list[float]]]:

@@ -300,6 +300,7 @@ class _Resume:
     args: list[str]
     epochs: int = 0
     seconds: float = 0.0
+    checkpoint: str = ""
 
 
 def _resume_args(job: Job) -> _Resume:
@@ -325,7 +326,7 @@ def _resume_args(job: Job) -> _Resume:
     version = state.get("logger_version")
     args += ["--ckpt_path", str(ckpt), *(["--trainer.logger.init_args.version", str(version)]
                                          if version is not None else [])]
-    return _Resume(args, int(saved.get("epoch", 0)) + 1, float(state.get("seconds", 0.0)))
+    return _Resume(args, int(saved.get("epoch", 0)) + 1, float(state.get("seconds", 0.0)), str(ckpt))
 
 
 # ------------------------------------------------------------------------------------------
@@ -335,13 +336,19 @@ def _resume_args(job: Job) -> _Resume:
 def run_job(job: Job, on_epoch: Callable[[dict], None] | None = None) -> JobResult:
     """Run ``job``; raises :class:`JobFailed` or :class:`JobInterrupted`. A job with a
     ``resume`` folder continues an earlier attempt's :class:`ResumePoint` (its seconds count
-    those of the earlier attempt's finished epochs) and removes the folder when it succeeds."""
+    those of the earlier attempt up to that checkpoint; its log goes on after the earlier
+    attempt's) and removes the folder when it succeeds."""
     job.log = Path(job.log)
     job.log.parent.mkdir(parents=True, exist_ok=True)
     resume = _resume_args(job) if job.resume is not None else None
     run = job if resume is None else replace(job, args=resume.args)
+    mode = "a" if resume is not None and resume.epochs and job.log.is_file() else "w"
+    if mode == "a":
+        with open(job.log, "a") as log:
+            log.write(f"\n--- resumed after epoch {resume.epochs} from {resume.checkpoint} "
+                      f"({resume.seconds:.0f} s trained before) ---\n")
     start = time.perf_counter()
-    result = (_subprocess if job.isolate else _in_process)(run, on_epoch)
+    result = (_subprocess if job.isolate else _in_process)(run, on_epoch, mode)
     result.seconds, result.log = time.perf_counter() - start, str(job.log)
     if resume is not None:
         result.seconds += resume.seconds
@@ -405,7 +412,7 @@ def _set_sigint(handler):
         return None
 
 
-def _in_process(job: Job, on_epoch) -> JobResult:
+def _in_process(job: Job, on_epoch, mode: str = "w") -> JobResult:
     global _listener
     # Lightning answers Ctrl-C during fit with a graceful stop and exit status 1, which alone is
     # not told apart from a failure: a handler of ours notes the signal first
@@ -421,7 +428,7 @@ def _in_process(job: Job, on_epoch) -> JobResult:
     try:
         # line-buffered: every line is in the file as soon as it is written, so a job whose
         # process is killed (a Ray worker, the OOM killer) leaves its log up to that point
-        with open(job.log, "w", buffering=1) as log, output_to(log):
+        with open(job.log, mode, buffering=1) as log, output_to(log):
             print("kd-lightning " + shlex.join(map(str, job.args)), flush=True)
             try:
                 return _cli(job)[1]
@@ -451,7 +458,7 @@ def error_lines(log: Path) -> str:
     return " / ".join(lines[-3:])
 
 
-def _subprocess(job: Job, on_epoch) -> JobResult:
+def _subprocess(job: Job, on_epoch, mode: str = "w") -> JobResult:
     result_file = job.log.with_suffix(".result.json")
     progress = job.log.with_suffix(".progress.jsonl")
     for stale in (result_file, progress):
@@ -467,7 +474,7 @@ def _subprocess(job: Job, on_epoch) -> JobResult:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
         p for p in (here, os.environ.get("PYTHONPATH")) if p)}
     seen = 0
-    with open(job.log, "w") as log:
+    with open(job.log, mode) as log:
         log.write(shlex.join(cmd) + "\n")
         log.flush()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)

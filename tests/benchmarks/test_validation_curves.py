@@ -74,3 +74,19 @@ def test_the_script_prints_the_table_and_refuses_a_silent_study(tmp_path):
     (silent / "results.csv").write_text("method,M,seed,kind,epochs,run_dir\n")
     proc = subprocess.run([sys.executable, str(SCRIPT), str(silent)], capture_output=True, text=True)
     assert proc.returncode != 0 and "limit_val_batches" in proc.stderr
+
+
+def test_a_run_resumed_from_its_checkpoint_reads_as_one_curve(tmp_path, curves_mod):
+    """Killed after its fourth validation with its last checkpoint at the third, the run resumed
+    into the same version folder (a second events file) and validated the fourth epoch again:
+    the curve has each epoch once, the resumed attempt's value where both logged it."""
+
+    run = tmp_path / "run"
+    with SummaryWriter(str(run / "version_0"), filename_suffix=".first") as w:
+        for step, v in enumerate([0.1, 0.2, 0.3, 0.35]):
+            w.add_scalar("val/acc", v, step, walltime=1000.0 + step)
+    with SummaryWriter(str(run / "version_0"), filename_suffix=".second") as w:
+        for step, v in [(3, 0.4), (4, 0.5), (5, 0.6)]:
+            w.add_scalar("val/acc", v, step, walltime=2000.0 + step)
+    assert len(list((run / "version_0").iterdir())) == 2
+    assert curves_mod.curve(run) == pytest.approx([10.0, 20.0, 30.0, 40.0, 50.0, 60.0])

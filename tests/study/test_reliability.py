@@ -212,6 +212,8 @@ def test_a_run_killed_part_way_resumes_from_its_last_epoch_to_the_same_weights(t
     resumed = study(tmp_path / "b")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed after epoch 1" in resumed.stdout
+    log = (run_b / "run.log").read_text()  # both attempts, in order
+    assert log.count("kd-lightning fit ") == 2 and log.index("--- resumed after epoch 1 from ") > log.index("fit ")
     assert not (run_b / "resume").exists()
     assert [p.name for p in run_b.glob("version_*")] == ["version_0"]  # one log history
     run_a = tmp_path / "a" / "out" / "runs" / "ResponseKD" / "M40" / "seed0" / "temperature=4.0"
