@@ -96,7 +96,8 @@ def test_multi_process_jobs_go_to_a_subprocess(trainer, expected):
 def test_a_killed_job_resumes_only_from_a_checkpoint_of_its_own_arguments(tmp_path, monkeypatch):
     """A job with a resume folder, killed with SIGKILL in its second epoch, leaves the first
     epoch's checkpoint; run with other arguments it trains from the start (that checkpoint is not
-    its run's), and the folder is removed once the job succeeds."""
+    its run's, and its log says so after the earlier attempt's), and the folder is removed once the
+    job succeeds. A file there that is no checkpoint is not resumed either, and says why."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("KD_TEST_KILL_AT", "1:0")
@@ -108,12 +109,20 @@ def test_a_killed_job_resumes_only_from_a_checkpoint_of_its_own_arguments(tmp_pa
     assert (tmp_path / "resume" / jobs.ResumePoint.FILE).is_file()
     assert jobs._resume_args(job).epochs == 1
     monkeypatch.delenv("KD_TEST_KILL_AT")
+    (tmp_path / "b.log").write_text("an earlier attempt\n")
     other = jobs.Job([*args, "--model.init_args.optimizer.init_args.lr", "0.02"], tmp_path / "b.log", isolate=True,
                      resume=tmp_path / "resume", resume_every=0)
     assert jobs._resume_args(other).epochs == 0
     result = jobs.run_job(other)
     assert result.resumed_epochs == 0 and "test/acc" in result.metrics
     assert not (tmp_path / "resume").exists()
+    assert f"--- not resumed from {tmp_path / 'resume' / 'resume.ckpt'}: it was written by a job with other " \
+           f"arguments; trained from the start ---" in (tmp_path / "b.log").read_text()
+    assert (tmp_path / "b.log").read_text().startswith("an earlier attempt\n")
+    (tmp_path / "resume").mkdir()
+    (tmp_path / "resume" / jobs.ResumePoint.FILE).write_bytes(b"not a checkpoint")
+    refused = jobs._resume_args(job)
+    assert refused.epochs == 0 and refused.refused.startswith("it cannot be read as a ResumePoint checkpoint (")
 
 
 @pytest.mark.slow
