@@ -300,9 +300,8 @@ class _Resume:
     args: list[str]
     epochs: int = 0
     seconds: float = 0.0
-    checkpoint: str = ""
-    #: why a checkpoint in the folder is not resumed ("" when there is none, or it is)
-    refused: str = ""
+    #: the line the job's log gets before this attempt ("" when the folder holds no checkpoint)
+    note: str = ""
 
 
 def _resume_args(job: Job) -> _Resume:
@@ -322,14 +321,16 @@ def _resume_args(job: Job) -> _Resume:
         saved = torch.load(ckpt, map_location="cpu", weights_only=True)
         state = next(v for k, v in saved.get("callbacks", {}).items() if k.startswith(ResumePoint.__qualname__))
     except Exception as err:  # noqa: BLE001 - unreadable or not one of ours: train from the start
-        return _Resume(args, refused=f"it cannot be read as a {ResumePoint.__qualname__} checkpoint "
-                                     f"({type(err).__name__}: {err})")
-    if state.get("key") != key:
-        return _Resume(args, refused="it was written by a job with other arguments")
+        refused = f"it cannot be read as a {ResumePoint.__qualname__} checkpoint ({type(err).__name__}: {err})"
+    else:
+        refused = "" if state.get("key") == key else "it was written by a job with other arguments"
+    if refused:
+        return _Resume(args, note=f"not resumed from {ckpt}: {refused}; trained from the start")
     version = state.get("logger_version")
     args += ["--ckpt_path", str(ckpt), *(["--trainer.logger.init_args.version", str(version)]
                                          if version is not None else [])]
-    return _Resume(args, int(saved.get("epoch", 0)) + 1, float(state.get("seconds", 0.0)), str(ckpt))
+    epochs, seconds = int(saved.get("epoch", 0)) + 1, float(state.get("seconds", 0.0))
+    return _Resume(args, epochs, seconds, f"resumed after epoch {epochs} from {ckpt} ({seconds:.0f} s trained before)")
 
 
 # ------------------------------------------------------------------------------------------
@@ -345,14 +346,10 @@ def run_job(job: Job, on_epoch: Callable[[dict], None] | None = None) -> JobResu
     job.log.parent.mkdir(parents=True, exist_ok=True)
     resume = _resume_args(job) if job.resume is not None else None
     run = job if resume is None else replace(job, args=resume.args)
-    note = "" if resume is None else (
-        f"resumed after epoch {resume.epochs} from {resume.checkpoint} ({resume.seconds:.0f} s trained before)"
-        if resume.epochs else f"not resumed from {Path(job.resume) / ResumePoint.FILE}: {resume.refused}; "
-                              f"trained from the start" if resume.refused else "")
-    mode = "a" if note and job.log.is_file() else "w"
+    mode = "a" if resume is not None and resume.note and job.log.is_file() else "w"
     if mode == "a":  # the earlier attempt's log, then this one's
         with open(job.log, "a") as log:
-            log.write(f"\n--- {note} ---\n")
+            log.write(f"\n--- {resume.note} ---\n")
     start = time.perf_counter()
     result = (_subprocess if job.isolate else _in_process)(run, on_epoch, mode)
     result.seconds, result.log = time.perf_counter() - start, str(job.log)

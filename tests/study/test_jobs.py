@@ -122,7 +122,8 @@ def test_a_killed_job_resumes_only_from_a_checkpoint_of_its_own_arguments(tmp_pa
     (tmp_path / "resume").mkdir()
     (tmp_path / "resume" / jobs.ResumePoint.FILE).write_bytes(b"not a checkpoint")
     refused = jobs._resume_args(job)
-    assert refused.epochs == 0 and refused.refused.startswith("it cannot be read as a ResumePoint checkpoint (")
+    assert refused.epochs == 0 and refused.note.startswith(
+        f"not resumed from {tmp_path / 'resume' / 'resume.ckpt'}: it cannot be read as a ResumePoint checkpoint (")
 
 
 @pytest.mark.slow
