@@ -55,7 +55,8 @@ LOGGERS = ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lightn
 class Job:
     """``kd-lightning ARGS``, its output to ``log``; ``isolate``: in a subprocess.
 
-    ``validate``: afterwards measure the final weights on the validation split (``val/acc``);
+    ``validate``: afterwards measure the final weights on the validation split too (``val/acc``
+    beside the test's metrics);
     ``save_weights``: write the final weights there (a checkpoint without optimizer state);
     ``resume``: a ``fit`` job's resume folder (:class:`ResumePoint`, written at an epoch's end
     once ``resume_every`` seconds have passed since the last): a job killed part-way continues
@@ -376,15 +377,16 @@ def _cli(job: Job) -> tuple[Any, JobResult]:
     from kd_lightning.environment import describe
 
     trainer = cli_main(args=[str(a) for a in job.args], cli_class=job_cli()).trainer
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}  # the test's, after fit
     if job.validate:
         trainer.limit_val_batches = 1.0  # a study's run trains with limit_val_batches 0
         trainer.validate(trainer.lightning_module, datamodule=trainer.datamodule, verbose=False)
+        metrics.update((k, float(v)) for k, v in trainer.callback_metrics.items())
     if job.save_weights:
         trainer.save_checkpoint(str(job.save_weights), weights_only=True)
     ckpts = [p for cb in trainer.checkpoint_callbacks
              for p in (cb.best_model_path, cb.last_model_path) if p]
-    return trainer, JobResult({k: float(v) for k, v in trainer.callback_metrics.items()},
-                              run_dir=str(trainer.log_dir or ""), checkpoints=list(dict.fromkeys(ckpts)),
+    return trainer, JobResult(metrics, run_dir=str(trainer.log_dir or ""), checkpoints=list(dict.fromkeys(ckpts)),
                               environment=describe(trainer))
 
 

@@ -2,9 +2,9 @@
 from it alone (``results.md``, ``accuracy_vs_m.png``; Kong et al. (2020)'s layout: rows M, columns
 methods, test accuracy ``mean ± std`` over seeds, best per row in bold). One row per finished run,
 with its study's hash (rows of other versions of the study are ignored) and its ``kind``: ``run``
-(trained and tested), ``candidate`` (a grid candidate, measured on the validation split),
-``chosen`` (the test of the chosen candidate's weights) or ``failed`` (``error`` says why; a rerun
-tries it again).
+(trained and tested), ``candidate`` (a grid candidate: measured on the validation split, which
+chooses, and tested, which only the chosen one reports), ``chosen`` (the chosen candidate's test
+accuracy: the table's row for a grid) or ``failed`` (``error`` says why; a rerun tries it again).
 """
 
 from __future__ import annotations
@@ -150,9 +150,11 @@ def _stats(values: list[float]) -> tuple[float, float]:
 
 
 def _test_accuracies(rows: list[dict]) -> dict[tuple[str, str], list[float]]:
+    """Test accuracies per (method, M): runs and chosen grid candidates (the other candidates'
+    test accuracies are recorded but never reported)."""
     acc: dict[tuple[str, str], list[float]] = {}
     for r in rows:
-        if r.get("test_acc") not in (None, ""):
+        if r.get("test_acc") not in (None, "") and r["kind"] in (RUN, CHOSEN):
             acc.setdefault((r["method"], str(r["M"])), []).append(float(r["test_acc"]))
     return acc
 
@@ -225,7 +227,9 @@ def results_markdown(spec: StudySpec, study_hash: str, rows: list[dict],
     if choices:
         text += ("\nChosen on validation accuracy (%): for each M, every candidate of the grid was trained with "
                  f"every seed and its final weights were measured on the held-out validation split; the candidate "
-                 f"with the best mean (bold; the others' means follow) is the one tested and reported above."
+                 f"with the best mean (bold; the others' means follow) is the one reported above. Every candidate "
+                 f"is also tested when it finishes (results.csv keeps it), but no test accuracy takes part in the "
+                 f"choice."
                  f"\n\n{choices}\n")
     failed = "".join(f"- {r['method']} M={r['M']} seed={r['seed']}: {r['error']}\n" for r in failures(rows))
     return text + (f"\nFailed runs (not in the table; a rerun of the study tries them again):\n\n{failed}"

@@ -3,9 +3,12 @@
 :meth:`StudyRunner.planned` enumerates the study's trainings, once, as :class:`RunPlan` s whose
 jobs an executor runs (:mod:`~kd_lightning.study.executors`). Each finished run appends its row
 to ``results.csv`` at once, so a rerun skips what is done; a run killed part-way continues from
-its last finished epoch (:class:`kd_lightning.jobs.ResumePoint`). Grid candidates are trained without
-testing and measured on the validation split; once all are in, the best mean validation accuracy
-over the seeds is chosen (:func:`~kd_lightning.study.results.choose`) and only its weights tested.
+its last finished epoch (:class:`kd_lightning.jobs.ResumePoint`). Grid candidates are measured on
+the validation split and tested when they finish; once all are in, the best mean validation
+accuracy over the seeds is chosen (:func:`~kd_lightning.study.results.choose`) and its test
+accuracies become the reported ``chosen`` rows (no candidate's test accuracy takes part in the
+choice). So a grid whose candidates ran on different machines, or whose weights are gone, needs
+no retraining to report.
 """
 
 from __future__ import annotations
@@ -231,8 +234,8 @@ class StudyRunner:
 
     def plan(self, method: MethodSpec, budget: Budget, seed: int, candidate: dict, kind: str) -> RunPlan:
         """One training: its ``kd-lightning fit`` arguments and its length. ``CHOSEN``: the test
-        of a chosen candidate's weights, trained again first if they were removed (the same run
-        gives the same weights)."""
+        of a chosen candidate's weights, for a candidate row written without a test accuracy;
+        trained again first if the weights were removed (the same run gives the same weights)."""
         if kind == CHOSEN:
             fit = self.plan(method, budget, seed, candidate, CANDIDATE)
             test = jobs.Job(["test", *fit.jobs[0].args[1:], "--trainer.logger.init_args.version", "test",
@@ -263,7 +266,7 @@ class StudyRunner:
                 "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
                 "--trainer.enable_model_summary", "false", "--trainer.logger.init_args.save_dir",
                 str(self.output / "runs"), "--trainer.logger.init_args.name", name,
-                "--test_after_fit", "false" if kind == CANDIDATE else "true",
+                "--test_after_fit", "true",
                 *(["--model.init_args.teacher_checkpoint", str(self.teacher_ckpt)] if needs_teacher else []),
                 *override_args({k: max(1, round(f * epochs)) for k, f in fractions.items() if k in method.run_config}),
                 *self.trainer_args]
@@ -316,7 +319,7 @@ class StudyRunner:
                                                     for g in grids for s in self.spec.seeds)
             display.show("runs", description=f"{total - finished} runs", total=total, completed=finished)
             for plan in grids.values():
-                queue.plans[:0] = self._grid_done(plan)
+                queue.plans[:0] = self._grid_done(plan, display)
             fill()
             for plan, outcome in ex.results():
                 if isinstance(outcome, jobs.JobFailed):
@@ -341,14 +344,16 @@ class StudyRunner:
                     if plan.kind != CHOSEN:
                         queue.observe(plan, outcome.seconds)
                     if plan.kind != RUN:
-                        queue.plans[:0] = self._grid_done(plan)
+                        queue.plans[:0] = self._grid_done(plan, display)
                 fill()
         if stop is not None:
             raise stop
 
-    def _grid_done(self, plan: RunPlan) -> list[RunPlan]:
-        """After a run of ``plan``'s grid: the tests of the chosen candidate to start, once every
-        candidate is in; once those are done too, the other candidates' weights are deleted."""
+    def _grid_done(self, plan: RunPlan, display: _Display) -> list[RunPlan]:
+        """After a run of ``plan``'s grid, once every candidate is in: the chosen candidate's rows,
+        from the test each candidate ran when it finished (test jobs on its weights, returned to
+        start, for rows written without one); once those are in, the other candidates' weights
+        are deleted."""
         spec, method, budget = self.spec, plan.method, plan.budget
         candidates = spec.candidates(method, budget)
         keys = [candidate_key(c) for c in candidates]
@@ -358,7 +363,11 @@ class StudyRunner:
         best, done = candidates[keys.index(chosen)], self.results.done()
         tests = [t for t in (self.plan(method, budget, s, best, CHOSEN) for s in spec.seeds)
                  if not self._is_done(t, done)]
-        if plan.kind == CHOSEN and not tests:
+        rows = self.results.rows()
+        for test in [t for t in tests if self._candidate_row(rows, t)["test_acc"] != ""]:
+            self._record_chosen(test, 0.0, {}, rows, display)  # tested when it was trained
+            tests.remove(test)
+        if not tests:
             for c in candidates:
                 for s in spec.seeds if c is not best else ():
                     self.plan(method, budget, s, c, CANDIDATE).weights.unlink(missing_ok=True)
@@ -386,13 +395,24 @@ class StudyRunner:
             return display.finished(f"{plan.describe()}: test acc {row['test_acc']:.2f}% ({what})"
                                     if plan.kind == RUN else
                                     f"{plan.describe()}: val acc {row['val_acc']:.2f}% ({what}; a candidate)")
-        rows, key = self.results.rows(), plan.key[4]
-        fit = next(r for r in rows if run_key(r) == (*plan.key[:3], CANDIDATE, key))
+        self._record_chosen(plan, result.seconds, result.metrics, self.results.rows(), display)
+
+    @staticmethod
+    def _candidate_row(rows: list[dict], plan: RunPlan) -> dict:
+        """The row of the candidate run whose weights ``plan`` (kind ``chosen``) reports."""
+        return next(r for r in rows if run_key(r) == (*plan.key[:3], CANDIDATE, plan.key[4]))
+
+    def _record_chosen(self, plan: RunPlan, seconds: float, metrics: dict, rows: list[dict],
+                       display: _Display) -> None:
+        """The ``chosen`` row of ``plan``: the candidate's own test accuracy (``metrics`` empty), or
+        that of the test job just run on its weights (a candidate row written without one)."""
+        fit, key = self._candidate_row(rows, plan), plan.key[4]
+        tested = {} if metrics else {k: fit[k] for k in ("test_acc", "teacher_acc")}
+        row = self._row(plan, seconds + float(fit["wall_time_s"]), metrics, val_acc=fit["val_acc"],
+                        run_hash=fit["run_hash"], **tested)
         keys = [candidate_key(c) for c in self.spec.candidates(plan.method, plan.budget)]
         means = choose(rows, plan.method.name, plan.label, keys, self.spec.seeds)[1]
         others = "".join(f"; {candidate_label(k)}: {m:.2f}%" for k, m in means.items() if k != key)
-        row = self._row(plan, result.seconds + float(fit["wall_time_s"]), result.metrics,
-                        val_acc=fit["val_acc"], run_hash=fit["run_hash"])
-        display.finished(f"{plan.method.name} M={plan.label} seed={plan.seed}: "
-                         f"{candidate_label(plan.candidate)} chosen (mean val acc {means[key]:.2f}%"
-                         f"{others}), test acc {row['test_acc']:.2f}%")
+        display.finished(
+            f"{plan.method.name} M={plan.label} seed={plan.seed}: {candidate_label(plan.candidate)} chosen "
+            f"(mean val acc {means[key]:.2f}%{others}), test acc {float(row['test_acc']):.2f}%")

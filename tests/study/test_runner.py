@@ -97,39 +97,65 @@ def test_data_overrides_are_understood_in_every_command_line_form(tmp_path, monk
     assert epochs == {"a": "2", "b": "1", "c": "4"}
 
 
-def test_selection_picks_the_best_mean_validation_accuracy_and_tests_only_it(tmp_path, monkeypatch, capsys):
+def test_selection_picks_the_best_mean_validation_accuracy_and_reports_only_its_test(tmp_path, monkeypatch,
+                                                                                     capsys):
     # validation accuracy by (temperature, seed): T=4 is best on seed 0 alone, T=2 on the mean;
-    # test accuracy would have picked T=1 -- it is never measured for the candidates
+    # test accuracy would have picked T=1: every candidate is tested, but the test never chooses
     val = {("1.0", "0"): 0.30, ("1.0", "1"): 0.30, ("2.0", "0"): 0.70, ("2.0", "1"): 0.70,
            ("4.0", "0"): 0.80, ("4.0", "1"): 0.40}
-    test_of_weights = {"temperature=1.0": 0.99, "temperature=2.0": 0.61, "temperature=4.0": 0.77}
+    test = {"1.0": 0.99, "2.0": 0.61, "4.0": 0.77}
 
     def metrics(call):
-        if call.subcommand == "test":
-            return {"test/acc": test_of_weights[Path(call.ckpt).parent.name]}
-        assert flag(call.args, "test_after_fit") == "false" and call.validate
-        seed = flag(call.args, "seed_everything")
-        return {"val/acc": val[(flag(call.args, "model.init_args.temperature"), seed)]}
+        assert call.subcommand == "fit" and flag(call.args, "test_after_fit") == "true" and call.validate
+        temperature, seed = flag(call.args, "model.init_args.temperature"), flag(call.args, "seed_everything")
+        return {"val/acc": val[(temperature, seed)], "test/acc": test[temperature]}
 
     fake = FakeRuns(metrics)
     kd = {**KD, "grid": {"model.init_args.temperature": [1.0, 2.0, 4.0]}}
     assert run_study(tmp_path, monkeypatch, fake, methods=[kd], budgets=[20], seeds=[0, 1]) == 0
-    fits = [c for c in fake.calls if c.subcommand == "fit"]
-    tests = [c for c in fake.calls if c.subcommand == "test"]
-    assert len(fits) == 6 and all(c.save_weights for c in fits)
-    assert sorted(Path(c.ckpt).parent.name for c in tests) == ["temperature=2.0"] * 2
-    assert {flag(c.args, "seed_everything") for c in tests} == {"0", "1"}
+    # six fits, each validated, saved and tested; no test job afterwards
+    assert len(fake.calls) == 6 and all(c.save_weights for c in fake.calls)
     rows = read_rows(tmp_path / "out")
-    assert [r["test_acc"] for r in rows if r["kind"] == "candidate"] == [""] * 6
+    assert sorted(r["test_acc"] for r in rows if r["kind"] == "candidate") == ["61.0", "61.0", "77.0", "77.0",
+                                                                              "99.0", "99.0"]
     chosen = [r for r in rows if r["kind"] == "chosen"]
     got = [(r["seed"], r["test_acc"], r["val_acc"]) for r in chosen]
     assert got == [("0", "61.0", "70.0"), ("1", "61.0", "70.0")]
     assert [json.loads(r["candidate"]) for r in chosen] == [{"model.init_args.temperature": 2.0}] * 2
     md = (tmp_path / "out" / "results.md").read_text()
-    assert "| 20 | **61.00 ± 0.00** |" in md
+    assert "| 20 | **61.00 ± 0.00** |" in md  # the chosen candidate's test accuracy alone
     assert "| 20 | **temperature=2.0** (val 70.00; temperature=1.0: 30.00, temperature=4.0: 60.00) |" in md
+    assert "temperature=2.0 chosen (mean val acc 70.00%" in capsys.readouterr().out
     # the other candidates' weights are removed
     assert not [p for p in (tmp_path / "out").rglob("final.ckpt") if "temperature=2.0" not in str(p)]
+
+
+def test_candidates_recorded_without_a_test_have_their_kept_weights_tested(tmp_path, monkeypatch):
+    """A results.csv whose candidate rows have no test accuracy (written by a version that tested
+    only the chosen weights): once the grid is in, the chosen candidate's saved weights are
+    tested, one test job per seed, and nothing is trained again."""
+    val = {"1.0": 0.30, "2.0": 0.70}
+
+    def metrics(call):
+        if call.subcommand == "test":
+            return {"test/acc": 0.61 if "temperature=2.0" in call.ckpt else 0.99}
+        return {"val/acc": val[flag(call.args, "model.init_args.temperature")], "test/acc": 0.5}
+
+    kd = {**KD, "grid": {"model.init_args.temperature": [1.0, 2.0]}}
+    over = dict(methods=[kd], budgets=[20], seeds=[0, 1])
+    assert run_study(tmp_path, monkeypatch, FakeRuns(metrics), **over) == 0
+    path = tmp_path / "out" / "results.csv"
+    rows = [{**r, "test_acc": ""} for r in read_rows(tmp_path / "out") if r["kind"] == "candidate"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    again = FakeRuns(metrics)
+    assert run_study(tmp_path, monkeypatch, again, **over) == 0
+    assert [(c.subcommand, flag(c.args, "seed_everything")) for c in again.calls] == [("test", "0"), ("test", "1")]
+    assert all(Path(c.ckpt).parent.name == "temperature=2.0" for c in again.calls)
+    chosen = [r for r in read_rows(tmp_path / "out") if r["kind"] == "chosen"]
+    assert [(r["seed"], r["test_acc"], r["val_acc"]) for r in chosen] == [("0", "61.0", "70.0"), ("1", "61.0", "70.0")]
 
 
 def test_choose_breaks_ties_by_grid_order_and_waits_for_every_run():
@@ -142,13 +168,11 @@ def test_choose_breaks_ties_by_grid_order_and_waits_for_every_run():
 
 def test_interrupted_study_with_a_grid_resumes_where_it_stopped(tmp_path, monkeypatch, capsys):
     def metrics(call):
-        if call.subcommand == "test":
-            return {"test/acc": 0.5}
-        return {"val/acc": 0.5} if call.validate else {"test/acc": 0.4}
+        return {"val/acc": 0.5, "test/acc": 0.45} if call.validate else {"test/acc": 0.4}
 
     kd = {**KD, "grid": {"model.init_args.temperature": [1.0, 2.0]}}
     over = dict(methods=[STUDENT, kd], budgets=[20, 50], seeds=[0, 1])
-    # per budget: 2 student runs, 4 candidate fits, 2 tests of the chosen -> 16 runs in all
+    # per budget: 2 student runs and 4 candidate fits -> 12 runs in all, and 2 chosen rows per budget
     first = FakeRuns(metrics, interrupt_at=6)
     assert run_study(tmp_path, monkeypatch, first, **over) == 130
     assert "Rerun the same command to continue" in capsys.readouterr().err
@@ -156,7 +180,7 @@ def test_interrupted_study_with_a_grid_resumes_where_it_stopped(tmp_path, monkey
     assert len(done) == 5
     second = FakeRuns(metrics)
     assert run_study(tmp_path, monkeypatch, second, **over) == 0
-    assert len(second.calls) == 16 - 5  # nothing finished is trained again
+    assert len(second.calls) == 12 - 5  # nothing finished is trained again
     started_again = {tuple(c.args) for c in second.calls}
     assert not started_again & {tuple(c.args) for c in first.calls[:5]}
     assert tuple(first.calls[5].args) in started_again  # the interrupted run
