@@ -37,6 +37,21 @@ OWN_FILES = ("study.json", "results.csv", "results.md", "accuracy_vs_m.png", "ru
 _UNSAFE = re.compile(r"[^\w\-.=]")
 
 
+def weights_digest(checkpoint: Path) -> str:
+    """SHA-256 of a checkpoint's weights (each ``state_dict`` entry's name, dtype, shape and
+    bytes, in order): equal for the same weights whatever else the file holds (paths, callback
+    states), so a study can tell whether two machines' runs shared one teacher."""
+    import torch
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    h = hashlib.sha256()
+    for name, tensor in state.get("state_dict", state).items():
+        t = tensor.detach().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 @dataclasses.dataclass
 class RunPlan:
     """One training of the study (or the test of a chosen grid candidate), before it runs;
@@ -213,10 +228,21 @@ class StudyRunner:
                     f"{spec.path}); give it a ModelCheckpoint callback.")
             shutil.copyfile(best[0], self.teacher_ckpt)
             info.write_text(json.dumps({"config": cfg, "args": spec.teacher_args,
-                                        "source": str(best[0]), "test_acc": result.metrics.get("test/acc")}))
-        self.teacher_acc = json.loads(info.read_text()).get("test_acc")
+                                        "source": str(best[0]), "test_acc": result.metrics.get("test/acc"),
+                                        "weights_sha256": weights_digest(self.teacher_ckpt)}))
+        cached = json.loads(info.read_text())
+        self.teacher_acc, digest = cached.get("test_acc"), cached.get("weights_sha256")
+        if digest is None:  # a teacher cached by an earlier version
+            digest = weights_digest(self.teacher_ckpt)
+            info.write_text(json.dumps({**cached, "weights_sha256": digest}))
+        earlier = self._teacher.get("teacher", {}).get("weights_sha256")
+        if earlier not in (None, digest):
+            display.print(f"warning: this study's earlier runs in {self.output} were trained with another teacher "
+                          f"(weights sha256 {earlier}) than {self.teacher_ckpt} (sha256 {digest}), e.g. one "
+                          f"trained again on another machine. New rows use this one; to keep one teacher, put "
+                          f"the earlier checkpoint at {self.teacher_ckpt} and rerun.")
         self._teacher = {"teacher": {"config": spec.teacher_config, "checkpoint": str(self.teacher_ckpt),
-                                     "test_acc": self.teacher_acc}}
+                                     "test_acc": self.teacher_acc, "weights_sha256": digest}}
         self._write_meta()
 
     # ---- planning ----------------------------------------------------------------------------

@@ -9,12 +9,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 import kd_lightning.study.runner as runner
 from kd_lightning import jobs
 from kd_lightning.study import main
 from kd_lightning.study.executors import execute
 from kd_lightning.study.results import choose
+from kd_lightning.study.runner import weights_digest
 from tests.study.test_study import KD, STUDENT, read_rows, write_study
 
 
@@ -32,17 +34,17 @@ def flag(args: list[str], name: str) -> str | None:
 class FakeRuns:
     """Stands in for jobs.run_job: records every job; metrics from ``metrics(call)``."""
 
-    def __init__(self, metrics=None, interrupt_at: int | None = None) -> None:
+    def __init__(self, metrics=None, interrupt_at: int | None = None, teacher_weight: float = 1.0) -> None:
         self.calls: list[SimpleNamespace] = []
         self.metrics = metrics or (lambda call: {"test/acc": 0.5})
-        self.interrupt_at = interrupt_at
+        self.interrupt_at, self.teacher_weight = interrupt_at, teacher_weight
 
     def __call__(self, job, on_epoch=None):
         args, save_weights = [str(a) for a in job.args], job.save_weights
         if flag(args, "trainer.logger.init_args.name") == "teacher":
             ckpt = Path(flag(args, "trainer.logger.init_args.save_dir")) / "teacher/version_0/checkpoints"
             ckpt.mkdir(parents=True, exist_ok=True)
-            (ckpt / "best.ckpt").write_text("weights")
+            torch.save({"state_dict": {"w": torch.tensor([self.teacher_weight])}, "epoch": 3}, ckpt / "best.ckpt")
             return jobs.JobResult({"test/acc": 0.9}, checkpoints=[str(ckpt / "best.ckpt")])
         call = SimpleNamespace(args=args, validate=job.validate, save_weights=save_weights,
                                subcommand=args[0], ckpt=flag(args, "ckpt_path"))
@@ -206,6 +208,36 @@ def test_results_of_the_previous_csv_layout_are_resumed(tmp_path, monkeypatch):
     assert [flag(c.args, "seed_everything") for c in again.calls] == ["1"]
     rows = read_rows(tmp_path / "out")
     assert [(r["seed"], r["kind"]) for r in rows] == [("0", ""), ("1", "run")]
+
+
+def test_weights_digest_follows_the_weights_alone(tmp_path):
+    """Two checkpoints of the same weights with other contents (paths, epochs) share a digest;
+    one value changed in its last bit does not."""
+    w = {"a.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3), "a.bias": torch.zeros(2)}
+    torch.save({"state_dict": w, "epoch": 3, "callbacks": {"dirpath": "/one/place"}}, tmp_path / "x.ckpt")
+    torch.save({"state_dict": {k: v.clone() for k, v in w.items()}, "epoch": 9}, tmp_path / "y.ckpt")
+    torch.save(w, tmp_path / "plain.pt")
+    bumped = {**w, "a.bias": torch.nextafter(torch.zeros(2), torch.ones(2))}
+    torch.save({"state_dict": bumped}, tmp_path / "z.ckpt")
+    same = {weights_digest(tmp_path / n) for n in ("x.ckpt", "y.ckpt", "plain.pt")}
+    assert len(same) == 1 and weights_digest(tmp_path / "z.ckpt") not in same
+
+
+def test_a_rerun_with_another_teacher_says_so_and_records_it(tmp_path, monkeypatch, capsys):
+    """A study continued on another machine trains its teacher again; study.json records the
+    teacher's weight digest, and a teacher with other weights is named in a warning."""
+    over = dict(methods=[KD], budgets=[20])
+    assert run_study(tmp_path, monkeypatch, FakeRuns(), **over, seeds=[0]) == 0
+    first = json.loads((tmp_path / "out" / "study.json").read_text())["teacher"]["weights_sha256"]
+    assert "another teacher" not in capsys.readouterr().out
+    assert run_study(tmp_path, monkeypatch, FakeRuns(), **over, seeds=[0, 1]) == 0  # the cached teacher
+    assert "another teacher" not in capsys.readouterr().out
+    for p in (tmp_path / "t").rglob("teacher.*"):  # a new machine: no cached teacher
+        p.unlink()
+    assert run_study(tmp_path, monkeypatch, FakeRuns(teacher_weight=2.0), **over, seeds=[0, 1, 2]) == 0
+    out = capsys.readouterr().out
+    now = json.loads((tmp_path / "out" / "study.json").read_text())["teacher"]["weights_sha256"]
+    assert now != first and f"another teacher (weights sha256 {first})" in out and now in out
 
 
 class FakeRay:
