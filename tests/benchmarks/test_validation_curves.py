@@ -54,8 +54,9 @@ def _study(tmp_path):
 
 def test_curves_of_the_tested_runs_from_their_last_version(tmp_path, curves_mod):
     _study(tmp_path)
-    found = curves_mod.study_curves(tmp_path)
-    assert list(found) == [("KD", "500"), ("W", "500")]  # the unchosen candidate is not a tested run
+    runs = curves_mod.study_curves(tmp_path)
+    assert list(runs) == [("KD", "500", 0), ("KD", "500", 1), ("W", "500", 0)]  # not the unchosen candidate
+    found = curves_mod.by_budget(runs)
     assert found[("W", "500")] == [[pytest.approx(30.0)] * 8]  # the final measurement is not an epoch
     (seed0, seed1) = found[("KD", "500")]
     assert len(seed1) == 8 and seed1[0] == pytest.approx(40.0)  # version_1, not the partial version_0
@@ -90,3 +91,25 @@ def test_a_run_resumed_from_its_checkpoint_reads_as_one_curve(tmp_path, curves_m
             w.add_scalar("val/acc", v, step, walltime=2000.0 + step)
     assert len(list((run / "version_0").iterdir())) == 2
     assert curves_mod.curve(run) == pytest.approx([10.0, 20.0, 30.0, 40.0, 50.0, 60.0])
+
+
+def test_saved_curves_read_back_and_merge_with_later_runs(tmp_path, curves_mod):
+    """--save keeps the curves without the TensorBoard logs: read back they give the same table,
+    and a later session's runs are added to the file (a run read again replaces its rows)."""
+    _study(tmp_path)
+    saved = tmp_path / "curves.csv"
+    out = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "--save", str(saved)],
+                         capture_output=True, text=True, check=True).stdout
+    back = subprocess.run([sys.executable, str(SCRIPT), str(saved)], capture_output=True, text=True,
+                          check=True).stdout
+    table = [line for line in out.splitlines() if line.startswith("|")]
+    assert table and table == [line for line in back.splitlines() if line.startswith("|")]
+    back_runs, runs = curves_mod.read_saved(saved), curves_mod.study_curves(tmp_path)
+    assert set(back_runs) == set(runs)
+    assert all(back_runs[k] == pytest.approx(runs[k], abs=1e-4) for k in runs)  # 4 decimals kept
+    later = {("KD", "1000", 0): [50.0, 60.0], ("KD", "500", 1): [1.0, 2.0]}
+    curves_mod.save(saved, later)
+    merged = curves_mod.read_saved(saved)
+    assert set(merged) == {("KD", "500", 0), ("KD", "500", 1), ("W", "500", 0), ("KD", "1000", 0)}
+    assert merged[("KD", "500", 1)] == [1.0, 2.0] and merged[("KD", "1000", 0)] == [50.0, 60.0]
+    assert merged[("KD", "500", 0)][:2] == pytest.approx([50.0, 60.0])
