@@ -46,9 +46,9 @@ def weights_digest(checkpoint: Path) -> str:
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     h = hashlib.sha256()
     for name, tensor in state.get("state_dict", state).items():
-        t = tensor.detach().contiguous()
+        t = tensor.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

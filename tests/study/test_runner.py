@@ -213,7 +213,8 @@ def test_results_of_the_previous_csv_layout_are_resumed(tmp_path, monkeypatch):
 def test_weights_digest_follows_the_weights_alone(tmp_path):
     """Two checkpoints of the same weights with other contents (paths, epochs) share a digest;
     one value changed in its last bit does not."""
-    w = {"a.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3), "a.bias": torch.zeros(2)}
+    w = {"a.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3), "a.bias": torch.zeros(2),
+         "bn.num_batches_tracked": torch.tensor(7), "empty": torch.zeros(0, 3, dtype=torch.float16)}
     torch.save({"state_dict": w, "epoch": 3, "callbacks": {"dirpath": "/one/place"}}, tmp_path / "x.ckpt")
     torch.save({"state_dict": {k: v.clone() for k, v in w.items()}, "epoch": 9}, tmp_path / "y.ckpt")
     torch.save(w, tmp_path / "plain.pt")
