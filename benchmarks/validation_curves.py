@@ -7,16 +7,18 @@ over seeds of the validation accuracy (%) at 25, 50, 75 and 100% of the run, its
 the rise over the last quarter (final minus the value at 75%): a run whose accuracy has stopped
 rising gains about nothing there. A grid method's curve is its chosen candidate's.
 
-``--save CURVES.csv`` writes the curves read (one row per run and epoch: method, M, seed,
-epoch, val_acc), keeping the file's runs that were not read again, and a ``.csv`` given as a
-source is read like a study folder: a study trained in several sessions or on several machines
-keeps its curves beside its ``results.csv`` without its TensorBoard logs.
+A study folder's ``curves.csv`` (one row per run and epoch: method, M, seed, candidate, epoch,
+val_acc) keeps its curves once its TensorBoard logs are gone: a run whose logs are not found is
+read from it. ``--save`` writes it, from every run's logs (grid candidates included, so a grid
+chosen in a later session still has its chosen candidate's curve) and the runs it held already.
+A study trained in several sessions or on several machines keeps ``results.csv``, ``study.json``
+and ``curves.csv``, and this script tables it from those alone.
 
 Run::
 
     python benchmarks/validation_curves.py studies/fashion_mnist_kong-row_500 [more folders]
     python benchmarks/validation_curves.py FOLDER --plot curves.png   # the curves, one panel per M
-    python benchmarks/validation_curves.py FOLDER --save curves.csv   # and later: curves.csv
+    python benchmarks/validation_curves.py FOLDER --save   # FOLDER/curves.csv, read when the logs are gone
 """
 
 from __future__ import annotations
@@ -53,48 +55,65 @@ def curve(run_dir: Path) -> list[float]:
     return [100 * by_step[step] for step in sorted(by_step)]
 
 
-Run = tuple[str, str, int]  # (method, M, seed)
-FIELDS = ("method", "M", "seed", "epoch", "val_acc")
+Run = tuple[str, str, int, str]  # (method, M, seed, candidate)
+FIELDS = ("method", "M", "seed", "candidate", "epoch", "val_acc")
+TESTED, TRAINED = ("run", "chosen"), ("run", "candidate")
+
+
+def _rows(folder: Path, kinds: tuple[str, ...]) -> list[dict]:
+    with open(folder / "results.csv", newline="") as f:
+        return [r for r in csv.DictReader(f) if r.get("kind", "run") in kinds]
+
+
+def _key(row: dict) -> Run:
+    return row["method"], row["M"], int(row["seed"]), row.get("candidate") or ""
 
 
 def study_curves(folder: Path) -> dict[Run, list[float]]:
-    """(method, M, seed) -> the run's curve, for the tested runs (plain runs and chosen
-    candidates): each run's first ``epochs`` validations, one per epoch (a grid candidate's final
-    measurement on the whole validation split follows them and is not part of the curve)."""
-    with open(folder / "results.csv", newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("kind", "run") in ("run", "chosen")]
+    """(method, M, seed, candidate) -> the run's curve, for the tested runs (plain runs and
+    chosen candidates): each run's first ``epochs`` validations, one per epoch (a grid
+    candidate's final measurement on the whole validation split follows them and is not part of
+    the curve), from its logs or else from the folder's ``curves.csv``."""
+    saved = read_saved(folder / "curves.csv")
     out: dict[Run, list[float]] = {}
-    for r in rows:
-        c = curve(Path(r["run_dir"]))[:int(r["epochs"])]
+    for r in _rows(folder, TESTED):
+        c = curve(Path(r["run_dir"]))[:int(r["epochs"])] or saved.get(_key(r), [])
         if c:
-            out[(r["method"], r["M"], int(r["seed"]))] = c
+            out[_key(r)] = c
     return out
 
 
 def read_saved(path: Path) -> dict[Run, list[float]]:
-    """The curves a ``--save`` file holds (epochs in order, 1-based)."""
+    """The curves a ``curves.csv`` holds (epochs in order); none if there is no such file."""
     out: dict[Run, dict[int, float]] = {}
-    with open(path, newline="") as f:
-        for r in csv.DictReader(f):
-            out.setdefault((r["method"], r["M"], int(r["seed"])), {})[int(r["epoch"])] = float(r["val_acc"])
+    if path.is_file():
+        with open(path, newline="") as f:
+            for r in csv.DictReader(f):
+                out.setdefault(_key(r), {})[int(r["epoch"])] = float(r["val_acc"])
     return {run: [by_epoch[e] for e in sorted(by_epoch)] for run, by_epoch in out.items()}
 
 
-def save(path: Path, runs: dict[Run, list[float]]) -> None:
-    """Write ``runs`` to ``path`` (one row per run and epoch), after the runs ``path`` already
-    holds that ``runs`` does not."""
-    merged = {**(read_saved(path) if path.is_file() else {}), **runs}
+def save(folder: Path) -> Path:
+    """Write ``folder/curves.csv``: every trained run's curve from its logs (plain runs and grid
+    candidates), and the file's own curves of the runs whose logs are gone."""
+    runs = read_saved(folder / "curves.csv")
+    for r in _rows(folder, TRAINED):
+        c = curve(Path(r["run_dir"]))[:int(r["epochs"])]
+        if c:
+            runs[_key(r)] = c
+    path = folder / "curves.csv"
     with open(path, "w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(FIELDS)
-        for (method, m, seed), c in sorted(merged.items(), key=lambda kv: (budget_order(kv[0][1]), kv[0])):
-            w.writerows((method, m, seed, epoch, f"{v:.4f}") for epoch, v in enumerate(c, start=1))
+        for run, c in sorted(runs.items(), key=lambda kv: (budget_order(kv[0][1]), kv[0])):
+            w.writerows((*run, epoch, f"{v:.4f}") for epoch, v in enumerate(c, start=1))
+    return path
 
 
 def by_budget(runs: dict[Run, list[float]]) -> dict[tuple[str, str], list[list[float]]]:
     """(method, M) -> its seeds' curves, in seed order."""
     out: dict[tuple[str, str], list[list[float]]] = {}
-    for (method, m, _), c in sorted(runs.items(), key=lambda kv: kv[0][2]):
+    for (method, m, _, _), c in sorted(runs.items(), key=lambda kv: kv[0][2]):
         out.setdefault((method, m), []).append(c)
     return out
 
@@ -110,20 +129,17 @@ def summary(curves: list[list[float]]) -> tuple[list[float], int, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("sources", nargs="+", type=Path,
-                    help="study output folders, or curves saved with --save (.csv)")
+    ap.add_argument("folders", nargs="+", type=Path, help="study output folders")
     ap.add_argument("--plot", type=Path, help="write the mean curves to this PNG")
-    ap.add_argument("--save", type=Path, help="write the runs' curves to this CSV (keeping its other runs)")
+    ap.add_argument("--save", action="store_true",
+                    help="write each folder's curves.csv (its runs' curves, kept once the logs are gone)")
     args = ap.parse_args()
-    runs: dict[Run, list[float]] = {}
-    for source in args.sources:
-        runs.update(read_saved(source) if source.suffix == ".csv" else study_curves(source))
+    for folder in args.folders if args.save else ():
+        print(f"wrote {save(folder)}")
+    runs = {k: v for folder in args.folders for k, v in study_curves(folder).items()}
     if not runs:
-        raise SystemExit(f"no validation curves in {[str(f) for f in args.sources]}: the study's runs did not "
+        raise SystemExit(f"no validation curves in {[str(f) for f in args.folders]}: the study's runs did not "
                          f"validate (give the study args: [--trainer.limit_val_batches=0.25]).")
-    if args.save:
-        save(args.save, runs)
-        print(f"wrote {args.save}")
     found = by_budget(runs)
     print("| M | method | seeds | epochs | val acc at 25% | 50% | 75% | 100% | best epoch | last-quarter rise |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import shutil
 import subprocess
 import sys
 
@@ -39,13 +40,17 @@ def _study(tmp_path):
         if seed == 1:
             _log(run, 0, [0.1, 0.2])  # the interrupted attempt
         _log(run, int(seed == 1), values)
-        rows.append({"method": "KD", "M": "500", "seed": seed, "kind": "run", "epochs": 8, "run_dir": str(run)})
+        rows.append({"method": "KD", "M": "500", "seed": seed, "kind": "run", "epochs": 8, "run_dir": str(run),
+                     "candidate": ""})
     other = tmp_path / "runs" / "W" / "M500" / "seed0" / "eps=1"
     _log(other, 0, [0.1] * 8)
-    rows.append({"method": "W", "M": "500", "seed": 0, "kind": "candidate", "epochs": 8, "run_dir": str(other)})
+    rows.append({"method": "W", "M": "500", "seed": 0, "kind": "candidate", "epochs": 8, "run_dir": str(other),
+                 "candidate": "eps=1"})
     chosen = tmp_path / "runs" / "W" / "M500" / "seed0" / "eps=2"
     _log(chosen, 0, [0.3] * 8 + [0.35])  # eight epochs, then the final measurement on the whole split
-    rows.append({"method": "W", "M": "500", "seed": 0, "kind": "chosen", "epochs": 8, "run_dir": str(chosen)})
+    for kind in ("candidate", "chosen"):
+        rows.append({"method": "W", "M": "500", "seed": 0, "kind": kind, "epochs": 8, "run_dir": str(chosen),
+                     "candidate": "eps=2"})
     with open(tmp_path / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -55,7 +60,7 @@ def _study(tmp_path):
 def test_curves_of_the_tested_runs_from_their_last_version(tmp_path, curves_mod):
     _study(tmp_path)
     runs = curves_mod.study_curves(tmp_path)
-    assert list(runs) == [("KD", "500", 0), ("KD", "500", 1), ("W", "500", 0)]  # not the unchosen candidate
+    assert list(runs) == [("KD", "500", 0, ""), ("KD", "500", 1, ""), ("W", "500", 0, "eps=2")]  # not eps=1
     found = curves_mod.by_budget(runs)
     assert found[("W", "500")] == [[pytest.approx(30.0)] * 8]  # the final measurement is not an epoch
     (seed0, seed1) = found[("KD", "500")]
@@ -93,23 +98,31 @@ def test_a_run_resumed_from_its_checkpoint_reads_as_one_curve(tmp_path, curves_m
     assert curves_mod.curve(run) == pytest.approx([10.0, 20.0, 30.0, 40.0, 50.0, 60.0])
 
 
-def test_saved_curves_read_back_and_merge_with_later_runs(tmp_path, curves_mod):
-    """--save keeps the curves without the TensorBoard logs: read back they give the same table,
-    and a later session's runs are added to the file (a run read again replaces its rows)."""
+def test_a_study_folder_keeps_its_curves_once_the_logs_are_gone(tmp_path, curves_mod):
+    """--save writes FOLDER/curves.csv with every trained run (candidates too); with the
+    TensorBoard logs gone the same table comes from results.csv and curves.csv alone, and a later
+    session's --save adds its runs to the file and keeps the earlier ones."""
     _study(tmp_path)
-    saved = tmp_path / "curves.csv"
-    out = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "--save", str(saved)],
-                         capture_output=True, text=True, check=True).stdout
-    back = subprocess.run([sys.executable, str(SCRIPT), str(saved)], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "--save"], capture_output=True, text=True,
+                         check=True).stdout
+    saved = curves_mod.read_saved(tmp_path / "curves.csv")
+    assert set(saved) == {("KD", "500", 0, ""), ("KD", "500", 1, ""), ("W", "500", 0, "eps=1"),
+                          ("W", "500", 0, "eps=2")}
+    assert saved[("W", "500", 0, "eps=1")] == pytest.approx([10.0] * 8, abs=1e-4)
+    shutil.rmtree(tmp_path / "runs")
+    back = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], capture_output=True, text=True,
                           check=True).stdout
     table = [line for line in out.splitlines() if line.startswith("|")]
-    assert table and table == [line for line in back.splitlines() if line.startswith("|")]
-    back_runs, runs = curves_mod.read_saved(saved), curves_mod.study_curves(tmp_path)
-    assert set(back_runs) == set(runs)
-    assert all(back_runs[k] == pytest.approx(runs[k], abs=1e-4) for k in runs)  # 4 decimals kept
-    later = {("KD", "1000", 0): [50.0, 60.0], ("KD", "500", 1): [1.0, 2.0]}
-    curves_mod.save(saved, later)
-    merged = curves_mod.read_saved(saved)
-    assert set(merged) == {("KD", "500", 0), ("KD", "500", 1), ("W", "500", 0), ("KD", "1000", 0)}
-    assert merged[("KD", "500", 1)] == [1.0, 2.0] and merged[("KD", "1000", 0)] == [50.0, 60.0]
-    assert merged[("KD", "500", 0)][:2] == pytest.approx([50.0, 60.0])
+    assert len(table) == 4 and table == [line for line in back.splitlines() if line.startswith("|")]
+    # a later session: one more run in results.csv and in the logs; the file keeps the others
+    later = tmp_path / "runs" / "KD" / "M1000" / "seed0"
+    _log(later, 0, [0.5, 0.6])
+    with open(tmp_path / "results.csv", "a", newline="") as f:
+        csv.DictWriter(f, fieldnames=["method", "M", "seed", "kind", "epochs", "run_dir", "candidate"]).writerow(
+            {"method": "KD", "M": "1000", "seed": 0, "kind": "run", "epochs": 2, "run_dir": str(later),
+             "candidate": ""})
+    curves_mod.save(tmp_path)
+    again = curves_mod.read_saved(tmp_path / "curves.csv")
+    assert set(again) == set(saved) | {("KD", "1000", 0, "")}
+    assert again[("KD", "1000", 0, "")] == pytest.approx([50.0, 60.0], abs=1e-4)
+    assert all(again[k] == pytest.approx(v) for k, v in saved.items())
