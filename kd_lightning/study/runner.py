@@ -31,8 +31,9 @@ from kd_lightning.study.results import (CANDIDATE, CHOSEN, FAILED, RUN, Results,
 from kd_lightning.study.spec import (Budget, MethodSpec, StudySpec, budget_data_args, budget_label,
                                      override_args, require)
 
-#: what a study writes into its output folder (all that --overwrite may delete)
-OWN_FILES = ("study.json", "results.csv", "results.md", "accuracy_vs_m.png", "runs")
+#: what a study writes into its output folder, and the curves benchmarks/validation_curves.py
+#: --save keeps there (all that --overwrite may delete)
+OWN_FILES = ("study.json", "results.csv", "results.md", "accuracy_vs_m.png", "runs", "curves.csv")
 #: what a run's folder name keeps of a method or candidate name (the rest becomes "_")
 _UNSAFE = re.compile(r"[^\w\-.=]")
 

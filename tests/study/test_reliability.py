@@ -52,9 +52,11 @@ def test_overwrite_deletes_only_what_a_study_wrote(tmp_path, monkeypatch, capsys
     base = ["--no-progress", "--teacher-cache", str(teachers)]
     assert main(["--config", str(cfg), *base]) == 0
     (tmp_path / "out" / "notes.txt").write_text("mine")
+    (tmp_path / "out" / "curves.csv").write_text("method,M,seed,candidate,epoch,val_acc\n")  # --save's
     other = write_study(tmp_path, "other.yaml", methods=[STUDENT], budgets=[20], seeds=[0], steps=3)
     assert main(["--config", str(other), *base, "--overwrite"]) == 0
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"  # not the study's: kept
+    assert not (tmp_path / "out" / "curves.csv").exists()  # the other study's curves: gone
     assert len(read_rows(tmp_path / "out")) == 1
 
 
