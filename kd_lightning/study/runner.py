@@ -229,13 +229,9 @@ class StudyRunner:
                     f"{spec.path}); give it a ModelCheckpoint callback.")
             shutil.copyfile(best[0], self.teacher_ckpt)
             info.write_text(json.dumps({"config": cfg, "args": spec.teacher_args,
-                                        "source": str(best[0]), "test_acc": result.metrics.get("test/acc"),
-                                        "weights_sha256": weights_digest(self.teacher_ckpt)}))
-        cached = json.loads(info.read_text())
-        self.teacher_acc, digest = cached.get("test_acc"), cached.get("weights_sha256")
-        if digest is None:  # a teacher cached by an earlier version
-            digest = weights_digest(self.teacher_ckpt)
-            info.write_text(json.dumps({**cached, "weights_sha256": digest}))
+                                        "source": str(best[0]), "test_acc": result.metrics.get("test/acc")}))
+        self.teacher_acc = json.loads(info.read_text()).get("test_acc")
+        digest = weights_digest(self.teacher_ckpt)  # from the file itself (tens of ms), never cached apart from it
         earlier = self._teacher.get("teacher", {}).get("weights_sha256")
         if earlier not in (None, digest):
             display.print(f"warning: this study's earlier runs in {self.output} were trained with another teacher "
