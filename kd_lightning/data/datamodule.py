@@ -228,6 +228,13 @@ class DistillDataModule(pl.LightningDataModule):
         no mixing), so per-example teacher outputs can be cached."""
         return isinstance(self.augment, str) and self.augment == "none" and self.mixing is None
 
+    @property
+    def deterministic_eval(self) -> bool:
+        """True: a validation or test example always maps to the same input tensor (they are
+        never augmented), so a fit may keep the frozen teacher's logits of each validation
+        batch. A subclass whose evaluation loaders draw random inputs must return False."""
+        return True
+
     # ---- data ------------------------------------------------------------------------------
     def prepare_data(self) -> None:
         if self.download and self._custom is None:  # fetch once on rank 0; setup() then reads the files on every rank

@@ -25,6 +25,7 @@ import math
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor
 from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -76,7 +77,7 @@ class Evaluation:
     def eval_step(self, batch, prefix: str) -> Tensor:
         """Update the ``prefix`` ("val" or "test") metrics with one batch; returns the student's
         logits (for a method that evaluates more)."""
-        x, y, _ = batch
+        x, y, index = batch
         logits = self.student(x)
         loss = F.cross_entropy(logits.float(), y)
         # the per-example mean over every rank (a metric object: DDP ranks may hold unequal
@@ -90,8 +91,8 @@ class Evaluation:
         if self.top5:
             getattr(self, f"{prefix}_acc5").update(logits, y)
         outputs = {"": (self.student, logits)}
-        if self.teacher is not None:  # the frozen teacher's eval-mode logits (never the cache)
-            t_logits = self.teacher_logits(x)
+        if self.teacher is not None:  # the frozen teacher's eval-mode logits
+            t_logits = self.eval_teacher_logits(x, index, prefix)
             getattr(self, f"{prefix}_distill_error").update(logits, t_logits, y)
             getattr(self, f"{prefix}_teacher_agreement").update(logits, t_logits.argmax(-1))
             if prefix == "test":
@@ -101,6 +102,20 @@ class Evaluation:
         if prefix == "test" and self.test_uncertainty is not None:
             self.test_uncertainty.update(x, y, outputs)
         return logits
+
+    def eval_teacher_logits(self, x: Tensor, index: Tensor, prefix: str) -> Tensor:
+        """The frozen teacher's eval-mode logits of an evaluation batch (never the training
+        cache). A fit's validation batches are computed once and kept
+        (:meth:`~kd_lightning.models.teacher.FrozenTeacher.validation_logits`, within
+        ``teacher_cache_mb``) when the data module says its validation inputs never change
+        (``deterministic_eval``) and there is one validation loader; test, ``validate`` and
+        other data run the teacher."""
+        trainer = self.trainer_or_none
+        if (prefix == "val" and trainer is not None and trainer.state.fn == TrainerFn.FITTING
+                and getattr(trainer.datamodule, "deterministic_eval", False)
+                and len(trainer.num_val_batches) == 1):
+            return self.frozen_teacher.validation_logits(x, index, self.teacher_cache_mb)
+        return self.teacher_logits(x)
 
     def _teacher_metrics(self, prefix: str) -> dict[str, Tensor]:
         """The epoch's distillation error and teacher agreement (reset); {} without a teacher."""

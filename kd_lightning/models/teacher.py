@@ -1,9 +1,9 @@
 """The frozen teacher as one component: weights, freezing, feature taps, per-example cache.
 
 A distillation method asks its :class:`FrozenTeacher` for the teacher's logits (and tapped
-features) of a batch; where they come from -- a no-grad forward of the frozen network, or a cache
-filled once per training example when the training inputs are deterministic -- is this module's
-business. :class:`PerExampleCache` is the cache itself, also used for other per-example constants
+features) of a batch; where they come from -- a no-grad forward of the frozen network, a cache
+filled once per training example when the training inputs are deterministic, or one kept per
+validation batch of a fit (:class:`EvalBatchCache`) -- is this module's business. :class:`PerExampleCache` is the cache itself, also used for other per-example constants
 (MutualDistillation's fixed rules).
 
 :func:`describe_teacher` is the line a fit prints about its teacher: its weights file, class,
@@ -70,6 +70,40 @@ class PerExampleCache:
         return [s[index] for s in self.stores]
 
 
+class EvalBatchCache:
+    """The teacher's logits per validation batch, kept from the first time each batch is evaluated.
+
+    A fit validates the same batches, in the same order and without augmentation, at every
+    epoch, and the frozen teacher's eval-mode logits of a batch never change: computing them
+    once per batch instead of once per epoch removes the teacher's forward from every later
+    validation (a resnet20 teacher costs about twice its resnet8 student's forward). A batch is
+    found by its example indices (the whole ``index`` tensor must match, so a batch that holds
+    other examples is computed afresh). Batches that would take the cache over ``budget_bytes``
+    are computed every time.
+    """
+
+    def __init__(self) -> None:
+        self.batches: dict[tuple[int, int, int], tuple[Tensor, Tensor]] = {}
+        self.nbytes = 0
+
+    def clear(self) -> None:
+        self.batches, self.nbytes = {}, 0
+
+    def logits(self, x: Tensor, index: Tensor, forward: Callable[[Tensor], Tensor],
+               budget_bytes: float) -> Tensor:
+        """The cached logits of the batch ``index``, else ``forward(x)`` (kept if it fits)."""
+        key = (index.shape[0], int(index[0]), int(index[-1])) if index.numel() else (0, 0, 0)
+        hit = self.batches.get(key)
+        if hit is not None and torch.equal(hit[0], index):
+            return hit[1]
+        out = forward(x)
+        size = out.numel() * out.element_size() + index.numel() * index.element_size()
+        if hit is None and self.nbytes + size <= budget_bytes:
+            self.batches[key] = (index.clone(), out)
+            self.nbytes += size
+        return out
+
+
 class FrozenTeacher:
     """A teacher network that is never trained.
 
@@ -92,6 +126,7 @@ class FrozenTeacher:
         self.net = net
         self.taps: FeatureTaps | None = None
         self.cache = PerExampleCache()
+        self.val_cache = EvalBatchCache()
 
     def describe(self) -> str:
         """The line a fit prints about its teacher (:func:`describe_teacher`)."""
@@ -123,6 +158,14 @@ class FrozenTeacher:
         if from_cache and index is not None and self.cache.active:
             return self.cache.stores[0][index]
         return self._forward(x)[0]
+
+    @torch.no_grad()
+    def validation_logits(self, x: Tensor, index: Tensor, budget_mb: float) -> Tensor:
+        """Eval-mode logits of a validation batch of a fit, computed once per batch
+        (:class:`EvalBatchCache`, within ``budget_mb`` MiB); the caller makes sure the batch's
+        inputs are a fixed function of ``index`` (no augmentation) and clears
+        :attr:`val_cache` when the validation data may change."""
+        return self.val_cache.logits(x, index, lambda v: self._forward(v)[0], budget_mb * 2**20)
 
     def outputs_with_input_gradient(self, x: Tensor) -> Tensor:
         """Logits as a differentiable function of ``x`` (the weights stay frozen): for losses

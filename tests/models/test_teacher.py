@@ -82,3 +82,66 @@ def test_teacher_feature_cache_matches_a_fresh_forward(budget_mb, features_cache
     assert len(fc) == len(ff) == 2
     for a, b in zip(fc, ff):
         assert a.shape == b.shape and torch.allclose(a, b, atol=1e-6)
+
+
+class _CountingTeacher(ConvNet1D):
+    """Counts the examples its forward sees while the trainer validates."""
+
+    def __init__(self):
+        super().__init__(width=8)
+        self.val_examples = 0
+
+    def forward(self, x):
+        trainer = getattr(self, "trainer_ref", None)
+        if trainer is not None and (trainer.validating or trainer.sanity_checking):
+            self.val_examples += x.shape[0]
+        return super().forward(x)
+
+
+def _fit_counting(cache_mb: float, epochs: int = 3):
+    pl.seed_everything(3)
+    teacher = _CountingTeacher()
+    pl.seed_everything(5)
+    model = ResponseKD(student=MLP(), teacher=teacher, teacher_cache_mb=cache_mb,
+                       optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    dm = DistillDataModule("mnist1d", batch_size=50, train_subset=200, eval_batch_size=64)
+    trainer = _trainer(max_epochs=epochs, limit_val_batches=None, num_sanity_val_steps=2)
+    teacher.trainer_ref = trainer
+    history = []
+
+    class Record(pl.Callback):
+        def on_validation_epoch_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                history.append((float(pl_module.val_distill_error.compute()),
+                                float(pl_module.val_teacher_agreement.compute())))
+
+    trainer.callbacks.append(Record())
+    trainer.fit(model, dm)
+    return model, dm, teacher, history
+
+
+def test_validation_teacher_logits_are_computed_once_per_batch_and_equal_a_fresh_forward():
+    model, dm, teacher, cached = _fit_counting(512.0)
+    n_val = len(dm.val_dataset)
+    # the sanity check's 2 batches and then each batch once: not once per epoch
+    assert teacher.val_examples == n_val
+    assert model.frozen_teacher.val_cache.nbytes == 0  # released at the end of the fit
+    _, _, teacher_off, fresh = _fit_counting(0.0)  # no room: the teacher runs every epoch
+    assert teacher_off.val_examples == 3 * n_val + 2 * 64
+    assert len(cached) == len(fresh) == 3
+    for (e1, a1), (e2, a2) in zip(cached, fresh):  # same logits, so the same metrics
+        assert e1 == pytest.approx(e2, rel=1e-6, abs=1e-9) and a1 == a2
+
+
+def test_validation_teacher_cache_needs_deterministic_evaluation_inputs_and_a_fit(monkeypatch):
+    with monkeypatch.context() as patch:  # a data module whose evaluation inputs may change
+        patch.setattr(DistillDataModule, "deterministic_eval", property(lambda self: False))
+        _, dm, teacher, _ = _fit_counting(512.0)
+    assert teacher.val_examples == 3 * len(dm.val_dataset) + 2 * 64
+    model, dm, teacher, _ = _fit_counting(512.0, epochs=1)
+    teacher.val_examples = 0
+    trainer = _trainer(limit_val_batches=None)
+    teacher.trainer_ref = trainer
+    trainer.validate(model, dm)  # `validate` runs the teacher: its data may be other data
+    trainer.validate(model, dm)
+    assert teacher.val_examples >= 2 * len(dm.val_dataset)  # each validation saw every example
