@@ -99,10 +99,7 @@ class DistillationModule(Evaluation, GroupedSteps, FastHookBookkeeping, pl.Light
             (no augmentation) and off otherwise; ``False`` forces it off. Logits are always
             cached when it is on; tapped teacher features too when they fit in
             ``teacher_cache_mb``.
-        teacher_cache_mb: memory budget (MiB, on the training device) for cached features, and
-            separately for the teacher's logits of a fit's validation batches, which are computed
-            once and kept whatever ``teacher_cache`` says (the validation inputs never change:
-            :meth:`~kd_lightning.methods.evaluation.Evaluation.eval_teacher_logits`).
+        teacher_cache_mb: memory budget (MiB, on the training device) for cached features and logits.
         fused_optimizer: use the optimizer's fused kernel when it has one and neither ``fused``
             nor ``foreach`` was set (see :func:`~kd_lightning.training.use_fused_kernel`; off by
             default because it rounds differently from the plain update).
@@ -261,8 +258,7 @@ class DistillationModule(Evaluation, GroupedSteps, FastHookBookkeeping, pl.Light
 
     def on_train_end(self) -> None:
         if self.frozen_teacher is not None:
-            self.frozen_teacher.cache.clear()
-            self.frozen_teacher.val_cache.clear()
+            self.frozen_teacher.clear_caches()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         record_validation_metrics(self.trainer, checkpoint)  # read when it is loaded as a teacher
@@ -289,8 +285,6 @@ class DistillationModule(Evaluation, GroupedSteps, FastHookBookkeeping, pl.Light
 
     # ---- checks ---------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        if self.frozen_teacher is not None:  # a new fit may validate on other data
-            self.frozen_teacher.val_cache.clear()
         dm = getattr(self.trainer, "datamodule", None)
         if self.num_classes is None and getattr(dm, "num_classes", None) is not None:
             self.num_classes = dm.num_classes

@@ -103,6 +103,11 @@ class Evaluation:
             self.test_uncertainty.update(x, y, outputs)
         return logits
 
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.teacher is not None:  # a new fit may validate on other data
+            self.frozen_teacher.val_cache.clear()
+
     def eval_teacher_logits(self, x: Tensor, index: Tensor, prefix: str) -> Tensor:
         """The frozen teacher's eval-mode logits of an evaluation batch (never the training
         cache). A fit's validation batches are computed once and kept

@@ -3,7 +3,8 @@
 A distillation method asks its :class:`FrozenTeacher` for the teacher's logits (and tapped
 features) of a batch; where they come from -- a no-grad forward of the frozen network, a cache
 filled once per training example when the training inputs are deterministic, or one kept per
-validation batch of a fit (:class:`EvalBatchCache`) -- is this module's business. :class:`PerExampleCache` is the cache itself, also used for other per-example constants
+validation batch of a fit (:class:`EvalBatchCache`) -- is this module's business.
+:class:`PerExampleCache` is the per-example cache, also used for other per-example constants
 (MutualDistillation's fixed rules).
 
 :func:`describe_teacher` is the line a fit prints about its teacher: its weights file, class,
@@ -158,6 +159,11 @@ class FrozenTeacher:
         if from_cache and index is not None and self.cache.active:
             return self.cache.stores[0][index]
         return self._forward(x)[0]
+
+    def clear_caches(self) -> None:
+        """Release the per-example and the validation-batch caches."""
+        self.cache.clear()
+        self.val_cache.clear()
 
     @torch.no_grad()
     def validation_logits(self, x: Tensor, index: Tensor, budget_mb: float) -> Tensor:
