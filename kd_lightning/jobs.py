@@ -274,7 +274,8 @@ class ResumePoint(Checkpoint):
         # every process of a multi-process run saves together (the save has a barrier): rank 0's
         # clock decides
         if trainer.strategy.broadcast(time.perf_counter() - self._saved >= self.every):
-            trainer.save_checkpoint(str(Path(self.dirpath) / self.FILE))
+            # the full state (optimizer, loops, callbacks) to resume from
+            trainer.save_checkpoint(str(Path(self.dirpath) / self.FILE), weights_only=False)
             self._saved = time.perf_counter()
 
     def state_dict(self) -> dict:

@@ -40,7 +40,7 @@ class Preemption(Callback):
             Path(trainer.log_dir or trainer.default_root_dir)
         path = folder / "interrupted.ckpt"
         try:
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)  # optimizer and loops too
         except TrainingDiverged:  # a diverged state is not worth resuming
             return
         interrupted_checkpoint = path

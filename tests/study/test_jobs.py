@@ -108,6 +108,8 @@ def test_a_killed_job_resumes_only_from_a_checkpoint_of_its_own_arguments(tmp_pa
         jobs.run_job(job)
     assert (tmp_path / "resume" / jobs.ResumePoint.FILE).is_file()
     assert jobs._resume_args(job).epochs == 1
+    # a full checkpoint (optimizer and loops), saved without Lightning's 'weights_only' notice
+    assert "`weights_only` was not set" not in (tmp_path / "a.log").read_text()
     monkeypatch.delenv("KD_TEST_KILL_AT")
     (tmp_path / "b.log").write_text("an earlier attempt\n")
     other = jobs.Job([*args, "--model.init_args.optimizer.init_args.lr", "0.02"], tmp_path / "b.log", isolate=True,
