@@ -28,17 +28,18 @@ class WassersteinKD(DistillationModule):
     with :math:`l(o^S, o^T) = T^2 \mathrm{KL}(\sigma(o^T/T) \| \sigma(o^S/T))` the per-example
     response-KD loss (Hinton et al. 2015). As in Eq. (2), :math:`l` is a function of :math:`x_i`
     through both networks, so the input gradient runs through the student and the frozen teacher
-    (its weights get no gradient; its forward runs on every step, so the teacher cache is not
-    used). The penalty is built with ``create_graph=True`` (double backpropagation), so it trains
-    the student. The paper's objective has no label term (``ce_weight = 0``) and its temperature
+    (its weights get no gradient; at eps > 0 its forward runs on every step, so the teacher cache
+    is not used). The penalty is built with ``create_graph=True`` (double backpropagation), so it
+    trains the student. The paper's objective has no label term (``ce_weight = 0``) and its temperature
     "is usually set to one" (``temperature = 1``): those are the defaults.
 
     ``penalty_through_teacher=False`` is the student-only variant: the teacher's output is a
     constant target (from the per-example cache), so the penalty measures the student's own
     sensitivity; it is cheaper (no teacher forward or backward in the step) but not Eq. (2).
     With ``eps = 0`` both are :class:`~kd_lightning.methods.ResponseKD`, and the step is its step:
-    no input gradient is taken (it would weigh nothing), so it costs what a KD step costs and
-    ``grad_norm`` is not logged.
+    no input gradient is taken (it would weigh nothing) and the teacher's logits come from the
+    per-example cache where the inputs allow it, as in ResponseKD, so it costs what a KD step
+    costs and ``grad_norm`` is not logged.
 
     Under ``bf16-mixed`` the networks run in bf16 (autocast) while the loss, the input gradient's
     norm and the penalty are computed in float32. The input batch is never modified (the method
@@ -83,8 +84,8 @@ class WassersteinKD(DistillationModule):
         self.eps, self.temperature = eps, temperature
         self.ce_weight, self.kd_weight, self.norm_p = ce_weight, kd_weight, norm_p
         self.penalty_through_teacher = penalty_through_teacher
-        if penalty_through_teacher and self.teacher_cache is None:
-            self.teacher_cache = False  # the teacher runs on every step anyway
+        if penalty_through_teacher and eps > 0 and self.teacher_cache is None:
+            self.teacher_cache = False  # the penalty runs the teacher on every step anyway
 
     def compute_losses(self, x, y, index):
         if self.eps == 0:  # L_W is the mean of l alone: the objective without its penalty

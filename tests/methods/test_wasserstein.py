@@ -15,7 +15,7 @@ from kd_lightning import KDConfigError
 from kd_lightning.data import DistillDataModule
 from kd_lightning.losses import kd_loss
 from kd_lightning.methods import NonFiniteGradientError, ResponseKD, WassersteinKD
-from kd_lightning.models import MLP
+from kd_lightning.models import MLP, ConvNet1D
 from tests.conftest import CONFIGS, TINY, run_cli, run_cli_error, run_ddp, tb_scalars
 
 
@@ -73,6 +73,19 @@ def test_wasserstein_kd_with_eps_zero_is_response_kd():
     x, y, idx = batch
     assert "grad_norm" not in w.compute_losses(x, y, idx).logged and not x.requires_grad
 
+
+
+@pytest.mark.parametrize("eps,cached", [(0.0, True), (0.5, False)])
+def test_teacher_cache_only_where_the_penalty_does_not_run_the_teacher(eps, cached):
+    """At eps = 0 the step is ResponseKD's, so the teacher's logits come from its per-example cache
+    (as ResponseKD's do); at eps > 0 Eq. (2) differentiates through the teacher on every step."""
+    pl.seed_everything(0)
+    m = WassersteinKD(student=MLP(), teacher=ConvNet1D(width=16), eps=eps,
+                      optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", devices=1, limit_val_batches=0)
+    trainer.fit(m, DistillDataModule("mnist1d", batch_size=50, train_subset=100))
+    assert m.teacher_cache_used is cached
 
 def test_wasserstein_kd_step_trains_through_the_input_gradient():
     """The method's parameter gradient = that of eps=0 + kd_weight * eps * d/dtheta mean||grad_x l||,
