@@ -30,8 +30,8 @@ class WassersteinKD(DistillationModule):
     through both networks, so the input gradient runs through the student and the frozen teacher
     (its weights get no gradient; at eps > 0 its forward runs on every step, so the teacher cache
     is not used). The penalty is built with ``create_graph=True`` (double backpropagation), so it
-    trains the student. The paper's objective has no label term (``ce_weight = 0``) and its temperature
-    "is usually set to one" (``temperature = 1``): those are the defaults.
+    trains the student. The paper's objective has no label term (``ce_weight = 0``) and its
+    temperature "is usually set to one" (``temperature = 1``): those are the defaults.
 
     ``penalty_through_teacher=False`` is the student-only variant: the teacher's output is a
     constant target (from the per-example cache), so the penalty measures the student's own

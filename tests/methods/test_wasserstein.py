@@ -74,7 +74,6 @@ def test_wasserstein_kd_with_eps_zero_is_response_kd():
     assert "grad_norm" not in w.compute_losses(x, y, idx).logged and not x.requires_grad
 
 
-
 @pytest.mark.parametrize("eps,cached", [(0.0, True), (0.5, False)])
 def test_teacher_cache_only_where_the_penalty_does_not_run_the_teacher(eps, cached):
     """At eps = 0 the step is ResponseKD's, so the teacher's logits come from its per-example cache
@@ -86,6 +85,7 @@ def test_teacher_cache_only_where_the_penalty_does_not_run_the_teacher(eps, cach
                          enable_model_summary=False, accelerator="cpu", devices=1, limit_val_batches=0)
     trainer.fit(m, DistillDataModule("mnist1d", batch_size=50, train_subset=100))
     assert m.teacher_cache_used is cached
+
 
 def test_wasserstein_kd_step_trains_through_the_input_gradient():
     """The method's parameter gradient = that of eps=0 + kd_weight * eps * d/dtheta mean||grad_x l||,
