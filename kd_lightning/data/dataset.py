@@ -101,8 +101,8 @@ class IndexedTensorDataset(Dataset):
         self.augment, self.normalize = augment, normalize
         self._augment_fn = AUGMENTATIONS[augment]
         shape = (1, -1) + (1,) * (x.ndim - 2)
-        self._mean = torch.tensor(mean, dtype=torch.float32).view(shape) if mean is not None else None
-        self._std = torch.tensor(std, dtype=torch.float32).view(shape) if std is not None else None
+        self._mean = torch.as_tensor(mean, dtype=torch.float32).view(shape) if mean is not None else None
+        self._std = torch.as_tensor(std, dtype=torch.float32).view(shape) if std is not None else None
         if (self._augment_fn is not None or self.device_augment is not None) and x.ndim != 4:
             raise ValueError(f"augment={augment!r} needs image inputs [N, C, H, W]")
         if hasattr(self.device_augment, "check"):
